@@ -1,0 +1,262 @@
+"""The ``mcie`` console script: one command, subcommands grouped by stage.
+
+Each command is thin glue: it reads the settings, calls the stage's library functions and prints the result. A bad
+setting ends the command with exit code 2 and a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mcie.config import ConfigError, Settings, get_settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="mcie: human-validated complex-instruction image editing (pipeline, review app, exports, model).",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations.")
+users_app = typer.Typer(no_args_is_help=True, help="Accounts of reviewers, leads, admins and participants.")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+
+console = Console()
+err = Console(stderr=True)
+
+DEMO_PASSWORD = "mcie-demo"
+DEMO_ACCOUNTS = (("lead", "lead"), ("admin", "admin"), ("rater1", "rater"), ("rater2", "rater"), ("rater3", "rater"))
+
+
+def settings() -> Settings:
+    """The settings, or exit 2 with the reason when they are invalid."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config
+
+
+@config_app.command("show")
+def config_show(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Print the effective settings (secrets masked)."""
+    shown = settings().shown()
+    if as_json:
+        print(json.dumps(shown, indent=2))
+        return
+    table = Table("setting", "value", title="mcie settings")
+    for key, value in shown.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# db
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Upgrade the database schema (creates the SQLite file if needed)."""
+    from db import migrate
+
+    url = settings().database_url
+    migrate.upgrade(url, revision)
+    console.print(f"database at revision {migrate.current(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
+    """Downgrade the database schema to REVISION."""
+    from db import migrate
+
+    url = settings().database_url
+    migrate.downgrade(url, revision)
+    console.print(f"database at revision {migrate.current(url) or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's schema revision and whether it is the newest."""
+    from db import migrate
+
+    url = settings().database_url
+    rev = migrate.current(url)
+    state = "up to date" if rev == migrate.head() else f"behind head {migrate.head()}"
+    console.print(f"{rev or 'base (empty)'} ({state})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# users
+
+
+def _read_password(password_stdin: bool) -> str:
+    if password_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            fail("--password-stdin given but standard input is empty")
+        return line.rstrip("\r\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@users_app.command("add")
+def users_add(
+    username: str,
+    role: Annotated[str, typer.Option(help="rater, lead, admin or participant")] = "rater",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
+    display_name: Annotated[str | None, typer.Option(help="Name shown in the app.")] = None,
+) -> None:
+    """Add an account."""
+    from annotate.accounts import AccountError, create_user
+    from db.session import session_scope
+
+    url = settings().database_url
+    password = None if role == "participant" and not password_stdin else _read_password(password_stdin)
+    try:
+        with session_scope(url) as session:
+            create_user(session, username, role, password, display_name=display_name)
+    except AccountError as exc:
+        fail(str(exc))
+    console.print(f"added {role} {username}")
+
+
+@users_app.command("list")
+def users_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List accounts."""
+    from annotate.accounts import list_users
+    from db.session import session_scope
+
+    with session_scope(settings().database_url) as session:
+        rows = [
+            {"username": u.username, "role": u.role.value, "active": u.active,
+             "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
+            for u in list_users(session)
+        ]  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("username", "role", "active", "last login")
+    for row in rows:
+        table.add_row(row["username"], row["role"], "yes" if row["active"] else "no", row["last_login_at"] or "-")
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(username: str) -> None:
+    """Disable an account (it can no longer log in; its reviews stay)."""
+    _set_active(username, False)
+
+
+@users_app.command("enable")
+def users_enable(username: str) -> None:
+    """Enable a disabled account."""
+    _set_active(username, True)
+
+
+def _set_active(username: str, active: bool) -> None:
+    from annotate.accounts import AccountError, set_active
+    from db.session import session_scope
+
+    try:
+        with session_scope(settings().database_url) as session:
+            set_active(session, username, active)
+    except AccountError as exc:
+        fail(str(exc))
+    console.print(f"{'enabled' if active else 'disabled'} {username}")
+
+
+@users_app.command("set-password")
+def users_set_password(
+    username: str,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
+) -> None:
+    """Set an account's password."""
+    from annotate.accounts import AccountError, set_password
+    from db.session import session_scope
+
+    password = _read_password(password_stdin)
+    try:
+        with session_scope(settings().database_url) as session:
+            set_password(session, username, password)
+    except AccountError as exc:
+        fail(str(exc))
+    console.print(f"password of {username} changed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path | None, typer.Option(help="Where to write the demo data (default <data_dir>/demo).")] = None,
+    instances: Annotated[int, typer.Option(min=1, help="Number of multi-turn instances.")] = 30,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
+    accounts: Annotated[bool, typer.Option(help="Create the demo accounts.")] = True,
+) -> None:
+    """Build demo data in the SEED-Data-Edit layout, the database and demo accounts."""
+    from annotate.accounts import create_user
+    from db import migrate
+    from db.models import User
+    from db.session import session_scope
+    from pipeline.demo import build_demo
+
+    cfg = settings()
+    out = out or cfg.data_dir / "demo"
+    summary = build_demo(out, instances=instances, seed=seed)
+    console.print(
+        f"demo data: {summary.n_instances} instances, {summary.n_turns} turns, {summary.n_conflicts} with a "
+        f"deliberate conflict, in {out} (SEED-Data-Edit multi-turn layout)"
+    )
+    migrate.upgrade(cfg.database_url)
+    console.print(f"database: {cfg.database_url} at revision {migrate.current(cfg.database_url)}")
+    if accounts:
+        created = []
+        with session_scope(cfg.database_url) as session:
+            for username, role in DEMO_ACCOUNTS:
+                if session.query(User.id).filter_by(username=username).first() is None:
+                    create_user(session, username, role, DEMO_PASSWORD)
+                    created.append(username)
+        table = Table("username", "role", "password", title="demo accounts")
+        for username, role in DEMO_ACCOUNTS:
+            table.add_row(username, role, DEMO_PASSWORD)
+        console.print(table)
+    _demo_next_steps(out)
+
+
+def _demo_next_steps(out: Path) -> None:
+    console.print("next:")
+    console.print("  mcie config show            # the effective configuration")
+    console.print("  mcie users list             # the accounts")
+    console.print(f"  ls {out}/annotations        # the demo data")
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,222 @@
+"""Configuration of every mcie command: one typed settings object, read once at start.
+
+Values come, highest priority first, from keyword arguments, ``MCIE_*`` environment variables, a
+``.env`` file, the TOML file named by ``MCIE_CONFIG`` (default ``./mcie.toml`` when it exists), and the
+defaults below. A bad value fails at start with :class:`ConfigError`, which names the setting (as its
+environment variable) and says what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MCIE_"
+SECRET_FIELDS = ("mllm_api_key", "secret_key", "blob_storage_options")
+
+
+class ConfigError(ValueError):
+    """A setting has a value mcie cannot use; the message names it and what was expected."""
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("MCIE_CONFIG", "mcie.toml"))
+
+
+class Settings(BaseSettings):
+    """Every setting mcie reads. Field ``foo_bar`` is ``MCIE_FOO_BAR`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- storage -------------------------------------------------------------------------------------
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL: sqlite:///PATH (embedded; default sqlite:///<data_dir>/mcie.db, i.e. "
+        "sqlite:///./data/mcie.db) or postgresql+psycopg://USER@HOST/DB.",
+    )
+    data_dir: Path = Field(Path("./data"), description="Folder for the SQLite database, blobs and caches.")
+    blob_url: str | None = Field(
+        None, description="fsspec URL of the image store; default <data_dir>/blobs (s3://bucket/x works too)."
+    )
+    blob_storage_options: SecretStr | None = Field(
+        None, description="JSON object passed to fsspec for the image store (credentials, endpoint)."
+    )
+    max_image_pixels: int = Field(64_000_000, ge=1, description="Largest image accepted (width x height).")
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest image file accepted, in bytes.")
+    thumbnail_size: int = Field(384, ge=16, le=4096, description="Longest side of cached WebP thumbnails.")
+
+    # --- web app ---------------------------------------------------------------------------------------
+    secret_key: SecretStr | None = Field(
+        None, description="Key that signs login sessions; generated into <data_dir>/secret_key if unset."
+    )
+
+    # --- MLLM used by the pipeline (filter, grounding, decomposition, judging) --------------------------
+    mllm_backend: Literal["none", "openai", "vllm", "transformers"] = Field(
+        "none", description="Which MLLM backend the pipeline uses."
+    )
+    mllm_base_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (vllm serve)."
+    )
+    mllm_model: str = Field("Qwen/Qwen2.5-VL-72B-Instruct", description="Model name sent to the server.")
+    mllm_model_path: Path | None = Field(
+        None, description="Local model folder for the in-process vllm/transformers backends."
+    )
+    mllm_api_key: SecretStr | None = Field(None, description="API key for the OpenAI-compatible server.")
+    mllm_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight to the MLLM server.")
+    mllm_timeout_s: float = Field(180.0, gt=0, description="Timeout of one MLLM request, in seconds.")
+    mllm_max_retries: int = Field(4, ge=0, le=20, description="Retries of a failed MLLM request.")
+
+    # --- CLIP used for box selection (Eq. 1) and evaluation ----------------------------------------------
+    clip_model: str = Field("ViT-L-14", description="open_clip architecture name.")
+    clip_checkpoint: Path | None = Field(
+        None, description="Local open_clip checkpoint; without it box selection uses the pixel scorer."
+    )
+
+    # --- MCIE-E1 editing model -------------------------------------------------------------------------
+    editing_base_model_path: Path | None = Field(
+        None, description="Local diffusers folder of InstructPix2Pix (SD 1.5) the model is built on."
+    )
+    editing_weights_path: Path | None = Field(
+        None, description="Folder with trained MCIE-E1 parts (LoRA + SACA + BCCA safetensors)."
+    )
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        path = _config_file()
+        if path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        elif "MCIE_CONFIG" in os.environ:
+            raise ConfigError(f"MCIE_CONFIG: expected a readable TOML file, but {path} does not exist")
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        if value == "":
+            return value  # filled in from data_dir below
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL ({exc})") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(f"the database must be sqlite or postgresql, not {url.get_backend_name()!r}")
+        return value
+
+    @field_validator("mllm_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Settings:
+        if self.database_url == "":
+            self.database_url = f"sqlite:///{self.data_dir.as_posix()}/mcie.db"
+            if not self.data_dir.is_absolute() and not self.data_dir.as_posix().startswith("."):
+                self.database_url = f"sqlite:///./{self.data_dir.as_posix()}/mcie.db"
+        if self.blob_url is None:
+            self.blob_url = str((self.data_dir / "blobs").resolve())
+        return self
+
+    # --- derived values ----------------------------------------------------------------------------------
+    def storage_options(self) -> dict[str, Any]:
+        import json
+
+        if self.blob_storage_options is None:
+            return {}
+        try:
+            options = json.loads(self.blob_storage_options.get_secret_value())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"MCIE_BLOB_STORAGE_OPTIONS: expected a JSON object ({exc})") from None
+        if not isinstance(options, dict):
+            raise ConfigError("MCIE_BLOB_STORAGE_OPTIONS: expected a JSON object")
+        return options
+
+    def shown(self) -> dict[str, str]:
+        """The effective values as text, secrets masked, keyed by environment variable name."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                text = ""
+            elif name in SECRET_FIELDS or isinstance(value, SecretStr):
+                text = "********"
+            elif name == "database_url" or name == "blob_url":
+                text = _mask_url_password(str(value))
+            else:
+                text = str(value)
+            out[ENV_PREFIX + name.upper()] = text
+        return out
+
+
+def _mask_url_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if parsed.password:
+        return parsed.render_as_string(hide_password=True)
+    return url
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "settings"
+        name = ENV_PREFIX + field.upper()
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not a known setting (see `mcie config show` for the list)"
+        lines.append(f"{name}: {message}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one readable :class:`ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once). Tests call ``get_settings.cache_clear()`` after changing env."""
+    return load_settings()
