@@ -61,7 +61,7 @@ def postgres_url() -> Iterator[str]:
         admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
         with admin.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "unreachable"
+    except Exception as exc:  # any failure to connect means "unreachable"
         _unreachable(f"{make_url(admin_url).render_as_string(hide_password=True)} cannot be reached ({exc})")
     name = f"mcie_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
