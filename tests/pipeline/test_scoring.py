@@ -1,0 +1,254 @@
+"""Tests of Eq. 1 box selection: the pixel scorer picks the truth on synthetic edits; CLIP scorer plumbing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcie.config import ConfigError, load_settings
+from pipeline.boxes import Box, Candidate, diff_boxes
+from pipeline.scoring import ClipScorer, PixelScorer, make_scorer, select
+from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
+from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
+
+
+def rivals(t: Box) -> list[Box]:
+    """Plausible wrong candidates around the truth box ``t``."""
+    return [
+        Box(0, 0, 1, 1),  # whole image
+        Box(t.x0, t.y0, (t.x0 + t.x1) / 2, t.y1),  # left half of the edit
+        t.pad(0.5),  # much too big
+        Box.clip(t.x0 + 0.3, t.y0, t.x1 + 0.3, t.y1),  # same size, beside the edit
+        Box(0, 0, 0.25, 0.25),  # elsewhere
+    ]
+
+
+# --- select -------------------------------------------------------------------------------------------------
+
+
+def test_select_takes_the_first_best() -> None:
+    assert select(["a", "b", "c"], [0.1, 0.9, 0.9]) == 1
+    assert select(["a"], [-3.0]) == 0
+    with pytest.raises(ValueError, match="2 candidates but 3 scores"):
+        select(["a", "b"], [1, 2, 3])
+    with pytest.raises(ValueError, match="at least one"):
+        select([], [])
+
+
+# --- pixel scorer -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+@pytest.mark.parametrize("quality", [None, 75])
+def test_pixel_scorer_picks_the_truth(edit: str, quality: int | None) -> None:
+    before, after = EDITS[edit](scene())
+    if quality is not None:
+        before, after = jpeg(before, quality), jpeg(after, quality)
+    t = truth()
+    for position in range(6):  # wherever the truth sits in the list
+        boxes = rivals(t)
+        boxes.insert(position % (len(boxes) + 1), t)
+        scores = PixelScorer().score([(before, after)], [boxes])[0]
+        assert len(scores) == len(boxes)
+        assert boxes[select(boxes, scores)] == t
+
+
+def test_pixel_scorer_formula_against_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    before = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    after = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    scorer = PixelScorer(area_penalty=0.1, work_size=64)  # no resizing at this size
+    boxes = [Box(0, 0, 1, 1), Box(0.1, 0.2, 0.5, 0.9), Box.from_pixels(3, 4, 17, 21, 40, 24)]
+    got = scorer.score([(before, after)], [boxes])[0]
+    d = np.abs(before.astype(float) - after.astype(float)).mean(axis=2) / 255
+    for box, value in zip(boxes, got, strict=True):
+        m = box.mask(24, 40)
+        assert value == pytest.approx(1 - ((d * ~m).sum() + 0.1 * m.sum()) / d.size, abs=1e-6)
+
+
+def test_pixel_scorer_end_to_end_with_diff_candidates() -> None:
+    before, after = EDITS["paste"](scene())
+    candidates = [*diff_boxes(before, after, k=3), Candidate(Box(0, 0, 1, 1), "mllm")]
+    scores = PixelScorer().score([(before, after)], [candidates])[0]
+    assert candidates[select(candidates, scores)].box.iou(truth()) > 0.8
+
+
+def test_pixel_scorer_batches_like_one_by_one_and_is_deterministic() -> None:
+    pairs, lists = [], []
+    for i, edit in enumerate(sorted(EDITS)):
+        pairs.append(EDITS[edit](scene(seed=i)))
+        lists.append([truth(), *rivals(truth())][: 2 + i])
+    pairs.append(EDITS["paste"](scene(seed=9)))
+    lists.append([])
+    scorer = PixelScorer()
+    together = scorer.score(pairs, lists)
+    assert [len(r) for r in together] == [2, 3, 4, 0]
+    assert together == [scorer.score([p], [c])[0] for p, c in zip(pairs, lists, strict=True)]
+    assert together == PixelScorer().score(pairs, lists)
+
+
+def test_pixel_scorer_rejects_bad_input() -> None:
+    img = scene(20, 30)
+    with pytest.raises(ValueError, match="2 image pairs but 1 candidate"):
+        PixelScorer().score([(img, img), (img, img)], [[Box(0, 0, 1, 1)]])
+    with pytest.raises(TypeError, match=r"candidates\[0\]\[1\]"):
+        PixelScorer().score([(img, img)], [[Box(0, 0, 1, 1), (0, 0, 1, 1)]])
+    with pytest.raises(ValueError, match=r"pairs\[0\]"):
+        PixelScorer().score([(img, img.astype(float))], [[Box(0, 0, 1, 1)]])
+    with pytest.raises(ValueError, match="area_penalty"):
+        PixelScorer(area_penalty=-1)
+    assert PixelScorer().name == "pixel:penalty=0.05,size=128"
+
+
+# --- CLIP scorer (tiny random open_clip model) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[object, object]:
+    return build_tiny_clip(seed=0)
+
+
+def _pairs() -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[Box]]]:
+    pairs, lists = [], []
+    for i, edit in enumerate(sorted(EDITS)):
+        pairs.append(EDITS[edit](scene(seed=i)))
+        lists.append([truth(), *rivals(truth())])
+    return pairs, lists
+
+
+def test_clip_scores_shape_range_and_blank_box(tiny) -> None:
+    scorer = ClipScorer.from_model(*tiny, name="clip:tiny")
+    pairs, lists = _pairs()
+    scores = scorer.score(pairs, lists)
+    assert [len(r) for r in scores] == [len(c) for c in lists]
+    assert all(-1.0 - 1e-6 <= s <= 1.0 + 1e-6 for row in scores for s in row)
+    # masking the whole image leaves two identical (neutral) images
+    assert all(row[1] == pytest.approx(1.0, abs=1e-6) for row in scores)
+    # an unchanged pair is identical under every mask
+    same = scorer.score([(pairs[0][0], pairs[0][0])], [lists[0]])[0]
+    assert same == pytest.approx([1.0] * len(lists[0]), abs=1e-5)
+    # the masking is real: on an edited pair, boxes that leave the edit visible score below 1
+    assert min(scores[0]) < 1.0 - 1e-5
+    assert scorer.name == "clip:tiny"
+
+
+def test_clip_masked_truth_beats_a_box_beside_the_edit(tiny) -> None:
+    # not semantics (random weights) but continuity: nearly identical inputs embed nearly identically
+    scorer = ClipScorer.from_model(*tiny)
+    before, after = EDITS["paste"](scene())
+    beside = Box.clip(truth().x0 + 0.3, truth().y0, truth().x1 + 0.3, truth().y1)
+    scores = scorer.score([(before, after)], [[truth(), beside]])[0]
+    assert scores[0] > scores[1]
+
+
+def test_clip_batching_equals_one_by_one_and_is_deterministic(tiny) -> None:
+    pairs, lists = _pairs()
+    big = ClipScorer.from_model(*tiny, batch_size=64).score(pairs, lists)
+    small = ClipScorer.from_model(*tiny, batch_size=1).score(pairs, lists)
+    single = [
+        ClipScorer.from_model(*tiny, batch_size=3).score([p], [c])[0]
+        for p, c in zip(pairs, lists, strict=True)
+    ]
+    for a, b, c in zip(big, small, single, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+        assert a == pytest.approx(c, abs=1e-5)
+    assert ClipScorer.from_model(*tiny, batch_size=64).score(pairs, lists) == big
+
+
+def test_clip_encodes_each_distinct_masked_image_once(tiny, monkeypatch) -> None:
+    model, preprocess = tiny
+    scorer = ClipScorer.from_model(model, preprocess, batch_size=4)
+    seen: list[int] = []
+    original = model.encode_image
+
+    def counting(images, normalize=False):
+        seen.append(images.shape[0])
+        return original(images, normalize=normalize)
+
+    monkeypatch.setattr(model, "encode_image", counting)
+    img = scene()
+    pairs = [EDITS["paste"](img), EDITS["recolour"](img)]
+    t = truth()
+    lists = [[t, t, Box(0, 0, 1, 1)], [Candidate(t, "diff"), Box(0, 0, 1, 1), Box(0, 0, 0.5, 0.5)]]
+    scores = scorer.score(pairs, lists)
+    assert scores[0][0] == scores[0][1]
+    # pair 0: truth (x2 sides); pair 1: truth, quarter (x2 sides each); one blank image shared by all
+    assert sum(seen) == 2 + 4 + 1
+    assert max(seen) <= 4
+    assert scorer.score(pairs, [[], []]) == [[], []]
+
+
+def test_clip_prepare_uses_neutral_mean_for_masked_area(tiny) -> None:
+    scorer = ClipScorer.from_model(*tiny)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073]) * 255
+    grey = np.broadcast_to(np.round(mean).astype(np.uint8), (50, 70, 3)).copy()
+    x = scorer.prepare(grey)
+    assert tuple(x.shape) == (3, 32, 32)
+    assert float(x.abs().max()) < 0.01  # the mean colour is the zero input a mask writes
+
+
+def test_clip_checkpoint_round_trip(tmp_path: Path, tiny) -> None:
+    reference = ClipScorer.from_model(*tiny)
+    pairs, lists = _pairs()
+    expected = reference.score(pairs, lists)
+    batch = torch.stack([reference.prepare(p[0]) for p in pairs])
+    for path in (save_tiny_clip(tmp_path / "tiny.pt"), save_tiny_clip(tmp_path / "tiny.safetensors")):
+        loaded = ClipScorer(TINY_CLIP_NAME, checkpoint=path)
+        assert loaded.name == f"clip:{TINY_CLIP_NAME}@{path.name}"
+        assert torch.equal(loaded.embed(batch), reference.embed(batch))
+        assert loaded.score(pairs, lists) == expected
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    save_tiny_clip(folder / "open_clip_model.safetensors")
+    assert ClipScorer(TINY_CLIP_NAME, checkpoint=folder).score(pairs, lists) == expected
+    # a different seed is a different model
+    other = ClipScorer(TINY_CLIP_NAME, checkpoint=save_tiny_clip(tmp_path / "other.pt", seed=1))
+    assert not torch.equal(other.embed(batch), reference.embed(batch))
+
+
+def test_clip_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        ClipScorer(TINY_CLIP_NAME, checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match=r"open_clip_model\.safetensors"):
+        ClipScorer(TINY_CLIP_NAME, checkpoint=tmp_path)
+    save_tiny_clip(tmp_path / "tiny.pt")
+    with pytest.raises(ValueError, match="no-such-arch"):
+        ClipScorer("no-such-arch", checkpoint=tmp_path / "tiny.pt")
+
+
+# --- make_scorer --------------------------------------------------------------------------------------------
+
+
+def test_make_scorer(tmp_path: Path) -> None:
+    assert isinstance(make_scorer("auto", load_settings()), PixelScorer)
+    assert isinstance(make_scorer("pixel", load_settings()), PixelScorer)
+    with pytest.raises(ConfigError, match="MCIE_CLIP_CHECKPOINT"):
+        make_scorer("clip", load_settings())
+    with pytest.raises(ConfigError, match=r"MCIE_CLIP_CHECKPOINT: .*absent\.pt"):
+        make_scorer("auto", load_settings(clip_checkpoint=tmp_path / "absent.pt"))
+    with pytest.raises(ValueError, match="'clip', 'pixel' or 'auto'"):
+        make_scorer("best", load_settings())  # type: ignore[arg-type]
+    path = save_tiny_clip(tmp_path / "tiny.pt")
+    settings = load_settings(clip_checkpoint=path, clip_model=TINY_CLIP_NAME, device="auto")
+    for kind in ("auto", "clip"):
+        scorer = make_scorer(kind, settings)  # type: ignore[arg-type]
+        assert isinstance(scorer, ClipScorer)
+        assert scorer.name == f"clip:{TINY_CLIP_NAME}@tiny.pt"
+    with pytest.raises(ConfigError, match="MCIE_CLIP_MODEL"):
+        make_scorer("clip", load_settings(clip_checkpoint=path, clip_model="no-such-arch"))
+
+
+def test_make_scorer_reads_the_environment(monkeypatch, tmp_path: Path) -> None:
+    from mcie.config import get_settings
+
+    monkeypatch.setenv("MCIE_CLIP_CHECKPOINT", str(save_tiny_clip(tmp_path / "env.pt")))
+    monkeypatch.setenv("MCIE_CLIP_MODEL", TINY_CLIP_NAME)
+    get_settings.cache_clear()
+    assert make_scorer().name == f"clip:{TINY_CLIP_NAME}@env.pt"
+
+
+def test_rect_constant_matches_truth() -> None:
+    assert truth().to_pixels(320, 240) == RECT
