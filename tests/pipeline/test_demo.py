@@ -1,0 +1,179 @@
+"""Tests of ``mcie demo``: determinism, SEED layout, real localised edits matching the ground truth,
+conflicts, and that the output reads back through the SEED reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import demo
+from pipeline import seed_format as sf
+from pipeline.sources import RawInstance, read_seed_data_edit
+
+INSTANCES = 30
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> demo.DemoSummary:
+    return demo.build_demo(tmp_path_factory.mktemp("demo") / "out", instances=INSTANCES, seed=0)
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _annotations(root: Path) -> list[dict]:
+    files = sorted((root / "annotations").glob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def _truth(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / demo.TRUTH_FILE).read_text().splitlines()]
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "JPEG"
+        return np.asarray(image.convert("RGB"))
+
+
+def test_same_seed_gives_byte_identical_files_even_in_a_fresh_process(
+    built: demo.DemoSummary, tmp_path: Path
+) -> None:
+    again = tmp_path / "again"
+    code = f"from pipeline.demo import build_demo; build_demo({str(again)!r}, instances={INSTANCES}, seed=0)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    assert _digests(again) == _digests(built.out_dir)
+
+    other = demo.build_demo(tmp_path / "other", instances=4, seed=1)
+    first = _digests(other.out_dir)
+    assert set(first).isdisjoint({k for k in _digests(built.out_dir) if k.startswith("images/")})
+    assert _annotations(other.out_dir) != _annotations(built.out_dir)[:4]
+
+
+def test_layout_counts_and_turn_range(built: demo.DemoSummary) -> None:
+    root = built.out_dir
+    assert [p.name for p in sorted((root / "annotations").iterdir())] == [
+        "split_0001.jsonl",
+        "split_0002.jsonl",
+    ]
+    lines = _annotations(root)
+    assert built.n_instances == len(lines) == INSTANCES
+    counts = [sum(1 for key in line if key.startswith("instruction_")) for line in lines]
+    assert all(demo.MIN_TURNS <= n <= demo.MAX_TURNS for n in counts)
+    assert len(set(counts)) >= 3  # turn counts vary
+    assert built.n_turns == sum(counts)
+    assert set(built.files) == {p for p in root.rglob("*") if p.is_file()}
+    for line, n in zip(lines, counts, strict=True):
+        # exactly source_image + (instruction, inverse_instruction, edit_image) per turn, no ground truth
+        assert len(line) == 1 + 3 * n
+        record = sf.parse_record(line)
+        assert record.source_image.startswith("demo_seed0/Data/")
+        assert all(t.edit_image.endswith(f"_edit{t.index}.jpg") for t in record.turns)
+        assert all(t.instruction.strip() and t.inverse_instruction for t in record.turns)
+
+
+def test_truth_matches_annotations_and_boxes_are_valid(built: demo.DemoSummary) -> None:
+    lines, truth = _annotations(built.out_dir), _truth(built.out_dir)
+    assert [t["external_id"] for t in truth] == [sf.external_id_from_source(x["source_image"]) for x in lines]
+    operations = set()
+    for line, item in zip(lines, truth, strict=True):
+        for turn in item["turns"]:
+            assert turn["instruction"] == line[f"instruction_{turn['turn']}"]
+            x0, y0, x1, y1 = turn["box"]
+            assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
+            assert turn["operation"] == demo.OPERATION[turn["edit"]]
+            operations.add(turn["operation"])
+    assert operations == {"add", "remove", "change"}
+    texts = [t["instruction"] for item in truth for t in item["turns"]]
+    assert len(set(texts)) > 0.8 * len(texts)  # varied wording
+
+
+def test_images_are_readable_jpegs_of_the_right_size(built: demo.DemoSummary) -> None:
+    images_root = built.out_dir / "images" / "data"
+    for line in _annotations(built.out_dir):
+        paths = [line["source_image"]] + [v for k, v in line.items() if k.startswith("edit_image_")]
+        shapes = {_rgb(images_root / p).shape for p in paths}
+        assert len(shapes) == 1
+        ((height, width, _),) = shapes
+        assert 256 <= max(height, width) <= 384
+
+
+def test_each_turn_changes_pixels_inside_its_truth_box(built: demo.DemoSummary) -> None:
+    images_root = built.out_dir / "images" / "data"
+    for line, item in zip(_annotations(built.out_dir), _truth(built.out_dir), strict=True):
+        before = _rgb(images_root / line["source_image"])
+        for turn in item["turns"]:
+            after = _rgb(images_root / line[f"edit_image_{turn['turn']}"])
+            changed = demo.changed_pixels(before, after)
+            h, w = changed.shape
+            x0, y0, x1, y1 = demo.to_pixels(tuple(turn["box"]), w, h)
+            inside = int(changed[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1].sum())
+            where = (item["external_id"], turn["turn"], turn["edit"], turn["target"])
+            assert inside >= 0.02 * (x1 - x0) * (y1 - y0), where  # the edit is visible
+            assert inside >= 0.95 * int(changed.sum()), where  # and it stays in its box
+            before = after
+
+
+def test_conflicts_edit_the_same_region_twice_and_other_turns_do_not_overlap(built: demo.DemoSummary) -> None:
+    truth = _truth(built.out_dir)
+    with_conflict = [t for t in truth if t["conflicts"]]
+    assert built.n_conflicts == len(with_conflict)
+    assert 0.12 <= len(with_conflict) / len(truth) <= 0.22
+    for item in truth:
+        boxes = {t["turn"]: tuple(t["box"]) for t in item["turns"] if t["edit"] != "global"}
+        pairs = {tuple(p) for p in item["conflicts"]}
+        for first, second in pairs:
+            assert first < second
+            assert demo.iou(boxes[first], boxes[second]) > 0.9
+        for a in boxes:
+            for b in boxes:
+                if a < b and (a, b) not in pairs:
+                    assert not demo.intersects(boxes[a], boxes[b]), (item["external_id"], a, b)
+
+
+def test_output_reads_back_without_errors(built: demo.DemoSummary) -> None:
+    records = list(read_seed_data_edit(built.out_dir))
+    assert all(isinstance(r, RawInstance) for r in records)
+    assert len(records) == INSTANCES
+    assert sum(len(r.turns) for r in records) == built.n_turns  # type: ignore[union-attr]
+
+
+def test_refuses_a_non_empty_folder_unless_overwriting(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "keep.txt").parent.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        demo.build_demo(out, instances=2)
+    summary = demo.build_demo(out, instances=3, seed=5, overwrite=True)
+    again = demo.build_demo(out, instances=2, seed=6, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert not any(p.exists() for p in summary.files if p not in set(again.files))
+    with pytest.raises(ValueError, match="at least 1"):
+        demo.build_demo(tmp_path / "none", instances=0)
+
+
+def test_wording_helpers() -> None:
+    assert demo.position_phrase((0.0, 0.0, 0.2, 0.2)) == "in the upper left"
+    assert demo.position_phrase((0.4, 0.8, 0.6, 1.0)) == "at the bottom"
+    assert demo.position_phrase((0.7, 0.4, 0.9, 0.6)) == "on the right"
+    assert demo.instruction_text("recolour", "cup", (0.0, 0.7, 0.3, 1.0), colour="red") == (
+        "Make the cup in the lower left red"
+    )
+    assert demo.instruction_text(
+        "recolour", "cardboard boxes", (0.4, 0.4, 0.6, 0.6), colour="blue", variant=4
+    ) == ("Recolor the cardboard boxes in the center so that they are blue")
+    assert demo.is_plural("shelves") and not demo.is_plural("glass") and not demo.is_plural("cup")
+    with pytest.raises(ValueError, match="unknown drawn object"):
+        demo.draw_thing("dragon", "red", 20, 20)
