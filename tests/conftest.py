@@ -50,9 +50,9 @@ def _unreachable(reason: str) -> None:
     pytest.skip(f"PostgreSQL tests skipped: {reason} (set MCIE_TEST_POSTGRES_URL)")
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+@pytest.fixture(scope="session")
+def _postgres_admin():
+    """An AUTOCOMMIT engine on the admin URL, or skip (fail under CI=true) when no server answers."""
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
@@ -63,20 +63,55 @@ def postgres_url() -> Iterator[str]:
             conn.exec_driver_sql("SELECT 1")
     except Exception as exc:  # any failure to connect means "unreachable"
         _unreachable(f"{make_url(admin_url).render_as_string(hide_password=True)} cannot be reached ({exc})")
-    name = f"mcie_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        from db.session import engine_for
+    yield admin
+    admin.dispose()
 
-        engine_for(url).dispose()
-        engine_for.cache_clear()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+
+def _database_url(name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(_postgres_admin_url()).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop(admin, name: str) -> None:
+    from db.session import engine_for
+
+    url = _database_url(name)
+    engine_for(url).dispose()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def _postgres_template(_postgres_admin) -> Iterator[str]:
+    """A database migrated to the newest schema once per run, cloned by :func:`migrated_url` (fast)."""
+    from db.migrate import upgrade
+    from db.session import engine_for
+
+    name = f"mcie_tpl_{uuid.uuid4().hex[:12]}"
+    with _postgres_admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    upgrade(_database_url(name))
+    engine_for(_database_url(name)).dispose()
+    yield name
+    _drop(_postgres_admin, name)
+
+
+def _new_postgres_database(admin, template: str | None = None) -> Iterator[str]:
+    name = f"mcie_test_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"{clause}')
+    try:
+        yield _database_url(name)
+    finally:
+        _drop(admin, name)
+
+
+@pytest.fixture
+def postgres_url(_postgres_admin) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+    yield from _new_postgres_database(_postgres_admin)
 
 
 @pytest.fixture
@@ -92,13 +127,19 @@ def any_db_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture
-def migrated_url(any_db_url: str) -> str:
-    """An SQLite or PostgreSQL database upgraded to the newest schema."""
-    from db.migrate import upgrade
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def migrated_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An SQLite or PostgreSQL database at the newest schema (PostgreSQL ones are cloned from a template)."""
+    if request.param == "sqlite":
+        from db.migrate import upgrade
 
-    upgrade(any_db_url)
-    return any_db_url
+        url = request.getfixturevalue("sqlite_url")
+        upgrade(url)
+        yield url
+        return
+    admin = request.getfixturevalue("_postgres_admin")
+    template = request.getfixturevalue("_postgres_template")
+    yield from _new_postgres_database(admin, template)
 
 
 @pytest.fixture
