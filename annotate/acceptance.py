@@ -1,0 +1,643 @@
+"""The paper's acceptance rule applied to a sample's reviews, disagreement, lead adjudication, and "what if" previews.
+
+MCIE section 3.1 keeps a sample when the experts find its complex instruction consistent (yes/no) and rate image
+quality and editing-scenario complexity (1-5) above 3. :class:`annotate.project.AcceptanceRule` holds the thresholds;
+this module turns a sample's reviews into ``accepted``, ``rejected`` or ``needs_adjudication``.
+
+Aggregation (:func:`aggregate`, using :mod:`annotate.agreement`): consistency is the majority verdict (None on a tie),
+quality and complexity are medians (3 and 4 give 3.5), spreads are max - min. Gold reviews are never passed in: gold
+samples are never settled.
+
+The rule (:func:`evaluate`, :func:`rule_outcome`), criterion by criterion. Each of consistency (only when
+``require_consistent``), quality and complexity is *pass*, *fail* or *disputed*:
+
+1. Consistency: every reviewer says yes -> pass; every reviewer says no -> fail; any mix of yes and no -> disputed.
+   A tie and a non-unanimous majority are both disputes: a single expert who sees a conflict between the
+   sub-instructions is a specific, checkable claim, and the dataset is for training, so a doubtful "consistent" is
+   not taken on a majority vote. (With one review per sample there is never a dispute.)
+2. Quality / complexity, with threshold ``t`` (pass means median > t, strictly, as in the paper):
+   spread (max - min) > ``max_score_spread`` -> disputed (the median of wildly different scores means little);
+   otherwise median exactly equal to ``t`` with at least one score above ``t`` and one below -> disputed (the
+   aggregate sits on the boundary and reviewers are on both sides); otherwise pass if median > t, else fail.
+   So (3, 4) with t = 3 has median 3.5 and passes; (2, 3, 4) sits on 3 with scores on both sides and is disputed;
+   (3, 3, 4) has median 3, nobody below, and fails.
+3. Outcome: any *fail* -> ``rejected`` (a dispute elsewhere could not change that, so no lead time is spent on it);
+   else any *disputed* -> ``needs_adjudication``; else ``accepted``.
+
+Every decision explains itself (``RuleResult.reasons``, stored as the decision's reason).
+
+Settling (:func:`settle_sample`): the outcome becomes the sample's status. A ``decisions`` row (source ``rule``, the
+rule's thresholds as JSON, the reason) is written when the status changes to accepted or rejected. The ``decisions``
+table's outcome is only accepted/rejected, so a move to ``needs_adjudication`` is written to ``audit_log``
+(action ``sample.needs_adjudication``, with the rule and reason) and :func:`decision_history` shows both; the
+sample's ``status`` is always the current verdict. A sample with any lead decision is never changed by the rule.
+
+Leads: :func:`preview_rule` counts what a rule would do to every settled sample without writing;
+:func:`apply_rule` stores it in the project settings and re-settles every rule-decided sample (lead decisions
+stay); :func:`adjudication_queue` lists samples waiting for a lead with every review side by side;
+:func:`adjudicate` records a lead's accept/reject with its reason. Only leads and admins may apply rules or
+adjudicate (:class:`PermissionError` otherwise). :func:`settle_complete` settles open samples that already have
+the reviews they want, for when a lead lowers ``reviews_per_sample`` or ``calibration_share``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Literal
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from annotate.agreement import aggregate_consistency, aggregate_score
+from annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
+from annotate.queue import OPEN_STATUSES, is_gold_clause, reviews_wanted, utc, wanted_clause
+from db.models import (
+    Assignment,
+    AssignmentState,
+    AuditLog,
+    Decision,
+    DecisionSource,
+    GoldAnswer,
+    MllmJudgement,
+    MllmStage,
+    Outcome,
+    Review,
+    Role,
+    Sample,
+    SampleStatus,
+    User,
+    utcnow,
+)
+from db.session import session_scope
+
+RuleOutcome = Literal["accepted", "rejected", "needs_adjudication"]
+Criterion = Literal["pass", "fail", "disputed"]
+SETTLED_STATUSES: tuple[SampleStatus, ...] = (
+    SampleStatus.accepted,
+    SampleStatus.rejected,
+    SampleStatus.needs_adjudication,
+)
+LEAD_ROLES: tuple[Role, ...] = (Role.lead, Role.admin)
+NEEDS_ADJUDICATION_ACTION = "sample.needs_adjudication"
+
+
+class AcceptanceError(ValueError):
+    """A request the acceptance rule cannot serve (no reviews, unknown sample, a gold sample ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure rule
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A sample's reviews in one line: count, majority consistency (None on a tie), median scores and their spreads."""
+
+    n: int
+    consistent: bool | None
+    quality: float
+    complexity: float
+    spread_quality: int
+    spread_complexity: int
+    n_consistent: int = 0  # reviewers who answered "yes"
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    outcome: RuleOutcome
+    aggregate: Aggregate
+    criteria: Mapping[str, Criterion]
+    reasons: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def _field(review: Any, name: str) -> Any:
+    return review[name] if isinstance(review, Mapping) else getattr(review, name)
+
+
+def _answers(reviews: Sequence[Any]) -> tuple[list[bool], list[int], list[int]]:
+    consistent, quality, complexity = [], [], []
+    for k, review in enumerate(reviews):
+        c, q, x = _field(review, "consistent"), _field(review, "quality"), _field(review, "complexity")
+        if not isinstance(c, bool):
+            raise AcceptanceError(f"review {k}: consistent must be True or False; got {c!r}")
+        for name, v in (("quality", q), ("complexity", x)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 5:
+                raise AcceptanceError(f"review {k}: {name} must be an integer 1-5; got {v!r}")
+        consistent.append(c)
+        quality.append(q)
+        complexity.append(x)
+    return consistent, quality, complexity
+
+
+def aggregate(reviews: Sequence[Any]) -> Aggregate:
+    """Aggregate reviews (objects or mappings with ``consistent``, ``quality``, ``complexity``).
+
+    No reviews gives n = 0, consistency None and NaN medians.
+    """
+    consistent, quality, complexity = _answers(reviews)
+    return Aggregate(
+        n=len(consistent),
+        consistent=aggregate_consistency(consistent) if consistent else None,
+        quality=aggregate_score(quality),
+        complexity=aggregate_score(complexity),
+        spread_quality=max(quality) - min(quality) if quality else 0,
+        spread_complexity=max(complexity) - min(complexity) if complexity else 0,
+        n_consistent=sum(consistent),
+    )
+
+
+def _score_criterion(name: str, scores: list[int], median: float, spread: int, threshold: float, max_spread: int):
+    if spread > max_spread:
+        return "disputed", f"{name} scores {sorted(scores)} differ by {spread} > {max_spread}"
+    if median == threshold and any(s > threshold for s in scores) and any(s < threshold for s in scores):
+        return "disputed", f"median {name} {median:g} sits on the threshold with scores {sorted(scores)} on both sides"
+    if median > threshold:
+        return "pass", f"median {name} {median:g} > {threshold:g}"
+    return "fail", f"median {name} {median:g} <= {threshold:g}"
+
+
+def evaluate(reviews: Sequence[Any], rule: AcceptanceRule) -> RuleResult:
+    """Apply ``rule`` to one sample's reviews (see the module docstring); raises AcceptanceError without reviews.
+
+    The result depends only on the multiset of answers, so it is memoized on the sorted answers (re-settling a whole
+    project evaluates a few hundred distinct cases, not 100,000); treat it as read-only.
+    """
+    consistent, quality, complexity = _answers(reviews)
+    if not consistent:
+        raise AcceptanceError("the acceptance rule needs at least one review")
+    return _evaluate_answers(tuple(sorted(zip(consistent, quality, complexity, strict=True))), rule)
+
+
+@functools.lru_cache(maxsize=8192)
+def _evaluate_answers(answers: tuple[tuple[bool, int, int], ...], rule: AcceptanceRule) -> RuleResult:
+    reviews = [{"consistent": c, "quality": q, "complexity": x} for c, q, x in answers]
+    quality, complexity = [q for _, q, _ in answers], [x for _, _, x in answers]
+    agg = aggregate(reviews)
+    criteria: dict[str, Criterion] = {}
+    reasons: list[str] = []
+    if rule.require_consistent:
+        yes, n = agg.n_consistent, agg.n
+        if yes == n:
+            criteria["consistency"], text = "pass", f"consistent: {yes}/{n} yes"
+        elif yes == 0:
+            criteria["consistency"], text = "fail", f"inconsistent: {n}/{n} no"
+        else:
+            criteria["consistency"], text = "disputed", f"consistency split: {yes} yes, {n - yes} no"
+        reasons.append(text)
+    for name, scores, median, spread, threshold in (
+        ("quality", quality, agg.quality, agg.spread_quality, rule.quality_above),
+        ("complexity", complexity, agg.complexity, agg.spread_complexity, rule.complexity_above),
+    ):
+        state, text = _score_criterion(name, scores, median, spread, threshold, rule.max_score_spread)
+        criteria[name] = state
+        reasons.append(text)
+    states = set(criteria.values())
+    outcome: RuleOutcome
+    if "fail" in states:
+        outcome = "rejected"
+    elif "disputed" in states:
+        outcome = "needs_adjudication"
+    else:
+        outcome = "accepted"
+    return RuleResult(outcome, agg, MappingProxyType(criteria), (f"{agg.n} review(s)", *reasons))
+
+
+def rule_outcome(reviews: Sequence[Any], rule: AcceptanceRule) -> RuleOutcome:
+    """``accepted``, ``rejected`` or ``needs_adjudication`` for one sample's reviews under ``rule``."""
+    return evaluate(reviews, rule).outcome
+
+
+# ----------------------------------------------------------------------------------------------------------
+# database edge
+
+
+def _has_lead_decision(session: Session, sample_id: int) -> bool:
+    query = select(Decision.id).where(Decision.sample_id == sample_id, Decision.source == DecisionSource.lead)
+    return session.scalar(query.limit(1)) is not None
+
+
+def _reviews_of(session: Session, sample_id: int) -> list[Review]:
+    return list(session.scalars(select(Review).where(Review.sample_id == sample_id).order_by(Review.id)))
+
+
+def _record(
+    session: Session, sample: Sample, result: RuleResult, rule: AcceptanceRule, actor_id: int | None
+) -> SampleStatus:
+    """Set the sample's status to the rule's outcome, recording the change; returns the new status."""
+    new = SampleStatus(result.outcome)
+    if new == sample.status and new != SampleStatus.needs_adjudication:
+        latest = session.scalar(
+            select(Decision.outcome)
+            .where(Decision.sample_id == sample.id)
+            .order_by(Decision.created_at.desc(), Decision.id.desc())
+            .limit(1)
+        )
+        if latest is not None and latest.value == new.value:
+            return new
+    elif new == sample.status:
+        return new
+    if new == SampleStatus.needs_adjudication:
+        session.add(
+            AuditLog(
+                user_id=actor_id,
+                action=NEEDS_ADJUDICATION_ACTION,
+                entity="sample",
+                entity_id=str(sample.id),
+                details={"rule": rule.model_dump(), "reason": result.reason, "previous": sample.status.value},
+            )
+        )
+    else:
+        session.add(
+            Decision(
+                sample_id=sample.id,
+                outcome=Outcome(new.value),
+                source=DecisionSource.rule,
+                rule=rule.model_dump(),
+                decided_by=actor_id,
+                reason=result.reason,
+            )
+        )
+    sample.status = new
+    session.flush()
+    return new
+
+
+def settle_sample(session: Session, sample_id: int, config: ProjectConfig) -> SampleStatus:
+    """Apply ``config.acceptance`` to a sample that has all the reviews it wants and set its status.
+
+    Writes a decision (or an audit entry for needs_adjudication) only when the status changes. A sample a lead has
+    decided keeps the lead's decision. Raises AcceptanceError for an unknown or gold sample, or one with fewer reviews
+    than :func:`annotate.queue.reviews_wanted`. The caller holds the sample's row lock (``annotate.reviews`` does).
+    """
+    sample = session.get(Sample, sample_id)
+    if sample is None:
+        raise AcceptanceError(f"no sample with id {sample_id}")
+    if session.get(GoldAnswer, sample_id) is not None:
+        raise AcceptanceError(f"sample {sample_id} is a gold sample; gold reviews are never settled")
+    if _has_lead_decision(session, sample_id):
+        return sample.status
+    reviews = _reviews_of(session, sample_id)
+    wanted = reviews_wanted(sample_id, config)
+    if len(reviews) < wanted:
+        raise AcceptanceError(f"sample {sample_id} has {len(reviews)} of the {wanted} reviews it wants")
+    return _record(session, sample, evaluate(reviews, config.acceptance), config.acceptance, None)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    consistent: bool
+    quality: int
+    complexity: int
+
+
+def _settled_reviews(
+    session: Session, lock: bool
+) -> tuple[dict[int, SampleStatus], dict[int, list[_Answer]], set[int]]:
+    """Status of every settled non-gold sample, their answers, and the ids of those a lead decided (plain rows, no
+    ORM objects: this runs over the whole project). With ``lock`` the sample rows are locked (PostgreSQL)."""
+    query = (
+        select(Sample.id, Sample.status)
+        .where(Sample.status.in_(SETTLED_STATUSES), ~is_gold_clause(Sample.id))
+        .order_by(Sample.id)
+    )
+    if lock:
+        query = query.with_for_update(of=Sample)
+    statuses = {sample_id: SampleStatus(status) for sample_id, status in session.execute(query)}
+    answers: dict[int, list[_Answer]] = defaultdict(list)
+    lead_ids: set[int] = set()
+    if statuses:
+        settled = select(Sample.id).where(Sample.status.in_(SETTLED_STATUSES))
+        rows = session.execute(
+            select(Review.sample_id, Review.consistent, Review.quality, Review.complexity)
+            .where(Review.sample_id.in_(settled))
+            .order_by(Review.id)
+        )
+        for sample_id, consistent, quality, complexity in rows:
+            if sample_id in statuses:
+                answers[sample_id].append(_Answer(consistent, quality, complexity))
+        lead_ids = set(
+            session.scalars(
+                select(Decision.sample_id).where(
+                    Decision.source == DecisionSource.lead, Decision.sample_id.in_(settled)
+                )
+            )
+        )
+    return statuses, answers, lead_ids
+
+
+def _what_if(
+    statuses: dict[int, SampleStatus], answers: dict[int, list[_Answer]], lead_ids: set[int], rule: AcceptanceRule
+) -> tuple[dict[str, int], dict[int, RuleResult]]:
+    """Counts of what ``rule`` does to the settled samples, and the result of each sample whose status it changes."""
+    counts = {"accepted": 0, "rejected": 0, "needs_adjudication": 0, "kept_lead_decisions": 0, "would_change": 0}
+    changes: dict[int, RuleResult] = {}
+    for sample_id, status in statuses.items():
+        if sample_id in lead_ids:
+            counts["kept_lead_decisions"] += 1
+            continue
+        if not answers.get(sample_id):
+            continue
+        result = evaluate(answers[sample_id], rule)
+        counts[result.outcome] += 1
+        if result.outcome != status.value:
+            counts["would_change"] += 1
+            changes[sample_id] = result
+    return counts, changes
+
+
+def preview_rule(url: str, rule: AcceptanceRule) -> dict[str, int]:
+    """What ``rule`` would do to the settled (reviewed) samples, without writing anything.
+
+    Keys: ``accepted``, ``rejected``, ``needs_adjudication`` (rule-decided samples under the new rule),
+    ``kept_lead_decisions`` (samples a lead decided: they keep their decision) and ``would_change``.
+    """
+    with session_scope(url) as session:
+        counts, _ = _what_if(*_settled_reviews(session, lock=False), rule)
+        session.rollback()
+        return counts
+
+
+def _check_lead(session: Session, user_id: int, action: str) -> User:
+    user = session.get(User, user_id)
+    if user is None or not user.active or user.role not in LEAD_ROLES:
+        who = f"user {user_id}" if user is None else f"{user.role.value} {user.username!r}"
+        raise PermissionError(f"only an active lead or admin may {action}; {who} may not")
+    return user
+
+
+def apply_rule(url: str, rule: AcceptanceRule, actor_id: int) -> dict[str, int]:
+    """Store ``rule`` as the project's acceptance rule and re-settle every rule-decided sample under it.
+
+    Lead decisions are kept. Returns the counts of :func:`preview_rule` plus ``changed`` (samples whose status
+    changed, each with a decision or audit entry naming ``actor_id``). Raises PermissionError unless ``actor_id`` is
+    an active lead or admin.
+    """
+    with session_scope(url, write=True) as session:
+        _check_lead(session, actor_id, "change the acceptance rule")
+        set_project_config(session, {"acceptance": rule.model_dump()}, actor_id=actor_id)
+        statuses, answers, lead_ids = _settled_reviews(session, lock=True)
+        counts, changes = _what_if(statuses, answers, lead_ids, rule)
+        _record_changes(session, statuses, changes, rule, actor_id)
+        return counts | {"changed": len(changes)}
+
+
+def _record_changes(
+    session: Session,
+    statuses: dict[int, SampleStatus],
+    changes: dict[int, RuleResult],
+    rule: AcceptanceRule,
+    actor_id: int | None,
+    chunk: int = 500,
+) -> None:
+    """:func:`_record` for many samples at once: bulk status updates, decision and audit rows."""
+    now = utcnow()
+    rule_json = rule.model_dump()
+    by_status: dict[SampleStatus, list[int]] = defaultdict(list)
+    decisions: list[dict[str, Any]] = []
+    audits: list[dict[str, Any]] = []
+    for sample_id, result in changes.items():
+        new = SampleStatus(result.outcome)
+        by_status[new].append(sample_id)
+        if new == SampleStatus.needs_adjudication:
+            details = {"rule": rule_json, "reason": result.reason, "previous": statuses[sample_id].value}
+            audits.append({"user_id": actor_id, "action": NEEDS_ADJUDICATION_ACTION, "entity": "sample",
+                           "entity_id": str(sample_id), "details": details, "at": now})  # fmt: skip
+        else:
+            decisions.append({"sample_id": sample_id, "outcome": Outcome(new.value), "source": DecisionSource.rule,
+                              "rule": rule_json, "decided_by": actor_id, "reason": result.reason,
+                              "created_at": now})  # fmt: skip
+    for status, ids in by_status.items():
+        for start in range(0, len(ids), chunk):
+            session.execute(
+                update(Sample)
+                .where(Sample.id.in_(ids[start : start + chunk]))
+                .values(status=status)
+                .execution_options(synchronize_session=False)
+            )
+    for table, rows in ((Decision, decisions), (AuditLog, audits)):
+        for start in range(0, len(rows), chunk):
+            session.execute(insert(table), rows[start : start + chunk])
+
+
+def settle_complete(url: str) -> int:
+    """Settle every open non-gold sample that already has all the reviews it wants (after a lead lowers
+    ``reviews_per_sample`` or ``calibration_share``, such samples would otherwise wait in review); returns how many."""
+    with session_scope(url, write=True) as session:
+        config = get_project_config(session)
+        submitted = (
+            select(func.count())
+            .select_from(Assignment)
+            .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
+            .scalar_subquery()
+        )
+        ids = list(
+            session.scalars(
+                select(Sample.id)
+                .where(
+                    Sample.status.in_(OPEN_STATUSES),
+                    ~is_gold_clause(Sample.id),
+                    submitted >= wanted_clause(Sample.id, config),
+                    submitted > 0,
+                )
+                .order_by(Sample.id)
+                .with_for_update(skip_locked=True, of=Sample)
+            )
+        )
+        for sample_id in ids:
+            settle_sample(session, sample_id, config)
+        return len(ids)
+
+
+def _latest_conflict(session: Session, sample_ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
+    """(verdict, reason) of the newest conflict-stage judgement of each sample."""
+    out: dict[int, tuple[str | None, str | None]] = {}
+    if not sample_ids:
+        return out
+    rows = session.execute(
+        select(MllmJudgement.sample_id, MllmJudgement.verdict, MllmJudgement.rationale)
+        .where(MllmJudgement.sample_id.in_(sample_ids), MllmJudgement.stage == MllmStage.conflict)
+        .order_by(MllmJudgement.sample_id, MllmJudgement.created_at, MllmJudgement.id)
+    )
+    for sample_id, verdict, reason in rows:
+        out[sample_id] = (verdict, reason)
+    return out
+
+
+@dataclass(frozen=True)
+class ReviewSide:
+    review_id: int
+    reviewer: str
+    consistent: bool
+    quality: int
+    complexity: int
+    comment: str | None
+    box_corrections: list[dict[str, Any]] | None
+    revision: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AdjudicationItem:
+    sample_id: int
+    instruction: str
+    priority: float
+    reviews: list[ReviewSide]
+    mllm_verdict: str | None
+    mllm_reason: str | None
+    why: str  # the rule's reasons for sending it to a lead
+
+
+def adjudication_queue(url: str) -> list[AdjudicationItem]:
+    """Samples waiting for a lead (status needs_adjudication), highest priority first, every review side by side."""
+    with session_scope(url) as session:
+        config = get_project_config(session)
+        samples = list(
+            session.scalars(
+                select(Sample)
+                .where(Sample.status == SampleStatus.needs_adjudication)
+                .order_by(Sample.priority.desc(), Sample.id)
+            )
+        )
+        ids = [s.id for s in samples]
+        sides: dict[int, list[ReviewSide]] = defaultdict(list)
+        if ids:
+            rows = session.execute(
+                select(Review, User.username)
+                .join(User, User.id == Review.user_id)
+                .where(Review.sample_id.in_(ids))
+                .order_by(Review.sample_id, Review.id)
+            )
+            for review, username in rows:
+                sides[review.sample_id].append(
+                    ReviewSide(
+                        review_id=review.id,
+                        reviewer=username,
+                        consistent=review.consistent,
+                        quality=review.quality,
+                        complexity=review.complexity,
+                        comment=review.comment,
+                        box_corrections=review.box_corrections,
+                        revision=review.revision,
+                        updated_at=utc(review.updated_at),
+                    )
+                )
+        verdicts = _latest_conflict(session, ids)
+        items = []
+        for sample in samples:
+            reviews = sides.get(sample.id, [])
+            why = evaluate(reviews, config.acceptance).reason if reviews else "no reviews"
+            verdict, reason = verdicts.get(sample.id, (None, None))
+            items.append(
+                AdjudicationItem(sample.id, sample.instruction, sample.priority, reviews, verdict, reason, why)
+            )
+        return items
+
+
+def adjudicate(url: str, sample_id: int, outcome: str | Outcome, lead_id: int, reason: str) -> int:
+    """A lead's accept/reject of a sample, with a required reason; returns the decision id.
+
+    Records who, when and why (``decisions`` row with source lead, and ``audit_log``) and sets the status; the rule
+    never overrides it afterwards. Raises PermissionError unless ``lead_id`` is an active lead or admin, and
+    AcceptanceError for an empty reason, an unknown outcome or sample, or a gold sample.
+    """
+    try:
+        decided = Outcome(outcome)
+    except ValueError:
+        raise AcceptanceError(f"outcome must be 'accepted' or 'rejected'; got {outcome!r}") from None
+    if not isinstance(reason, str) or not reason.strip():
+        raise AcceptanceError("a reason is required to adjudicate a sample")
+    with session_scope(url, write=True) as session:
+        _check_lead(session, lead_id, "adjudicate samples")
+        sample = session.get(Sample, sample_id, with_for_update=True)
+        if sample is None:
+            raise AcceptanceError(f"no sample with id {sample_id}")
+        if session.get(GoldAnswer, sample_id) is not None:
+            raise AcceptanceError(f"sample {sample_id} is a gold sample; edit its gold answer instead")
+        decision = Decision(
+            sample_id=sample_id,
+            outcome=decided,
+            source=DecisionSource.lead,
+            decided_by=lead_id,
+            reason=reason.strip(),
+        )
+        session.add(decision)
+        session.flush()
+        session.add(
+            AuditLog(
+                user_id=lead_id,
+                action="sample.adjudicate",
+                entity="sample",
+                entity_id=str(sample_id),
+                details={"outcome": decided.value, "previous": sample.status.value, "decision_id": decision.id},
+            )
+        )
+        sample.status = SampleStatus(decided.value)
+        return decision.id
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    """One step of a sample's history: a decision (``decision_id`` set) or a move to adjudication (None)."""
+
+    decision_id: int | None
+    outcome: str
+    source: str
+    decided_by: str | None
+    reason: str | None
+    rule: dict[str, Any] | None
+    created_at: datetime
+
+
+def decision_history(url: str, sample_id: int) -> list[DecisionRow]:
+    """A sample's decisions and moves to adjudication, oldest first."""
+    with session_scope(url) as session:
+        rows: list[DecisionRow] = []
+        for decision, username in session.execute(
+            select(Decision, User.username)
+            .outerjoin(User, User.id == Decision.decided_by)
+            .where(Decision.sample_id == sample_id)
+        ):
+            rows.append(
+                DecisionRow(
+                    decision.id,
+                    decision.outcome.value,
+                    decision.source.value,
+                    username,
+                    decision.reason,
+                    decision.rule,
+                    utc(decision.created_at),
+                )
+            )
+        for entry, username in session.execute(
+            select(AuditLog, User.username)
+            .outerjoin(User, User.id == AuditLog.user_id)
+            .where(
+                AuditLog.action == NEEDS_ADJUDICATION_ACTION,
+                AuditLog.entity == "sample",
+                AuditLog.entity_id == str(sample_id),
+            )
+        ):
+            details = entry.details or {}
+            rows.append(
+                DecisionRow(
+                    None,
+                    SampleStatus.needs_adjudication.value,
+                    DecisionSource.rule.value,
+                    username,
+                    details.get("reason"),
+                    details.get("rule"),
+                    utc(entry.at),
+                )
+            )
+        rows.sort(key=lambda r: (r.created_at, math.inf if r.decision_id is None else r.decision_id))
+        return rows

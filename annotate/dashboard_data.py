@@ -1,0 +1,438 @@
+"""The figures of the leads' dashboard: loaders that read the review tables into DataFrames, pure functions over
+those frames, and the JSON-ready agreement figures that ``mcie agreement --json`` prints.
+
+Loaders (one query each): :func:`reviews_frame` (one row per review, the rater's username in ``rater``, times in UTC,
+``is_gold`` / ``is_calibration`` flags) and :func:`samples_frame`; :func:`status_counts` and
+:func:`remaining_reviews` are single aggregate queries. Everything else is pure and takes a reviews frame.
+
+Conventions: days are UTC days; gold reviews count as work done (per-reviewer and throughput figures) but not
+toward the remaining work or the finish forecast, and they are left out of inter-rater agreement (gold samples are
+chosen by leads, often for being tricky) and measured by gold accuracy instead. Calibration membership is
+:func:`annotate.queue.is_calibration` under the current ``calibration_share``.
+
+:func:`agreement_figures` returns one JSON object of plain types (no NaN: undefined values are None), so
+``json.dumps(figures, allow_nan=False)`` works.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import case, func, select
+
+from annotate.agreement import (
+    agreement_report,
+    confusion,
+    gold_accuracy,
+    leave_one_out_agreement,
+    mllm_human_agreement,
+    pairwise_cohen_matrix,
+    pairwise_shared_counts,
+    score_distribution,
+)
+from annotate.project import get_project_config
+from annotate.queue import (
+    HASH_MODULUS,
+    HASH_MULTIPLIER,
+    OPEN_STATUSES,
+    calibration_threshold,
+    is_gold_clause,
+    utc,
+    wanted_clause,
+)
+from annotate.reviews import conflict_of
+from db.models import (
+    Assignment,
+    AssignmentState,
+    GoldAnswer,
+    MllmJudgement,
+    MllmStage,
+    Review,
+    Sample,
+    SampleStatus,
+    User,
+)
+from db.session import session_scope
+
+REVIEW_COLUMNS: tuple[str, ...] = (
+    "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "created_at", "is_gold",
+    "is_calibration",
+)  # fmt: skip
+SAMPLE_COLUMNS: tuple[str, ...] = (
+    "sample_id", "instance_id", "first_turn", "last_turn", "status", "priority", "flagged", "is_gold",
+    "is_calibration", "n_reviews", "mllm_verdict", "created_at", "updated_at",
+)  # fmt: skip
+QUESTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("consistency", "consistent", None),
+    ("quality", "quality", "quadratic"),
+    ("complexity", "complexity", "quadratic"),
+)
+DECISIVE_VERDICTS = ("conflict", "no_conflict")
+
+
+class DashboardError(ValueError):
+    """A dashboard figure was asked with bad input (missing columns, a bad frequency ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loaders
+
+
+def calibration_mask(sample_ids: pd.Series | np.ndarray, share: float) -> np.ndarray:
+    """Vectorized :func:`annotate.queue.is_calibration` (uint64 products wrap mod 2**64, a multiple of 2**32)."""
+    ids = np.asarray(sample_ids, dtype=np.uint64)
+    hashed = (ids * np.uint64(HASH_MULTIPLIER)) % np.uint64(HASH_MODULUS)
+    return hashed < np.uint64(calibration_threshold(share))
+
+
+def reviews_frame(url: str) -> pd.DataFrame:
+    """One row per review: ``sample_id, rater (username), consistent, quality, complexity, time_spent_s,
+    created_at (UTC), is_gold, is_calibration``."""
+    with session_scope(url) as session:
+        share = get_project_config(session).calibration_share
+        rows = session.execute(
+            select(
+                Review.sample_id,
+                User.username,
+                Review.consistent,
+                Review.quality,
+                Review.complexity,
+                Review.time_spent_s,
+                Review.created_at,
+                is_gold_clause(Review.sample_id),
+            )
+            .join(User, User.id == Review.user_id)
+            .order_by(Review.id)
+        ).all()
+    frame = pd.DataFrame([tuple(r) for r in rows], columns=list(REVIEW_COLUMNS[:-1]))
+    frame = frame.astype(
+        {"sample_id": "int64", "rater": "object", "consistent": "bool", "quality": "int64", "complexity": "int64",
+         "time_spent_s": "float64", "is_gold": "bool"}
+    )  # fmt: skip
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+    frame["is_calibration"] = calibration_mask(frame["sample_id"], share) & ~frame["is_gold"].to_numpy()
+    return frame
+
+
+def _latest_verdicts(session: Any, decisive_only: bool) -> dict[int, str | None]:
+    query = select(MllmJudgement.sample_id, MllmJudgement.verdict).where(
+        MllmJudgement.stage == MllmStage.conflict, MllmJudgement.sample_id.is_not(None)
+    )
+    if decisive_only:
+        query = query.where(MllmJudgement.verdict.in_(DECISIVE_VERDICTS))
+    out: dict[int, str | None] = {}
+    for sample_id, verdict in session.execute(query.order_by(MllmJudgement.created_at, MllmJudgement.id)):
+        out[sample_id] = verdict
+    return out
+
+
+def samples_frame(url: str) -> pd.DataFrame:
+    """One row per sample: ``sample_id, instance_id, first_turn, last_turn, status, priority, flagged, is_gold,
+    is_calibration, n_reviews, mllm_verdict`` (newest conflict verdict), ``created_at, updated_at`` (UTC)."""
+    n_reviews = select(func.count()).where(Review.sample_id == Sample.id).scalar_subquery()
+    with session_scope(url) as session:
+        share = get_project_config(session).calibration_share
+        rows = session.execute(
+            select(
+                Sample.id,
+                Sample.instance_id,
+                Sample.first_turn,
+                Sample.last_turn,
+                Sample.status,
+                Sample.priority,
+                Sample.flagged,
+                is_gold_clause(Sample.id),
+                n_reviews,
+                Sample.created_at,
+                Sample.updated_at,
+            ).order_by(Sample.id)
+        ).all()
+        verdicts = _latest_verdicts(session, decisive_only=False)
+    frame = pd.DataFrame(
+        [(*r[:4], SampleStatus(r[4]).value, *r[5:9], r[9], r[10]) for r in rows],
+        columns=["sample_id", "instance_id", "first_turn", "last_turn", "status", "priority", "flagged", "is_gold",
+                 "n_reviews", "created_at", "updated_at"],
+    )  # fmt: skip
+    frame = frame.astype({"sample_id": "int64", "flagged": "bool", "is_gold": "bool", "n_reviews": "int64"})
+    frame["is_calibration"] = calibration_mask(frame["sample_id"], share) & ~frame["is_gold"].to_numpy()
+    frame["mllm_verdict"] = frame["sample_id"].map(verdicts)
+    for column in ("created_at", "updated_at"):
+        frame[column] = pd.to_datetime(frame[column], utc=True)
+    return frame[list(SAMPLE_COLUMNS)]
+
+
+def status_counts(url: str) -> dict[str, int]:
+    """Number of samples in each status (every status listed, zeros included)."""
+    with session_scope(url) as session:
+        rows = session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all()
+    counts = {status.value: 0 for status in SampleStatus}
+    for status, n in rows:
+        counts[SampleStatus(status).value] = int(n)
+    return counts
+
+
+def remaining_reviews(url: str) -> int:
+    """Reviews still wanted by the pool (open, non-gold samples): sum of wanted - submitted, never negative."""
+    with session_scope(url) as session:
+        config = get_project_config(session)
+        submitted = (
+            select(func.count())
+            .select_from(Assignment)
+            .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
+            .scalar_subquery()
+        )
+        wanted = wanted_clause(Sample.id, config)
+        missing = case((wanted > submitted, wanted - submitted), else_=0)
+        total = session.scalar(
+            select(func.coalesce(func.sum(missing), 0)).where(
+                Sample.status.in_(OPEN_STATUSES), ~is_gold_clause(Sample.id)
+            )
+        )
+        return int(total or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pure figures
+
+
+def _check_frame(df: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise DashboardError(f"expected a reviews DataFrame with columns {list(columns)}; got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DashboardError(f"the reviews frame lacks columns {missing}")
+
+
+def _utc_times(df: pd.DataFrame) -> pd.Series:
+    return pd.to_datetime(df["created_at"], utc=True)
+
+
+def reviews_per_reviewer_per_day(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table ``day (date, UTC), rater, n_reviews``: one row per reviewer and day they reviewed, sorted."""
+    _check_frame(df, ("rater", "created_at"))
+    if df.empty:
+        return pd.DataFrame({"day": pd.Series(dtype=object), "rater": pd.Series(dtype=object),
+                             "n_reviews": pd.Series(dtype="int64")})  # fmt: skip
+    days = _utc_times(df).dt.date
+    out = df.assign(day=days).groupby(["day", "rater"]).size().rename("n_reviews").reset_index()
+    return out.sort_values(["day", "rater"], ignore_index=True)
+
+
+def throughput(df: pd.DataFrame, freq: str = "D") -> pd.DataFrame:
+    """Reviews per period: ``period`` (UTC start of each ``freq`` bin, empty bins included), ``n_reviews``,
+    ``cumulative``."""
+    _check_frame(df, ("created_at",))
+    try:
+        pd.tseries.frequencies.to_offset(freq)
+    except ValueError:
+        raise DashboardError(f"freq must be a pandas frequency such as 'D', 'h' or 'W'; got {freq!r}") from None
+    if df.empty:
+        return pd.DataFrame({"period": pd.Series(dtype="datetime64[ns, UTC]"), "n_reviews": pd.Series(dtype="int64"),
+                             "cumulative": pd.Series(dtype="int64")})  # fmt: skip
+    counts = pd.Series(1, index=_utc_times(df)).sort_index().resample(freq).sum()
+    out = counts.rename("n_reviews").rename_axis("period").reset_index()
+    out["n_reviews"] = out["n_reviews"].astype("int64")
+    out["cumulative"] = out["n_reviews"].cumsum()
+    return out
+
+
+def median_seconds_per_review(df: pd.DataFrame) -> float | None:
+    """Median ``time_spent_s`` over the reviews that recorded it; None when none did."""
+    _check_frame(df, ("time_spent_s",))
+    times = pd.to_numeric(df["time_spent_s"], errors="coerce").dropna()
+    return float(times.median()) if len(times) else None
+
+
+def forecast_finish(remaining_reviews: int, df: pd.DataFrame, now: datetime, *, window_days: int = 7) -> date | None:
+    """The UTC day the remaining reviews should be done at the recent rate, or None without a rate.
+
+    The rate is the non-gold reviews of the last ``window_days`` days before ``now`` per day (over the time since the
+    first review when the project is younger than that, at least one day). No remaining work gives today.
+    """
+    _check_frame(df, ("created_at",))
+    if remaining_reviews < 0:
+        raise DashboardError(f"remaining_reviews cannot be negative; got {remaining_reviews}")
+    if window_days < 1:
+        raise DashboardError(f"window_days must be at least 1; got {window_days}")
+    now = utc(now)
+    if remaining_reviews == 0:
+        return now.date()
+    work = df[~df["is_gold"].astype(bool)] if "is_gold" in df.columns else df
+    times = _utc_times(work)
+    times = times[times <= pd.Timestamp(now)]
+    if times.empty:
+        return None
+    start = max(pd.Timestamp(now) - pd.Timedelta(days=window_days), times.min())
+    recent = int((times > pd.Timestamp(now) - pd.Timedelta(days=window_days)).sum())
+    span_days = max((pd.Timestamp(now) - start) / pd.Timedelta(days=1), 1.0)
+    rate = recent / span_days
+    if rate <= 0:
+        return None
+    return (now + timedelta(days=remaining_reviews / rate)).date()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# agreement figures
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-ready plain types: numpy scalars to Python, NaN/inf to None, dates to ISO strings."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, pd.DataFrame):
+        return [plain(r) for r in value.to_dict(orient="records")]
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, datetime | date | pd.Timestamp):
+        return value.isoformat()
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return str(value)
+
+
+def _long(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    out = df[["sample_id", "rater", column]].set_axis(["unit", "rater", "value"], axis=1)
+    if column == "consistent":
+        out = out.assign(value=out["value"].astype(bool))
+    return out.reset_index(drop=True)
+
+
+def _matrix(frame: pd.DataFrame) -> list[list[Any]]:
+    return plain(frame.to_numpy().tolist())
+
+
+def _pairwise(overlap: pd.DataFrame, min_shared: int) -> dict[str, Any]:
+    raters = sorted(overlap["rater"].unique().tolist()) if len(overlap) else []
+    out: dict[str, Any] = {"raters": raters, "min_shared": min_shared, "weights": {}}
+    if not raters:
+        return out | {"shared": [], **{name: [] for name, _, _ in QUESTIONS}}
+    out["shared"] = _matrix(pairwise_shared_counts(_long(overlap, "quality")).reindex(index=raters, columns=raters))
+    for name, column, weights in QUESTIONS:
+        kappa = pairwise_cohen_matrix(_long(overlap, column), weights=weights, min_shared=min_shared)  # type: ignore[arg-type]
+        out[name] = _matrix(kappa.reindex(index=raters, columns=raters))
+        out["weights"][name] = weights
+    return out
+
+
+def _leave_one_out(overlap: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, column, weights in QUESTIONS:
+        if overlap.empty:
+            out[name] = []
+            continue
+        level = "nominal" if weights is None else "ordinal"
+        out[name] = plain(leave_one_out_agreement(_long(overlap, column), level))  # type: ignore[arg-type]
+    return out
+
+
+def _gold_accuracy(gold_reviews: pd.DataFrame, gold: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per-rater gold accuracy with each gold sample's own tolerance (groups by tolerance, weighted by counts)."""
+    parts = []
+    for tolerance, answers in gold.groupby("tolerance"):
+        reviews = gold_reviews[gold_reviews["sample_id"].isin(answers["sample_id"])]
+        if len(reviews):
+            parts.append(gold_accuracy(reviews, answers.drop(columns="tolerance"), tolerance=float(tolerance)))
+    if not parts:
+        return []
+    both = pd.concat(parts, ignore_index=True)
+    rows = []
+    for rater, group in both.groupby("rater", sort=True):
+        n = group["n_gold"].to_numpy(dtype=float)
+        row: dict[str, Any] = {"rater": rater, "n_gold": int(n.sum())}
+        for column in ("consistent_accuracy", "quality_accuracy", "complexity_accuracy", "quality_bias",
+                       "complexity_bias"):  # fmt: skip
+            values = group[column].to_numpy(dtype=float)
+            ok = ~np.isnan(values)
+            row[column] = float(np.average(values[ok], weights=n[ok])) if ok.any() else None
+        rows.append(row)
+    return plain(rows)
+
+
+def human_majority(reviews: pd.DataFrame) -> dict[int, bool | None]:
+    """Each sample's majority consistency verdict (None on a tie), as
+    :func:`annotate.agreement.aggregate_consistency` gives it, computed for all samples at once."""
+    if reviews.empty:
+        return {}
+    grouped = reviews.groupby("sample_id")["consistent"]
+    yes = grouped.sum().astype(int)
+    no = grouped.size() - yes
+    return {int(s): (None if y == n else bool(y > n)) for s, y, n in zip(yes.index, yes, no, strict=True)}
+
+
+def _mllm_vs_human(work: pd.DataFrame, verdicts: dict[int, str | None]) -> dict[str, Any]:
+    human = human_majority(work)
+    sample_ids = [s for s in human if conflict_of(verdicts.get(s)) is not None]
+    mllm = [conflict_of(verdicts[s]) for s in sample_ids]
+    people = [human[s] for s in sample_ids]
+    table = confusion(mllm, people) if sample_ids else confusion([], [])
+    stats = mllm_human_agreement(mllm, people)
+    return {
+        "n_samples": len(sample_ids),
+        "rows": "mllm",
+        "columns": "human",
+        "confusion": {str(row): {str(col): int(table.loc[row, col]) for col in table.columns} for row in table.index},
+        "agreement": plain(stats["agreement"]),
+        "kappa": plain(stats["kappa"]),
+    }
+
+
+def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared: int = 10) -> dict[str, Any]:
+    """Every agreement figure of the dashboard as one JSON-ready object (what ``mcie agreement --json`` prints).
+
+    Keys: ``n_reviews``, ``n_reviewers``, ``n_gold_reviews``; ``calibration`` and ``overlapping``:
+    :func:`annotate.agreement.agreement_report` on the calibration samples and on every non-gold sample with two or
+    more reviews; ``pairwise_cohen``: raters, shared-sample counts and Cohen's kappa matrices per question
+    (unweighted for consistency, quadratic-weighted for the scores; None below ``min_shared`` shared samples);
+    ``leave_one_out``: each reviewer against the others per question; ``gold_accuracy``: per reviewer, each gold
+    sample scored within its own tolerance; ``score_distribution``: quality and complexity per reviewer;
+    ``mllm_vs_human``: the MLLM conflict verdict (newest decisive one) against the reviewers' majority consistency,
+    as a confusion table with agreement and Cohen's kappa.
+    """
+    reviews = reviews_frame(url)
+    with session_scope(url) as session:
+        gold_rows = session.execute(
+            select(
+                GoldAnswer.sample_id,
+                GoldAnswer.consistent,
+                GoldAnswer.quality,
+                GoldAnswer.complexity,
+                GoldAnswer.tolerance,
+            )
+        ).all()
+        verdicts = _latest_verdicts(session, decisive_only=True)
+    gold = pd.DataFrame(
+        [tuple(r) for r in gold_rows], columns=["sample_id", "consistent", "quality", "complexity", "tolerance"]
+    )
+    work = reviews[~reviews["is_gold"]]
+    per_sample = work.groupby("sample_id")["rater"].transform("size")
+    overlap = work[per_sample >= 2]
+    calibration = work[work["is_calibration"]]
+    figures = {
+        "n_reviews": len(reviews),
+        "n_reviewers": int(reviews["rater"].nunique()),
+        "n_gold_reviews": int(reviews["is_gold"].sum()),
+        "calibration": agreement_report(calibration, n_boot=n_boot, seed=seed),
+        "overlapping": agreement_report(overlap, n_boot=n_boot, seed=seed),
+        "pairwise_cohen": _pairwise(overlap, min_shared),
+        "leave_one_out": _leave_one_out(overlap),
+        "gold_accuracy": _gold_accuracy(reviews[reviews["is_gold"]], gold),
+        "score_distribution": {
+            name: plain(score_distribution(_long(work, column), levels=(1, 2, 3, 4, 5))) if len(work) else []
+            for name, column in (("quality", "quality"), ("complexity", "complexity"))
+        },
+        "mllm_vs_human": _mllm_vs_human(work, verdicts),
+    }
+    return plain(figures)
