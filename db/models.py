@@ -35,6 +35,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -275,6 +276,16 @@ class Sample(Base):
     )
 
 
+# The head of the review queue: open samples by priority (defined here to order a column descending).
+Index(
+    "ix_samples_open_queue",
+    Sample.priority.desc(),
+    Sample.id,
+    postgresql_where=text("status IN ('ready', 'in_review')"),
+    sqlite_where=text("status IN ('ready', 'in_review')"),
+)
+
+
 class SubInstruction(Base):
     """One turn of a sample's window: text, operation and the chosen box (normalized 0..1)."""
 
@@ -393,6 +404,12 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("sample_id", "user_id"),
         Index("ix_assignments_sample_state", "sample_id", "state"),
+        Index(
+            "ix_assignments_active_leases",
+            "lease_expires_at",
+            postgresql_where=text("state = 'leased'"),
+            sqlite_where=text("state = 'leased'"),
+        ),
     )
 
 
@@ -503,6 +520,7 @@ class Decision(Base):
 
     __table_args__ = (
         CheckConstraint("source <> 'lead' OR decided_by IS NOT NULL", name="lead_decision_has_author"),
+        Index("ix_decisions_sample_latest", "sample_id", "id"),
     )
 
 
@@ -624,6 +642,7 @@ class Vote(Base):
 
     __table_args__ = (
         UniqueConstraint("participant_id", "item_id", "criterion"),
+        Index("ix_votes_assignment_id", "assignment_id"),
         CheckConstraint("latency_ms IS NULL OR latency_ms >= 0", name="latency_nonnegative"),
     )
 
