@@ -30,6 +30,18 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 
+
+def _register_stage_commands() -> None:
+    """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
+    from exports.cli import app as export_app
+    from pipeline.cli import app as pipeline_app
+
+    app.add_typer(pipeline_app, name="pipeline")
+    app.add_typer(export_app, name="export")
+
+
+_register_stage_commands()
+
 console = Console()
 err = Console(stderr=True)
 
@@ -207,6 +219,56 @@ def users_set_password(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# review app
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
+    secure_cookies: Annotated[bool, typer.Option("--secure-cookies", help="Send cookies over HTTPS only.")] = False,
+) -> None:
+    """Upgrade the database, then serve the review app (/review) and the leads' dashboard (/dashboard)."""
+    from annotate.server import serve
+
+    serve(host, port, settings(), secure_cookies=secure_cookies)
+
+
+@app.command("agreement")
+def agreement_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Inter-rater agreement: Krippendorff's alpha with CIs, Fleiss' and Cohen's kappa, rater quality, MLLM."""
+    from annotate.dashboard_data import agreement_figures
+
+    figures = agreement_figures(settings().database_url, n_boot=n_boot, seed=seed)
+    if as_json:
+        print(json.dumps(figures, indent=2, allow_nan=False))
+        return
+    _print_agreement(figures)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_agreement(figures: dict) -> None:
+    console.print(f"{figures['n_reviews']} reviews by {figures['n_reviewers']} reviewers "
+                  f"({figures['n_gold_reviews']} on gold samples)")  # fmt: skip
+    table = Table("samples", "question", "level", "units", "raters", "alpha", "95% CI", "Fleiss' kappa",
+                  title="inter-rater agreement")  # fmt: skip
+    for scope in ("calibration", "overlapping"):
+        for name, q in ((figures.get(scope) or {}).get("questions") or {}).items():
+            low, high = q.get("alpha_ci") or (None, None)
+            table.add_row(scope, name, str(q.get("level")), str(q.get("n_units")), str(q.get("n_raters")),
+                          _fmt(q.get("alpha")), f"[{_fmt(low)}, {_fmt(high)}]", _fmt(q.get("fleiss_kappa")))
+    console.print(table)
+    console.print("`mcie agreement --json` prints every figure: pairwise kappas, leave-one-out, gold, MLLM vs humans.")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # demo
 
 
@@ -216,8 +278,9 @@ def demo(
     instances: Annotated[int, typer.Option(min=1, help="Number of multi-turn instances.")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
     accounts: Annotated[bool, typer.Option(help="Create the demo accounts.")] = True,
+    pipeline: Annotated[bool, typer.Option(help="Ingest the demo data and run the pipeline (no MLLM).")] = True,
 ) -> None:
-    """Build demo data in the SEED-Data-Edit layout, the database and demo accounts."""
+    """Build demo data in the SEED-Data-Edit layout, the database, demo accounts, and review-ready samples."""
     from annotate.accounts import create_user
     from db import migrate
     from db.models import User
@@ -226,7 +289,7 @@ def demo(
 
     cfg = settings()
     out = out or cfg.data_dir / "demo"
-    summary = build_demo(out, instances=instances, seed=seed)
+    summary = build_demo(out, instances=instances, seed=seed, overwrite=True)
     console.print(
         f"demo data: {summary.n_instances} instances, {summary.n_turns} turns, {summary.n_conflicts} with a "
         f"deliberate conflict, in {out} (SEED-Data-Edit multi-turn layout)"
@@ -244,7 +307,25 @@ def demo(
         for username, role in DEMO_ACCOUNTS:
             table.add_row(username, role, DEMO_PASSWORD)
         console.print(table)
+    if pipeline:
+        _demo_pipeline(cfg, out)
     _demo_next_steps(out)
+
+
+def _demo_pipeline(cfg: Settings, out: Path) -> None:
+    from db.store import ImageStore
+    from pipeline.ingest import ingest, read_source
+    from pipeline.run import run_pipeline
+
+    report = ingest(read_source(out, "seed-data-edit", None), url=cfg.database_url, store=ImageStore.from_settings(cfg))
+    console.print(f"ingested {report.ingested} instances ({report.already_present} already present, "
+                  f"{len(report.skipped)} skipped)")  # fmt: skip
+    summary = run_pipeline(cfg, engine="local", mllm="none", scorer="auto", progress=False)
+    load = summary.stages[-1]
+    for note in summary.notes:
+        console.print(f"note: {note}")
+    console.print(f"pipeline: {load.get('counts', {}).get('ready', 0)} samples loaded for review "
+                  f"(box scorer {summary.scorer})")  # fmt: skip
 
 
 def _demo_next_steps(out: Path) -> None:

@@ -61,3 +61,23 @@ def test_users_lifecycle() -> None:
         user = authenticate(session, "alice", "another secret")
         assert user is not None and user.password_hash.startswith("$argon2")
         assert authenticate(session, "nobody", "another secret") is None
+
+
+def test_agreement_command_prints_the_figures() -> None:
+    from db.session import session_scope
+    from tests.annotate.factories import add_reviews, make_samples, make_users
+
+    invoke("db", "upgrade")
+    with session_scope() as session:
+        raters = make_users(session, 3)
+        answers = [(True, 4, 4), (True, 4, 5), (False, 2, 3), (False, 2, 2), (True, 5, 5), (True, 3, 3)]
+        for i, sample in enumerate(make_samples(session, 6)):
+            add_reviews(session, sample, raters, [answers[i]] * 2 + [answers[(i + 1) % 6]])
+    result = invoke("agreement", "--json", "--n-boot", "50")
+    assert result.exit_code == 0, result.stdout
+    figures = json.loads(result.stdout)
+    assert figures["n_reviews"] == 18 and figures["n_reviewers"] == 3
+    quality = figures["overlapping"]["questions"]["quality"]
+    assert quality["n_units"] == 6 and -1 <= quality["alpha"] <= 1
+    table = invoke("agreement", "--n-boot", "50")
+    assert table.exit_code == 0 and "overlap" in table.stdout and "quality" in table.stdout, table.stdout

@@ -1,0 +1,166 @@
+"""``mcie pipeline ...``: ingest source datasets, run the filtering pipeline, decompose an instruction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, help="The data pipeline: ingest, expand, MLLM filter, grounding.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings():
+    from mcie.cli import settings
+
+    return settings()
+
+
+@app.command("ingest")
+def ingest_command(
+    path: Annotated[Path, typer.Argument(help="Annotations folder or .jsonl file.")],
+    fmt: Annotated[str, typer.Option("--format", help="seed-data-edit or jsonl")] = "seed-data-edit",
+    images_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Ingest multi-turn instances into the database and the image store (re-ingesting adds nothing).
+
+    Exits 0 when the run finished, even with skipped records (listed); non-zero only when nothing could be read.
+    """
+    from db import migrate
+    from db.store import ImageStore
+    from pipeline.ingest import ingest, read_source
+
+    cfg = _settings()
+    if fmt not in ("seed-data-edit", "jsonl"):
+        err.print(f"error: --format: expected seed-data-edit or jsonl, got {fmt!r}")
+        raise typer.Exit(2)
+    if not path.exists():
+        err.print(f"error: {path}: no such file or folder")
+        raise typer.Exit(2)
+    migrate.upgrade(cfg.database_url)
+    try:
+        records = read_source(path, fmt, images_root)
+        report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        console.print(
+            f"read {report.read} records: ingested {report.ingested} instances ({report.turns} turns), "
+            f"{report.already_present} already present, {len(report.skipped)} skipped"
+        )
+        for skipped in report.skipped:
+            console.print(f"  skipped {skipped}", highlight=False, markup=False)
+    if report.read == 0 or (report.ingested == 0 and report.already_present == 0):
+        err.print("error: nothing could be read")
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_command(
+    engine: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster).")] = "local",
+    mllm: Annotated[str | None, typer.Option(help="none, openai, vllm or transformers (default MCIE_MLLM_BACKEND)")]
+    = None,
+    scorer: Annotated[str, typer.Option(help="Box scorer: clip, pixel or auto (clip with a checkpoint).")] = "auto",
+    k: Annotated[int, typer.Option(min=1, max=10, help="Candidate boxes per source per turn.")] = 3,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    ray_workers: Annotated[int, typer.Option(min=1, help="Ray actors per stage.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Expand, filter with the MLLM, ground and load samples for review (resumable)."""
+    from db import migrate
+    from mcie.config import ConfigError
+    from pipeline.run import run_pipeline
+
+    cfg = _settings()
+    if engine not in ("local", "ray"):
+        err.print(f"error: --engine: expected local or ray, got {engine!r}")
+        raise typer.Exit(2)
+    if mllm is not None and mllm not in ("none", "openai", "vllm", "transformers"):
+        err.print(f"error: --mllm: expected none, openai, vllm or transformers, got {mllm!r}")
+        raise typer.Exit(2)
+    if scorer not in ("clip", "pixel", "auto"):
+        err.print(f"error: --scorer: expected clip, pixel or auto, got {scorer!r}")
+        raise typer.Exit(2)
+    migrate.upgrade(cfg.database_url)
+    try:
+        summary = run_pipeline(cfg, engine=engine, mllm=mllm, scorer=scorer, k=k, ray_address=ray_address,
+                               ray_workers=ray_workers, progress=not as_json)  # fmt: skip
+    except ConfigError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(summary.as_dict(), indent=2))
+        return
+    for note in summary.notes:
+        console.print(f"note: {note}")
+    table = Table("stage", "pending", "counts", "MLLM calls", "cached", "failures", "tokens", "seconds",
+                  title=f"pipeline run (engine {summary.engine}, mllm {summary.mllm}, scorer {summary.scorer})")
+    for stage in summary.stages:
+        if stage.get("skipped_reason"):
+            table.add_row(stage["name"], "-", f"skipped: {stage['skipped_reason']}", "-", "-", "-", "-", "-")
+            continue
+        counts = stage.get("counts", {})
+        tokens = stage.get("prompt_tokens", 0) + stage.get("completion_tokens", 0)
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+        table.add_row(stage["name"], str(stage.get("pending", "-")), shown, str(stage.get("calls", "-")),
+                      str(stage.get("cached", "-")), str(stage.get("failures", "-")), str(tokens),
+                      str(stage.get("seconds", "-")))  # fmt: skip
+    console.print(table)
+
+
+@app.command("status")
+def status_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Samples by status."""
+    from sqlalchemy import func, select
+
+    from db.models import Instance, Sample
+    from db.session import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        counts = {s: n for s, n in session.execute(select(Sample.status, func.count()).group_by(Sample.status))}
+        instances = session.scalar(select(func.count()).select_from(Instance))
+    out = {"instances": instances, **{str(k): v for k, v in sorted(counts.items())}}
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        console.print(", ".join(f"{k} {v}" for k, v in out.items()))
+
+
+@app.command("decompose")
+def decompose_command(
+    image: Annotated[Path, typer.Option(help="The source image.")],
+    instruction: Annotated[str, typer.Option(help="The complex instruction.")],
+    mllm: Annotated[str | None, typer.Option(help="openai, vllm or transformers (default MCIE_MLLM_BACKEND)")] = None,
+) -> None:
+    """Split a complex instruction into (sub-instruction, operation, box) triples; prints JSON."""
+    from PIL import Image, UnidentifiedImageError
+
+    from mcie.config import ConfigError
+    from pipeline.decompose import DecompositionError, decompose
+    from pipeline.mllm.base import make_backend
+
+    cfg = _settings()
+    try:
+        picture = Image.open(image).convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        err.print(f"error: --image {image}: cannot be read as an image ({exc})")
+        raise typer.Exit(2) from None
+    try:
+        with make_backend(mllm, cfg) as backend:
+            result = decompose(picture, instruction, backend)
+    except ConfigError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(2) from None
+    except DecompositionError as exc:
+        err.print(f"error: {exc}")
+        raise typer.Exit(1) from None
+    print(json.dumps(result.as_dict(), indent=2))
