@@ -1,0 +1,502 @@
+"""The review web app: one FastAPI application around the two Gradio apps (``mcie serve``).
+
+Routes:
+
+- ``/healthz`` - JSON: is the database reachable, at which schema revision (200 when usable, 503 otherwise);
+- ``/login`` (form, rate-limited per IP and per username), ``/logout`` (POST; releases the user's leases);
+- ``/`` - sends each role where it works (raters to ``/review/``, leads and admins to ``/dashboard/``);
+- ``/api/whoami`` - the logged-in user (401 without a session); ``/api/status``, ``/api/agreement`` - JSON for
+  leads and admins (403 for anyone else);
+- ``/img/{sha256}`` and ``/thumb/{sha256}`` - images by content hash only, for logged-in users, cacheable
+  (ETag = the hash); a path from a request never reaches the file system;
+- ``/review`` - the reviewers' Gradio app (:mod:`annotate.ui_review`), for raters, leads and admins;
+- ``/dashboard`` - the leads' Gradio app (:mod:`annotate.ui_dashboard`), for leads and admins (403 for a rater,
+  on every route under it, the event queue included);
+- ``/static`` - the app's own CSS and JavaScript.
+
+Sessions are Starlette's signed cookie (:mod:`annotate.web_auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import io
+import logging
+import math
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import Depends, FastAPI, Form, Query, Request, status
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import select
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from annotate.web_auth import (
+    LEAD_ROLES,
+    REVIEWER_ROLES,
+    SESSION_COOKIE,
+    SESSION_MAX_AGE_S,
+    GateRule,
+    LoginRateLimiter,
+    RoleGate,
+    WebUser,
+    check_csrf,
+    csrf_token,
+    end_session,
+    limiter_keys,
+    load_secret_key,
+    refusal_page,
+    require_lead,
+    require_user,
+    session_user,
+    snapshot,
+    start_session,
+)
+from db.models import Assignment, AssignmentState, AuditLog
+from db.models import Image as ImageRow
+from db.session import session_scope
+from db.store import ImageStore
+from mcie.config import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+THUMB_SIZES = (128, 256, 384, 768)
+BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+IMAGE_CACHE = "private, max-age=31536000, immutable"  # content-addressed: a hash never changes its bytes
+LEASE_SWEEP_S = 60.0
+REVIEW_PATH = "/review"
+DASHBOARD_PATH = "/dashboard"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the application
+
+
+def create_app(
+    settings: Settings,
+    *,
+    limiter: LoginRateLimiter | None = None,
+    secure_cookies: bool = False,
+    mount_ui: bool = True,
+) -> FastAPI:
+    """The whole web app for ``settings`` (the database must already be migrated; :func:`serve` does that).
+
+    ``secure_cookies`` marks the session cookie Secure (set it when the app is served over HTTPS);
+    ``mount_ui=False`` leaves the Gradio apps out (fast tests of the plain routes).
+    """
+    app = FastAPI(title="mcie review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.store = ImageStore.from_settings(settings)
+    app.state.limiter = limiter or LoginRateLimiter()
+    secret = load_secret_key(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None)
+
+    _add_routes(app)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if mount_ui:
+        _mount_gradio(app, settings)
+
+    # Added last = outermost: headers wrap everything, the session is decoded before the role gate reads it.
+    app.add_middleware(
+        RoleGate,
+        database_url=settings.database_url,
+        rules=[GateRule(DASHBOARD_PATH, LEAD_ROLES), GateRule(REVIEW_PATH, REVIEWER_ROLES)],
+    )
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret,
+        session_cookie=SESSION_COOKIE,
+        max_age=SESSION_MAX_AGE_S,
+        same_site="lax",
+        https_only=secure_cookies,
+    )
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the app runs, expire abandoned leases every minute so their samples go back to the queue."""
+    task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> None:
+    from annotate.queue import expire_leases
+
+    while True:
+        try:
+            expired = await anyio.to_thread.run_sync(expire_leases, url)
+            if expired:
+                log.info("expired %d abandoned lease(s)", expired)
+        except Exception:  # the sweep must outlive a database hiccup
+            log.exception("expiring leases failed")
+        await asyncio.sleep(every_s)
+
+
+def _mount_gradio(app: FastAPI, settings: Settings) -> None:
+    import gradio as gr
+
+    from annotate import ui_dashboard, ui_review
+    from annotate.web_auth import gradio_auth_dependency
+
+    for path, module, roles in (
+        (REVIEW_PATH, ui_review, REVIEWER_ROLES),
+        (DASHBOARD_PATH, ui_dashboard, LEAD_ROLES),
+    ):
+        blocks = module.build(settings)
+        gr.mount_gradio_app(
+            app,
+            blocks,
+            path=path,
+            auth_dependency=gradio_auth_dependency(settings.database_url, roles),
+            footer_links=[],
+            run_history=False,
+            max_file_size="1mb",  # nothing is uploaded; Gradio's upload route must not fill the disk
+            blocked_paths=[str(settings.data_dir.resolve())],  # never the database, blobs or secret key
+            show_error=True,
+            ssr_mode=False,
+            mcp_server=False,
+            **module.page_assets(),
+        )
+        blocks.config = blocks.get_config_file()  # mount sets head/js/css after building the config
+
+
+def serve(host: str, port: int, settings: Settings | None = None, *, secure_cookies: bool = False) -> None:
+    """Upgrade the database schema, then serve the app with uvicorn until interrupted (``mcie serve``)."""
+    import uvicorn
+
+    from db import migrate
+    from mcie.config import get_settings
+
+    settings = settings or get_settings()
+    migrate.upgrade(settings.database_url)
+    app = create_app(settings, secure_cookies=secure_cookies)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=True)
+
+
+class SecurityHeaders:
+    """Adds the headers every answer should carry (no MIME sniffing, no framing, no referrer leaks)."""
+
+    HEADERS = (
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in self.HEADERS if k not in names]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# routes
+
+
+def _add_routes(app: FastAPI) -> None:
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/", home, methods=["GET"])
+    app.add_api_route("/login", login_page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
+    app.add_api_route("/logout", logout, methods=["POST"])
+    app.add_api_route("/api/whoami", whoami, methods=["GET"])
+    app.add_api_route("/api/status", api_status, methods=["GET"])
+    app.add_api_route("/api/agreement", api_agreement, methods=["GET"])
+    app.add_api_route("/img/{sha256}", full_image, methods=["GET", "HEAD"])
+    app.add_api_route("/thumb/{sha256}", thumbnail, methods=["GET", "HEAD"])
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def healthz(request: Request) -> JSONResponse:
+    from db import migrate
+    from db.session import ping
+
+    url = _settings(request).database_url
+    body: dict[str, Any] = {"ok": False, "database": False, "schema_revision": None, "schema_head": migrate.head()}
+    try:
+        ping(url)
+        body["database"] = True
+        body["schema_revision"] = migrate.current(url)
+    except Exception as exc:  # any failure means "not reachable"; say which without leaking the URL
+        body["error"] = type(exc).__name__
+    body["schema_current"] = body["schema_revision"] == body["schema_head"]
+    body["ok"] = body["database"] and body["schema_current"]
+    return JSONResponse(body, status_code=200 if body["ok"] else 503, headers={"cache-control": "no-store"})
+
+
+def home_path(user: WebUser) -> str:
+    """Where a user starts: leads and admins on the dashboard, raters on the review screen."""
+    if user.is_lead:
+        return DASHBOARD_PATH + "/"
+    if user.is_reviewer:
+        return REVIEW_PATH + "/"
+    return "/"  # participants: the start page explains that the study has its own link
+
+
+def home(request: Request) -> Response:
+    user = session_user(request)
+    if user is None:
+        return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+    if not user.is_reviewer:
+        return HTMLResponse(
+            refusal_page(403, "Study participants take part through their invitation link; this app is for reviewers."),
+            status_code=403,
+        )
+    return RedirectResponse(home_path(user), status_code=status.HTTP_303_SEE_OTHER)
+
+
+def _safe_next(target: str | None) -> str | None:
+    """A redirect target from a request, only when it is a path on this site (no open redirects)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    if any(ord(c) < 32 for c in target):
+        return None
+    return target
+
+
+def login_page(request: Request, next: str | None = None) -> HTMLResponse:
+    user = session_user(request)
+    return HTMLResponse(_login_html(request, next_path=_safe_next(next), user=user))
+
+
+def _login_html(
+    request: Request, *, next_path: str | None, user: WebUser | None, error: str | None = None, username: str = ""
+) -> str:
+    esc = html.escape
+    already = ""
+    if user is not None:
+        already = (
+            f"<p class=mcie-note>You are logged in as <b>{esc(user.shown_name)}</b> ({esc(user.role.value)}). "
+            f"<a href='{esc(home_path(user))}'>Continue</a>, or log in as someone else below.</p>"
+        )
+    problem = f"<p class=mcie-error role=alert>{esc(error)}</p>" if error else ""
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width, initial-scale=1'><title>mcie - log in</title>"
+        "<link rel=stylesheet href=/static/app.css></head><body class=mcie-page><main class=mcie-card>"
+        "<h1>MCIE review</h1><p class=mcie-sub>Expert review of complex-instruction image edits.</p>"
+        f"{already}{problem}"
+        "<form method=post action=/login id=login-form>"
+        f"<input type=hidden name=csrf value='{esc(csrf_token(request))}'>"
+        f"<input type=hidden name=next value='{esc(next_path or '')}'>"
+        f"<label>Username <input id=username name=username autocomplete=username required autofocus "
+        f"value='{esc(username)}'></label>"
+        "<label>Password <input id=password name=password type=password autocomplete=current-password required>"
+        "</label><button type=submit id=login-button>Log in</button></form></main></body></html>"
+    )
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def login_submit(
+    request: Request,
+    username: Annotated[str, Form(max_length=200)] = "",
+    password: Annotated[str, Form(max_length=1024)] = "",
+    csrf: Annotated[str, Form(max_length=200)] = "",
+    next: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    from annotate.accounts import authenticate
+
+    settings = _settings(request)
+    limiter: LoginRateLimiter = request.app.state.limiter
+    username = username.strip().lower()
+    next_path = _safe_next(next)
+
+    def page(error: str, code: int, headers: dict[str, str] | None = None) -> HTMLResponse:
+        body = _login_html(request, next_path=next_path, user=None, error=error, username=username)
+        return HTMLResponse(body, status_code=code, headers=headers)
+
+    if not check_csrf(request, csrf):
+        return page("The login form had expired. Please log in again.", status.HTTP_400_BAD_REQUEST)
+    keys = limiter_keys(_client_ip(request), username)
+    wait = limiter.retry_after(*keys)
+    if wait is not None:
+        minutes = max(1, math.ceil(wait / 60))
+        return page(
+            f"Too many failed logins. Try again in about {minutes} minute{'s' if minutes > 1 else ''}.",
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            {"Retry-After": str(math.ceil(wait))},
+        )
+    with session_scope(settings.database_url) as session:
+        user = snapshot(authenticate(session, username, password) if username and password else None)
+        session.add(
+            AuditLog(
+                user_id=user.id if user else None,
+                action="user.login" if user else "user.login_failed",
+                entity="user",
+                details={"username": username[:64], "ip": _client_ip(request)},
+            )
+        )
+    if user is None:
+        limiter.record_failure(*keys)
+        return page("Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
+    limiter.reset(keys[1])
+    start_session(request, user)
+    target = next_path if next_path and next_path != "/login" else home_path(user)
+    return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
+
+
+def logout(request: Request) -> Response:
+    """End the session and give the user's leased samples back to the queue at once."""
+    user = session_user(request)
+    if user is not None:
+        release_leases(_settings(request).database_url, user.id)
+    end_session(request)
+    return RedirectResponse("/login", status_code=status.HTTP_303_SEE_OTHER)
+
+
+def release_leases(url: str, user_id: int) -> int:
+    """Release every sample leased to ``user_id`` (through :func:`annotate.queue.release`); returns how many."""
+    from annotate import queue
+
+    with session_scope(url) as session:
+        sample_ids = list(
+            session.scalars(
+                select(Assignment.sample_id).where(
+                    Assignment.user_id == user_id, Assignment.state == AssignmentState.leased
+                )
+            )
+        )
+    for sample_id in sample_ids:
+        try:
+            queue.release(url, user_id, sample_id)
+        except Exception:  # one failed release must not keep the user logged in
+            log.exception("could not release sample %s of user %s", sample_id, user_id)
+    return len(sample_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSON for leads (monitoring, scripts)
+
+
+def whoami(user: WebUser = Depends(require_user)) -> JSONResponse:
+    """The logged-in user (the review page asks now and then, to say so at once when the session has ended)."""
+    body = {"username": user.username, "role": user.role.value, "name": user.shown_name}
+    return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
+def api_status(request: Request, user: WebUser = Depends(require_lead)) -> JSONResponse:
+    """Samples by status and the reviews still wanted (leads and admins)."""
+    from annotate import dashboard_data
+
+    url = _settings(request).database_url
+    body = {"samples": dashboard_data.status_counts(url), "remaining_reviews": dashboard_data.remaining_reviews(url)}
+    return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
+def api_agreement(
+    request: Request, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000, user: WebUser = Depends(require_lead)
+) -> JSONResponse:
+    """Every agreement figure of the dashboard as JSON (leads and admins; what ``mcie agreement --json`` prints)."""
+    from annotate import dashboard_data
+
+    figures = dashboard_data.agreement_figures(_settings(request).database_url, n_boot=n_boot)
+    return JSONResponse(figures, headers={"cache-control": "no-store"})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images by content hash
+
+
+def _image_row(url: str, sha256: str) -> tuple[str, int, int] | None:
+    with session_scope(url) as session:
+        row = session.scalar(select(ImageRow).where(ImageRow.sha256 == sha256))
+        return None if row is None else (row.format.upper(), row.width, row.height)
+
+
+def _check_sha(sha256: str) -> Response | None:
+    if not SHA256_RE.fullmatch(sha256):
+        return JSONResponse({"detail": "expected a sha256: 64 lower-case hex digits"}, status_code=400)
+    return None
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    given = request.headers.get("if-none-match", "")
+    return any(tag.strip() in (etag, f"W/{etag}", "*") for tag in given.split(","))
+
+
+def _image_response(request: Request, data: bytes, media_type: str, etag: str) -> Response:
+    headers = {"ETag": etag, "Cache-Control": IMAGE_CACHE}
+    return Response(b"" if request.method == "HEAD" else data, media_type=media_type, headers=headers)
+
+
+def full_image(request: Request, sha256: str, user: WebUser = Depends(require_user)) -> Response:
+    """The image with this content hash (PNG, JPEG, WebP as stored; BMP and TIFF converted to PNG for browsers)."""
+    if (bad := _check_sha(sha256)) is not None:
+        return bad
+    found = _image_row(_settings(request).database_url, sha256)
+    if found is None:
+        return JSONResponse({"detail": "no such image"}, status_code=404)
+    etag = f'"{sha256}"'
+    if _not_modified(request, etag):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMAGE_CACHE})
+    store: ImageStore = request.app.state.store
+    fmt = found[0]
+    try:
+        if fmt in BROWSER_FORMATS:
+            return _image_response(request, store.get(sha256), BROWSER_FORMATS[fmt], etag)
+        out = io.BytesIO()
+        store.open(sha256).save(out, format="PNG")
+        return _image_response(request, out.getvalue(), "image/png", etag)
+    except KeyError:
+        log.error("image %s is in the database but not in the store", sha256)
+        return JSONResponse({"detail": "the image's bytes are missing from the store"}, status_code=404)
+
+
+def thumbnail(
+    request: Request,
+    sha256: str,
+    size: Annotated[int | None, Query()] = None,
+    user: WebUser = Depends(require_user),
+) -> Response:
+    """A WebP thumbnail of the image with this hash; ``size`` (longest side) is one of :data:`THUMB_SIZES`."""
+    if (bad := _check_sha(sha256)) is not None:
+        return bad
+    settings = _settings(request)
+    size = size or settings.thumbnail_size
+    if size not in (*THUMB_SIZES, settings.thumbnail_size):
+        return JSONResponse({"detail": f"size must be one of {sorted({*THUMB_SIZES, settings.thumbnail_size})}"},
+                            status_code=400)
+    if _image_row(settings.database_url, sha256) is None:
+        return JSONResponse({"detail": "no such image"}, status_code=404)
+    etag = f'"{sha256}"'  # an ETag is per URL, and the size is part of the URL
+    if _not_modified(request, etag):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMAGE_CACHE})
+    try:
+        data = request.app.state.store.thumbnail(sha256, size)
+    except KeyError:
+        log.error("image %s is in the database but not in the store", sha256)
+        return JSONResponse({"detail": "the image's bytes are missing from the store"}, status_code=404)
+    return _image_response(request, data, "image/webp", etag)

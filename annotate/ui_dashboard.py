@@ -1,0 +1,654 @@
+"""The leads' dashboard (Gradio, mounted at ``/dashboard``; leads and admins only).
+
+Tabs:
+
+- **Progress**: samples by status, reviews per reviewer per day, throughput over time, median seconds per review
+  and the forecast finish date (:mod:`annotate.dashboard_data`);
+- **Agreement**: Krippendorff's alpha with confidence intervals per question, Fleiss' kappa, the pairwise Cohen's
+  kappa heatmap, each reviewer's agreement with the leave-one-out consensus, gold accuracy, score distributions per
+  reviewer, and the MLLM-vs-human confusion matrix (``agreement_figures``) - plotly plots, and every table
+  downloadable as CSV;
+- **Adjudication**: the samples the acceptance rule could not settle, every review side by side, and a lead's
+  accept/reject with a required reason (:func:`annotate.acceptance.adjudicate`);
+- **Acceptance rule**: thresholds a lead can change, with a preview of how many samples each setting would accept
+  before it is applied (:func:`annotate.acceptance.preview_rule` / ``apply_rule``);
+- **Settings**: whether reviewers see the MLLM's verdict before they submit.
+
+The server refuses every route under ``/dashboard`` to non-leads (:class:`annotate.web_auth.RoleGate`); each event
+handler checks the role again from the request (:func:`lead_of`) before it reads or changes anything.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from annotate import dashboard_data as dd
+from annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
+from annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
+from annotate.reviews import sample_view
+from annotate.ui_review import render_sample, render_topbar
+from annotate.web_auth import WebUser, user_for_username
+from db.session import session_scope
+from mcie.config import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+CSV_DIR = Path(tempfile.gettempdir()) / "mcie-dashboard-csv"
+CSV_MAX_AGE_S = 3600
+QUESTIONS = ("consistency", "quality", "complexity")
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def lead_of(url: str, request: gr.Request | None) -> WebUser:
+    """The lead or admin behind a dashboard event; anybody else is refused (checked on every event)."""
+    user = user_for_username(url, getattr(request, "username", None))
+    if user is None or not user.is_lead:
+        raise gr.Error("Only leads and admins may use the dashboard.")
+    return user
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables and CSV files
+
+
+def write_csv(frame: pd.DataFrame | None, name: str) -> str | None:
+    """Write ``frame`` to a fresh CSV file for a download button; old files are removed. None for no data."""
+    if frame is None or frame.empty:
+        return None
+    CSV_DIR.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - CSV_MAX_AGE_S
+    for old in CSV_DIR.glob("*.csv"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:60] or "table"
+    path = CSV_DIR / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.csv"
+    frame.to_csv(path, index=not isinstance(frame.index, pd.RangeIndex))
+    return str(path)
+
+
+def _shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame for gr.Dataframe: index as columns, floats rounded."""
+    out = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame.copy()
+    out.columns = [str(c) for c in out.columns]
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].round(3)
+    return out
+
+
+def _empty_figure(message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(xaxis_visible=False, yaxis_visible=False, height=260, margin={"l": 20, "r": 20, "t": 40, "b": 20})
+    return fig
+
+
+def _layout(fig: go.Figure, title: str, height: int = 360) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin={"l": 50, "r": 20, "t": 50, "b": 50}, template="plotly_white")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# progress figures (pure: dashboard_data's frames in, figure out)
+
+
+def status_frame(counts: Mapping[str, int]) -> pd.DataFrame:
+    return pd.DataFrame({"status": list(counts), "samples": [int(v) for v in counts.values()]})
+
+
+def status_figure(frame: pd.DataFrame) -> go.Figure:
+    if frame.empty or frame["samples"].sum() == 0:
+        return _empty_figure("No samples yet")
+    fig = go.Figure(go.Bar(x=frame["status"], y=frame["samples"], text=frame["samples"], textposition="auto"))
+    return _layout(fig, "Samples by status")
+
+
+def per_day_figure(frame: pd.DataFrame) -> go.Figure:
+    """Reviews per reviewer per day (``day, rater, n_reviews``) as bars stacked by reviewer."""
+    if frame.empty:
+        return _empty_figure("No reviews yet")
+    wide = frame.pivot_table(index="day", columns="rater", values="n_reviews", aggfunc="sum", fill_value=0)
+    fig = go.Figure([go.Bar(x=[str(d) for d in wide.index], y=wide[c], name=str(c)) for c in wide.columns])
+    fig.update_layout(barmode="stack", xaxis_title="day (UTC)", yaxis_title="reviews", legend_title="reviewer")
+    return _layout(fig, "Reviews per reviewer per day")
+
+
+def throughput_figure(frame: pd.DataFrame) -> go.Figure:
+    """Reviews per day (bars) and the running total (line, right axis)."""
+    if frame.empty:
+        return _empty_figure("No reviews yet")
+    x = [str(p.date()) if hasattr(p, "date") else str(p) for p in frame["period"]]
+    fig = go.Figure([
+        go.Bar(x=x, y=frame["n_reviews"], name="reviews per day"),
+        go.Scatter(x=x, y=frame["cumulative"], name="total", mode="lines+markers", yaxis="y2"),
+    ])
+    fig.update_layout(yaxis={"title": "per day"}, yaxis2={"title": "total", "overlaying": "y", "side": "right"})
+    return _layout(fig, "Throughput over time")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# agreement figures (pure: agreement_figures' JSON in, (figure, table) out)
+
+
+def alpha_table(figures: Mapping[str, Any]) -> pd.DataFrame:
+    """Alpha (with CI), Fleiss' kappa and counts per question, on the calibration set and on every overlap."""
+    rows = []
+    for subset in ("calibration", "overlapping"):
+        questions = (figures.get(subset) or {}).get("questions", {})
+        for name in QUESTIONS:
+            q = questions.get(name) or {}
+            ci = q.get("alpha_ci") or [None, None]
+            rows.append({"samples": subset, "question": name, "alpha": q.get("alpha"), "ci_low": ci[0],
+                         "ci_high": ci[1], "fleiss_kappa": q.get("fleiss_kappa"),
+                         "observed_agreement": q.get("observed_agreement"), "n_units": q.get("n_units"),
+                         "n_raters": q.get("n_raters"), "n_ratings": q.get("n_ratings")})
+    return pd.DataFrame(rows)
+
+
+def alpha_figure(table: pd.DataFrame) -> go.Figure:
+    """Krippendorff's alpha per question with its 95% bootstrap interval, one bar group per sample set."""
+    known = table.dropna(subset=["alpha"]) if not table.empty else table
+    if known.empty:
+        return _empty_figure("Not enough samples with two or more reviews for alpha yet")
+    fig = go.Figure()
+    for subset, part in known.groupby("samples", sort=False):
+        low = (part["alpha"] - part["ci_low"]).fillna(0).clip(lower=0)
+        high = (part["ci_high"] - part["alpha"]).fillna(0).clip(lower=0)
+        fig.add_trace(go.Bar(x=part["question"], y=part["alpha"], name=f"{subset} samples",
+                             error_y={"type": "data", "symmetric": False, "array": high, "arrayminus": low},
+                             text=[f"{a:.2f}" for a in part["alpha"]]))
+    fig.add_hline(y=0.667, line_dash="dot", annotation_text="0.667 tentative")
+    fig.add_hline(y=0.8, line_dash="dash", annotation_text="0.8 reliable")
+    fig.update_layout(barmode="group", yaxis={"range": [min(0.0, float(known["alpha"].min())) - 0.05, 1.05]})
+    return _layout(fig, "Krippendorff's alpha per question (95% CI)")
+
+
+def pairwise_parts(figures: Mapping[str, Any], question: str) -> tuple[go.Figure, pd.DataFrame]:
+    """The pairwise Cohen's kappa heatmap of one question, and a long table of every question's pairs."""
+    pw = figures.get("pairwise_cohen") or {}
+    raters = pw.get("raters") or []
+    rows = []
+    for name in QUESTIONS:
+        matrix = pw.get(name) or []
+        for i, a in enumerate(raters):
+            for j, b in enumerate(raters):
+                if i < j and matrix:
+                    shared = (pw.get("shared") or [[None] * len(raters)] * len(raters))[i][j]
+                    rows.append({"question": name, "rater_a": a, "rater_b": b, "kappa": matrix[i][j], "shared": shared})
+    table = pd.DataFrame(rows, columns=["question", "rater_a", "rater_b", "kappa", "shared"])
+    matrix = pw.get(question) or []
+    if not raters or not matrix:
+        return _empty_figure("No two reviewers share samples yet"), table
+    z = [[math.nan if v is None else float(v) for v in row] for row in matrix]
+    text = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    weights = (pw.get("weights") or {}).get(question)
+    fig = go.Figure(go.Heatmap(z=z, x=raters, y=raters, zmin=-1, zmax=1, colorscale="RdBu", text=text,
+                               texttemplate="%{text}", hovertemplate="%{y} vs %{x}: %{z:.2f}<extra></extra>"))
+    title = f"Pairwise Cohen's kappa - {question}" + (f" ({weights} weights)" if weights else "")
+    title += f"; blank below {pw.get('min_shared', '?')} shared samples"
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, height=max(340, 34 * len(raters) + 140)), table
+
+
+def loo_parts(figures: Mapping[str, Any], question: str) -> tuple[go.Figure, pd.DataFrame]:
+    """Each reviewer's agreement with the consensus of the others, for one question (table: all questions)."""
+    loo = figures.get("leave_one_out") or {}
+    table = pd.concat([pd.DataFrame(loo.get(q) or []).assign(question=q) for q in QUESTIONS], ignore_index=True)
+    rows = pd.DataFrame(loo.get(question) or [])
+    if rows.empty:
+        return _empty_figure("No overlapping reviews yet"), table
+    fig = go.Figure(go.Bar(x=rows["rater"], y=rows["agreement"], text=rows["n_units"].map(lambda n: f"n={n}"),
+                           name="agreement"))
+    fig.update_layout(yaxis={"title": "share agreeing with the others", "range": [0, 1.05]})
+    return _layout(fig, f"Agreement with the leave-one-out consensus - {question}"), table
+
+
+def gold_parts(figures: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    table = pd.DataFrame(figures.get("gold_accuracy") or [])
+    if table.empty:
+        return _empty_figure("No gold reviews yet"), table
+    fig = go.Figure([go.Bar(x=table["rater"], y=table[c], name=c.replace("_accuracy", ""))
+                     for c in ("consistent_accuracy", "quality_accuracy", "complexity_accuracy") if c in table])
+    fig.update_layout(barmode="group", yaxis={"title": "accuracy on gold samples", "range": [0, 1.05]})
+    return _layout(fig, "Gold accuracy per reviewer"), table
+
+
+def distribution_parts(figures: Mapping[str, Any], question: str) -> tuple[go.Figure, pd.DataFrame]:
+    """Score distribution per reviewer (shares of 1..5) for quality or complexity (table: both)."""
+    dist = figures.get("score_distribution") or {}
+    table = pd.concat([pd.DataFrame(dist.get(q) or []).assign(question=q) for q in ("quality", "complexity")],
+                      ignore_index=True)
+    rows = pd.DataFrame(dist.get(question if question in dist else "quality") or [])
+    if rows.empty:
+        return _empty_figure("No reviews yet"), table
+    levels = [c for c in rows.columns if c.startswith("n_") and c[2:].isdigit()]
+    totals = rows[levels].sum(axis=1).replace(0, 1)
+    fig = go.Figure([go.Bar(x=rows["rater"], y=rows[c] / totals, name=c[2:]) for c in levels])
+    fig.update_layout(barmode="stack", yaxis={"title": "share of the reviewer's scores", "range": [0, 1]},
+                      legend_title="score")
+    shown = question if question in dist else "quality"
+    return _layout(fig, f"Score distribution per reviewer - {shown}"), table
+
+
+def confusion_parts(figures: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    """The MLLM conflict verdict against the reviewers' majority consistency."""
+    mvh = figures.get("mllm_vs_human") or {}
+    confusion = mvh.get("confusion") or {}
+    table = pd.DataFrame(confusion).T.rename_axis("mllm").reset_index() if confusion else pd.DataFrame()
+    if not confusion or not mvh.get("n_samples"):
+        return _empty_figure("No sample has both an MLLM verdict and human reviews yet"), table
+    rows, cols = list(confusion), list(next(iter(confusion.values())))
+    z = [[confusion[r][c] for c in cols] for r in rows]
+    fig = go.Figure(go.Heatmap(z=z, x=[f"human: {c}" for c in cols], y=[f"MLLM: {r}" for r in rows], colorscale="Blues",
+                               text=z, texttemplate="%{text}", showscale=False))
+    fig.update_yaxes(autorange="reversed")
+    agreement, kappa = mvh.get("agreement"), mvh.get("kappa")
+    title = f"MLLM vs human on {mvh['n_samples']} samples"
+    if agreement is not None:
+        title += f" - agreement {agreement:.2f}"
+    if kappa is not None:
+        title += f", kappa {kappa:.2f}"
+    return _layout(fig, title, height=320), table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adjudication (pure rendering)
+
+
+def render_reviews(item: Any) -> str:
+    """Every review of an adjudication item side by side (all text escaped)."""
+    cards = []
+    for r in item.reviews:
+        verdict = '<span class="mcie-yes">consistent</span>' if r.consistent else '<span class="mcie-no">not ' \
+            "consistent</span>"
+        boxes = ""
+        if r.box_corrections:
+            boxes = "<div>box corrections: " + esc(
+                "; ".join(f"turn {b.get('turn_index')}: {b.get('box')}" for b in r.box_corrections)) + "</div>"
+        comment = f'<div class="mcie-comment">{esc(r.comment)}</div>' if r.comment else ""
+        cards.append(
+            f'<div class="mcie-adj-review"><b>{esc(r.reviewer)}</b> (review {int(r.review_id)}, revision '
+            f"{int(r.revision)})<div>{verdict} · quality <b>{int(r.quality)}</b> · complexity "
+            f"<b>{int(r.complexity)}</b></div>{comment}{boxes}</div>"
+        )
+    mllm = "no MLLM verdict" if item.mllm_verdict is None else f"MLLM verdict: <b>{esc(item.mllm_verdict)}</b>" + (
+        f" - {esc(item.mllm_reason)}" if item.mllm_reason else "")
+    return (
+        f'<div class="mcie-adj"><p><b>Why it needs a lead:</b> {esc(item.why)}</p><p>{mllm}</p>'
+        f'<div class="mcie-adj-grid">{"".join(cards) or "no reviews"}</div></div>'
+    )
+
+
+def adjudication_frame(items: Sequence[Any]) -> pd.DataFrame:
+    rows = [[i.sample_id, len(i.reviews), i.why, i.instruction[:120]] for i in items]
+    return pd.DataFrame(rows, columns=["sample", "reviews", "why", "instruction"])
+
+
+def render_preview(counts: Mapping[str, int], current: Mapping[str, int] | None = None) -> str:
+    labels = {
+        "accepted": "would be accepted",
+        "rejected": "would be rejected",
+        "needs_adjudication": "would need a lead",
+        "would_change": "would change status",
+        "kept_lead_decisions": "keep their lead decision",
+        "changed": "changed status",
+    }
+    cells = "".join(
+        f'<div class="mcie-kpi" id="preview-{esc(k)}"><b>{int(counts[k])}</b><span>{esc(labels.get(k, k))}</span></div>'
+        for k in labels
+        if k in counts
+    )
+    return f'<div class="mcie-kpis">{cells}</div>'
+
+
+def render_kpis(values: Sequence[tuple[str, str, str]]) -> str:
+    cells = "".join(f'<div class="mcie-kpi" id="{esc(i)}"><b>{esc(v)}</b><span>{esc(t)}</span></div>'
+                    for i, v, t in values)
+    return f'<div class="mcie-kpis">{cells}</div>'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Blocks
+
+
+@dataclass
+class Table:
+    """A plot, its table and the table's CSV download, filled together."""
+
+    plot: Any
+    table: Any
+    download: Any
+    name: str
+
+    def outputs(self) -> list[Any]:
+        return [self.plot, self.table, self.download]
+
+    def fill(self, fig: go.Figure, frame: pd.DataFrame) -> dict[Any, Any]:
+        path = write_csv(frame, self.name)
+        return {
+            self.plot: fig,
+            self.table: _shown(frame) if not frame.empty else pd.DataFrame({"": ["no data yet"]}),
+            self.download: gr.DownloadButton(value=path, interactive=path is not None),
+        }
+
+
+def _table_block(label: str, name: str) -> Table:
+    """A plot, its CSV download button, and its table folded away under it."""
+    plot = gr.Plot(label=label, elem_id=f"plot-{name}")
+    download = gr.DownloadButton(f"Download the table (CSV): {label}", interactive=False, size="sm",
+                                 elem_id=f"csv-{name}")
+    with gr.Accordion(f"Table: {label}", open=False, elem_id=f"acc-{name}"):
+        table = gr.Dataframe(interactive=False, wrap=True, elem_id=f"table-{name}")
+    return Table(plot, table, download, name)
+
+
+class Dashboard:
+    """Event handlers of the dashboard, bound to one database."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.database_url
+        self.progress: dict[str, Table] = {}
+        self.agreement: dict[str, Table] = {}
+        self.w: dict[str, Any] = {}
+
+    # --- progress -------------------------------------------------------------------------------------------
+    def on_progress(self, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        counts = status_frame(dd.status_counts(self.url))
+        reviews = dd.reviews_frame(self.url)
+        per_day = dd.reviews_per_reviewer_per_day(reviews)
+        through = dd.throughput(reviews)
+        median = dd.median_seconds_per_review(reviews)
+        remaining = dd.remaining_reviews(self.url)
+        finish = dd.forecast_finish(remaining, reviews, datetime.now(UTC))
+        kpis = render_kpis([
+            ("kpi-samples", str(int(counts["samples"].sum())), "samples"),
+            ("kpi-reviews", str(len(reviews)), "reviews"),
+            ("kpi-remaining", str(remaining), "reviews still wanted"),
+            ("kpi-median", "-" if median is None else f"{median:.0f} s", "median time per review"),
+            ("kpi-forecast", finish.isoformat() if finish else "not enough data", "forecast finish (UTC)"),
+        ])
+        out = {self.w["kpis"]: kpis}
+        out |= self.progress["status"].fill(status_figure(counts), counts)
+        out |= self.progress["per_day"].fill(per_day_figure(per_day), per_day)
+        out |= self.progress["throughput"].fill(throughput_figure(through), through)
+        return out
+
+    # --- agreement ------------------------------------------------------------------------------------------
+    def on_agreement(self, question: str, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        figures = dd.agreement_figures(self.url)
+        alpha = alpha_table(figures)
+        out = {self.w["agreement_data"]: figures}
+        out[self.w["agreement_summary"]] = render_kpis([
+            ("kpi-agreement-reviews", str(figures.get("n_reviews", 0)), "reviews"),
+            ("kpi-agreement-reviewers", str(figures.get("n_reviewers", 0)), "reviewers"),
+            ("kpi-gold-reviews", str(figures.get("n_gold_reviews", 0)), "gold reviews"),
+        ])
+        out |= self.agreement["alpha"].fill(alpha_figure(alpha), alpha)
+        out |= self.agreement["gold"].fill(*gold_parts(figures))
+        out |= self.agreement["confusion"].fill(*confusion_parts(figures))
+        return out | self.on_question(figures, question, request)
+
+    def on_question(self, figures: dict[str, Any] | None, question: str, request: gr.Request) -> dict[Any, Any]:
+        """Re-draw the per-question plots for another question (from the figures already computed)."""
+        lead_of(self.url, request)
+        if not figures:
+            return {}
+        question = question if question in QUESTIONS else "quality"
+        out = self.agreement["pairwise"].fill(*pairwise_parts(figures, question))
+        out |= self.agreement["loo"].fill(*loo_parts(figures, question))
+        out |= self.agreement["distribution"].fill(*distribution_parts(figures, question))
+        return out
+
+    # --- adjudication ---------------------------------------------------------------------------------------
+    def on_adjudication(self, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        items = adjudication_queue(self.url)
+        w = self.w
+        info = "No sample waits for a lead."
+        if items:
+            info = f"{len(items)} sample(s) wait for a lead. Select a row to see its reviews."
+        ids = [i.sample_id for i in items]
+        return {w["adj_table"]: adjudication_frame(items), w["adj_info"]: info, w["adj_ids"]: ids}
+
+    def on_adj_select(self, ids: list[int], evt: gr.SelectData, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        row = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+        if not isinstance(row, int) or not 0 <= row < len(ids):
+            return {}
+        return self.show_adjudication(ids[row])
+
+    def show_adjudication(self, sample_id: int) -> dict[Any, Any]:
+        w = self.w
+        item = next((i for i in adjudication_queue(self.url) if i.sample_id == sample_id), None)
+        if item is None:
+            return {w["adj_status"]: _status(f"Sample {sample_id} no longer waits for a lead.", error=True)}
+        view = sample_view(self.url, sample_id)
+        return {
+            w["adj_sample"]: render_sample(view, show_mllm=True, mode="adjudicate"),
+            w["adj_reviews"]: render_reviews(item),
+            w["adj_selected"]: sample_id,
+            w["adj_status"]: "",
+        }
+
+    def on_decide(
+        self, sample_id: int | None, outcome: str | None, reason: str, request: gr.Request
+    ) -> dict[Any, Any]:
+        lead = lead_of(self.url, request)
+        w = self.w
+        if not sample_id:
+            return {w["adj_status"]: _status("Select a sample first.", error=True)}
+        if outcome not in ("accepted", "rejected"):
+            return {w["adj_status"]: _status("Choose accept or reject.", error=True)}
+        try:
+            adjudicate(self.url, int(sample_id), outcome, lead.id, reason or "")
+        except (ValueError, PermissionError) as exc:
+            return {w["adj_status"]: _status(str(exc), error=True)}
+        out = self.on_adjudication(request)
+        out |= {w["adj_sample"]: "", w["adj_reviews"]: "", w["adj_selected"]: None, w["adj_reason"]: "",
+                w["adj_outcome"]: None}
+        remaining = out[w["adj_ids"]]
+        if remaining:  # straight on to the next sample waiting for a lead
+            out |= self.show_adjudication(remaining[0])
+        return out | {w["adj_status"]: _status(f"Sample {int(sample_id)} {outcome} by {lead.username}.")}
+
+    # --- acceptance rule ------------------------------------------------------------------------------------
+    def _rule(
+        self, require_consistent: bool, quality_above: float, complexity_above: float, spread: float
+    ) -> AcceptanceRule:
+        return AcceptanceRule(require_consistent=bool(require_consistent), quality_above=float(quality_above),
+                              complexity_above=float(complexity_above), max_score_spread=int(spread))
+
+    def on_rule_load(self, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        with session_scope(self.url) as session:
+            config = get_project_config(session)
+        rule = config.acceptance
+        w = self.w
+        return {
+            w["rule_consistent"]: rule.require_consistent,
+            w["rule_quality"]: rule.quality_above,
+            w["rule_complexity"]: rule.complexity_above,
+            w["rule_spread"]: rule.max_score_spread,
+            w["rule_preview"]: "<p>Current rule on the reviewed samples:</p>" + render_preview(preview_rule(self.url,
+                                                                                                         rule)),
+            w["show_mllm"]: config.show_mllm_verdict_before_submit,
+        }
+
+    def on_preview(self, consistent, quality, complexity, spread, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        try:
+            rule = self._rule(consistent, quality, complexity, spread)
+        except ValueError as exc:
+            return {self.w["rule_status"]: _status(str(exc), error=True)}
+        return {
+            self.w["rule_preview"]: "<p>With these thresholds:</p>" + render_preview(preview_rule(self.url, rule)),
+            self.w["rule_status"]: _status("Preview only - nothing was changed. Apply to make it the rule."),
+            self.w["rule_previewed"]: rule.model_dump(),
+        }
+
+    def on_apply(self, consistent, quality, complexity, spread, previewed, request: gr.Request) -> dict[Any, Any]:
+        """Apply the thresholds on screen - only the ones just previewed, so a lead always sees the effect first."""
+        lead = lead_of(self.url, request)
+        try:
+            rule = self._rule(consistent, quality, complexity, spread)
+            if previewed != rule.model_dump():
+                return {self.w["rule_status"]: _status("Preview these thresholds first, then apply.", error=True)}
+            counts = apply_rule(self.url, rule, lead.id)
+        except (ValueError, PermissionError) as exc:
+            return {self.w["rule_status"]: _status(str(exc), error=True)}
+        return {
+            self.w["rule_previewed"]: None,
+            self.w["rule_preview"]: "<p>Applied:</p>" + render_preview(counts),
+            self.w["rule_status"]: _status(f"Rule applied by {lead.username}; {counts.get('changed', 0)} sample(s) "
+                                           "changed status."),
+        }
+
+    # --- project setting ------------------------------------------------------------------------------------
+    def on_show_mllm(self, show: bool, request: gr.Request) -> dict[Any, Any]:
+        lead = lead_of(self.url, request)
+        try:
+            with session_scope(self.url, write=True) as session:
+                set_project_config(session, {"show_mllm_verdict_before_submit": bool(show)}, actor_id=lead.id)
+        except ProjectConfigError as exc:
+            return {self.w["settings_status"]: _status(str(exc), error=True)}
+        state = "shown before" if show else "hidden until after"
+        return {self.w["settings_status"]: _status(f"Saved: reviewers now see the MLLM's verdict {state} they submit "
+                                                   "(from their next sample).")}
+
+    def on_topbar(self, request: gr.Request) -> str:
+        return render_topbar(lead_of(self.url, request))
+
+
+def _status(message: str, *, error: bool = False) -> str:
+    return f'<div class="{"mcie-error" if error else "mcie-ok"}" role="status">{esc(message)}</div>'
+
+
+def _on(event: Callable[..., Any], fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> Any:
+    return event(fn, inputs, outputs, show_progress="minimal")
+
+
+def build(settings: Settings) -> gr.Blocks:
+    """The dashboard's Blocks (mount it with :func:`page_assets`)."""
+    d = Dashboard(settings)
+    w = d.w
+    with gr.Blocks(title="MCIE dashboard", analytics_enabled=False, fill_width=True) as demo:
+        topbar = gr.HTML(elem_id="topbar", js_on_load=None)
+        with gr.Tabs(elem_id="dash-tabs"):
+            with gr.Tab("Progress", id="progress", elem_id="tab-progress"):
+                w["kpis"] = gr.HTML(elem_id="kpis", js_on_load=None)
+                progress_refresh = gr.Button("Refresh", size="sm", elem_id="progress-refresh")
+                d.progress = {
+                    "status": _table_block("Samples by status", "status"),
+                    "per_day": _table_block("Reviews per reviewer per day", "per-day"),
+                    "throughput": _table_block("Throughput", "throughput"),
+                }
+            with gr.Tab("Agreement", id="agreement", elem_id="tab-agreement"):
+                w["agreement_data"] = gr.State(None)
+                with gr.Row():
+                    agreement_refresh = gr.Button("Compute agreement (1000 bootstrap resamples: a few seconds)",
+                                                  size="sm", elem_id="agreement-refresh")
+                    question = gr.Radio(list(QUESTIONS), value="quality", label="Question for the per-reviewer plots",
+                                        elem_id="agreement-question")
+                w["agreement_summary"] = gr.HTML(elem_id="agreement-summary", js_on_load=None)
+                d.agreement = {
+                    "alpha": _table_block("Alpha and Fleiss' kappa per question", "alpha"),
+                    "pairwise": _table_block("Pairwise Cohen's kappa", "pairwise"),
+                    "loo": _table_block("Leave-one-out agreement", "loo"),
+                    "distribution": _table_block("Score distributions", "distribution"),
+                    "gold": _table_block("Gold accuracy", "gold"),
+                    "confusion": _table_block("MLLM vs human confusion", "confusion"),
+                }
+            with gr.Tab("Adjudication", id="adjudication", elem_id="tab-adjudication"):
+                w["adj_ids"] = gr.State([])
+                w["adj_selected"] = gr.State(None)
+                w["adj_info"] = gr.Markdown(elem_id="adj-info")
+                w["adj_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="adj-table",
+                                              column_widths=["80px", "80px", "55%", "35%"])
+                adj_refresh = gr.Button("Refresh", size="sm", elem_id="adj-refresh")
+                w["adj_reviews"] = gr.HTML(elem_id="adj-reviews", js_on_load=None)
+                with gr.Row():
+                    w["adj_outcome"] = gr.Radio([("Accept", "accepted"), ("Reject", "rejected")], label="Decision",
+                                                elem_id="adj-outcome")
+                    w["adj_reason"] = gr.Textbox(label="Reason (required, kept with the decision)", lines=2,
+                                                 max_length=2000, elem_id="adj-reason")
+                decide = gr.Button("Record decision", variant="primary", elem_id="adj-decide")
+                w["adj_status"] = gr.HTML(elem_id="adj-status", js_on_load=None)
+                w["adj_sample"] = gr.HTML(elem_id="adj-sample", js_on_load=None)
+            with gr.Tab("Acceptance rule", id="rule", elem_id="tab-rule"):
+                gr.Markdown("A sample is accepted when its reviewers find it consistent and its median quality and "
+                            "complexity are strictly above the thresholds (the paper: above 3). Preview first: "
+                            "nothing changes until you apply.")
+                with gr.Row():
+                    w["rule_consistent"] = gr.Checkbox(label="Require 'consistent'", value=True,
+                                                       elem_id="rule-consistent")
+                    w["rule_quality"] = gr.Slider(0, 5, value=3, step=0.5, label="Quality above",
+                                                  elem_id="rule-quality")
+                    w["rule_complexity"] = gr.Slider(0, 5, value=3, step=0.5, label="Complexity above",
+                                                     elem_id="rule-complexity")
+                    w["rule_spread"] = gr.Slider(0, 4, value=2, step=1, label="Largest score spread before a dispute",
+                                                 elem_id="rule-spread")
+                with gr.Row():
+                    preview = gr.Button("Preview", elem_id="rule-preview-btn")
+                    apply = gr.Button("Apply this rule", variant="stop", elem_id="rule-apply-btn")
+                w["rule_previewed"] = gr.State(None)
+                w["rule_preview"] = gr.HTML(elem_id="rule-preview", js_on_load=None)
+                w["rule_status"] = gr.HTML(elem_id="rule-status", js_on_load=None)
+            with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
+                w["show_mllm"] = gr.Checkbox(label="Show the MLLM's verdict to reviewers before they submit (it may "
+                                             "anchor their answers; the paper's protocol hides it)",
+                                             elem_id="show-mllm")
+                w["settings_status"] = gr.HTML(elem_id="settings-status", js_on_load=None)
+
+        progress_out = [w["kpis"]] + [o for t in d.progress.values() for o in t.outputs()]
+        agreement_out = [w["agreement_data"], w["agreement_summary"]]
+        agreement_out += [o for t in d.agreement.values() for o in t.outputs()]
+        adj_out = [w["adj_table"], w["adj_info"], w["adj_ids"], w["adj_status"], w["adj_sample"], w["adj_reviews"],
+                   w["adj_selected"], w["adj_reason"], w["adj_outcome"]]
+        rule_in = [w["rule_consistent"], w["rule_quality"], w["rule_complexity"], w["rule_spread"]]
+        rule_out = [*rule_in, w["rule_preview"], w["rule_status"], w["show_mllm"], w["rule_previewed"]]
+
+        demo.load(d.on_topbar, None, topbar)
+        demo.load(d.on_progress, None, progress_out)
+        demo.load(d.on_adjudication, None, adj_out)
+        demo.load(d.on_rule_load, None, rule_out)
+        _on(progress_refresh.click, d.on_progress, [], progress_out)
+        _on(agreement_refresh.click, d.on_agreement, [question], agreement_out)
+        _on(question.change, d.on_question, [w["agreement_data"], question], agreement_out)
+        _on(adj_refresh.click, d.on_adjudication, [], adj_out)
+        _on(w["adj_table"].select, d.on_adj_select, [w["adj_ids"]], adj_out)
+        decide.click(d.on_decide, [w["adj_selected"], w["adj_outcome"], w["adj_reason"]], adj_out,
+                     trigger_mode="once")
+        _on(preview.click, d.on_preview, rule_in, rule_out)
+        apply.click(d.on_apply, [*rule_in, w["rule_previewed"]], rule_out, trigger_mode="once")
+        w["show_mllm"].input(d.on_show_mllm, [w["show_mllm"]], [w["settings_status"]])
+        demo.queue(default_concurrency_limit=8)
+    return demo
+
+
+def page_assets() -> dict[str, str]:
+    """``head``/``css`` for ``gr.mount_gradio_app`` (the review page's styles; images zoom with its script)."""
+    script = (STATIC / "review.js").read_text(encoding="utf-8")
+    return {"head": f"<script>{script}</script>", "css": (STATIC / "review.css").read_text(encoding="utf-8")}

@@ -1,0 +1,824 @@
+"""The reviewer's screen (Gradio, mounted at ``/review``): one sample at a time, answered with the keyboard.
+
+What a reviewer sees: the complex instruction and its sub-instructions (each with its colour, operation and box), the
+source, every intermediate result and the target side by side (thumbnails from ``/thumb``, click for full size from
+``/img``), a before/after slider of source and target, and the target with every box drawn on it, where a box can be
+corrected by dragging. The MLLM's verdict stays hidden until the review is submitted unless the project setting
+``show_mllm_verdict_before_submit`` says otherwise. Next to it: the three questions with a rubric for every level,
+a comment box, Submit / Skip / Flag, the shortcuts, and the reviewer's progress. A second tab lists their reviews;
+selecting one reopens it for revision.
+
+Flow: the sample on screen and the next one are both leased (``next_sample(..., exclude=[current])``); the next
+one's HTML is rendered ahead and its thumbnails warm the browser cache, so after Submit the screen changes at once -
+but only after ``submit_review`` returned (the review is committed). A refused or failed submit keeps the answers
+on screen and says why. All data text is escaped; the page's JavaScript (``static/review.js``) only drives Gradio's
+own controls.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from annotate import queue
+from annotate.project import get_project_config
+from annotate.reviews import (
+    Answer,
+    flag_sample,
+    reviewer_history,
+    reviewer_progress,
+    revise_review,
+    sample_view,
+    skip_sample,
+    submit_review,
+)
+from annotate.web_auth import WebUser, user_for_username
+from db.session import session_scope
+from mcie.config import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+# Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), strongest first.
+PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442", "#000000")
+STRIP_SIZE = 384
+PANEL_SIZE = 768
+HISTORY_PAGE = 25
+
+CONSISTENCY_CHOICES = [("Yes (y)", "yes"), ("No (n)", "no")]
+CONSISTENCY_RUBRIC = (
+    ("y", "Yes", "Every sub-instruction was carried out in the target, on the right object or region, and no "
+     "sub-instruction undoes, contradicts or re-edits what another one did."),
+    ("n", "No", "At least one sub-instruction is missing, done wrong or on the wrong object, or two "
+     "sub-instructions conflict (the same object edited twice, a later edit undoing an earlier one)."),
+)
+QUALITY_RUBRIC = (
+    (1, "Broken", "Unusable: corrupted or garbled image, unrecognisable edits, severe artifacts everywhere."),
+    (2, "Poor", "Obvious artifacts seen at once: seams, smears, melted or duplicated objects, wrong lighting."),
+    (3, "Acceptable", "Edits recognisable but flawed on a closer look: blurry or soft regions, visible seams, "
+     "colour or perspective mismatch."),
+    (4, "Good", "Clean, natural edits; only minor flaws at full size; untouched regions preserved."),
+    (5, "Flawless", "Photo-realistic and artifact-free at full size; edits blend in lighting, perspective and texture; "
+     "untouched regions identical."),
+)
+COMPLEXITY_RUBRIC = (
+    (1, "Trivial", "One small tweak to a single object (a colour, a small removal); the scene is otherwise unchanged."),
+    (2, "Simple", "Two independent edits, or one larger edit, on separate objects; nothing interacts."),
+    (3, "Moderate", "Several edits on different objects or regions, each straightforward; little interaction."),
+    (4, "Complex", "Several edits across the scene that interact (placement relative to other objects, consistent "
+     "lighting or style) or mix add, remove and change."),
+    (5, "Very complex", "Many interacting edits across the whole scene (objects, attributes, layout, background) "
+     "that must be reasoned about together."),
+)
+QUICK_SKIP_REASONS = ("Cannot judge: images too small or unclear", "Not my expertise", "Images did not load")
+QUICK_FLAG_REASONS = ("Broken or missing image", "Offensive or unsafe content", "Instruction does not match images")
+HISTORY_COLUMNS = ["review", "sample", "updated (UTC)", "consistent", "quality", "complexity", "revision",
+                   "instruction", "comment"]
+
+
+def esc(value: Any) -> str:
+    """Text from data, safe inside HTML text and quoted attributes."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sample on screen (what the gr.State holds)
+
+
+@dataclass
+class Card:
+    """A leased sample ready to show: its pre-rendered HTML and the images to warm the cache with."""
+
+    sample_id: int
+    assignment_id: int
+    purpose: str
+    html: str
+    images: list[str]
+    first_turn: int
+    last_turn: int
+    mllm: tuple[str | None, str | None]
+    shown_at: float = 0.0
+
+
+def _new_screen() -> dict[str, Any]:
+    return {"current": None, "next": None, "revise": None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rendering (pure: a SampleView in, HTML out)
+
+
+def _colour(k: int) -> str:
+    return PALETTE[k % len(PALETTE)]
+
+
+def _thumb(sha: str, size: int) -> str:
+    return f"/thumb/{esc(sha)}?size={size}"
+
+
+def _full(sha: str) -> str:
+    return f"/img/{esc(sha)}"
+
+
+def _box_rects(boxes: Sequence[tuple[int, Sequence[float], str]], css: str = "mcie-box") -> str:
+    """SVG rects for (turn, normalized box, colour); a dark halo under each keeps it visible on any image."""
+    out = []
+    for turn, (x0, y0, x1, y1), colour in boxes:
+        geometry = f'x="{x0:.4f}" y="{y0:.4f}" width="{x1 - x0:.4f}" height="{y1 - y0:.4f}"'
+        out.append(
+            f'<rect {geometry} class="mcie-halo" vector-effect="non-scaling-stroke" '
+            'style="stroke:rgb(0 0 0 / 55%);stroke-width:5px"/>'
+            f'<rect {geometry} class="{css}" data-turn="{int(turn)}" vector-effect="non-scaling-stroke" '
+            f'style="stroke:{colour}"><title>sub-instruction {int(turn)}</title></rect>'
+        )
+    return "".join(out)
+
+
+def _framed(sha: str, size: int, alt: str, boxes: Sequence[tuple[int, Sequence[float], str]], extra: str = "") -> str:
+    svg = f'<svg viewBox="0 0 1 1" preserveAspectRatio="none" aria-hidden="true">{_box_rects(boxes)}{extra}</svg>'
+    return (
+        f'<div class="mcie-frame"><img src="{_thumb(sha, size)}" data-full="{_full(sha)}" alt="{esc(alt)}" '
+        f'loading="eager" decoding="async" draggable="false">{svg}</div>'
+    )
+
+
+def _sub_boxes(view: Any) -> list[tuple[int, Sequence[float], str]]:
+    return [(s.turn_index, s.box, _colour(k)) for k, s in enumerate(view.sub_instructions) if s.box is not None]
+
+
+def _legend(view: Any, corrections: dict[int, list[float]]) -> str:
+    rows = []
+    for k, sub in enumerate(view.sub_instructions):
+        colour = _colour(k)
+        if sub.box is None:
+            note = "no box"
+        else:
+            note = "box [" + ", ".join(f"{v:.2f}" for v in sub.box) + "]" + (f" from {esc(sub.box_source)}"
+                                                                            if sub.box_source else "")
+        corrected = corrections.get(sub.turn_index)
+        corr_text = ("corrected box: [" + ", ".join(f"{v:.3f}" for v in corrected) + "]") if corrected else ""
+        rows.append(
+            f'<li class="mcie-sub" data-turn="{int(sub.turn_index)}" data-color="{colour}">'
+            f'<span class="mcie-swatch" style="border-color:{colour}" title="colour of its box"></span>'
+            f'<span><span class="mcie-op">{esc(sub.operation)}</span>'
+            f'<span class="mcie-sub-text">{esc(sub.text)}</span>'
+            f'<span class="mcie-box-note">turn {int(sub.turn_index)} · {note}</span>'
+            f'<span class="mcie-corr-text" data-turn="{int(sub.turn_index)}">{corr_text}</span></span>'
+            f'<span class="mcie-sub-actions"><button type="button" data-mcie-redraw="{int(sub.turn_index)}" '
+            f'title="drag a rectangle on the target to correct this box">redraw box</button>'
+            f'<button type="button" data-mcie-clear="{int(sub.turn_index)}" title="drop the correction">reset</button>'
+            "</span></li>"
+        )
+    return f'<ol class="mcie-subs" aria-label="sub-instructions">{"".join(rows)}</ol>'
+
+
+def _step_boxes(view: Any, index: int) -> list[tuple[int, Sequence[float], str]]:
+    """Boxes drawn on step ``index``: all of them on the source and the target, the turn's own on an intermediate."""
+    boxes = _sub_boxes(view)
+    if index == 0 or index == len(view.steps) - 1:
+        return boxes
+    turn = view.first_turn + index - 1
+    return [b for b in boxes if b[0] == turn]
+
+
+def _strip(view: Any) -> str:
+    figures = []
+    for index, (label, sha) in enumerate(view.steps):
+        figures.append(
+            f'<figure class="mcie-step">{_framed(sha, STRIP_SIZE, label, _step_boxes(view, index))}'
+            f"<figcaption>{esc(label)}</figcaption></figure>"
+        )
+    return f'<div class="mcie-strip">{"".join(figures)}</div>'
+
+
+def _compare(view: Any) -> str:
+    source, target = view.steps[0][1], view.steps[-1][1]
+    return (
+        '<div class="mcie-panel"><h3>Before / after (drag the slider, or press t)</h3>'
+        '<div class="mcie-compare" style="--pos:50%"><div class="mcie-compare-stage">'
+        f'<img src="{_thumb(source, PANEL_SIZE)}" data-full="{_full(source)}" alt="source" draggable="false">'
+        f'<img class="mcie-after" src="{_thumb(target, PANEL_SIZE)}" data-full="{_full(target)}" alt="target" '
+        'draggable="false"><span class="mcie-divider"></span>'
+        '<span class="mcie-tag mcie-tag-before">source</span><span class="mcie-tag mcie-tag-after">target</span></div>'
+        '<input type="range" min="0" max="100" value="50" aria-label="before/after position"></div></div>'
+    )
+
+
+def _draw_panel(view: Any, corrections: dict[int, list[float]]) -> str:
+    colours = {s.turn_index: _colour(k) for k, s in enumerate(view.sub_instructions)}
+    corrected = [(t, b, colours.get(t, "#000")) for t, b in corrections.items()]
+    extra = "".join(
+        f'<rect x="{b[0]:.4f}" y="{b[1]:.4f}" width="{b[2] - b[0]:.4f}" height="{b[3] - b[1]:.4f}" class="mcie-corr" '
+        f'data-turn="{int(t)}" vector-effect="non-scaling-stroke" style="stroke:{c}"/>'
+        for t, b, c in corrected
+    )
+    target = view.steps[-1][1]
+    return (
+        '<div class="mcie-panel"><h3>Target with the boxes (click for full size)</h3>'
+        '<span id="mcie-draw-label"></span>'
+        f'<div class="mcie-draw">{_framed(target, PANEL_SIZE, "target with boxes", _sub_boxes(view), extra)}</div>'
+        "</div>"
+    )
+
+
+def render_verdict(view: Any, *, visible: bool) -> str:
+    if not visible:
+        return (
+            '<div class="mcie-verdict mcie-verdict-hidden">The MLLM\'s verdict is shown after you submit, so that it '
+            "does not steer your answer.</div>"
+        )
+    if view.mllm_verdict is None:
+        return '<div class="mcie-verdict">MLLM verdict: none recorded for this sample.</div>'
+    reason = f" - {esc(view.mllm_reason)}" if view.mllm_reason else ""
+    return f'<div class="mcie-verdict">MLLM verdict: <b>{esc(view.mllm_verdict)}</b>{reason}</div>'
+
+
+def render_sample(
+    view: Any,
+    *,
+    show_mllm: bool,
+    mode: str = "review",
+    banner: str | None = None,
+    corrections: Sequence[dict[str, Any]] | None = None,
+) -> str:
+    """The whole sample view; ``mode`` is ``review`` (a leased sample) or ``revise`` (a past review reopened)."""
+    corr = {int(c["turn_index"]): [float(v) for v in c["box"]] for c in (corrections or [])}
+    key = f"{mode}-{int(view.sample_id)}-{secrets.token_hex(4)}"
+    flagged = ""
+    if view.flagged:
+        flagged = f'<div class="mcie-flagged">Flagged for a lead: {esc(view.flag_reason or "")}</div>'
+    top = f'<div class="mcie-revise-banner">{esc(banner)}</div>' if banner else ""
+    n = len(view.sub_instructions)
+    return (
+        f'<div class="mcie-sample" data-sample-key="{esc(key)}" data-mode="{esc(mode)}" '
+        f'data-sample-id="{int(view.sample_id)}">{top}'
+        f"<h2>Sample {int(view.sample_id)}</h2>"
+        f'<div class="mcie-meta">{n} sub-instruction{"s" if n != 1 else ""} · turns {int(view.first_turn)}-'
+        f"{int(view.last_turn)} of {esc(view.dataset)} / {esc(view.external_id)}</div>{flagged}"
+        f'<div class="mcie-instruction" id="mcie-instruction">{esc(view.instruction)}</div>'
+        f"{_legend(view, corr)}{_strip(view)}"
+        f'<div class="mcie-panels">{_compare(view)}{_draw_panel(view, corr)}</div>'
+        f"{render_verdict(view, visible=show_mllm)}</div>"
+    )
+
+
+def render_empty(message: str) -> str:
+    body = f'<div class="mcie-empty">{esc(message)}</div>'
+    return f'<div class="mcie-sample" data-sample-key="empty-{secrets.token_hex(4)}" data-mode="empty">{body}</div>'
+
+
+def render_prefetch(images: Sequence[str]) -> str:
+    """Hidden images that warm the browser cache with the next sample's thumbnails."""
+    tags = [f'<img src="{_thumb(sha, STRIP_SIZE)}" alt="" loading="eager">' for sha in images]
+    if images:
+        tags += [f'<img src="{_thumb(sha, PANEL_SIZE)}" alt="" loading="eager">' for sha in (images[0], images[-1])]
+    return f'<div aria-hidden="true">{"".join(tags)}</div>'
+
+
+def render_progress(progress: Any, held: int = 0) -> str:
+    """Done today, done in total, and what is left for this reviewer: the pool they may still get plus the ``held``
+    samples already leased to them (the one on screen and the prefetched next one)."""
+    left = int(progress.queue_left) + int(held)
+    return (
+        '<div class="mcie-progress" id="mcie-progress">'
+        f'<span class="mcie-stat"><b id="done-today">{int(progress.done_today)}</b> done today</span>'
+        f'<span class="mcie-stat"><b id="done-total">{int(progress.done_total)}</b> in total</span>'
+        f'<span class="mcie-stat"><b id="queue-left">{left}</b> left for you</span></div>'
+    )
+
+
+def render_status(message: str, *, error: bool = False) -> str:
+    if not message:
+        return ""
+    return f'<div class="{"mcie-error" if error else "mcie-ok"}" role="status">{esc(message)}</div>'
+
+
+def _yes_no(value: bool | None) -> str:
+    return "yes" if value else "no"
+
+
+def render_last(sample_id: int, answer: Any, mllm: tuple[str | None, str | None], revision: int) -> str:
+    verdict, reason = mllm
+    said = (
+        f"consistent {_yes_no(answer.consistent)}, quality {int(answer.quality)}, complexity {int(answer.complexity)}"
+    )
+    mllm_text = "no MLLM verdict recorded" if verdict is None else f"MLLM verdict: <b>{esc(verdict)}</b>" + (
+        f" - {esc(reason)}" if reason else "")
+    rev = f" (revision {int(revision)})" if revision > 1 else ""
+    return f'<div class="mcie-last">Saved sample {int(sample_id)}{rev}: {said}. {mllm_text}</div>'
+
+
+def render_topbar(user: WebUser) -> str:
+    links = ['<a href="/review/">Review</a>']
+    if user.is_lead:
+        links.append('<a href="/dashboard/">Dashboard</a>')
+    return (
+        '<div class="mcie-topbar"><span class="mcie-brand">MCIE review</span>'
+        f'<nav>{"".join(links)}</nav><span class="mcie-user">{esc(user.shown_name)} · {esc(user.role.value)}</span>'
+        '<form method="post" action="/logout"><button type="submit" id="logout">Log out</button></form></div>'
+    )
+
+
+def _rubric(rows: Sequence[tuple[Any, str, str]], keys: str) -> str:
+    """The rubric of one question: every level with its meaning, in a block the reviewer can fold away."""
+    items = "".join(f"<li><b>{esc(v)} {esc(name)}</b>: {esc(text)}</li>" for v, name, text in rows)
+    return (
+        f'<details class="mcie-rubric-box" open><summary>Rubric (keys {esc(keys)})</summary>'
+        f'<ul class="mcie-rubric">{items}</ul></details>'
+    )
+
+
+KEYS_HTML = (
+    '<div class="mcie-keys"><div id="mcie-active-question">Next digit sets IMAGE QUALITY</div>'
+    "<kbd>y</kbd>/<kbd>n</kbd> consistent · <kbd>1</kbd>-<kbd>5</kbd> quality, then complexity · "
+    "<kbd>Backspace</kbd> back to quality · <kbd>Enter</kbd> submit · <kbd>s</kbd> skip · <kbd>f</kbd> flag · "
+    "<kbd>c</kbd> comment · <kbd>t</kbd> before/after · <kbd>Esc</kbd> leave a text box, cancel"
+    '<div id="mcie-hint" aria-live="polite"></div></div>'
+)
+
+
+def _reason_panel_html() -> str:
+    skip = "".join(f'<button type="button" data-mcie-reason="{esc(r)}">{esc(r)}</button>' for r in QUICK_SKIP_REASONS)
+    flag = "".join(f'<button type="button" data-mcie-reason="{esc(r)}">{esc(r)}</button>' for r in QUICK_FLAG_REASONS)
+    return (
+        '<div><b id="mcie-reason-title"></b><div class="mcie-quick-reasons">'
+        f'<span class="mcie-quick-skip">{skip}</span><span class="mcie-quick-flag">{flag}</span>'
+        '<button type="button" id="reason-cancel">Cancel (Esc)</button></div></div>'
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# answers from the form
+
+
+def parse_corrections(text: str | None) -> list[dict[str, Any]] | None:
+    """The box-corrections field (JSON list of {"turn_index", "box"}) as a list, None when empty.
+
+    Only the shape is checked here; :func:`annotate.reviews.validate_answer` checks turns and ranges."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the box corrections are not valid JSON ({exc.msg}, at character {exc.pos})") from None
+    if not isinstance(value, list):
+        raise ValueError('the box corrections must be a JSON list like [{"turn_index": 2, "box": [x0, y0, x1, y1]}]')
+    return value or None
+
+
+def build_answer(
+    consistent: str | None, quality: Any, complexity: Any, comment: str | None, boxes: str | None
+) -> Answer:
+    """An :class:`annotate.reviews.Answer` from the form, or ValueError naming what is missing or wrong."""
+    missing = [name for name, v in (("consistency (y/n)", consistent), ("quality (1-5)", quality),
+                                    ("complexity (1-5)", complexity)) if v in (None, "")]
+    if missing:
+        raise ValueError("Please answer " + ", ".join(missing) + " first.")
+    return Answer(
+        consistent=consistent == "yes",
+        quality=int(quality),
+        complexity=int(complexity),
+        comment=(comment or "").strip() or None,
+        box_corrections=parse_corrections(boxes),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# talking to the service layer
+
+
+def reviewer_of(url: str, request: gr.Request | None) -> WebUser:
+    """The logged-in reviewer behind a Gradio event, checked again on every event (not only at page load)."""
+    user = user_for_username(url, getattr(request, "username", None))
+    if user is None or not user.is_reviewer:
+        raise gr.Error("Your session has ended or you may not review samples; please log in again.")
+    return user
+
+
+def _show_mllm(url: str) -> bool:
+    with session_scope(url) as session:
+        return get_project_config(session).show_mllm_verdict_before_submit
+
+
+def card_for(url: str, lease: Any, *, show_mllm: bool) -> Card:
+    view = sample_view(url, lease.sample_id)
+    return Card(
+        sample_id=lease.sample_id,
+        assignment_id=lease.assignment_id,
+        purpose=str(lease.purpose),
+        html=render_sample(view, show_mllm=show_mllm),
+        images=[sha for _, sha in view.steps],
+        first_turn=view.first_turn,
+        last_turn=view.last_turn,
+        mllm=(view.mllm_verdict, view.mllm_reason),
+    )
+
+
+def lease_card(url: str, user_id: int, exclude: Sequence[int] = ()) -> Card | None:
+    """Lease (or get back) a sample for the user and render it; None when their queue is empty."""
+    lease = queue.next_sample(url, user_id, exclude=list(exclude))
+    if lease is None:
+        return None
+    return card_for(url, lease, show_mllm=_show_mllm(url))
+
+
+def _progress_html(url: str, user_id: int, screen: dict[str, Any]) -> str:
+    held = sum(1 for key in ("current", "next") if screen.get(key) is not None)
+    return render_progress(reviewer_progress(url, user_id), held)
+
+
+def history_frame(url: str, user_id: int, offset: int) -> tuple[pd.DataFrame, list[int]]:
+    """One page of the user's reviews as a table (text shown as plain text) and the review ids of its rows."""
+    rows = reviewer_history(url, user_id, limit=HISTORY_PAGE, offset=offset)
+    table = [
+        [r.review_id, r.sample_id, r.updated_at.strftime("%Y-%m-%d %H:%M"), _yes_no(r.consistent), r.quality,
+         r.complexity, r.revision, _clip(r.instruction, 90), _clip(r.comment or "", 60)]
+        for r in rows
+    ]
+    return pd.DataFrame(table, columns=HISTORY_COLUMNS), [r.review_id for r in rows]
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _history_row(url: str, user_id: int, review_id: int) -> Any:
+    offset = 0
+    while True:  # the history is short per reviewer; pages of the service's maximum size
+        rows = reviewer_history(url, user_id, limit=500, offset=offset)
+        for row in rows:
+            if row.review_id == review_id:
+                return row
+        if len(rows) < 500:
+            raise gr.Error(f"Review {review_id} is not one of yours.")
+        offset += 500
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Blocks
+
+
+@dataclass
+class Widgets:
+    """The components event handlers read and write."""
+
+    screen: Any
+    hist: Any
+    topbar: Any
+    sample: Any
+    prefetch: Any
+    progress: Any
+    status: Any
+    last: Any
+    consistent: Any
+    quality: Any
+    complexity: Any
+    comment: Any
+    boxes: Any
+    reason: Any
+    cancel_revise: Any
+    history: Any
+    history_info: Any
+    tabs: Any
+
+    def answers(self) -> list[Any]:
+        return [self.consistent, self.quality, self.complexity, self.comment, self.boxes]
+
+    def screen_outputs(self) -> list[Any]:
+        """What the review tab's events change (never the history's state: see :class:`ReviewApp`)."""
+        return [
+            self.screen, self.topbar, self.sample, self.prefetch, self.progress, self.status, self.last,
+            self.consistent, self.quality, self.complexity, self.comment, self.boxes, self.reason,
+            self.cancel_revise,
+        ]
+
+    def history_outputs(self) -> list[Any]:
+        return [self.hist, self.history, self.history_info]
+
+
+def _cleared(w: Widgets) -> dict[Any, Any]:
+    return {w.consistent: None, w.quality: None, w.complexity: None, w.comment: "", w.boxes: "", w.reason: ""}
+
+
+def _new_history() -> dict[str, Any]:
+    return {"offset": 0, "ids": []}
+
+
+class ReviewApp:
+    """Event handlers of the review screen, bound to one database.
+
+    Every handler that changes the screen answers in one response: the committed review, the next sample (already
+    leased and rendered) and the one after it, leased and rendered now so that its thumbnails load in the background
+    while the reviewer looks at the new sample. One response per event means no second, concurrent event can
+    overwrite the screen state; the history tab keeps its own state for the same reason.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.database_url
+        self.w: Widgets
+
+    # --- showing samples ------------------------------------------------------------------------------------
+    def _show(self, screen: dict[str, Any], card: Card | None) -> dict[Any, Any]:
+        w = self.w
+        if card is None:
+            screen["current"] = None
+            return {w.sample: render_empty("Your queue is empty - thank you! New samples appear here when they are "
+                                           "ready; reload the page later."), w.prefetch: ""}
+        card.shown_at = time.time()
+        screen["current"] = asdict(card)
+        return {w.sample: card.html}
+
+    def _prefetch(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
+        """Lease and render the sample after the current one; its thumbnails warm the browser cache."""
+        w = self.w
+        current = screen.get("current")
+        screen["next"] = None
+        if current is None:
+            return {w.prefetch: ""}
+        try:
+            card = lease_card(self.url, user.id, exclude=[current["sample_id"]])
+        except Exception:  # a failed prefetch only costs speed: the next submit leases synchronously
+            log.exception("prefetch failed for user %s", user.id)
+            card = None
+        screen["next"] = None if card is None else asdict(card)
+        return {w.prefetch: render_prefetch(card.images) if card else ""}
+
+    def _advance(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
+        """Show the prefetched sample (or lease one now), then prefetch the one after it."""
+        nxt = screen.get("next")
+        card = Card(**{**nxt, "mllm": tuple(nxt["mllm"])}) if nxt is not None else lease_card(self.url, user.id)
+        out = self._show(screen, card)
+        return out | self._prefetch(screen, user) | {self.w.progress: _progress_html(self.url, user.id, screen)}
+
+    def _page(self, hist: dict[str, Any], user: WebUser) -> dict[Any, Any]:
+        offset = int(hist.get("offset", 0))
+        frame, ids = history_frame(self.url, user.id, offset)
+        hist = {"offset": offset, "ids": ids}
+        info = "No reviews yet."
+        if ids:
+            info = f"Reviews {offset + 1}-{offset + len(ids)}, last changed first. Select a row to revise it."
+        return {self.w.hist: hist, self.w.history: frame, self.w.history_info: info}
+
+    # --- events ---------------------------------------------------------------------------------------------
+    def on_load(self, request: gr.Request) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        w = self.w
+        screen = _new_screen()
+        out = {w.topbar: render_topbar(user), w.status: "", w.last: "", w.cancel_revise: gr.update(visible=False)}
+        try:
+            out |= self._show(screen, lease_card(self.url, user.id)) | self._prefetch(screen, user)
+        except Exception as exc:
+            log.exception("could not lease a sample for user %s", user.id)
+            out |= {w.sample: render_empty(f"Could not get a sample: {exc}")}
+        return out | _cleared(w) | {w.screen: screen, w.progress: _progress_html(self.url, user.id, screen)}
+
+    def on_submit(
+        self, screen: dict[str, Any], consistent, quality, complexity, comment, boxes, request: gr.Request
+    ) -> dict[Any, Any]:
+        """Commit the review, then move on; a refused or failed submit changes nothing but the status line."""
+        user = reviewer_of(self.url, request)
+        if screen.get("revise"):
+            return self._save_revision(screen, user, consistent, quality, complexity, comment, boxes)
+        current = screen.get("current")
+        w = self.w
+        if current is None:
+            return {w.status: render_status("There is no sample on screen to submit.", error=True)}
+        try:
+            answer = build_answer(consistent, quality, complexity, comment, boxes)
+            record = self._submit(user, current, answer)
+        except (ValueError, PermissionError) as exc:  # ReviewError is a ValueError: keep the answers, say why
+            return {w.status: render_status(str(exc), error=True)}
+        except Exception as exc:
+            log.exception("submit failed for user %s sample %s", user.id, current["sample_id"])
+            return {w.status: render_status(f"Could not save your review ({type(exc).__name__}); your answers are "
+                                            "kept - please press Enter again.", error=True)}
+        out = self._advance(screen, user) | _cleared(w)
+        return out | {
+            w.status: render_status(f"Saved your review of sample {record.sample_id}."),
+            w.last: render_last(record.sample_id, answer, tuple(current["mllm"]), record.revision),
+            w.screen: screen,
+        }
+
+    def _submit(self, user: WebUser, current: dict[str, Any], answer: Answer) -> Any:
+        spent = max(0.0, time.time() - float(current.get("shown_at") or time.time()))
+        return submit_review(self.url, user.id, current["sample_id"], answer, time_spent_s=round(spent, 1))
+
+    def on_skip(self, screen: dict[str, Any], reason: str, request: gr.Request) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        w = self.w
+        current = screen.get("current")
+        if screen.get("revise") or current is None:
+            return {w.status: render_status("Only a sample from your queue can be skipped.", error=True)}
+        try:
+            skip_sample(self.url, user.id, current["sample_id"], reason or "")
+        except (ValueError, PermissionError) as exc:
+            return {w.status: render_status(str(exc), error=True)}
+        out = self._advance(screen, user) | _cleared(w)
+        return out | {w.status: render_status(f"Skipped sample {current['sample_id']}."), w.screen: screen}
+
+    def on_flag(self, screen: dict[str, Any], reason: str, request: gr.Request) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        w = self.w
+        target = screen.get("revise") or screen.get("current")
+        if target is None:
+            return {w.status: render_status("There is no sample on screen to flag.", error=True)}
+        try:
+            flag_sample(self.url, user.id, target["sample_id"], reason or "")
+        except (ValueError, PermissionError) as exc:
+            return {w.status: render_status(str(exc), error=True)}
+        return {
+            w.reason: "",
+            w.status: render_status(f"Flagged sample {target['sample_id']} for a lead. You can still answer it, or "
+                                    "skip it with s."),
+        }
+
+    # --- history and revisions ------------------------------------------------------------------------------
+    def on_history(self, hist: dict[str, Any], request: gr.Request) -> dict[Any, Any]:
+        """The history tab was opened: show the current page again (it may have changed)."""
+        return self._page(hist or _new_history(), reviewer_of(self.url, request))
+
+    def on_history_page(self, hist: dict[str, Any], step: int, request: gr.Request) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        hist = hist or _new_history()
+        offset = int(hist.get("offset", 0))
+        if step < 0 or len(hist.get("ids", [])) == HISTORY_PAGE:  # no page past the last one
+            offset = max(0, offset + step * HISTORY_PAGE)
+        return self._page({"offset": offset, "ids": []}, user)
+
+    def on_newer(self, hist: dict[str, Any], request: gr.Request) -> dict[Any, Any]:
+        return self.on_history_page(hist, -1, request)
+
+    def on_older(self, hist: dict[str, Any], request: gr.Request) -> dict[Any, Any]:
+        return self.on_history_page(hist, 1, request)
+
+    def on_reopen(
+        self, screen: dict[str, Any], hist: dict[str, Any], consistent, quality, complexity, comment, boxes,
+        evt: gr.SelectData, request: gr.Request,
+    ) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        ids = (hist or {}).get("ids", [])
+        row_index = evt.index[0] if isinstance(evt.index, list | tuple) else evt.index
+        if not isinstance(row_index, int) or not 0 <= row_index < len(ids):
+            return {}
+        stash = [consistent, quality, complexity, comment, boxes]
+        return self.reopen(screen, user, ids[row_index], stash=stash)
+
+    def reopen(
+        self, screen: dict[str, Any], user: WebUser, review_id: int, *, stash: list[Any] | None = None
+    ) -> dict[Any, Any]:
+        """Put a past review of the user on screen for revision, its answers filled in; ``stash`` keeps what was
+        answered so far on the current sample, put back when the revision is saved or cancelled."""
+        w = self.w
+        if screen.get("revise"):  # reopening another review while revising: keep the first stash
+            stash = screen["revise"].get("stash")
+        row = _history_row(self.url, user.id, review_id)
+        view = sample_view(self.url, row.sample_id)
+        banner = (f"Revising your review {row.review_id} of sample {row.sample_id} (now revision {row.revision}; "
+                  f"saving makes revision {row.revision + 1}). Enter saves, Esc cancels.")
+        screen["revise"] = {"review_id": row.review_id, "sample_id": row.sample_id, "revision": row.revision,
+                            "shown_at": time.time(), "mllm": [view.mllm_verdict, view.mllm_reason], "stash": stash}
+        html_text = render_sample(view, show_mllm=True, mode="revise", banner=banner, corrections=row.box_corrections)
+        return {
+            w.screen: screen,
+            w.sample: html_text,
+            w.consistent: _yes_no(row.consistent),
+            w.quality: row.quality,
+            w.complexity: row.complexity,
+            w.comment: row.comment or "",
+            w.boxes: json.dumps(row.box_corrections) if row.box_corrections else "",
+            w.cancel_revise: gr.update(visible=True),
+            w.status: render_status(f"Review {row.review_id} reopened."),
+            w.tabs: gr.Tabs(selected="review"),
+        }
+
+    def _save_revision(
+        self, screen: dict[str, Any], user: WebUser, consistent: str | None, quality: Any, complexity: Any,
+        comment: str | None, boxes: str | None,
+    ) -> dict[Any, Any]:
+        w = self.w
+        revise = screen["revise"]
+        try:
+            answer = build_answer(consistent, quality, complexity, comment, boxes)
+            spent = max(0.0, time.time() - float(revise["shown_at"]))
+            record = revise_review(self.url, user.id, revise["review_id"], answer, time_spent_s=round(spent, 1))
+        except (ValueError, PermissionError) as exc:
+            return {w.status: render_status(str(exc), error=True)}
+        except Exception as exc:
+            log.exception("revision failed for user %s review %s", user.id, revise["review_id"])
+            return {w.status: render_status(f"Could not save the revision ({type(exc).__name__}); your answers are "
+                                            "kept.", error=True)}
+        out = self._leave_revision(screen, user)
+        out[w.status] = render_status(f"Saved revision {record.revision} of your review of sample {record.sample_id}.")
+        out[w.last] = render_last(record.sample_id, answer, tuple(revise["mllm"]), record.revision)
+        return out
+
+    def _leave_revision(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
+        """Back to the sample from the queue, with the answers it had before the revision was opened."""
+        w = self.w
+        stash = (screen.get("revise") or {}).get("stash")
+        screen["revise"] = None
+        current = screen.get("current")
+        if current is not None:
+            current["shown_at"] = time.time()  # the time spent revising is not counted for the current sample
+        body = current["html"] if current else render_empty("Your queue is empty - thank you!")
+        out = {w.screen: screen, w.sample: body, w.cancel_revise: gr.update(visible=False)} | _cleared(w)
+        if stash and current is not None:
+            out |= dict(zip(w.answers(), stash, strict=True))
+        return out
+
+    def on_cancel_revise(self, screen: dict[str, Any], request: gr.Request) -> dict[Any, Any]:
+        user = reviewer_of(self.url, request)
+        if not screen.get("revise"):
+            return {}
+        return self._leave_revision(screen, user) | {self.w.status: render_status("Revision cancelled.")}
+
+
+def build(settings: Settings) -> gr.Blocks:
+    """The review screen's Blocks (mount it with :func:`page_assets` as ``head``/``css``)."""
+    app = ReviewApp(settings)
+    with gr.Blocks(title="MCIE review", analytics_enabled=False, fill_width=True) as demo:
+        screen = gr.State(_new_screen())
+        hist = gr.State(_new_history())
+        topbar = gr.HTML(elem_id="topbar", js_on_load=None)
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Review", id="review", elem_id="tab-review"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=520):
+                        sample = gr.HTML(render_empty("Loading..."), elem_id="sample-view", js_on_load=None)
+                    with gr.Column(scale=2, min_width=340):
+                        progress = gr.HTML(elem_id="progress", js_on_load=None)
+                        gr.HTML(KEYS_HTML, js_on_load=None)
+                        status = gr.HTML(elem_id="status", js_on_load=None)
+                        last = gr.HTML(elem_id="last-review", js_on_load=None)
+                        consistent = gr.Radio(CONSISTENCY_CHOICES, label="1. Instruction consistency (y / n)",
+                                              elem_id="q-consistent")
+                        gr.HTML(_rubric(CONSISTENCY_RUBRIC, "y/n"), js_on_load=None)
+                        quality = gr.Radio([(f"{v} {n}", v) for v, n, _ in QUALITY_RUBRIC],
+                                           label="2. Image quality (1-5)", elem_id="q-quality")
+                        gr.HTML(_rubric(QUALITY_RUBRIC, "1-5"), js_on_load=None)
+                        complexity = gr.Radio([(f"{v} {n}", v) for v, n, _ in COMPLEXITY_RUBRIC],
+                                              label="3. Editing-scenario complexity (1-5)", elem_id="q-complexity")
+                        gr.HTML(_rubric(COMPLEXITY_RUBRIC, "1-5"), js_on_load=None)
+                        comment = gr.Textbox(label="Comment (optional; c to type, Esc to leave)", lines=2,
+                                             max_length=5000, elem_id="comment")
+                        boxes = gr.Textbox(
+                            label="Box corrections (optional): use 'redraw box' on a sub-instruction and drag on the "
+                            'target, or type JSON like [{"turn_index": 2, "box": [0.1, 0.2, 0.5, 0.6]}]',
+                            lines=1, max_length=5000, elem_id="box-corrections",
+                        )
+                        with gr.Row():
+                            submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
+                            skip = gr.Button("Skip (s)", elem_id="skip-btn")
+                            flag = gr.Button("Flag (f)", elem_id="flag-btn")
+                            cancel_revise = gr.Button("Cancel revision (Esc)", visible=False,
+                                                      elem_id="cancel-revise-btn")
+                        with gr.Group(elem_id="reason-panel"):
+                            gr.HTML(_reason_panel_html(), js_on_load=None)
+                            reason = gr.Textbox(label="Reason", lines=1, max_length=1000, elem_id="reason-box")
+                            skip_confirm = gr.Button("Skip this sample", variant="stop", elem_id="skip-confirm")
+                            flag_confirm = gr.Button("Flag this sample", variant="stop", elem_id="flag-confirm")
+                prefetch = gr.HTML(elem_id="prefetch", js_on_load=None)
+            with gr.Tab("My reviews", id="history", elem_id="tab-history") as history_tab:
+                history_info = gr.Markdown(elem_id="history-info")
+                history = gr.Dataframe(headers=HISTORY_COLUMNS, interactive=False, wrap=True, elem_id="history")
+                with gr.Row():
+                    newer = gr.Button("Newer", elem_id="history-newer")
+                    older = gr.Button("Older", elem_id="history-older")
+        app.w = w = Widgets(screen, hist, topbar, sample, prefetch, progress, status, last, consistent, quality,
+                            complexity, comment, boxes, reason, cancel_revise, history, history_info, tabs)
+        outputs = w.screen_outputs()
+        quiet = {"show_progress": "hidden"}
+        demo.load(app.on_load, inputs=None, outputs=outputs, **quiet)
+        submit.click(app.on_submit, [screen, *w.answers()], outputs, trigger_mode="once", show_progress="minimal",
+                     show_progress_on=[status])
+        skip.click(None, js="() => window.mcie && window.mcie.openReason('skip')")
+        flag.click(None, js="() => window.mcie && window.mcie.openReason('flag')")
+        skip_confirm.click(app.on_skip, [screen, reason], outputs, trigger_mode="once", **quiet).then(
+            None, js="() => window.mcie && window.mcie.afterReason()"
+        )
+        flag_confirm.click(app.on_flag, [screen, reason], outputs, trigger_mode="once", **quiet).then(
+            None, js="() => window.mcie && window.mcie.afterReason()"
+        )
+        cancel_revise.click(app.on_cancel_revise, [screen], outputs, **quiet)
+        history_tab.select(app.on_history, [hist], w.history_outputs(), **quiet)
+        history.select(app.on_reopen, [screen, hist, *w.answers()], [*outputs, tabs], **quiet)
+        newer.click(app.on_newer, [hist], w.history_outputs(), **quiet)
+        older.click(app.on_older, [hist], w.history_outputs(), **quiet)
+        demo.queue(default_concurrency_limit=32)
+    return demo
+
+
+def page_assets() -> dict[str, str]:
+    """``head`` (the page script) and ``css`` for ``gr.mount_gradio_app`` (Gradio 6 takes them there)."""
+    script = (STATIC / "review.js").read_text(encoding="utf-8")
+    return {"head": f"<script>{script}</script>", "css": (STATIC / "review.css").read_text(encoding="utf-8")}
