@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install browser demo test lint bench clean
+.PHONY: install browser demo serve test lint bench clean
 
 # The venv is (re)installed whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -25,8 +25,14 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
+# Builds the demo data, database and accounts, then serves the app on the embedded SQLite database (Ctrl-C stops).
 demo: install
 	$(BIN)/mcie demo
+	@echo "serving on http://$(HOST):$(PORT)/ (log in as rater1 or lead, password mcie-demo)"
+	$(BIN)/mcie serve --host $(HOST) --port $(PORT)
+
+serve: install
+	$(BIN)/mcie serve --host $(HOST) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

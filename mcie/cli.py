@@ -330,9 +330,10 @@ def _demo_pipeline(cfg: Settings, out: Path) -> None:
 
 def _demo_next_steps(out: Path) -> None:
     console.print("next:")
-    console.print("  mcie config show            # the effective configuration")
-    console.print("  mcie users list             # the accounts")
-    console.print(f"  ls {out}/annotations        # the demo data")
+    console.print("  mcie serve                  # the review app on http://127.0.0.1:7860 (rater1 / lead, mcie-demo)")
+    console.print("  mcie pipeline status        # samples by status")
+    console.print("  mcie agreement              # inter-rater agreement once reviews come in")
+    console.print(f"  ls {out}/annotations        # the demo data (SEED-Data-Edit layout)")
 
 
 def run() -> None:  # pragma: no cover - console entry point
