@@ -2,12 +2,12 @@
 
 A local chat-completions server (tests/pipeline/chat_server.py, in its own process by default) answers every
 request after a fixed delay, like a model with a constant latency. N requests go through
-``OpenAIBackend.generate`` with concurrency C (after a warm-up call of C requests that pays the one-time
-imports); the ideal throughput is C / delay. The efficiency
-(measured / ideal) shows how well the client keeps the server busy (goal: >= 0.9). Prints one JSON object.
+``OpenAIBackend.generate`` with concurrency C, after a warm-up call of C requests that pays the one-time
+imports. The ideal throughput is C / delay; the efficiency (measured / ideal) shows how well the client keeps
+the server busy (goal: >= 0.9). Prints one JSON object.
 
     .venv/bin/python bench/mllm_overhead.py --requests 1000 --concurrency 16 --delay-ms 50
-    .venv/bin/python bench/mllm_overhead.py --image-size 1024 --image-format jpeg   # with image encoding
+    .venv/bin/python bench/mllm_overhead.py --image-size 1024 [--image-format png | --pre-encoded]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def run(
     concurrency: int,
     delay_s: float,
     image_size: int = 0,
-    image_format: str = "png",
+    image_format: str = "jpeg",
     pre_encoded: bool = False,
     in_process: bool = False,
 ) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--image-size", type=int, default=0, help="side of one image per request (0: none)")
-    parser.add_argument("--image-format", choices=("png", "jpeg"), default="png", help="PIL image encoding")
+    parser.add_argument("--image-format", choices=("png", "jpeg"), default="jpeg", help="PIL image encoding")
     parser.add_argument("--pre-encoded", action="store_true", help="send PNG bytes encoded beforehand")
     parser.add_argument("--in-process", action="store_true", help="server in a thread, not a process")
     args = parser.parse_args()

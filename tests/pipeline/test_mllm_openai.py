@@ -42,7 +42,9 @@ def test_images_arrive_as_data_urls_in_order_with_the_request_fields() -> None:
         temperature=0.3,
     )
     with chat_server("fine") as server:
-        backend = OpenAIBackend(server.base_url, "qwen-test", api_key="sk-test", retry=FAST_RETRY)
+        backend = OpenAIBackend(
+            server.base_url, "qwen-test", api_key="sk-test", image_format="png", retry=FAST_RETRY
+        )
         (response,) = backend.generate([request])
     assert response.ok and response.text == "fine" and response.model == "qwen-test"
     (seen,) = server.requests
@@ -62,11 +64,11 @@ def test_images_arrive_as_data_urls_in_order_with_the_request_fields() -> None:
     assert response.prompt_tokens == 4 + 3 * 64 and response.completion_tokens == 1  # the server's usage
 
 
-def test_pil_images_can_travel_as_jpeg_while_bytes_stay_as_given() -> None:
+def test_pil_images_travel_as_jpeg_by_default_while_bytes_stay_as_given() -> None:
     png = _png(Image.new("RGB", (8, 8), "white"))
     request = MLLMRequest((user("a", Image.new("RGB", (64, 48), (200, 10, 10)), "b", png),))
     with chat_server("ok") as server:
-        backend = OpenAIBackend(server.base_url, "m", image_format="jpeg", retry=FAST_RETRY)
+        backend = OpenAIBackend(server.base_url, "m", retry=FAST_RETRY)
         assert backend.generate([request])[0].ok
     urls = server.requests[0].image_urls()
     assert urls[0].startswith("data:image/jpeg;base64,") and urls[1].startswith("data:image/png;base64,")
