@@ -97,20 +97,21 @@ class ConflictWorker:
 def judge_conflicts(tasks: Sequence[ConflictTask], store: Any, backend: Any) -> list[ConflictOutcome]:
     """Ask the MLLM about every task (one batch, the backend keeps the server busy) and parse the answers."""
     from pipeline.mllm.parsing import ParseFailure, parse_conflict
-    from pipeline.mllm.prompts import conflict_prompt
+    from pipeline.mllm.prompts import PROMPT_VERSION, conflict_prompt
 
-    prompts = [
-        conflict_prompt(store.open(task.source_sha), [(text, store.open(sha)) for text, sha in task.turns])
-        for task in tasks
-    ]
-    responses = backend.generate([prompt.request for prompt in prompts])
+    def lazy(task: ConflictTask):
+        return lambda: conflict_prompt(
+            store.open(task.source_sha), [(text, store.open(sha)) for text, sha in task.turns]
+        ).request
+
+    responses = backend.generate([lazy(task) for task in tasks])
     outcomes = []
-    for task, prompt, response in zip(tasks, prompts, responses, strict=True):
+    for task, response in zip(tasks, responses, strict=True):
         common = {
             "sample_id": task.sample_id,
             "cache_key": task.cache_key,
             "model": backend.model,
-            "prompt_version": prompt.version,
+            "prompt_version": PROMPT_VERSION["conflict"],
             "raw": response.text or None,
             "latency_ms": response.latency_s * 1000,
             "prompt_tokens": response.prompt_tokens,
@@ -257,7 +258,9 @@ def conflict_stage(
             _apply(session, outcome, copied_from_cache=True)
             report.count(outcome.verdict)
         report.cached = len(hits)
-    batch_size = batch_size or max(8, settings.mllm_concurrency * 4)
+    # Large batches keep the server busy (requests are built lazily, a bounded window ahead of the ones in flight);
+    # each batch's results are committed as it finishes, which is how far a crash can set the stage back.
+    batch_size = batch_size or max(64, settings.mllm_concurrency * 32)
     for outcomes in engine.map_batches(ConflictWorker(settings, mllm), misses, batch_size=batch_size, desc=STAGE):
         with session_scope(url) as session:
             for outcome in outcomes:

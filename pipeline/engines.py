@@ -10,8 +10,11 @@ Both keep the input order, so both engines produce the same rows.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -41,12 +44,17 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
 
 
 class LocalEngine:
-    """Runs the work in this process (backends and scorers use their own threads and batching)."""
+    """Runs the work in this process (backends and scorers use their own threads and batching).
+
+    The work runs in a background thread one batch ahead of the caller, so the caller's database writes for one
+    batch overlap the next batch's work (an MLLM server never waits for them).
+    """
 
     name = "local"
 
-    def __init__(self, *, progress: bool = True) -> None:
+    def __init__(self, *, progress: bool = True, read_ahead: int = 1) -> None:
         self.progress = progress
+        self.read_ahead = read_ahead
 
     def map_batches(
         self, factory: WorkerFactory, tasks: Sequence[Any], *, batch_size: int, desc: str
@@ -54,13 +62,38 @@ class LocalEngine:
         if not tasks:
             return
         work = factory()
-        with tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False) as bar:
-            for batch in _chunks(tasks, batch_size):
-                results = work(batch)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{desc}: a worker returned {len(results)} results for {len(batch)} tasks")
-                bar.update(len(batch))
-                yield results
+        done = object()
+        results: queue.Queue[Any] = queue.Queue(maxsize=self.read_ahead)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for batch in _chunks(tasks, batch_size):
+                    if stop.is_set():
+                        return
+                    out = work(batch)
+                    if len(out) != len(batch):
+                        raise RuntimeError(f"{desc}: a worker returned {len(out)} results for {len(batch)} tasks")
+                    results.put(out)
+                results.put(done)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                results.put(exc)
+
+        producer = threading.Thread(target=produce, name=f"mcie-{desc}", daemon=True)
+        producer.start()
+        try:
+            with tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress, leave=False) as bar:
+                while (item := results.get()) is not done:
+                    if isinstance(item, BaseException):
+                        raise item
+                    bar.update(len(item))
+                    yield item
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue, then let it finish
+                with contextlib.suppress(queue.Empty):
+                    results.get(timeout=0.1)
+            producer.join()
 
 
 class _RayWorker:

@@ -132,21 +132,30 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
 def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]], backend: Any, k: int):
     from pipeline.boxes import Box
     from pipeline.mllm.parsing import ParseFailure, parse_grounding
-    from pipeline.mllm.prompts import grounding_prompt
+    from pipeline.mllm.prompts import PROMPT_VERSION, grounding_prompt
 
-    prompts = [grounding_prompt(b, a, t.instruction, k=k) for t, (b, a) in zip(tasks, pairs, strict=True)]
-    responses = backend.generate([p.request for p in prompts])
+    prompts: list[Any] = [None] * len(tasks)
+
+    def lazy(i: int):
+        def build():
+            before, after = pairs[i]
+            prompts[i] = grounding_prompt(before, after, tasks[i].instruction, k=k)
+            return prompts[i].request
+
+        return build
+
+    responses = backend.generate([lazy(i) for i in range(len(tasks))])
     for task, prompt, response in zip(tasks, prompts, responses, strict=True):
         common = {
             "model": backend.model,
-            "prompt_version": prompt.version,
+            "prompt_version": PROMPT_VERSION["grounding"],
             "cache_key": task.cache_key or "",
             "raw": response.text or None,
             "latency_ms": response.latency_s * 1000,
             "prompt_tokens": response.prompt_tokens,
             "completion_tokens": response.completion_tokens,
         }
-        if not response.ok:
+        if not response.ok or prompt is None:
             yield GroundingCall(**common, verdict="error", parsed=None, error=response.error), []
             continue
         assert prompt.frame is not None and prompt.image_size is not None

@@ -215,6 +215,19 @@ class MLLMRequest:
         return tuple(image for message in self.messages for image in message.images)
 
 
+LazyRequest = Callable[[], "MLLMRequest"]
+
+
+def build_request(request: MLLMRequest | LazyRequest) -> MLLMRequest | MLLMResponse:
+    """The request itself, or the one a :data:`LazyRequest` builds; a failure to build becomes a failed response."""
+    if isinstance(request, MLLMRequest):
+        return request
+    try:
+        return request()
+    except Exception as exc:  # a bad input image must fail its request, not the batch
+        return MLLMResponse.failure(f"the request could not be built: {type(exc).__name__}: {exc}")
+
+
 @dataclass(frozen=True)
 class MLLMResponse:
     """The answer to one request. ``error`` is None on success; otherwise ``text`` is empty or partial."""
@@ -294,12 +307,28 @@ class Backend(ABC):
     def _generate(self, requests: list[MLLMRequest]) -> list[MLLMResponse]:
         """Answer ``requests`` in order; put per-request failures in the responses."""
 
-    def generate(self, requests: Sequence[MLLMRequest]) -> list[MLLMResponse]:
-        """Answer every request, in order. Never raises for a failed request: see each ``error``."""
+    #: Whether :meth:`_generate` accepts :data:`LazyRequest` callables itself (building them while other requests
+    #: are in flight); otherwise :meth:`generate` builds them first.
+    builds_lazily: ClassVar[bool] = False
+
+    def generate(self, requests: Sequence[MLLMRequest | LazyRequest]) -> list[MLLMResponse]:
+        """Answer every request, in order. Never raises for a failed request: see each ``error``.
+
+        A request may be given as a zero-argument callable that builds it (:data:`LazyRequest`): backends that
+        overlap work build it when its turn comes, so preparing images overlaps the requests already in flight.
+        """
         batch = list(requests)
         if not batch:
             return []
         start = time.perf_counter()
+        if not self.builds_lazily:
+            built = [build_request(r) for r in batch]
+            failed = {i: r for i, r in enumerate(built) if isinstance(r, MLLMResponse)}
+            if failed:
+                todo = [i for i in range(len(batch)) if i not in failed]
+                answered = dict(zip(todo, self.generate([built[i] for i in todo]), strict=True)) if todo else {}
+                return [failed.get(i) or answered[i] for i in range(len(batch))]
+            batch = built
         try:
             responses = self._generate(batch)
         except Exception as exc:  # a backend bug or a lost engine must not lose the whole batch silently

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import httpx
 
-from pipeline.mllm.base import Backend, ImageFormat, ImagePart, MLLMRequest, MLLMResponse
+from pipeline.mllm.base import (
+    Backend,
+    ImageFormat,
+    ImagePart,
+    LazyRequest,
+    MLLMRequest,
+    MLLMResponse,
+    build_request,
+)
 
 if TYPE_CHECKING:
     from mcie.config import Settings
@@ -257,6 +265,8 @@ class OpenAIBackend(Backend):
 
     # --- public API ------------------------------------------------------------------------------------
 
+    builds_lazily = True
+
     def _generate(self, requests: list[MLLMRequest]) -> list[MLLMResponse]:
         return _run_sync(self._answer_all(requests))
 
@@ -289,7 +299,7 @@ class OpenAIBackend(Backend):
             transport=self._transport,
         )
 
-    async def _answer_all(self, requests: list[MLLMRequest]) -> list[MLLMResponse]:
+    async def _answer_all(self, requests: list[MLLMRequest | LazyRequest]) -> list[MLLMResponse]:
         """``concurrency`` workers take the requests in turn, each over its own keep-alive connection.
 
         One client per worker, not one shared pool: httpcore's shared pool re-opens connections and stalls
@@ -298,17 +308,44 @@ class OpenAIBackend(Backend):
         """
         results: list[MLLMResponse | None] = [None] * len(requests)
         pending = iter(range(len(requests)))
+        # Lazy requests are built ahead, in request order, by a small thread pool, so building (reading and
+        # encoding images) overlaps the requests in flight instead of delaying each worker's next send.
+        # At most 2 x concurrency requests are built ahead of the ones sent, so memory stays bounded.
+        loop = asyncio.get_running_loop()
+        builder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mllm-build")
+        built: list[asyncio.Future[MLLMRequest | MLLMResponse] | None] = [None] * len(requests)
+        window = 2 * self.concurrency
+        scheduled = 0
+
+        def schedule(upto: int) -> None:
+            nonlocal scheduled
+            while scheduled < min(upto, len(requests)):
+                request = requests[scheduled]
+                if not isinstance(request, MLLMRequest):
+                    built[scheduled] = loop.run_in_executor(builder, build_request, request)
+                scheduled += 1
+
+        schedule(window)
 
         async def worker() -> None:
             async with self._client() as client:
                 for index in pending:  # shared iterator: each index is taken by exactly one worker
                     try:
-                        results[index] = await self._answer(client, requests[index])
+                        schedule(index + window)
+                        future = built[index]
+                        request = requests[index] if future is None else await future
+                        if isinstance(request, MLLMResponse):  # building it failed
+                            results[index] = request
+                            continue
+                        results[index] = await self._answer(client, request)
                     except Exception as exc:  # never lose the batch for one request
                         error = f"{type(exc).__name__}: {exc}"
                         results[index] = MLLMResponse.failure(error, model=self.model)
 
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(requests)))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(requests)))))
+        finally:
+            builder.shutdown(wait=False, cancel_futures=True)
         missing = MLLMResponse.failure("not answered", model=self.model)
         return [r if r is not None else missing for r in results]
 
