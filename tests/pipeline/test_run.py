@@ -223,3 +223,26 @@ def test_mllm_filter_grounding_and_cache(demo: Path, monkeypatch) -> None:
         assert code == 0
         assert len(server.requests) == calls  # cached: a re-run costs no MLLM call
         assert counts(url) == before
+
+
+def test_ingest_generic_jsonl_manifest(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    for name, colour in (("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200))):
+        Image.new("RGB", (48, 32), colour).save(folder / f"{name}.png")
+    lines = [
+        {"id": "one", "dataset": "mine", "source_image": "a.png",
+         "turns": [{"instruction": "make it green", "image": "b.png"},
+                   {"instruction": "make it blue", "image": "c.png"}]},
+        {"id": "two", "dataset": "mine", "source_image": "a.png", "turns": [{"instruction": "", "image": "b.png"}]},
+    ]  # fmt: skip
+    (folder / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    code, out, _ = cli("pipeline", "ingest", str(folder / "edits.jsonl"), "--format", "jsonl", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["ingested"] == 1 and report["skipped"] == 1
+    assert report["skipped_records"][0]["line"] == 2
+    code, out, _ = cli("pipeline", "status", "--json")
+    assert json.loads(out)["instances"] == 1
