@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     editing_weights_path: Path | None = Field(
         None, description="Folder with trained MCIE-E1 parts (LoRA + SACA + BCCA safetensors)."
     )
+    editing_vision_checkpoint: Path | None = Field(
+        None, description="open_clip vision checkpoint for BCCA (default: the one named in the weights' config)."
+    )
+    dino_checkpoint: Path | None = Field(
+        None, description="Local DINOv2 folder (transformers layout) for the DINO-I metric of `mcie eval`."
+    )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
