@@ -97,12 +97,15 @@ def create_app(
     app.state.settings = settings
     app.state.store = ImageStore.from_settings(settings)
     app.state.limiter = limiter or LoginRateLimiter()
+    __import__("annotate.previews", fromlist=["attach_worker"]).attach_worker(app)  # preview worker, start/stop
     secret = load_secret_key(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None)
 
     _add_routes(app)
+    app.include_router(__import__("annotate.api_review", fromlist=["router"]).router)  # JSON review API
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if mount_ui:
         _mount_gradio(app, settings)
+    __import__("annotate.study_routes", fromlist=["register_study"]).register_study(app, settings, mount_ui=mount_ui)
 
     # Added last = outermost: headers wrap everything, the session is decoded before the role gate reads it.
     app.add_middleware(
@@ -349,7 +352,7 @@ def login_submit(
             status.HTTP_429_TOO_MANY_REQUESTS,
             {"Retry-After": str(math.ceil(wait))},
         )
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database_url, write=True) as session:  # reads the user, then writes
         user = snapshot(authenticate(session, username, password) if username and password else None)
         session.add(
             AuditLog(

@@ -29,6 +29,16 @@ who closes the browser resumes where they stopped. :func:`cast_vote` stores a ch
 :func:`advance` moves on; votes on completed or later screens are refused); :func:`advance` needs a vote on every
 criterion and marks the participant finished after the last screen.
 
+A study can also be made from review samples and the model's finished ``previews`` rows
+(:func:`create_study_from_previews`: the window source and the sample's instruction per item, one model version per
+method, optionally the ground truth as ``reference``), checked as thoroughly as a folder. For the web app
+(:mod:`annotate.study_routes`): :func:`invite_problem` says why a link does not work, :func:`participant_study` finds
+the study of a participant who logs in with a password, :func:`may_see_image` limits a participant to the images of
+their own items, :func:`upcoming_images` lets the screen warm the browser's cache, and :func:`list_studies`,
+:func:`resolve_study` and :func:`resolve_participant` serve the CLI and the leads' pages. A vote on the current screen
+takes one read (:func:`_open_screen`) and locks the screen's row on PostgreSQL, so it cannot cross an
+:func:`advance` of the same screen.
+
 Votes are stored with the method chosen (``chosen_output_id``; NULL = none acceptable), its 1-based screen position
 (``shown_position``, A = 1), the screen order and the latency (of the latest change). :func:`votes_frame` builds the
 analysis input, :func:`export_votes` writes the raw votes, :func:`study_results` applies the recorded exclusions and
@@ -43,7 +53,8 @@ import math
 import re
 import secrets
 import string
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,22 +62,27 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from annotate import study_analysis, study_design
 from annotate.accounts import check_username, create_user
 from db.models import (
     AuditLog,
+    Instance,
+    JobStatus,
+    Preview,
     Role,
+    Sample,
     Study,
     StudyAssignment,
     StudyItem,
     StudyOutput,
     StudyParticipant,
     StudyStatus,
+    Turn,
     User,
     Vote,
     utcnow,
@@ -101,6 +117,27 @@ EXPORT_COLUMNS: tuple[str, ...] = (
 
 class StudyError(ValueError):
     """A study request that cannot be done; the message says why."""
+
+
+class StudyAccessError(StudyError):
+    """The user may not take part in this study: not enrolled, or their invitation was revoked."""
+
+
+class StudyNotOpenError(StudyError):
+    """The study is a draft or closed, so nobody can see screens or vote; ``status`` says which."""
+
+    def __init__(self, message: str, status: StudyStatus) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class StudyPreviewsError(StudyError):
+    """A study from previews that cannot be made; ``problems`` lists every gap (sample, method, what was found)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"cannot create a study from previews: {len(self.problems)} problem(s)\n{listing}")
 
 
 class StudyFolderError(StudyError):
@@ -442,16 +479,231 @@ def create_study_from_folder(
         )
 
 
-def create_study_from_previews(db: str | Session, name: str, sample_ids: Sequence[int], methods: Sequence[str]) -> None:
-    """TODO: build a study from accepted samples and the ``previews`` table (one model version per method).
+@dataclass(frozen=True)
+class _PreviewPick:
+    image: str | None
+    problem: str | None
+    n_candidates: int
 
-    Not implemented yet: nothing writes ``previews`` so far, and baselines (other methods' outputs) have no table
-    of their own; export the outputs into the folder layout and use :func:`create_study_from_folder`.
-    """
-    raise NotImplementedError(
-        "create_study_from_previews is not implemented yet (the previews table is still empty); "
-        "lay the outputs out as a folder and use create_study_from_folder"
+
+def _window_images(session: Session, samples: Sequence[Sample]) -> dict[int, tuple[str | None, str | None]]:
+    """``sample id -> (window source, ground-truth target)``: the image before the window's first turn (the
+    instance's source for turn 1) and the result of its last turn."""
+    instance_ids = {s.instance_id for s in samples}
+    sources = dict(
+        session.execute(select(Instance.id, Instance.source_image).where(Instance.id.in_(instance_ids))).all()
     )
+    results = {
+        (instance_id, index): image
+        for instance_id, index, image in session.execute(
+            select(Turn.instance_id, Turn.index, Turn.result_image).where(Turn.instance_id.in_(instance_ids))
+        )
+    }
+    return {
+        s.id: (
+            sources.get(s.instance_id) if s.first_turn == 1 else results.get((s.instance_id, s.first_turn - 1)),
+            results.get((s.instance_id, s.last_turn)),
+        )
+        for s in samples
+    }
+
+
+def _pick_preview(rows: Sequence[Preview], sample_id: int, method: str, version: str) -> _PreviewPick:
+    """The newest finished preview among ``rows`` (one sample and model version), or why there is none."""
+    done = [r for r in rows if r.status is JobStatus.done and r.image is not None]
+    if done:
+        best = max(done, key=lambda r: (r.finished_at or r.created_at, r.id))
+        return _PreviewPick(best.image, None, len(done))
+    what = f"sample {sample_id}: no finished preview for method {method!r} (model version {version!r})"
+    if not rows:
+        return _PreviewPick(None, f"{what}: none was requested", 0)
+    states = Counter(r.status.value for r in rows)
+    found = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    errors = sorted({r.error.strip().splitlines()[0][:120] for r in rows if r.error and r.error.strip()})
+    detail = f"; last errors: {'; '.join(errors[:3])}" if errors else ""
+    return _PreviewPick(None, f"{what}: found {found}{detail}", 0)
+
+
+def _method_versions(methods: Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(methods, Mapping):
+        return {str(k): str(v) for k, v in methods.items()}
+    if isinstance(methods, str):
+        raise StudyError("methods must be a list of model versions or a mapping method name -> model version")
+    return {str(m): str(m) for m in methods}
+
+
+def create_study_from_previews(
+    db: str | Session,
+    name: str,
+    sample_ids: Sequence[int],
+    methods: Sequence[str] | Mapping[str, str],
+    *,
+    reference: bool = False,
+    reference_name: str = "reference",
+    preview_seed: int | None = None,
+    attention_checks: Mapping[int, str] | None = None,
+    items_per_participant: int = 100,
+    seed: int = 0,
+    criteria: Sequence[str] = DEFAULT_CRITERIA,
+    description: str | None = None,
+    status: StudyStatus = StudyStatus.open,
+    actor_id: int | None = None,
+) -> StudyReport:
+    """Create a study whose items are review samples and whose outputs are the model's finished previews.
+
+    Each sample becomes an item (``external_id`` ``sample-<id>``, linked by ``sample_id``): its source image is the
+    sample's window source (the image before its first turn) and its instruction the sample's complex instruction.
+    ``methods`` names the model versions (``previews.model_version``) to compare - a list (the versions are the
+    method names) or a mapping ``method name -> model version``; each item takes, per method, the newest finished
+    preview of that sample and version (of ``preview_seed`` only, when given; a warning says when several were
+    finished). ``reference=True`` adds the sample's ground-truth target (its last turn's result) as the method
+    ``reference_name``. ``attention_checks`` maps a sample id to the method that is its obvious answer.
+
+    Everything is checked before anything is written: every sample that does not exist or lacks an image, and every
+    (sample, method) without a finished preview (with what was found instead: queued, running, failed and the
+    error), are reported together in one :class:`StudyPreviewsError`, and no study is created.
+    """
+    criteria = _check_criteria(criteria)
+    if not name or not name.strip() or len(name) > 128:
+        raise StudyError(f"a study name must have 1-128 characters; got {name!r}")
+    versions = _method_versions(methods)
+    problems: list[str] = []
+    warnings: list[str] = []
+    names = [*versions, *([reference_name] if reference else [])]
+    for method in names:
+        if not METHOD_RE.fullmatch(method):
+            problems.append(
+                f"method name {method!r} must be 1-64 letters, digits, '_.+-' (name a model version with "
+                "methods={name: model_version})"
+            )
+    if reference and reference_name in versions:
+        problems.append(f"method name {reference_name!r} is taken by the ground-truth reference; pick another")
+    duplicated = sorted(v for v, n in Counter(versions.values()).items() if n > 1)
+    if duplicated:
+        problems.append(f"model version(s) {', '.join(map(repr, duplicated))} given under more than one method name")
+    if len(set(names)) < 2:
+        problems.append(f"a study needs at least two methods (got {names or 'none'}; reference=True adds one)")
+    if len(set(names)) > len(LABELS):
+        problems.append(f"at most {len(LABELS)} methods can be labelled A-Z (got {len(set(names))})")
+    ids = [int(i) for i in sample_ids]
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if not ids:
+        problems.append("no sample ids given")
+    if repeated:
+        problems.append(f"sample id(s) given more than once: {', '.join(map(str, repeated))}")
+    attention = {int(k): str(v) for k, v in (attention_checks or {}).items()}
+    for sample_id, answer in sorted(attention.items()):
+        if sample_id not in ids:
+            problems.append(f"attention check on sample {sample_id}, which is not among the study's samples")
+        if answer not in names:
+            problems.append(f"attention check of sample {sample_id}: {answer!r} is not one of the methods {names}")
+    order = list(dict.fromkeys(ids))
+    with _scope(db, write=True) as session:
+        samples = {s.id: s for s in session.scalars(select(Sample).where(Sample.id.in_(order)))}
+        problems.extend(f"sample {i}: no such sample" for i in order if i not in samples)
+        windows = _window_images(session, list(samples.values()))
+        stmt = select(Preview).where(Preview.sample_id.in_(order), Preview.model_version.in_(set(versions.values())))
+        if preview_seed is not None:
+            stmt = stmt.where(Preview.seed == preview_seed)
+        found: dict[tuple[int, str], list[Preview]] = {}
+        for row in session.scalars(stmt):
+            found.setdefault((row.sample_id, row.model_version), []).append(row)
+        outputs: dict[int, dict[str, str]] = {}
+        for sample_id in order:
+            if sample_id not in samples:
+                continue
+            source, target = windows[sample_id]
+            if source is None:
+                problems.append(
+                    f"sample {sample_id}: its window source image (before turn "
+                    f"{samples[sample_id].first_turn}) is missing"
+                )
+            picked: dict[str, str] = {}
+            for method, version in versions.items():
+                pick = _pick_preview(found.get((sample_id, version), []), sample_id, method, version)
+                if pick.problem:
+                    problems.append(pick.problem)
+                elif pick.image is not None:
+                    picked[method] = pick.image
+                    if pick.n_candidates > 1:
+                        warnings.append(
+                            f"sample {sample_id}: {pick.n_candidates} finished previews of {method!r}; "
+                            "took the newest (pass preview_seed to choose)"
+                        )
+            if reference:
+                if target is None:
+                    problems.append(
+                        f"sample {sample_id}: its ground-truth target (turn {samples[sample_id].last_turn}) is missing"
+                    )
+                else:
+                    picked[reference_name] = target
+            outputs[sample_id] = picked
+        attention_index = [k for k, sample_id in enumerate(order) if sample_id in attention]
+        if not problems:
+            try:  # validates items_per_participant and seed against the items
+                study_design.design(len(order), len(names), 0, items_per_participant, seed, attention_index)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if session.scalar(select(Study.id).where(Study.name == name)) is not None:
+            problems.append(f"a study named {name!r} already exists")
+        if problems:
+            raise StudyPreviewsError(problems)
+        study = Study(
+            name=name,
+            description=description,
+            status=status,
+            items_per_participant=items_per_participant,
+            criteria=list(criteria),
+            seed=seed,
+            created_by=actor_id,
+        )
+        session.add(study)
+        session.flush()
+        images: set[str] = set()
+        for sample_id in order:
+            sample = samples[sample_id]
+            source = windows[sample_id][0]
+            assert source is not None
+            row = StudyItem(
+                study_id=study.id,
+                external_id=f"sample-{sample_id}",
+                source_image=source,
+                instruction=sample.instruction,
+                sample_id=sample_id,
+                is_attention_check=sample_id in attention,
+                attention_answer=attention.get(sample_id),
+            )
+            session.add(row)
+            session.flush()
+            session.add_all(StudyOutput(item_id=row.id, method=m, image=img) for m, img in outputs[sample_id].items())
+            images |= {source, *outputs[sample_id].values()}
+        session.add(
+            AuditLog(
+                user_id=actor_id,
+                action="study.create",
+                entity="study",
+                entity_id=str(study.id),
+                details={
+                    "name": name,
+                    "from": "previews",
+                    "samples": order,
+                    "methods": versions,
+                    "reference": reference_name if reference else None,
+                },
+            )
+        )
+        return StudyReport(
+            study.id,
+            name,
+            "previews",
+            len(order),
+            len(attention_index),
+            tuple(sorted(names)),
+            criteria,
+            items_per_participant,
+            len(images),
+            tuple(warnings),
+        )
 
 
 def set_study_status(
@@ -492,9 +744,9 @@ def _enrolment(session: Session, study_id: int, user_id: int, *, active: bool = 
         select(StudyParticipant).where(StudyParticipant.study_id == study_id, StudyParticipant.user_id == user_id)
     )
     if row is None:
-        raise StudyError(f"user {user_id} is not enrolled in study {study_id}")
+        raise StudyAccessError(f"user {user_id} is not enrolled in study {study_id}")
     if active and row.revoked_at is not None:
-        raise StudyError(f"the invitation of user {user_id} to study {study_id} was revoked")
+        raise StudyAccessError(f"the invitation of user {user_id} to study {study_id} was revoked")
     return row
 
 
@@ -585,6 +837,179 @@ def participant_from_token(db: str | Session, token: str) -> tuple[int, int] | N
             )
         ).first()
         return None if found is None else (int(found[0]), int(found[1]))
+
+
+INVITE_UNKNOWN = (
+    "This invitation link is not valid. Please check that you opened the whole link, or ask the study's organisers "
+    "for a new one."
+)
+INVITE_REVOKED = "This invitation link was withdrawn by the study's organisers, so it no longer opens the study."
+INVITE_DISABLED = "The account of this invitation is disabled. Please contact the study's organisers."
+INVITE_DRAFT = "This study has not started yet. Please open your link again later."
+INVITE_CLOSED = "This study is closed. Thank you for your interest!"
+
+
+def invite_problem(db: str | Session, token: str) -> str | None:
+    """Why an invite token does not open its study, as a sentence for the participant (unknown, withdrawn, account
+    disabled, study not started or closed); None when it works (:func:`participant_from_token` returns its ids)."""
+    if not token:
+        return INVITE_UNKNOWN
+    with _scope(db) as session:
+        found = session.execute(
+            select(StudyParticipant.revoked_at, Study.status, User.active)
+            .join(Study, Study.id == StudyParticipant.study_id)
+            .join(User, User.id == StudyParticipant.user_id)
+            .where(StudyParticipant.invite_token_hash == _hash_token(token))
+        ).first()
+    if found is None:
+        return INVITE_UNKNOWN
+    revoked_at, status, active = found
+    if revoked_at is not None:
+        return INVITE_REVOKED
+    if not active:
+        return INVITE_DISABLED
+    if status is StudyStatus.draft:
+        return INVITE_DRAFT
+    if status is StudyStatus.closed:
+        return INVITE_CLOSED
+    return None
+
+
+def participant_study(db: str | Session, user_id: int) -> int | None:
+    """The open study the user takes part in (invitation not revoked), the first unfinished one by enrolment, else
+    the first finished one; None when there is none (for a participant who logs in with a password)."""
+    with _scope(db) as session:
+        rows = session.execute(
+            select(StudyParticipant.study_id, StudyParticipant.finished_at)
+            .join(Study, Study.id == StudyParticipant.study_id)
+            .where(
+                StudyParticipant.user_id == user_id,
+                StudyParticipant.revoked_at.is_(None),
+                Study.status == StudyStatus.open,
+            )
+            .order_by(StudyParticipant.id)
+        ).all()
+    unfinished = [study_id for study_id, finished in rows if finished is None]
+    return (unfinished or [study_id for study_id, _ in rows] or [None])[0]
+
+
+def may_see_image(db: str | Session, user_id: int, sha256: str, study_id: int | None = None) -> bool:
+    """Whether ``sha256`` is the source image or an output of an item in the user's own sequence (of ``study_id``
+    only, when given) while their invitation stands: what a participant may load."""
+    with _scope(db) as session:
+        items = (
+            select(StudyAssignment.item_id)
+            .join(
+                StudyParticipant,
+                (StudyParticipant.study_id == StudyAssignment.study_id)
+                & (StudyParticipant.user_id == StudyAssignment.participant_id),
+            )
+            .where(StudyAssignment.participant_id == user_id, StudyParticipant.revoked_at.is_(None))
+        )
+        if study_id is not None:
+            items = items.where(StudyAssignment.study_id == study_id)
+        source = select(StudyItem.id).where(StudyItem.id.in_(items), StudyItem.source_image == sha256)
+        output = select(StudyOutput.id).where(StudyOutput.item_id.in_(items), StudyOutput.image == sha256)
+        return bool(session.scalar(select(exists(source) | exists(output))))
+
+
+def upcoming_images(db: str | Session, study_id: int, user_id: int, after_position: int, n: int = 1) -> list[str]:
+    """The images of the participant's next ``n`` screens after ``after_position`` (to warm the browser's cache);
+    never method names."""
+    with _scope(db) as session:
+        item_ids = list(
+            session.scalars(
+                select(StudyAssignment.item_id)
+                .where(
+                    StudyAssignment.study_id == study_id,
+                    StudyAssignment.participant_id == user_id,
+                    StudyAssignment.position > after_position,
+                    StudyAssignment.completed_at.is_(None),
+                )
+                .order_by(StudyAssignment.position)
+                .limit(n)
+            )
+        )
+        if not item_ids:
+            return []
+        sources = list(session.scalars(select(StudyItem.source_image).where(StudyItem.id.in_(item_ids))))
+        outputs = list(session.scalars(select(StudyOutput.image).where(StudyOutput.item_id.in_(item_ids))))
+    return list(dict.fromkeys([*sources, *outputs]))
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    id: int
+    name: str
+    status: str
+    n_items: int
+    methods: tuple[str, ...]
+    criteria: tuple[str, ...]
+    items_per_participant: int
+    enrolled: int
+    finished: int
+    created_at: datetime
+
+
+def list_studies(db: str | Session) -> list[StudySummary]:
+    """Every study, newest first, with its item count, methods and how many participants enrolled and finished."""
+    with _scope(db) as session:
+        studies = list(session.scalars(select(Study).order_by(Study.id.desc())))
+        n_items = dict(session.execute(select(StudyItem.study_id, func.count()).group_by(StudyItem.study_id)).all())
+        methods: dict[int, set[str]] = {}
+        pairs = select(StudyItem.study_id, StudyOutput.method).join(StudyItem, StudyItem.id == StudyOutput.item_id)
+        for study_id, method in session.execute(pairs.distinct()):
+            methods.setdefault(study_id, set()).add(method)
+        enrolled = dict(
+            session.execute(select(StudyParticipant.study_id, func.count()).group_by(StudyParticipant.study_id)).all()
+        )
+        finished = dict(
+            session.execute(
+                select(StudyParticipant.study_id, func.count())
+                .where(StudyParticipant.finished_at.is_not(None))
+                .group_by(StudyParticipant.study_id)
+            ).all()
+        )
+        return [
+            StudySummary(
+                s.id,
+                s.name,
+                s.status.value,
+                int(n_items.get(s.id, 0)),
+                tuple(sorted(methods.get(s.id, ()))),
+                tuple(s.criteria),
+                s.items_per_participant,
+                int(enrolled.get(s.id, 0)),
+                int(finished.get(s.id, 0)),
+                s.created_at,
+            )
+            for s in studies
+        ]
+
+
+def resolve_study(db: str | Session, key: str | int) -> int:
+    """The id of the study named ``key``, or with the id ``key`` (a number); StudyError when there is none."""
+    with _scope(db) as session:
+        text = str(key).strip()
+        found = session.scalar(select(Study.id).where(Study.name == text))
+        if found is None and text.isdigit():
+            found = session.scalar(select(Study.id).where(Study.id == int(text)))
+        if found is None:
+            raise StudyError(f"no study named or numbered {text!r}")
+        return int(found)
+
+
+def resolve_participant(db: str | Session, study_id: int, key: str | int) -> int:
+    """The user id of the study's participant with the username ``key``, or the user id ``key`` (a number)."""
+    with _scope(db) as session:
+        text = str(key).strip()
+        enrolled = select(StudyParticipant.user_id).where(StudyParticipant.study_id == study_id)
+        found = session.scalar(select(User.id).where(User.username == text.lower(), User.id.in_(enrolled)))
+        if found is None and text.isdigit():
+            found = session.scalar(select(User.id).where(User.id == int(text), User.id.in_(enrolled)))
+        if found is None:
+            raise StudyAccessError(f"no participant {text!r} in study {study_id}")
+        return int(found)
 
 
 @dataclass(frozen=True)
@@ -702,7 +1127,7 @@ def participants_status(db: str | Session, study_id: int) -> list[ParticipantSta
 def _open_study(session: Session, study_id: int) -> Study:
     study = _study(session, study_id)
     if study.status is not StudyStatus.open:
-        raise StudyError(f"study {study_id} ({study.name}) is {study.status.value}, not open")
+        raise StudyNotOpenError(f"study {study_id} ({study.name}) is {study.status.value}, not open", study.status)
     return study
 
 
@@ -722,32 +1147,117 @@ def _current(session: Session, study_id: int, user_id: int) -> StudyAssignment |
 def current_item(db: str | Session, study_id: int, user_id: int) -> ItemScreen | None:
     """The participant's first screen not yet completed (assigning their sequence on first use); None when done."""
     with _scope(db) as session:
-        _open_study(session, study_id)
+        screen = quick_current_item(session, study_id, user_id)
+        if screen is not None:  # the usual case: three reads
+            return screen
+        study = _open_study(session, study_id)
         _enrolment(session, study_id, user_id)
-        needs_assignment = _assignment_count(session, study_id, user_id) == 0
-    if needs_assignment:
-        assign_participant(db, study_id, user_id)
+        total = _assignment_count(session, study_id, user_id)
+        if total:  # the usual case: one transaction
+            return _screen(session, study, user_id, total)
+    assign_participant(db, study_id, user_id)
     with _scope(db) as session:
         study = _open_study(session, study_id)
-        assignment = _current(session, study_id, user_id)
-        if assignment is None:
-            return None
-        item = session.get(StudyItem, assignment.item_id)
-        assert item is not None
-        outputs = session.execute(select(StudyOutput.method, StudyOutput.image).where(StudyOutput.item_id == item.id))
-        images = {method: image for method, image in outputs}
-        votes = session.execute(select(Vote.criterion, Vote.shown_position).where(Vote.assignment_id == assignment.id))
-        return ItemScreen(
-            study_id=study_id,
-            item_id=item.id,
-            position=assignment.position,
-            total=_assignment_count(session, study_id, user_id),
-            instruction=item.instruction,
-            source_image=item.source_image,
-            outputs=tuple(ScreenOutput(LABELS[k], images[m]) for k, m in enumerate(assignment.shown_order)),
-            criteria=tuple(study.criteria),
-            choices={c: None if pos is None else LABELS[pos - 1] for c, pos in votes},
+        return _screen(session, study, user_id, _assignment_count(session, study_id, user_id))
+
+
+def quick_current_item(session: Session, study_id: int, user_id: int) -> ItemScreen | None:
+    """The current screen in three reads when the study is open, the invitation stands and a screen is left; None
+    otherwise (:func:`current_item` then assigns the sequence, says the participant is done, or why they cannot go
+    on)."""
+    total = (
+        select(func.count())
+        .select_from(StudyAssignment)
+        .where(StudyAssignment.study_id == study_id, StudyAssignment.participant_id == user_id)
+        .scalar_subquery()
+    )
+    row = session.execute(
+        select(
+            StudyAssignment.id,
+            StudyAssignment.position,
+            StudyAssignment.shown_order,
+            StudyItem.id.label("item_id"),
+            StudyItem.instruction,
+            StudyItem.source_image,
+            Study.criteria,
+            total.label("total"),
         )
+        .join(StudyItem, StudyItem.id == StudyAssignment.item_id)
+        .join(Study, Study.id == StudyAssignment.study_id)
+        .join(
+            StudyParticipant,
+            (StudyParticipant.study_id == StudyAssignment.study_id)
+            & (StudyParticipant.user_id == StudyAssignment.participant_id),
+        )
+        .where(
+            StudyAssignment.study_id == study_id,
+            StudyAssignment.participant_id == user_id,
+            StudyAssignment.completed_at.is_(None),
+            Study.status == StudyStatus.open,
+            StudyParticipant.revoked_at.is_(None),
+        )
+        .order_by(StudyAssignment.position)
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    images = dict(
+        session.execute(select(StudyOutput.method, StudyOutput.image).where(StudyOutput.item_id == row.item_id)).all()
+    )
+    votes = session.execute(select(Vote.criterion, Vote.shown_position).where(Vote.assignment_id == row.id))
+    return ItemScreen(
+        study_id=study_id,
+        item_id=row.item_id,
+        position=row.position,
+        total=int(row.total),
+        instruction=row.instruction,
+        source_image=row.source_image,
+        outputs=tuple(ScreenOutput(LABELS[k], images[m]) for k, m in enumerate(row.shown_order)),
+        criteria=tuple(row.criteria),
+        choices={c: None if pos is None else LABELS[pos - 1] for c, pos in votes},
+    )
+
+
+def _screen(session: Session, study: Study, user_id: int, total: int) -> ItemScreen | None:
+    assignment = _current(session, study.id, user_id)
+    if assignment is None:
+        return None
+    item = session.get(StudyItem, assignment.item_id)
+    assert item is not None
+    outputs = session.execute(select(StudyOutput.method, StudyOutput.image).where(StudyOutput.item_id == item.id))
+    images = {method: image for method, image in outputs}
+    votes = session.execute(select(Vote.criterion, Vote.shown_position).where(Vote.assignment_id == assignment.id))
+    return ItemScreen(
+        study_id=study.id,
+        item_id=item.id,
+        position=assignment.position,
+        total=total,
+        instruction=item.instruction,
+        source_image=item.source_image,
+        outputs=tuple(ScreenOutput(LABELS[k], images[m]) for k, m in enumerate(assignment.shown_order)),
+        criteria=tuple(study.criteria),
+        choices={c: None if pos is None else LABELS[pos - 1] for c, pos in votes},
+    )
+
+
+def participant_progress(db: str | Session, study_id: int, user_id: int) -> Progress:
+    """How far the participant is: screens completed, screens in their sequence, and whether they finished."""
+    with _scope(db) as session:
+        enrolment = _enrolment(session, study_id, user_id, active=False)
+        total = _assignment_count(session, study_id, user_id)
+        done = (
+            session.scalar(
+                select(func.count())
+                .select_from(StudyAssignment)
+                .where(
+                    StudyAssignment.study_id == study_id,
+                    StudyAssignment.participant_id == user_id,
+                    StudyAssignment.completed_at.is_not(None),
+                )
+            )
+            or 0
+        )
+        return Progress(int(done), int(total), enrolment.finished_at is not None)
 
 
 def _editable_assignment(session: Session, study_id: int, user_id: int, item_id: int) -> StudyAssignment:
@@ -771,6 +1281,68 @@ def _editable_assignment(session: Session, study_id: int, user_id: int, item_id:
     return assignment
 
 
+@dataclass(frozen=True)
+class _OpenScreen:
+    assignment_id: int
+    position: int
+    order: list[str]
+    criteria: list[str]
+
+
+def _open_screen(session: Session, study_id: int, user_id: int, item_id: int) -> _OpenScreen | None:
+    """The participant's current screen when it shows ``item_id`` and everything allows a change to it - the study is
+    open, the invitation stands, the screen is not completed and none before it is open - in one read (the vote
+    path's hot spot); None when any check fails (the callers then find out which with the detailed checks).
+
+    On PostgreSQL the assignment row stays locked until the transaction ends, so a vote and the :func:`advance` of
+    the same screen never cross: whichever comes second waits, and reads the row again after the lock (a vote that
+    waited for an advance finds the screen completed and is refused)."""
+    earlier = aliased(StudyAssignment)
+    open_before = (
+        select(earlier.id)
+        .where(
+            earlier.study_id == study_id,
+            earlier.participant_id == user_id,
+            earlier.completed_at.is_(None),
+            earlier.position < StudyAssignment.position,
+        )
+        .exists()
+    )
+    row = session.execute(
+        select(StudyAssignment.id, StudyAssignment.position, StudyAssignment.shown_order, Study.criteria)
+        .join(Study, Study.id == StudyAssignment.study_id)
+        .join(
+            StudyParticipant,
+            (StudyParticipant.study_id == StudyAssignment.study_id)
+            & (StudyParticipant.user_id == StudyAssignment.participant_id),
+        )
+        .where(
+            StudyAssignment.study_id == study_id,
+            StudyAssignment.participant_id == user_id,
+            StudyAssignment.item_id == item_id,
+            StudyAssignment.completed_at.is_(None),
+            Study.status == StudyStatus.open,
+            StudyParticipant.revoked_at.is_(None),
+            ~open_before,
+        )
+        .with_for_update(of=StudyAssignment)
+    ).first()
+    if row is None:
+        return None
+    return _OpenScreen(int(row.id), int(row.position), list(row.shown_order), list(row.criteria))
+
+
+def _checked_screen(session: Session, study_id: int, user_id: int, item_id: int) -> _OpenScreen:
+    """:func:`_open_screen`, or the StudyError that says why the screen cannot change."""
+    screen = _open_screen(session, study_id, user_id, item_id)
+    if screen is not None:
+        return screen
+    study = _open_study(session, study_id)
+    _enrolment(session, study_id, user_id)
+    assignment = _editable_assignment(session, study_id, user_id, item_id)
+    return _OpenScreen(assignment.id, assignment.position, list(assignment.shown_order), list(study.criteria))
+
+
 def cast_vote(
     db: str | Session,
     study_id: int,
@@ -785,13 +1357,12 @@ def cast_vote(
     if latency_ms is not None and (not math.isfinite(latency_ms) or latency_ms < 0):
         raise StudyError(f"latency_ms must be a non-negative number; got {latency_ms!r}")
     with _scope(db, write=True) as session:
-        study = _open_study(session, study_id)
-        _enrolment(session, study_id, user_id)
-        if criterion not in study.criteria:
-            raise StudyError(f"unknown criterion {criterion!r}: study {study_id} asks for {', '.join(study.criteria)}")
-        assignment = _editable_assignment(session, study_id, user_id, item_id)
-        order = list(assignment.shown_order)
-        output_id = position = None
+        screen = _checked_screen(session, study_id, user_id, item_id)
+        if criterion not in screen.criteria:
+            raise StudyError(f"unknown criterion {criterion!r}: study {study_id} asks for {', '.join(screen.criteria)}")
+        order = screen.order
+        output_id: Any = None
+        position = None
         if choice_label is not None:
             if choice_label not in LABELS[: len(order)]:
                 raise StudyError(
@@ -799,26 +1370,26 @@ def cast_vote(
                     "or None (none acceptable)"
                 )
             position = LABELS.index(choice_label) + 1
-            output_id = session.scalar(
-                select(StudyOutput.id).where(StudyOutput.item_id == item_id, StudyOutput.method == order[position - 1])
+            output_id = (  # looked up by the insert itself: one statement less on the vote path
+                select(StudyOutput.id)
+                .where(StudyOutput.item_id == item_id, StudyOutput.method == order[position - 1])
+                .scalar_subquery()
             )
-        values = {
-            "assignment_id": assignment.id,
-            "participant_id": user_id,
-            "item_id": item_id,
-            "criterion": criterion,
-            "chosen_output_id": output_id,
-            "shown_position": position,
-            "shown_order": order,
-            "latency_ms": latency_ms,
-        }
-        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        changes = {k: values[k] for k in ("chosen_output_id", "shown_position", "shown_order", "latency_ms")}
+        insert = (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(Vote).values(
+            assignment_id=screen.assignment_id,
+            participant_id=user_id,
+            item_id=item_id,
+            criterion=criterion,
+            chosen_output_id=output_id,
+            shown_position=position,
+            shown_order=order,
+            latency_ms=latency_ms,
+        )
+        changed = ("chosen_output_id", "shown_position", "shown_order", "latency_ms")
         session.execute(
-            insert(Vote)
-            .values(**values)
-            .on_conflict_do_update(
-                index_elements=["participant_id", "item_id", "criterion"], set_={**changes, "updated_at": utcnow()}
+            insert.on_conflict_do_update(
+                index_elements=["participant_id", "item_id", "criterion"],
+                set_={**{k: insert.excluded[k] for k in changed}, "updated_at": utcnow()},
             )
         )
 
@@ -827,33 +1398,34 @@ def advance(db: str | Session, study_id: int, user_id: int, item_id: int) -> Pro
     """Complete the current screen (a vote on every criterion is required) and move on; after the last screen the
     participant is marked finished."""
     with _scope(db, write=True) as session:
-        study = _open_study(session, study_id)
-        enrolment = _enrolment(session, study_id, user_id)
-        assignment = _editable_assignment(session, study_id, user_id, item_id)
-        voted = set(session.scalars(select(Vote.criterion).where(Vote.assignment_id == assignment.id)))
-        missing = [c for c in study.criteria if c not in voted]
+        screen = _checked_screen(session, study_id, user_id, item_id)
+        voted = set(session.scalars(select(Vote.criterion).where(Vote.assignment_id == screen.assignment_id)))
+        missing = [c for c in screen.criteria if c not in voted]
         if missing:
-            raise StudyError(
-                f"item {item_id} (screen {assignment.position}) still needs a vote on: {', '.join(missing)}"
-            )
-        assignment.completed_at = utcnow()
-        session.flush()
-        total = _assignment_count(session, study_id, user_id)
-        done = (
-            session.scalar(
-                select(func.count())
-                .select_from(StudyAssignment)
-                .where(
-                    StudyAssignment.study_id == study_id,
-                    StudyAssignment.participant_id == user_id,
-                    StudyAssignment.completed_at.is_not(None),
-                )
-            )
-            or 0
+            raise StudyError(f"item {item_id} (screen {screen.position}) still needs a vote on: {', '.join(missing)}")
+        session.execute(
+            update(StudyAssignment)
+            .where(StudyAssignment.id == screen.assignment_id)
+            .values(completed_at=utcnow())
+            .execution_options(synchronize_session=False)
         )
-        if done == total and enrolment.finished_at is None:
-            enrolment.finished_at = utcnow()
-        return Progress(done, total, done == total)
+        total, done = session.execute(
+            select(func.count(), func.count(StudyAssignment.completed_at)).where(
+                StudyAssignment.study_id == study_id, StudyAssignment.participant_id == user_id
+            )
+        ).one()
+        if done == total:
+            session.execute(
+                update(StudyParticipant)
+                .where(
+                    StudyParticipant.study_id == study_id,
+                    StudyParticipant.user_id == user_id,
+                    StudyParticipant.finished_at.is_(None),
+                )
+                .values(finished_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        return Progress(int(done), int(total), done == total)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,7 +12,12 @@ Tabs:
   accept/reject with a required reason (:func:`annotate.acceptance.adjudicate`);
 - **Acceptance rule**: thresholds a lead can change, with a preview of how many samples each setting would accept
   before it is applied (:func:`annotate.acceptance.preview_rule` / ``apply_rule``);
-- **Settings**: whether reviewers see the MLLM's verdict before they submit.
+- **Settings**: whether reviewers see the MLLM's verdict before they submit;
+- **Export**: a dataset export (JSONL + images, Parquet or WebDataset) of the accepted samples, or of the statuses
+  and score thresholds chosen, into ``<data_dir>/exports/<name>`` (a single folder name: nothing outside that folder
+  can be written), run by :func:`exports.api.run_export` in a background thread (:class:`ExportJobs`) so the
+  dashboard stays usable; the table lists the recorded exports (``exports`` table) with their status, sample count,
+  path, manifest hash and error.
 
 The server refuses every route under ``/dashboard`` to non-leads (:class:`annotate.web_auth.RoleGate`); each event
 handler checks the role again from the request (:func:`lead_of`) before it reads or changes anything.
@@ -23,8 +28,10 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +42,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
+from sqlalchemy import select
 
 from annotate import dashboard_data as dd
 from annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
@@ -42,7 +50,9 @@ from annotate.project import AcceptanceRule, ProjectConfigError, get_project_con
 from annotate.reviews import sample_view
 from annotate.ui_review import render_sample, render_topbar
 from annotate.web_auth import WebUser, user_for_username
+from db.models import Export, SampleStatus, User
 from db.session import session_scope
+from db.store import ImageStore
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,11 @@ STATIC = Path(__file__).parent / "static"
 CSV_DIR = Path(tempfile.gettempdir()) / "mcie-dashboard-csv"
 CSV_MAX_AGE_S = 3600
 QUESTIONS = ("consistency", "quality", "complexity")
+EXPORT_FORMATS = ("jsonl", "parquet", "webdataset")
+EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_RUNNING_EXPORTS = 2
+EXPORT_LIST_LIMIT = 50
+EXPORT_POLL_S = 2.0
 
 
 def esc(value: Any) -> str:
@@ -329,6 +344,174 @@ def render_kpis(values: Sequence[tuple[str, str, str]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# exports
+
+
+class ExportRequestError(ValueError):
+    """An export request from the dashboard that cannot be started; the message says why, for the lead."""
+
+
+def exports_root(data_dir: Path) -> Path:
+    """The only folder dashboard exports are written into: ``<data_dir>/exports`` (resolved)."""
+    return (Path(data_dir) / "exports").resolve()
+
+
+def export_destination(root: Path, name: str | None) -> Path:
+    """``root / name`` for a plain folder name (letters, digits, ``.``, ``_``, ``-``; not hidden); anything that
+    could lead elsewhere (``..``, ``/``, an absolute path, a symlink out of ``root``) is refused."""
+    name = (name or "").strip()
+    if not EXPORT_NAME_RE.fullmatch(name) or name in (".", ".."):
+        raise ExportRequestError(
+            f"the folder name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, and "
+            f"is created under {root}; got {name!r}"
+        )
+    root = root.resolve()
+    destination = (root / name).resolve()
+    if destination.parent != root:
+        raise ExportRequestError(f"{name!r} would leave the exports folder {root}")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise ExportRequestError(f"{destination} already exists: choose another name")
+    return destination
+
+
+def export_filter(
+    statuses: Sequence[str] | None, min_quality: float | None, min_complexity: float | None
+) -> dict[str, Any]:
+    """The :class:`exports.select.ExportFilter` fields of the form: the accepted samples when no status is chosen; a
+    median-score threshold of 0 (or none) does not filter."""
+    flt: dict[str, Any] = {"statuses": list(statuses or [SampleStatus.accepted.value])}
+    for key, value in (("min_quality", min_quality), ("min_complexity", min_complexity)):
+        if value is not None and not math.isnan(float(value)) and float(value) != 0:
+            flt[key] = float(value)
+    return flt
+
+
+def exports_frame(url: str, limit: int = EXPORT_LIST_LIMIT) -> pd.DataFrame:
+    """The newest recorded exports (whoever started them: dashboard or ``mcie export``), newest first."""
+    columns = ["id", "format", "status", "samples", "path", "manifest_sha256", "started_by", "created_at",
+               "finished_at", "error"]
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Export.id, Export.format, Export.status, Export.n_samples, Export.path, Export.manifest_sha256,
+                   User.username, Export.created_at, Export.finished_at, Export.error)
+            .outerjoin(User, User.id == Export.created_by)
+            .order_by(Export.id.desc())
+            .limit(limit)
+        ).all()
+    frame = pd.DataFrame([list(r) for r in rows], columns=columns)
+    if not frame.empty:
+        frame["status"] = frame["status"].map(str)
+        for column in ("created_at", "finished_at"):
+            frame[column] = frame[column].map(lambda t: "" if t is None or pd.isna(t) else str(t)[:19])
+        frame = frame.fillna("")
+    return frame
+
+
+@dataclass
+class ExportJob:
+    """One export started from this dashboard process (``export_id`` once its ``exports`` row exists)."""
+
+    name: str
+    destination: Path
+    fmt: str
+    lead: str
+    started: float
+    thread: threading.Thread | None = None
+    export_id: int | None = None
+    error: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+class ExportJobs:
+    """Exports started from the dashboard: each runs :func:`exports.api.run_export` in its own (daemon) thread, at
+    most :data:`MAX_RUNNING_EXPORTS` at once and one per destination, so no Gradio worker waits for an export.
+
+    The ``exports`` table is the record of every run (run_export writes it, errors included); :attr:`jobs` keeps
+    what happened in this process, such as an error raised before the table had a row. A server stopped during an
+    export leaves its row ``running`` and a hidden ``.partial`` folder, never a half-written destination.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.database_url
+        self.root = exports_root(settings.data_dir)
+        self.store = ImageStore.from_settings(settings)
+        self.jobs: list[ExportJob] = []
+        self._lock = threading.Lock()
+
+    def running(self) -> list[ExportJob]:
+        with self._lock:
+            return [job for job in self.jobs if job.alive]
+
+    def start(
+        self, lead: WebUser, fmt: str | None, name: str | None, val_fraction: float | None, flt: dict[str, Any]
+    ) -> ExportJob:
+        """Check the request and start the export in the background; raises ExportRequestError when it cannot."""
+        from pydantic import ValidationError
+
+        from exports.api import ExportOptions
+        from exports.select import ExportFilter
+
+        if not lead.is_lead:  # the handlers check first; this keeps the runner safe on its own
+            raise PermissionError("only leads and admins may export the dataset")
+        if fmt not in EXPORT_FORMATS:
+            raise ExportRequestError(f"choose a format: {', '.join(EXPORT_FORMATS)}")
+        fraction = 0.05 if val_fraction is None else float(val_fraction)
+        try:
+            ExportOptions(val_fraction=fraction)
+            ExportFilter.model_validate(flt)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+            raise ExportRequestError(f"invalid export settings: {problems}") from None
+        name = (name or "").strip() or f"export-{time.strftime('%Y%m%d-%H%M%S')}-{fmt}"
+        with self._lock:
+            running = [job for job in self.jobs if job.alive]
+            if len(running) >= MAX_RUNNING_EXPORTS:
+                raise ExportRequestError(f"{len(running)} exports are running; start another when one has finished")
+            destination = export_destination(self.root, name)
+            if any(job.destination == destination for job in running):
+                raise ExportRequestError(f"an export into {destination} is already running")
+            job = ExportJob(name, destination, fmt, lead.username, started=time.time())
+            job.thread = threading.Thread(
+                target=self._run, args=(job, lead.id, fraction, flt), name=f"mcie-export-{name}", daemon=True
+            )
+            self.jobs = [*self.jobs[-(EXPORT_LIST_LIMIT - 1) :], job]
+            job.thread.start()
+        log.info("export %r (%s) started by %s into %s", name, fmt, lead.username, destination)
+        return job
+
+    def _run(self, job: ExportJob, actor_id: int, val_fraction: float, flt: dict[str, Any]) -> None:
+        from exports.api import ExportError, run_export
+
+        try:
+            result = run_export(self.url, self.store, job.destination, job.fmt, flt, val_fraction=val_fraction,
+                                actor_id=actor_id)  # fmt: skip
+            job.export_id = result.export_id
+            log.info("export %s finished: %d samples in %s", result.export_id, result.n_samples, result.path)
+        except ExportError as exc:  # run_export marked its row failed (when it had one) with the same message
+            job.export_id, job.error = exc.export_id, str(exc)
+            log.warning("export %r failed: %s", job.name, exc)
+        except Exception as exc:  # never let a background thread die silently
+            job.error = f"{type(exc).__name__}: {exc}"
+            log.exception("export %r failed", job.name)
+
+    def errors(self) -> list[ExportJob]:
+        """Jobs of this process that failed, newest first."""
+        with self._lock:
+            return [job for job in reversed(self.jobs) if job.error]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the running exports (tests, shutdown); True when none is left running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in self.running():
+            assert job.thread is not None
+            job.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not self.running()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the Blocks
 
 
@@ -371,6 +554,7 @@ class Dashboard:
         self.progress: dict[str, Table] = {}
         self.agreement: dict[str, Table] = {}
         self.w: dict[str, Any] = {}
+        self.exports = ExportJobs(settings)
 
     # --- progress -------------------------------------------------------------------------------------------
     def on_progress(self, request: gr.Request) -> dict[Any, Any]:
@@ -538,6 +722,50 @@ class Dashboard:
         return {self.w["settings_status"]: _status(f"Saved: reviewers now see the MLLM's verdict {state} they submit "
                                                    "(from their next sample).")}
 
+    # --- exports --------------------------------------------------------------------------------------------
+    def on_exports(self, request: gr.Request) -> dict[Any, Any]:
+        """The recorded exports, what runs now, and the errors of this server's exports; the poll timer runs only
+        while an export does."""
+        lead_of(self.url, request)
+        w = self.w
+        running = self.exports.running()
+        frame = exports_frame(self.url)
+        notes = [f"Exports are written into <code>{esc(self.exports.root)}</code>."]
+        if running:
+            names = ", ".join(f"<b>{esc(job.name)}</b> ({esc(job.fmt)}, by {esc(job.lead)})" for job in running)
+            notes.append(f"Running: {names}. This table refreshes until they finish.")
+        for job in self.exports.errors()[:5]:
+            which = f"export {job.export_id}" if job.export_id is not None else "export"
+            notes.append(f'<span class="mcie-error">{which} <b>{esc(job.name)}</b> failed: {esc(job.error)}</span>')
+        return {
+            w["export_table"]: frame if not frame.empty else pd.DataFrame({"": ["no exports yet"]}),
+            w["export_info"]: "<p>" + "<br>".join(notes) + "</p>",
+            w["export_timer"]: gr.Timer(active=bool(running)),
+        }
+
+    def on_export_start(
+        self,
+        fmt: str | None,
+        name: str | None,
+        val_fraction: float | None,
+        statuses: list[str] | None,
+        min_quality: float | None,
+        min_complexity: float | None,
+        request: gr.Request,
+    ) -> dict[Any, Any]:
+        """Start an export in the background (leads and admins only) and show it in the table."""
+        lead = lead_of(self.url, request)
+        w = self.w
+        try:
+            flt = export_filter(statuses, min_quality, min_complexity)
+            job = self.exports.start(lead, fmt, name, val_fraction, flt)
+        except (ExportRequestError, PermissionError) as exc:
+            return self.on_exports(request) | {w["export_status"]: _status(str(exc), error=True)}
+        return self.on_exports(request) | {
+            w["export_status"]: _status(f"Export {job.name!r} ({job.fmt}) started into {job.destination}."),
+            w["export_name"]: "",
+        }
+
     def on_topbar(self, request: gr.Request) -> str:
         return render_topbar(lead_of(self.url, request))
 
@@ -621,6 +849,35 @@ def build(settings: Settings) -> gr.Blocks:
                                              "anchor their answers; the paper's protocol hides it)",
                                              elem_id="show-mllm")
                 w["settings_status"] = gr.HTML(elem_id="settings-status", js_on_load=None)
+            with gr.Tab("Export", id="export", elem_id="tab-export"):
+                gr.Markdown("Export the dataset for training: the accepted samples by default, or the statuses and "
+                            "median-score thresholds chosen below. The export runs in the background; the folder "
+                            "appears, complete with its manifest, only when it has finished.")
+                with gr.Row():
+                    w["export_format"] = gr.Radio(list(EXPORT_FORMATS), value="jsonl", label="Format",
+                                                  elem_id="export-format")
+                    w["export_name"] = gr.Textbox(label="Folder name under <data dir>/exports (blank: a dated name)",
+                                                  max_length=100, elem_id="export-name")
+                    w["export_val"] = gr.Number(0.05, minimum=0, maximum=1, step=0.01,
+                                                label="Validation share (of instances)", elem_id="export-val")
+                with gr.Row():
+                    w["export_statuses"] = gr.CheckboxGroup([s.value for s in SampleStatus],
+                                                            value=[SampleStatus.accepted.value],
+                                                            label="Sample statuses", elem_id="export-statuses")
+                    w["export_min_quality"] = gr.Slider(0, 5, value=0, step=0.5,
+                                                        label="Median quality at least (0: any)",
+                                                        elem_id="export-min-quality")
+                    w["export_min_complexity"] = gr.Slider(0, 5, value=0, step=0.5,
+                                                           label="Median complexity at least (0: any)",
+                                                           elem_id="export-min-complexity")
+                with gr.Row():
+                    export_start = gr.Button("Start export", variant="primary", elem_id="export-start")
+                    export_refresh = gr.Button("Refresh", size="sm", elem_id="export-refresh")
+                w["export_status"] = gr.HTML(elem_id="export-status", js_on_load=None)
+                w["export_info"] = gr.HTML(elem_id="export-info", js_on_load=None)
+                w["export_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="export-table")
+                w["export_timer"] = gr.Timer(EXPORT_POLL_S, active=False)
+            __import__("annotate.ui_study", fromlist=["study_results_tab"]).study_results_tab(settings)
 
         progress_out = [w["kpis"]] + [o for t in d.progress.values() for o in t.outputs()]
         agreement_out = [w["agreement_data"], w["agreement_summary"]]
@@ -629,6 +886,9 @@ def build(settings: Settings) -> gr.Blocks:
                    w["adj_selected"], w["adj_reason"], w["adj_outcome"]]
         rule_in = [w["rule_consistent"], w["rule_quality"], w["rule_complexity"], w["rule_spread"]]
         rule_out = [*rule_in, w["rule_preview"], w["rule_status"], w["show_mllm"], w["rule_previewed"]]
+        export_in = [w["export_format"], w["export_name"], w["export_val"], w["export_statuses"],
+                     w["export_min_quality"], w["export_min_complexity"]]
+        export_out = [w["export_table"], w["export_info"], w["export_timer"], w["export_status"], w["export_name"]]
 
         demo.load(d.on_topbar, None, topbar)
         demo.load(d.on_progress, None, progress_out)
@@ -644,6 +904,10 @@ def build(settings: Settings) -> gr.Blocks:
         _on(preview.click, d.on_preview, rule_in, rule_out)
         apply.click(d.on_apply, [*rule_in, w["rule_previewed"]], rule_out, trigger_mode="once")
         w["show_mllm"].input(d.on_show_mllm, [w["show_mllm"]], [w["settings_status"]])
+        demo.load(d.on_exports, None, export_out)
+        export_start.click(d.on_export_start, export_in, export_out, trigger_mode="once", api_name="export_start")
+        _on(export_refresh.click, d.on_exports, [], export_out)
+        w["export_timer"].tick(d.on_exports, None, export_out, show_progress="hidden")
         demo.queue(default_concurrency_limit=8)
     return demo
 

@@ -8,6 +8,11 @@ corrected by dragging. The MLLM's verdict stays hidden until the review is submi
 a comment box, Submit / Skip / Flag, the shortcuts, and the reviewer's progress. A second tab lists their reviews;
 selecting one reopens it for revision.
 
+"Preview edit" (key ``p``) asks MCIE-E1 for its edit of the sample on screen (:mod:`annotate.previews`): the job runs
+in the server's preview worker, a Gradio timer polls its state ("queued", "running", the error) until the result is
+shown beside the target; a preview made before (same sample, model version, seed, parameters) is shown as soon as the
+sample is. Without a configured model the button is disabled and says why.
+
 Flow: the sample on screen and the next one are both leased (``next_sample(..., exclude=[current])``); the next
 one's HTML is rendered ahead and its thumbnails warm the browser cache, so after Submit the screen changes at once -
 but only after ``submit_review`` returned (the review is committed). A refused or failed submit keeps the answers
@@ -30,7 +35,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from annotate import queue
+from annotate import previews, queue
 from annotate.project import get_project_config
 from annotate.reviews import (
     Answer,
@@ -54,6 +59,7 @@ PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F
 STRIP_SIZE = 384
 PANEL_SIZE = 768
 HISTORY_PAGE = 25
+PREVIEW_POLL_S = 2.0
 
 CONSISTENCY_CHOICES = [("Yes (y)", "yes"), ("No (n)", "no")]
 CONSISTENCY_RUBRIC = (
@@ -303,6 +309,53 @@ def render_status(message: str, *, error: bool = False) -> str:
     return f'<div class="{"mcie-error" if error else "mcie-ok"}" role="status">{esc(message)}</div>'
 
 
+def render_preview(
+    sample_id: int | None,
+    target: str | None,
+    status: Any = None,
+    *,
+    note: str = "",
+    error: bool = False,
+    off: str | None = None,
+) -> str:
+    """The preview panel: the target and, beside it, the model's edit when it is done, else the job's state (queued,
+    running, failed with its error) or how to ask for one; ``off`` explains why previews are unavailable."""
+    if off:
+        return (f'<div class="mcie-preview mcie-preview-empty"><span class="mcie-preview-off">{esc(off)}</span>'
+                "</div>")
+    if sample_id is None:
+        return '<div class="mcie-preview mcie-preview-empty"></div>'
+    state = "none" if status is None else str(status.status)
+    if status is None:
+        slot = ('<div class="mcie-preview-wait">No preview yet: press <kbd>p</kbd> (or "Preview edit") to see what '
+                "the model makes of this sample.</div>")
+    elif state == "done" and status.image:
+        slot = _framed(status.image, STRIP_SIZE, "model preview", [])
+    elif state == "queued":
+        ahead = f" ({int(status.ahead)} job{'s' if status.ahead != 1 else ''} ahead)" if status.ahead else ""
+        slot = f'<div class="mcie-preview-wait" role="status">Queued{esc(ahead)}…</div>'
+    elif state == "running":
+        slot = ('<div class="mcie-preview-wait" role="status">Running the model… (the first preview also loads '
+                "it)</div>")
+    else:
+        slot = (f'<div class="mcie-error" role="alert">The preview failed: {esc(status.error or "unknown error")}. '
+                "Press p to try again.</div>")
+    caption = "model preview"
+    if status is not None:
+        steps = (status.params or {}).get("num_inference_steps")
+        caption = (f"MCIE-E1 {esc(status.model_version)} · seed {int(status.seed)}"
+                   + (f" · {int(steps)} steps" if steps else "") + (" · from the cache" if status.cached else ""))
+    target_fig = ""
+    if target:
+        target_fig = f'<figure>{_framed(target, STRIP_SIZE, "target", [])}<figcaption>target</figcaption></figure>'
+    notice = render_status(note, error=error) if note else ""
+    return (
+        f'<div class="mcie-preview" data-sample-id="{int(sample_id)}" data-state="{esc(state)}">{notice}'
+        f'<div class="mcie-preview-pair">{target_fig}<figure>{slot}<figcaption>{caption}</figcaption></figure></div>'
+        "</div>"
+    )
+
+
 def _yes_no(value: bool | None) -> str:
     return "yes" if value else "no"
 
@@ -342,7 +395,8 @@ KEYS_HTML = (
     '<div class="mcie-keys"><div id="mcie-active-question">Next digit sets IMAGE QUALITY</div>'
     "<kbd>y</kbd>/<kbd>n</kbd> consistent · <kbd>1</kbd>-<kbd>5</kbd> quality, then complexity · "
     "<kbd>Backspace</kbd> back to quality · <kbd>Enter</kbd> submit · <kbd>s</kbd> skip · <kbd>f</kbd> flag · "
-    "<kbd>c</kbd> comment · <kbd>t</kbd> before/after · <kbd>Esc</kbd> leave a text box, cancel"
+    "<kbd>c</kbd> comment · <kbd>t</kbd> before/after · <kbd>p</kbd> preview edit · <kbd>Esc</kbd> leave a text box, "
+    "cancel"
     '<div id="mcie-hint" aria-live="polite"></div></div>'
 )
 
@@ -490,6 +544,9 @@ class Widgets:
     history: Any
     history_info: Any
     tabs: Any
+    preview: Any = None
+    preview_job: Any = None
+    preview_timer: Any = None
 
     def answers(self) -> list[Any]:
         return [self.consistent, self.quality, self.complexity, self.comment, self.boxes]
@@ -499,8 +556,11 @@ class Widgets:
         return [
             self.screen, self.topbar, self.sample, self.prefetch, self.progress, self.status, self.last,
             self.consistent, self.quality, self.complexity, self.comment, self.boxes, self.reason,
-            self.cancel_revise,
+            self.cancel_revise, *self.preview_outputs(),
         ]
+
+    def preview_outputs(self) -> list[Any]:
+        return [self.preview, self.preview_job, self.preview_timer]
 
     def history_outputs(self) -> list[Any]:
         return [self.hist, self.history, self.history_info]
@@ -525,7 +585,12 @@ class ReviewApp:
 
     def __init__(self, settings: Settings) -> None:
         self.url = settings.database_url
+        self.settings = settings
         self.w: Widgets
+        # previews: off (with the reason) when no editing model is configured; the seed and parameters the button uses
+        self.preview_off = previews.unavailable_reason(settings)
+        self.preview_seed = 0
+        self.preview_params: dict[str, Any] | None = None
 
     # --- showing samples ------------------------------------------------------------------------------------
     def _show(self, screen: dict[str, Any], card: Card | None) -> dict[Any, Any]:
@@ -533,10 +598,10 @@ class ReviewApp:
         if card is None:
             screen["current"] = None
             return {w.sample: render_empty("Your queue is empty - thank you! New samples appear here when they are "
-                                           "ready; reload the page later."), w.prefetch: ""}
+                                           "ready; reload the page later."), w.prefetch: ""} | self._preview_of(None)
         card.shown_at = time.time()
         screen["current"] = asdict(card)
-        return {w.sample: card.html}
+        return {w.sample: card.html} | self._preview_of(card.sample_id, card.images[-1] if card.images else None)
 
     def _prefetch(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
         """Lease and render the sample after the current one; its thumbnails warm the browser cache."""
@@ -686,7 +751,8 @@ class ReviewApp:
         banner = (f"Revising your review {row.review_id} of sample {row.sample_id} (now revision {row.revision}; "
                   f"saving makes revision {row.revision + 1}). Enter saves, Esc cancels.")
         screen["revise"] = {"review_id": row.review_id, "sample_id": row.sample_id, "revision": row.revision,
-                            "shown_at": time.time(), "mllm": [view.mllm_verdict, view.mllm_reason], "stash": stash}
+                            "shown_at": time.time(), "mllm": [view.mllm_verdict, view.mllm_reason], "stash": stash,
+                            "target": view.steps[-1][1]}
         html_text = render_sample(view, show_mllm=True, mode="revise", banner=banner, corrections=row.box_corrections)
         return {
             w.screen: screen,
@@ -699,7 +765,7 @@ class ReviewApp:
             w.cancel_revise: gr.update(visible=True),
             w.status: render_status(f"Review {row.review_id} reopened."),
             w.tabs: gr.Tabs(selected="review"),
-        }
+        } | self._preview_of(row.sample_id, view.steps[-1][1])
 
     def _save_revision(
         self, screen: dict[str, Any], user: WebUser, consistent: str | None, quality: Any, complexity: Any,
@@ -732,6 +798,7 @@ class ReviewApp:
             current["shown_at"] = time.time()  # the time spent revising is not counted for the current sample
         body = current["html"] if current else render_empty("Your queue is empty - thank you!")
         out = {w.screen: screen, w.sample: body, w.cancel_revise: gr.update(visible=False)} | _cleared(w)
+        out |= self._preview_of(*_on_screen(screen))
         if stash and current is not None:
             out |= dict(zip(w.answers(), stash, strict=True))
         return out
@@ -742,6 +809,77 @@ class ReviewApp:
             return {}
         return self._leave_revision(screen, user) | {self.w.status: render_status("Revision cancelled.")}
 
+    # --- previews -------------------------------------------------------------------------------------------
+    def _preview_out(self, sample_id: int | None, target: str | None, status: Any = None, *, note: str = "",
+                     error: bool = False) -> dict[Any, Any]:
+        """The panel for ``status``; while the job is queued or running, the timer polls it."""
+        w = self.w
+        pending = status is not None and status.pending
+        job = {"preview_id": status.id, "sample_id": sample_id, "target": target} if pending else None
+        return {
+            w.preview: render_preview(sample_id, target, status, note=note, error=error, off=self.preview_off),
+            w.preview_job: job,
+            w.preview_timer: gr.Timer(active=pending),
+        }
+
+    def _preview_of(self, sample_id: int | None, target: str | None = None) -> dict[Any, Any]:
+        """What the panel shows when a sample appears: its existing preview (done or on its way), read from the
+        table only - the model never runs here."""
+        if sample_id is None or self.preview_off:
+            return self._preview_out(sample_id, target)
+        try:
+            version = previews.current_version(self.settings)
+            status = previews.find_preview(self.url, sample_id, version, seed=self.preview_seed,
+                                           params=self.preview_params)
+        except Exception as exc:  # a preview problem must never keep the sample off the screen
+            log.exception("could not look up the preview of sample %s", sample_id)
+            return self._preview_out(sample_id, target, note=f"Could not look up a preview: {exc}", error=True)
+        return self._preview_out(sample_id, target, status)
+
+    def on_preview(self, screen: dict[str, Any], request: gr.Request) -> dict[Any, Any]:
+        """The "Preview edit" button: queue the model's edit of the sample on screen (a finished one shows at once)."""
+        user = reviewer_of(self.url, request)
+        sample_id, target = _on_screen(screen)
+        if sample_id is None:
+            return self._preview_out(None, None)
+        if self.preview_off:
+            return self._preview_out(sample_id, target)
+        try:
+            status = previews.request_preview(self.url, sample_id, user.id, seed=self.preview_seed,
+                                              params=self.preview_params, settings=self.settings)
+        except (ValueError, PermissionError) as exc:  # PreviewError, PreviewUnavailable: say why
+            return self._preview_out(sample_id, target, note=str(exc), error=True)
+        except Exception as exc:
+            log.exception("preview request failed for user %s sample %s", user.id, sample_id)
+            return self._preview_out(sample_id, target, note=f"Could not ask for a preview ({type(exc).__name__}).",
+                                     error=True)
+        return self._preview_out(sample_id, target, status)
+
+    def on_preview_tick(self, screen: dict[str, Any], job: dict[str, Any] | None,
+                        request: gr.Request) -> dict[Any, Any]:
+        """The timer: show the job's state; stop polling when it is done or failed, or the sample left the screen."""
+        reviewer_of(self.url, request)
+        w = self.w
+        if not job or job.get("sample_id") != _on_screen(screen)[0]:
+            return {w.preview_job: None, w.preview_timer: gr.Timer(active=False)}
+        try:
+            status = previews.preview_status(self.url, int(job["preview_id"]))
+        except Exception as exc:
+            return self._preview_out(job["sample_id"], job.get("target"), note=str(exc), error=True)
+        return self._preview_out(job["sample_id"], job.get("target"), status)
+
+
+def _on_screen(screen: dict[str, Any] | None) -> tuple[int | None, str | None]:
+    """The sample on screen (the one being revised, else the current one) and its target image."""
+    screen = screen or {}
+    if screen.get("revise"):
+        return int(screen["revise"]["sample_id"]), screen["revise"].get("target")
+    current = screen.get("current")
+    if current is None:
+        return None, None
+    images = current.get("images") or []
+    return int(current["sample_id"]), images[-1] if images else None
+
 
 def build(settings: Settings) -> gr.Blocks:
     """The review screen's Blocks (mount it with :func:`page_assets` as ``head``/``css``)."""
@@ -749,12 +887,21 @@ def build(settings: Settings) -> gr.Blocks:
     with gr.Blocks(title="MCIE review", analytics_enabled=False, fill_width=True) as demo:
         screen = gr.State(_new_screen())
         hist = gr.State(_new_history())
+        preview_job = gr.State(None)
+        preview_timer = gr.Timer(PREVIEW_POLL_S, active=False)
         topbar = gr.HTML(elem_id="topbar", js_on_load=None)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Review", id="review", elem_id="tab-review"):
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, min_width=520):
                         sample = gr.HTML(render_empty("Loading..."), elem_id="sample-view", js_on_load=None)
+                        with gr.Group(elem_id="preview-box"):
+                            preview_btn = gr.Button(
+                                "Preview edit (p)" if not app.preview_off else "Preview edit: no model configured",
+                                interactive=not app.preview_off, size="sm", elem_id="preview-btn",
+                            )
+                            preview = gr.HTML(render_preview(None, None, off=app.preview_off), elem_id="preview-panel",
+                                              js_on_load=None)
                     with gr.Column(scale=2, min_width=340):
                         progress = gr.HTML(elem_id="progress", js_on_load=None)
                         gr.HTML(KEYS_HTML, js_on_load=None)
@@ -795,7 +942,8 @@ def build(settings: Settings) -> gr.Blocks:
                     newer = gr.Button("Newer", elem_id="history-newer")
                     older = gr.Button("Older", elem_id="history-older")
         app.w = w = Widgets(screen, hist, topbar, sample, prefetch, progress, status, last, consistent, quality,
-                            complexity, comment, boxes, reason, cancel_revise, history, history_info, tabs)
+                            complexity, comment, boxes, reason, cancel_revise, history, history_info, tabs,
+                            preview=preview, preview_job=preview_job, preview_timer=preview_timer)
         outputs = w.screen_outputs()
         quiet = {"show_progress": "hidden"}
         demo.load(app.on_load, inputs=None, outputs=outputs, **quiet)
@@ -813,6 +961,8 @@ def build(settings: Settings) -> gr.Blocks:
         history_tab.select(app.on_history, [hist], w.history_outputs(), **quiet)
         history.select(app.on_reopen, [screen, hist, *w.answers()], [*outputs, tabs], **quiet)
         newer.click(app.on_newer, [hist], w.history_outputs(), **quiet)
+        preview_btn.click(app.on_preview, [screen], w.preview_outputs(), trigger_mode="once", **quiet)
+        preview_timer.tick(app.on_preview_tick, [screen, preview_job], w.preview_outputs(), **quiet)
         older.click(app.on_older, [hist], w.history_outputs(), **quiet)
         demo.queue(default_concurrency_limit=32)
     return demo

@@ -33,12 +33,14 @@ app.add_typer(users_app, name="users")
 
 def _register_stage_commands() -> None:
     """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
+    from annotate.study_cli import app as study_app
     from exports.cli import app as export_app
     from model.cli import register as register_model_commands
     from pipeline.cli import app as pipeline_app
 
     app.add_typer(pipeline_app, name="pipeline")
     app.add_typer(export_app, name="export")
+    app.add_typer(study_app, name="study")
     register_model_commands(app)  # mcie train / edit / eval
 
 

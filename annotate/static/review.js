@@ -9,6 +9,7 @@
      1-5       the active score: the first digit sets quality, the next complexity (Backspace: back to quality)
      Enter     submit          s  skip (asks a reason)      f  flag (asks a reason)
      c         comment box     t  toggle before/after       ?  show/hide the key list     Esc  cancel / close
+     p         preview edit: ask the model for its edit of the sample (shown beside the target when ready)
 */
 (() => {
   "use strict";
@@ -326,6 +327,27 @@
     if (zoom && state.drawTurn === null) openLightbox(zoom.dataset.full, zoom.alt);
   });
 
+  // ------------------------------------------------------------------------------------------------ preview
+  function preview() {
+    const button = $("#preview-btn");
+    if (button && !button.disabled) {
+      button.click();
+      hint("Preview asked for; it appears beside the target when ready.");
+      return;
+    }
+    const off = $("#preview-panel .mcie-preview-off");
+    hint(off ? off.textContent : "Preview edit is not available here.");
+  }
+
+  // A preview panel written for another sample (an answer that arrived after the screen moved on) is hidden.
+  function checkPreview() {
+    const panel = $("#preview-panel .mcie-preview[data-sample-id]");
+    if (!panel) return;
+    const root = $("#sample-view .mcie-sample");
+    const stale = !root || root.dataset.sampleId !== panel.dataset.sampleId;
+    if (panel.classList.contains("mcie-preview-stale") !== stale) panel.classList.toggle("mcie-preview-stale", stale);
+  }
+
   // ------------------------------------------------------------------------------------------------ keys
   function onKey(event) {
     if (event.ctrlKey || event.metaKey || event.altKey || event.isComposing) return;
@@ -364,6 +386,7 @@
     else if (key === "Enter") submit();
     else if (lower === "s") openReason("skip");
     else if (lower === "f") openReason("flag");
+    else if (lower === "p") preview();
     else if (lower === "c") {
       const comment = $("#comment textarea");
       if (comment) comment.focus();
@@ -397,7 +420,10 @@
     setTimeout(renderCorrections, 60);
   }
 
-  new MutationObserver(onNewSample).observe(document.documentElement, { childList: true, subtree: true });
+  new MutationObserver(() => {
+    onNewSample();
+    checkPreview();
+  }).observe(document.documentElement, { childList: true, subtree: true });
 
   // ------------------------------------------------------------------------------------------------ session
   // Say at once when the login session has ended (idle too long, password changed, account disabled), instead of

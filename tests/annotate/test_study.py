@@ -23,7 +23,6 @@ from annotate.study import (
     assign_participant,
     cast_vote,
     create_study_from_folder,
-    create_study_from_previews,
     current_item,
     enrol,
     export_votes,
@@ -164,11 +163,6 @@ def test_every_gap_in_the_folder_is_reported_and_nothing_is_written(
         assert session.scalar(select(func.count()).select_from(StudyItem)) == 0
         assert session.scalar(select(func.count()).select_from(ImageRow)) == 0
     assert not store.fs.exists(f"{store.root}/images")
-
-
-def test_previews_are_not_implemented_yet(sqlite_url: str) -> None:
-    with pytest.raises(NotImplementedError, match="create_study_from_folder"):
-        create_study_from_previews(sqlite_url, "from-previews", [1, 2], ["mcie-e1"])
 
 
 # ----------------------------------------------------------------------------------------------------------

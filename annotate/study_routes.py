@@ -1,0 +1,547 @@
+"""The user study's web side: invite links, the participants' JSON API, the leads' study API, and the gate that keeps
+participants inside their study. :func:`register_study` adds all of it to the app (``annotate.server.create_app``).
+
+Routes:
+
+- ``GET /study/join/{token}`` - an invite link: checks the token (:func:`annotate.study.invite_problem`), starts a
+  session for the participant that is limited to that study (``session["study"]``) and sends them to ``/study/``;
+  an unknown, withdrawn or closed-study link gets a page that says so (404 / 403), and unknown tokens count as
+  failures for the login rate limiter (per IP address);
+- ``/study/`` - the participant's screen (Gradio, :mod:`annotate.ui_study`), for any logged-in user; it shows the
+  study of the session's invite link, or else the user's first open study;
+- ``GET /api/study/{id}/current``, ``POST /api/study/{id}/vote``, ``POST /api/study/{id}/advance`` - the
+  participant's flow as JSON (:func:`annotate.study.current_item`, ``cast_vote``, ``advance``), used by the study
+  screen's script and by ``bench/study_load.py``; POSTs need the session's CSRF token in the ``X-CSRF-Token``
+  header (``current`` returns it). A refused request answers 401 (no session), 403 (not enrolled, revoked,
+  another study, bad CSRF token), 409 (not the current screen, a screen already completed, a missing vote, a
+  closed study) or 422 (bad body);
+- ``GET /api/study`` (every study), ``GET /api/study/{id}/participants``, ``GET /api/study/{id}/results`` and
+  ``GET /api/study/{id}/votes.csv`` - for leads and admins;
+- ``/studies/`` - the leads' study results page (Gradio: :func:`annotate.ui_study.study_results_tab` on its own).
+
+:class:`StudyGate` (ASGI middleware, inside the session middleware) confines a *limited* session - one opened by an
+invite link, whatever the account's role, or any session of a ``participant`` account - to ``/study/``, the
+participant API of its own study, the images of its own items (``/img`` and ``/thumb`` of the source and outputs of
+the items in the participant's sequence), ``/static``, ``/login``, ``/logout``, ``/healthz`` and ``/api/whoami``:
+everything else (``/review``, ``/dashboard``, the leads' JSON, images of other studies or samples) is refused with
+403. An invite link for a rater's or lead's account therefore never opens more than the study. The gate also
+refuses ``/studies`` to anybody but leads and admins, and sends anonymous visitors of ``/study`` to a page that
+tells them to open their invitation link again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from annotate import study
+from annotate.web_auth import (
+    LEAD_ROLES,
+    LoginRateLimiter,
+    WebUser,
+    _session_matches,
+    csrf_token,
+    require_lead,
+    session_user,
+    snapshot,
+    start_session,
+)
+from db.models import AuditLog, Role, User
+from db.session import session_scope
+from mcie.config import Settings
+
+log = logging.getLogger(__name__)
+
+STUDY_PATH = "/study"
+RESULTS_PATH = "/studies"
+JOIN_PREFIX = "/study/join/"
+API_PREFIX = "/api/study"
+CSRF_HEADER = "x-csrf-token"
+SESSION_STUDY_KEY = "study"
+ALL_ROLES: frozenset[Role] = frozenset(Role)
+PARTICIPANT_API_RE = re.compile(r"^/api/study/(\d+)/(current|vote|advance)$")
+IMAGE_RE = re.compile(r"^/(?:img|thumb)/([0-9a-f]{64})$")
+# Paths a limited (participant) session may use besides its study's API and images.
+LIMITED_EXACT = frozenset({"/login", "/logout", "/favicon.ico", "/healthz", "/api/whoami", STUDY_PATH})
+LIMITED_PREFIXES = (STUDY_PATH + "/", "/static/")
+# Paths where a password session needs no role lookup by this gate (other gates or the route check them).
+# /api/review/ checks roles itself (participants get 403 there), so the gate need not load the user again.
+PASS_PREFIXES = ("/review/", "/dashboard/", "/static/", "/api/review/", STUDY_PATH + "/")
+PASS_EXACT = frozenset({"/review", "/dashboard", "/login", "/logout", "/favicon.ico", "/healthz", "/api/whoami"})
+NO_STORE = {"cache-control": "no-store"}
+JOIN_LIMIT_PREFIX = "join-ip:"
+PARTICIPANT_ONLY = "Study participants can only open their study screen."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# wiring
+
+
+def register_study(app: FastAPI, settings: Settings, *, mount_ui: bool = True) -> None:
+    """Add the study's routes, its Gradio pages (``/study``, ``/studies``; not with ``mount_ui=False``) and
+    :class:`StudyGate` to ``app``. Call it in ``create_app`` before the session middleware is added (the gate must
+    sit inside it)."""
+    app.include_router(router)
+    if mount_ui:
+        _mount_pages(app, settings)
+    app.add_middleware(StudyGate, database_url=settings.database_url)
+
+
+def _mount_pages(app: FastAPI, settings: Settings) -> None:
+    import gradio as gr
+
+    from annotate import ui_study
+    from annotate.web_auth import gradio_auth_dependency
+
+    for path, blocks, roles, assets in (
+        (STUDY_PATH, ui_study.build(settings), ALL_ROLES, ui_study.page_assets()),
+        (RESULTS_PATH, ui_study.build_results(settings), LEAD_ROLES, ui_study.results_page_assets()),
+    ):
+        gr.mount_gradio_app(
+            app,
+            blocks,
+            path=path,
+            auth_dependency=gradio_auth_dependency(settings.database_url, roles),
+            footer_links=[],
+            run_history=False,
+            max_file_size="1mb",  # nothing is uploaded
+            blocked_paths=[str(settings.data_dir.resolve())],
+            show_error=True,
+            ssr_mode=False,
+            mcp_server=False,
+            **assets,
+        )
+        blocks.config = blocks.get_config_file()  # mount sets head/js/css after building the config
+
+
+router = APIRouter()
+
+
+def _url(request: Request) -> str:
+    return request.app.state.settings.database_url
+
+
+def _client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# invite links
+
+
+def join_page(title: str, message: str, *, link: tuple[str, str] | None = None) -> str:
+    """A small HTML page for the participant (everything escaped)."""
+    esc = html.escape
+    extra = f"<p><a href='{esc(link[0])}'>{esc(link[1])}</a></p>" if link else ""
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width, initial-scale=1'>"
+        f"<title>mcie study - {esc(title)}</title><link rel=stylesheet href=/static/app.css></head>"
+        f"<body class=mcie-page><main class=mcie-card id=study-message><h1>{esc(title)}</h1><p>{esc(message)}</p>"
+        f"{extra}</main></body></html>"
+    )
+
+
+@router.get(JOIN_PREFIX + "{token}", response_class=HTMLResponse)
+def join(request: Request, token: str) -> Response:
+    """Open an invite link: a session limited to the link's study, then the study screen."""
+    url = _url(request)
+    limiter: LoginRateLimiter = request.app.state.limiter
+    key = JOIN_LIMIT_PREFIX + _client_ip(request)
+    if limiter.retry_after(key) is not None:
+        body = join_page("Too many attempts", "Too many invalid invitation links were opened from here. Please "
+                         "wait a few minutes and open your link again.")  # fmt: skip
+        return HTMLResponse(body, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=NO_STORE)
+    token = token.strip()
+    problem = study.invite_problem(url, token) if len(token) <= 200 else study.INVITE_UNKNOWN
+    found = None if problem else study.participant_from_token(url, token)
+    if found is None:
+        problem = problem or study.INVITE_UNKNOWN
+        unknown = problem == study.INVITE_UNKNOWN
+        if unknown:
+            limiter.record_failure(key)
+        title = "Invitation not valid" if unknown else "This link does not open the study"
+        code = status.HTTP_404_NOT_FOUND if unknown else status.HTTP_403_FORBIDDEN
+        return HTMLResponse(join_page(title, problem), status_code=code, headers=NO_STORE)
+    study_id, user_id = found
+    with session_scope(url, write=True) as session:  # a write: BEGIN IMMEDIATE on SQLite
+        user = snapshot(session.get(User, user_id))
+        session.add(
+            AuditLog(
+                user_id=user_id,
+                action="study.join",
+                entity="study",
+                entity_id=str(study_id),
+                details={"ip": _client_ip(request)},
+            )
+        )
+    if user is None:  # disabled between the two reads
+        return HTMLResponse(join_page("This link does not open the study", study.INVITE_DISABLED), status_code=403)
+    start_session(request, user)
+    request.session[SESSION_STUDY_KEY] = study_id
+    csrf_token(request)
+    return RedirectResponse(STUDY_PATH + "/", status_code=status.HTTP_303_SEE_OTHER, headers=NO_STORE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the participant's JSON API
+
+
+class VoteBody(BaseModel):
+    """A choice on the current screen: ``choice`` is a label (``"A"``) or null for "none is acceptable"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: int
+    criterion: str = Field(min_length=1, max_length=32)
+    choice: str | None = Field(default=None, min_length=1, max_length=1)
+    latency_ms: float | None = Field(default=None, ge=0, le=7 * 24 * 3600 * 1000)
+
+
+class AdvanceBody(BaseModel):
+    """Complete the current screen; ``render`` asks for the next screen's HTML (the study page) as well."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: int
+    render: bool = False
+
+
+def session_study(request: Request | Any) -> int | None:
+    """The study an invite-link session is limited to, or None (a password session); ``request`` is a Starlette
+    request, a Gradio request (its underlying request is used) or an ASGI scope."""
+    scope = request if isinstance(request, dict) else getattr(getattr(request, "request", request), "scope", None)
+    session = (scope or {}).get("session")
+    value = session.get(SESSION_STUDY_KEY) if isinstance(session, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _session_user(request: Request, session: Session) -> WebUser | None:
+    """:func:`annotate.web_auth.session_user`, read in the caller's transaction (one round trip less per vote)."""
+    cookie = request.scope.get("session") or {}
+    uid = cookie.get("uid")
+    if not isinstance(uid, int) or isinstance(uid, bool):
+        return None
+    return _session_matches(snapshot(session.get(User, uid)), cookie)
+
+
+def _participant(request: Request, study_id: int, session: Session, *, write: bool) -> WebUser:
+    """The session's user, allowed to act in ``study_id`` (401/403 otherwise); POSTs must carry the CSRF token."""
+    user = _session_user(request, session)
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "your session has ended: open your invitation link again")
+    limited = session_study(request)
+    if limited is not None and limited != study_id:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this session belongs to another study")
+    if write:
+        expected = request.session.get("csrf")
+        given = request.headers.get(CSRF_HEADER)
+        if not expected or not given or not secrets.compare_digest(str(expected), given):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header; reload the page")
+    return user
+
+
+def _study_error(exc: study.StudyError) -> HTTPException:
+    code = status.HTTP_403_FORBIDDEN if isinstance(exc, study.StudyAccessError) else status.HTTP_409_CONFLICT
+    return HTTPException(code, str(exc))
+
+
+def screen_json(screen: study.ItemScreen) -> dict[str, Any]:
+    """An :class:`~annotate.study.ItemScreen` as JSON: labels and image hashes, never method names."""
+    return {
+        "finished": False,
+        "study_id": screen.study_id,
+        "item_id": screen.item_id,
+        "position": screen.position,
+        "total": screen.total,
+        "progress": screen.progress,
+        "instruction": screen.instruction,
+        "source_image": screen.source_image,
+        "outputs": [{"label": o.label, "image": o.image} for o in screen.outputs],
+        "criteria": list(screen.criteria),
+        "choices": dict(screen.choices),
+    }
+
+
+def screen_payload(
+    url: str, study_id: int, user_id: int, *, render: bool, csrf: str = "", screen: study.ItemScreen | None = None
+) -> dict[str, Any]:
+    """The participant's current screen as JSON (or ``finished`` with their progress), with its HTML if asked;
+    ``screen`` when it was read already."""
+    screen = screen or study.current_item(url, study_id, user_id)
+    if screen is None:
+        progress = study.participant_progress(url, study_id, user_id)
+        body: dict[str, Any] = {"finished": True, "study_id": study_id, "completed": progress.completed,
+                                "total": progress.total}  # fmt: skip
+    else:
+        body = screen_json(screen)
+    if render:
+        from annotate import ui_study
+
+        if screen is None:
+            body["html"] = ui_study.render_finished(body["total"])
+        else:
+            upcoming = study.upcoming_images(url, study_id, user_id, screen.position)
+            body["html"] = ui_study.render_screen(screen, csrf=csrf, prefetch=upcoming)
+    return body
+
+
+@router.get(API_PREFIX + "/{study_id}/current")
+def api_current(request: Request, study_id: int, render: Annotated[bool, Query()] = False) -> JSONResponse:
+    """The participant's current screen (their sequence is assigned on the first call), with the session's CSRF
+    token for the POSTs (a same-origin read: other sites cannot read it)."""
+    url = _url(request)
+    try:
+        with session_scope(url) as session:  # the usual case: the user and the screen in one transaction
+            user = _participant(request, study_id, session, write=False)
+            screen = study.quick_current_item(session, study_id, user.id)
+        csrf = csrf_token(request)
+        body = screen_payload(url, study_id, user.id, render=render, csrf=csrf, screen=screen)
+    except study.StudyError as exc:
+        raise _study_error(exc) from None
+    return JSONResponse({**body, "csrf": csrf}, headers=NO_STORE)
+
+
+@router.post(API_PREFIX + "/{study_id}/vote")
+def api_vote(request: Request, study_id: int, vote: VoteBody) -> JSONResponse:
+    """Store (or change) a choice on the current screen at once."""
+    try:
+        with session_scope(_url(request), write=True) as session:  # one transaction: the user, then the vote
+            user = _participant(request, study_id, session, write=True)
+            study.cast_vote(session, study_id, user.id, vote.item_id, vote.criterion, vote.choice, vote.latency_ms)
+    except study.StudyError as exc:
+        raise _study_error(exc) from None
+    body = {"ok": True, "study_id": study_id, "item_id": vote.item_id, "criterion": vote.criterion,
+            "choice": vote.choice}  # fmt: skip
+    return JSONResponse(body, headers=NO_STORE)
+
+
+@router.post(API_PREFIX + "/{study_id}/advance")
+def api_advance(request: Request, study_id: int, step: AdvanceBody) -> JSONResponse:
+    """Complete the current screen (every criterion needs a vote) and move on; ``render`` adds the next screen."""
+    url = _url(request)
+    try:
+        with session_scope(url, write=True) as session:
+            user = _participant(request, study_id, session, write=True)
+            progress = study.advance(session, study_id, user.id, step.item_id)
+        body: dict[str, Any] = {"ok": True, "completed": progress.completed, "total": progress.total,
+                                "finished": progress.finished}  # fmt: skip
+        if step.render:
+            body["next"] = screen_payload(url, study_id, user.id, render=True, csrf=request.session.get("csrf", ""))
+    except study.StudyError as exc:
+        raise _study_error(exc) from None
+    return JSONResponse(body, headers=NO_STORE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the leads' study API
+
+
+def _lead_study(request: Request, key: str) -> int:
+    try:
+        return study.resolve_study(_url(request), key)
+    except study.StudyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+
+@router.get(API_PREFIX)
+def api_studies(request: Request, user: WebUser = Depends(require_lead)) -> JSONResponse:
+    """Every study with its counts (leads and admins)."""
+    rows = [
+        {"id": s.id, "name": s.name, "status": s.status, "items": s.n_items, "methods": list(s.methods),
+         "criteria": list(s.criteria), "items_per_participant": s.items_per_participant, "enrolled": s.enrolled,
+         "finished": s.finished, "created_at": s.created_at.isoformat()}
+        for s in study.list_studies(_url(request))
+    ]  # fmt: skip
+    return JSONResponse(rows, headers=NO_STORE)
+
+
+def participants_json(url: str, study_id: int) -> list[dict[str, Any]]:
+    return [
+        {"user_id": p.user_id, "username": p.username, "invited_at": p.invited_at.isoformat(), "revoked": p.revoked,
+         "assigned": p.n_assigned, "completed": p.n_completed,
+         "finished_at": p.finished_at.isoformat() if p.finished_at else None, "excluded": p.excluded,
+         "exclusion_reason": p.exclusion_reason}
+        for p in study.participants_status(url, study_id)
+    ]  # fmt: skip
+
+
+@router.get(API_PREFIX + "/{key}/participants")
+def api_participants(request: Request, key: str, user: WebUser = Depends(require_lead)) -> JSONResponse:
+    """Every participant of the study with their progress (leads and admins)."""
+    return JSONResponse(participants_json(_url(request), _lead_study(request, key)), headers=NO_STORE)
+
+
+@router.get(API_PREFIX + "/{key}/results")
+def api_results(
+    request: Request,
+    key: str,
+    n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000,
+    user: WebUser = Depends(require_lead),
+) -> JSONResponse:
+    """The study's results (:func:`annotate.study.study_results`; what ``mcie study results --json`` prints)."""
+    body = study.study_results(_url(request), _lead_study(request, key), n_boot=n_boot)
+    return JSONResponse(json.loads(json.dumps(body, default=str)), headers=NO_STORE)
+
+
+@router.get(API_PREFIX + "/{key}/votes.csv")
+def api_votes_csv(request: Request, key: str, user: WebUser = Depends(require_lead)) -> Response:
+    """Every stored vote as CSV (:func:`annotate.study.export_votes`)."""
+    study_id = _lead_study(request, key)
+    with tempfile.TemporaryDirectory(prefix="mcie-votes-") as folder:
+        path = Path(folder) / f"study-{study_id}-votes.csv"
+        study.export_votes(_url(request), study_id, path)
+        data = path.read_bytes()
+    headers = {**NO_STORE, "content-disposition": f'attachment; filename="study-{study_id}-votes.csv"'}
+    return Response(data, media_type="text/csv; charset=utf-8", headers=headers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the gate
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _wants_html(scope: Scope) -> bool:
+    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+    return scope.get("method") == "GET" and "text/html" in accept
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, extra: Headers) -> None:
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 4000 + code})
+        return
+    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store"), *extra]  # fmt: skip
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(scope: Scope, send: Send, code: int, message: str, *, title: str | None = None) -> None:
+    from annotate.web_auth import refusal_page
+
+    if _wants_html(scope):
+        page = join_page(title, message) if title else refusal_page(code, message)
+        await _answer(scope, send, code, page.encode(), "text/html; charset=utf-8", [])
+    else:
+        await _answer(scope, send, code, json.dumps({"detail": message}).encode(), "application/json", [])
+
+
+async def _redirect(scope: Scope, send: Send, target: str) -> None:
+    await _answer(scope, send, 303, b"", "text/plain", [(b"location", target.encode("latin-1"))])
+
+
+class StudyGate:
+    """ASGI middleware confining participant sessions to their study (see the module docstring).
+
+    Invite-link sessions are recognised from the session alone (no database read on the vote path); a password
+    session is looked up (one read) only on paths where a participant would be refused and no other gate decides:
+    images, the leads' JSON, ``/studies`` and whatever else the app serves.
+    """
+
+    def __init__(self, app: ASGIApp, *, database_url: str) -> None:
+        self.app = app
+        self.database_url = database_url
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        session = scope.get("session")
+        uid = session.get("uid") if isinstance(session, dict) else None
+        if not uid:
+            await self._anonymous(scope, receive, send, path)
+            return
+        assert isinstance(session, dict)
+        limited = session_study(scope)
+        if limited is not None:
+            await self._limited(scope, receive, send, path, int(uid), limited)
+            return
+        if path in PASS_EXACT or path.startswith(PASS_PREFIXES) or PARTICIPANT_API_RE.match(path):
+            if _under(path, STUDY_PATH):
+                session.setdefault("csrf", secrets.token_urlsafe(24))
+            await self.app(scope, receive, send)
+            return
+        user = await anyio.to_thread.run_sync(self._user, scope)
+        if user is None:  # a stale session: the routes and other gates answer 401
+            await self.app(scope, receive, send)
+        elif user.role is Role.participant:
+            await self._limited(scope, receive, send, path, user.id, None)
+        elif _under(path, RESULTS_PATH) and not user.is_lead:
+            await _refuse(scope, send, 403, "only leads and admins may open the study results")
+        else:
+            await self.app(scope, receive, send)
+
+    def _user(self, scope: Scope) -> WebUser | None:
+        return session_user(Request(scope), self.database_url)
+
+    async def _anonymous(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        if _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
+            await _refuse(
+                scope, send, 401,
+                "You are not signed in to a study (or your session has ended). Open the invitation link you were "
+                "sent again: you continue where you stopped.",
+                title="Open your invitation link",
+            )  # fmt: skip
+        elif _under(path, RESULTS_PATH):
+            if _wants_html(scope):
+                await _redirect(scope, send, "/login?next=" + RESULTS_PATH + "/")
+            else:
+                await _refuse(scope, send, 401, "log in first")
+        else:
+            await self.app(scope, receive, send)
+
+    async def _limited(
+        self, scope: Scope, receive: Receive, send: Send, path: str, user_id: int, study_id: int | None
+    ) -> None:
+        """A participant's request: their study screen, API and images only."""
+        session = scope["session"]
+        if path == "/":
+            target = study_id or await anyio.to_thread.run_sync(study.participant_study, self.database_url, user_id)
+            if target is not None:
+                await _redirect(scope, send, STUDY_PATH + "/")
+                return
+            await self.app(scope, receive, send)  # the start page explains that participants need their link
+            return
+        if path in LIMITED_EXACT or path.startswith(LIMITED_PREFIXES):
+            if _under(path, STUDY_PATH):
+                session.setdefault("csrf", secrets.token_urlsafe(24))
+            await self.app(scope, receive, send)
+            return
+        api = PARTICIPANT_API_RE.match(path)
+        if api is not None:
+            if study_id is not None and int(api.group(1)) != study_id:
+                await _refuse(scope, send, 403, "this session belongs to another study")
+                return
+            await self.app(scope, receive, send)
+            return
+        image = IMAGE_RE.match(path)
+        if image is not None:
+            allowed = await anyio.to_thread.run_sync(
+                study.may_see_image, self.database_url, user_id, image.group(1), study_id
+            )
+            if allowed:
+                await self.app(scope, receive, send)
+            else:
+                await _refuse(scope, send, 403, "this image is not part of your study")
+            return
+        await _refuse(scope, send, 403, PARTICIPANT_ONLY)
