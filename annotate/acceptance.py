@@ -53,6 +53,7 @@ from typing import Any, Literal
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from annotate.agreement import aggregate_consistency, aggregate_score
 from annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
@@ -226,10 +227,6 @@ def _has_lead_decision(session: Session, sample_id: int) -> bool:
     return session.scalar(query.limit(1)) is not None
 
 
-def _reviews_of(session: Session, sample_id: int) -> list[Review]:
-    return list(session.scalars(select(Review).where(Review.sample_id == sample_id).order_by(Review.id)))
-
-
 def _record(
     session: Session, sample: Sample, result: RuleResult, rule: AcceptanceRule, actor_id: int | None
 ) -> SampleStatus:
@@ -246,9 +243,11 @@ def _record(
             return new
     elif new == sample.status:
         return new
+    # core statements (no ORM flush); the loaded sample gets its new status as if it had been flushed
+    session.flush()
     if new == SampleStatus.needs_adjudication:
-        session.add(
-            AuditLog(
+        session.execute(
+            insert(AuditLog).values(
                 user_id=actor_id,
                 action=NEEDS_ADJUDICATION_ACTION,
                 entity="sample",
@@ -257,8 +256,8 @@ def _record(
             )
         )
     else:
-        session.add(
-            Decision(
+        session.execute(
+            insert(Decision).values(
                 sample_id=sample.id,
                 outcome=Outcome(new.value),
                 source=DecisionSource.rule,
@@ -267,8 +266,10 @@ def _record(
                 reason=result.reason,
             )
         )
-    sample.status = new
-    session.flush()
+    session.execute(
+        update(Sample).where(Sample.id == sample.id).values(status=new).execution_options(synchronize_session=False)
+    )
+    set_committed_value(sample, "status", new)
     return new
 
 
@@ -284,9 +285,27 @@ def settle_sample(session: Session, sample_id: int, config: ProjectConfig) -> Sa
         raise AcceptanceError(f"no sample with id {sample_id}")
     if session.get(GoldAnswer, sample_id) is not None:
         raise AcceptanceError(f"sample {sample_id} is a gold sample; gold reviews are never settled")
-    if _has_lead_decision(session, sample_id):
+    return settle_loaded(session, sample, config)
+
+
+def settle_loaded(session: Session, sample: Sample, config: ProjectConfig) -> SampleStatus:
+    """:func:`settle_sample` for a sample the caller has loaded (and locked) and knows is not a gold sample."""
+    sample_id = sample.id
+    lead = (
+        select(Decision.id)
+        .where(Decision.sample_id == sample_id, Decision.source == DecisionSource.lead)
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Review.consistent, Review.quality, Review.complexity, lead.label("lead"))
+        .where(Review.sample_id == sample_id)
+        .order_by(Review.id)
+    ).all()
+    has_lead = rows[0].lead is not None if rows else _has_lead_decision(session, sample_id)
+    if has_lead:
         return sample.status
-    reviews = _reviews_of(session, sample_id)
+    reviews = [_Answer(r.consistent, r.quality, r.complexity) for r in rows]
     wanted = reviews_wanted(sample_id, config)
     if len(reviews) < wanted:
         raise AcceptanceError(f"sample {sample_id} has {len(reviews)} of the {wanted} reviews it wants")

@@ -56,8 +56,8 @@ from annotate.reviews import (
     Answer,
     ReviewError,
     SampleView,
+    load_sample_view,
     reviewer_progress,
-    sample_view,
     skip_sample,
     submit_review,
     validate_answer,
@@ -242,10 +242,12 @@ def _next(url: str, user: WebUser, exclude: list[int]) -> Response:
     if lease is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT, headers=NO_STORE)
     try:
-        view = sample_view(url, lease.sample_id)
+        with session_scope(url) as session:  # the view and the project setting in one read transaction
+            view = load_sample_view(session, lease.sample_id)
+            show_mllm = get_project_config(session).show_mllm_verdict_before_submit
     except ReviewError as exc:  # broken data (images missing): the lease stays, a lead must look at the sample
         return _error(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc))
-    return _json(sample_json(view, lease, show_mllm=_shows_mllm(url)))
+    return _json(sample_json(view, lease, show_mllm=show_mllm))
 
 
 def _submit(url: str, user: WebUser, sample_id: int, body: bytes | None) -> Response:

@@ -54,6 +54,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -63,6 +64,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    insert,
     literal,
     literal_column,
     or_,
@@ -238,6 +240,22 @@ def check_reviewer(session: Session, user_id: int, *, lock: bool = False) -> Use
     return user
 
 
+def ensure_reviewer(session: Session, user_id: int, *, lock: bool = False) -> None:
+    """:func:`check_reviewer` without loading the ORM object (the same checks and messages)."""
+    query = select(User.username, User.active, User.role).where(User.id == user_id)
+    if lock:
+        query = query.with_for_update()
+    row = session.execute(query).first()
+    if row is None:
+        raise QueueError(f"no user with id {user_id}")
+    username, active, role = row
+    if not active:
+        raise QueueError(f"user {username!r} is disabled")
+    role = Role(role)
+    if role not in REVIEWER_ROLES:
+        raise QueueError(f"user {username!r} is a {role.value}; only raters, leads and admins review samples")
+
+
 def reopen_idle(session: Session, sample_ids: Sequence[int], now: datetime) -> int:
     """Put ``in_review`` samples without any active assignment back to ``ready``; returns how many.
 
@@ -285,8 +303,17 @@ def _window(cursor: tuple[float, int] | None, size: int | None) -> Select[tuple[
 
 def _still_open(session: Session, sample_id: int, config: ProjectConfig, now: datetime) -> bool:
     """Re-check a locked candidate in a fresh statement (PostgreSQL: sees leases committed after our snapshot)."""
-    status = session.scalar(select(Sample.status).where(Sample.id == sample_id))
-    return status in OPEN_STATUSES and count_active(session, sample_id, now) < reviews_wanted(sample_id, config)
+    active = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.sample_id == sample_id, active_clause(Assignment, now))
+        .scalar_subquery()
+    )
+    row = session.execute(select(Sample.status, active).where(Sample.id == sample_id)).first()
+    if row is None:
+        return False
+    status, n_active = row
+    return status in OPEN_STATUSES and int(n_active or 0) < reviews_wanted(sample_id, config)
 
 
 def _pick_pool_sample(session: Session, user_id: int, config: ProjectConfig, now: datetime) -> int | None:
@@ -337,12 +364,35 @@ def _pick_gold_sample(session: Session, user_id: int) -> int | None:
     return session.scalar(select(GoldAnswer.sample_id).where(~seen).order_by(GoldAnswer.sample_id).limit(1))
 
 
-def _lease_of(assignment: Assignment) -> Lease:
+def _stale_clause(now: datetime) -> ColumnElement[bool]:
+    """A leased assignment that :func:`_expire_own` would expire: its time is over, or its sample left the pool."""
+    gone = (
+        select(Sample.id)
+        .where(Sample.status.not_in(OPEN_STATUSES), ~is_gold_clause(Sample.id))
+        .where(Sample.id == Assignment.sample_id)
+        .exists()
+    )
+    return or_(Assignment.lease_expires_at <= now, gone)
+
+
+def _held(session: Session, user_id: int, now: datetime) -> list[Any]:
+    """The user's leased assignments (oldest first) with whether each is stale (see :func:`_stale_clause`)."""
+    stale = case((_stale_clause(now), True), else_=False).label("stale")
+    return list(
+        session.execute(
+            select(Assignment.id, Assignment.sample_id, Assignment.purpose, Assignment.lease_expires_at, stale)
+            .where(Assignment.user_id == user_id, Assignment.state == AssignmentState.leased)
+            .order_by(Assignment.leased_at, Assignment.id)
+        )
+    )
+
+
+def _lease_of_row(row: Any) -> Lease:
     return Lease(
-        assignment_id=assignment.id,
-        sample_id=assignment.sample_id,
-        purpose=AssignmentPurpose(assignment.purpose).value,
-        expires_at=utc(assignment.lease_expires_at),
+        assignment_id=int(row.id),
+        sample_id=int(row.sample_id),
+        purpose=AssignmentPurpose(row.purpose).value,
+        expires_at=utc(row.lease_expires_at),
     )
 
 
@@ -383,19 +433,16 @@ def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: dat
     now = utc(now)
     excluded = set(exclude)
     with session_scope(url, write=True) as session:
-        check_reviewer(session, user_id, lock=True)
+        ensure_reviewer(session, user_id, lock=True)
         config = get_project_config(session)
-        _expire_own(session, user_id, now)
-        held = list(
-            session.scalars(
-                select(Assignment)
-                .where(Assignment.user_id == user_id, Assignment.state == AssignmentState.leased)
-                .order_by(Assignment.leased_at, Assignment.id)
-            )
-        )
-        for assignment in held:
-            if assignment.sample_id not in excluded:
-                return _lease_of(assignment)
+        # the user's leases, each with whether _expire_own would expire it: the updates run only when one would
+        held = _held(session, user_id, now)
+        if any(row.stale for row in held):
+            _expire_own(session, user_id, now)
+            held = _held(session, user_id, now)
+        for row in held:
+            if row.sample_id not in excluded:
+                return _lease_of_row(row)
         if len(held) >= MAX_LEASES:
             ids = ", ".join(str(a.sample_id) for a in held)
             raise QueueError(
@@ -412,15 +459,20 @@ def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: dat
             gold_id = _pick_gold_sample(session, user_id)
             if gold_id is not None:  # the pool sample's row lock is simply released at commit
                 sample_id, gold = gold_id, True
-        assignment = Assignment(
-            sample_id=sample_id,
-            user_id=user_id,
-            state=AssignmentState.leased,
-            purpose=purpose_of(sample_id, config, gold=gold),
-            leased_at=now,
-            lease_expires_at=now + timedelta(minutes=config.lease_minutes),
+        purpose = purpose_of(sample_id, config, gold=gold)
+        expires_at = now + timedelta(minutes=config.lease_minutes)
+        assignment_id = session.scalar(
+            insert(Assignment)
+            .values(
+                sample_id=sample_id,
+                user_id=user_id,
+                state=AssignmentState.leased,
+                purpose=purpose,
+                leased_at=now,
+                lease_expires_at=expires_at,
+            )
+            .returning(Assignment.id)
         )
-        session.add(assignment)
         if not gold:
             session.execute(
                 update(Sample)
@@ -428,8 +480,12 @@ def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: dat
                 .values(status=SampleStatus.in_review)
                 .execution_options(synchronize_session=False)
             )
-        session.flush()
-        return _lease_of(assignment)
+        return Lease(
+            assignment_id=int(assignment_id),
+            sample_id=int(sample_id),
+            purpose=purpose.value,
+            expires_at=utc(expires_at),
+        )
 
 
 def release(url: str, user_id: int, sample_id: int, *, now: datetime | None = None) -> bool:

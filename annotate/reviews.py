@@ -26,17 +26,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime, time
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy import Select, and_, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm.attributes import set_committed_value
 
-from annotate.acceptance import settle_sample
+from annotate.acceptance import settle_loaded
 from annotate.project import ProjectConfig, get_project_config
 from annotate.queue import (
     OPEN_STATUSES,
     QueueError,
     active_clause,
-    check_reviewer,
     count_submitted,
+    ensure_reviewer,
     is_gold_clause,
     reopen_idle,
     reviews_wanted,
@@ -221,7 +222,7 @@ def _locked_sample(session: Session, sample_id: int) -> Sample:
 
 def _reviewer(session: Session, user_id: int) -> None:
     try:
-        check_reviewer(session, user_id)
+        ensure_reviewer(session, user_id)
     except QueueError as exc:
         raise ReviewError(str(exc)) from None
 
@@ -246,7 +247,7 @@ def _settle_if_complete(session: Session, sample: Sample) -> None:
         return
     config = get_project_config(session)
     if count_submitted(session, sample.id) >= reviews_wanted(sample.id, config):
-        settle_sample(session, sample.id, config)
+        settle_loaded(session, sample, config)
 
 
 def submit_review(
@@ -265,46 +266,89 @@ def submit_review(
         _reviewer(session, user_id)
         sample = _locked_sample(session, sample_id)
         answer = validate_answer(answer, sample)
-        assignment = session.scalar(
-            select(Assignment).where(Assignment.sample_id == sample_id, Assignment.user_id == user_id)
-        )
-        if assignment is None:
+        existing_q = select(Review.id).where(Review.sample_id == sample_id, Review.user_id == user_id).scalar_subquery()
+        row = session.execute(
+            select(Assignment.id, Assignment.state, existing_q).where(
+                Assignment.sample_id == sample_id, Assignment.user_id == user_id
+            )
+        ).first()
+        if row is None:
             raise ReviewError(f"sample {sample_id} was not assigned to you; take samples from the queue")
-        existing = session.scalar(select(Review.id).where(Review.sample_id == sample_id, Review.user_id == user_id))
-        if existing is not None or assignment.state == AssignmentState.submitted:
+        assignment_id, state, existing = row
+        if existing is not None or state == AssignmentState.submitted:
             which = f" (review {existing})" if existing is not None else ""
             raise ReviewError(f"you already reviewed sample {sample_id}; revise it instead{which}")
-        if assignment.state == AssignmentState.skipped:
+        if state == AssignmentState.skipped:
             raise ReviewError(f"you skipped sample {sample_id}; a skipped sample cannot be reviewed")
-        gold = session.get(GoldAnswer, sample_id) is not None
-        if not gold:
-            wanted = reviews_wanted(sample_id, get_project_config(session))
-            if count_submitted(session, sample_id, except_user=user_id) >= wanted:
-                raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
-        review = Review(
-            sample_id=sample_id,
-            user_id=user_id,
-            consistent=answer.consistent,
-            quality=answer.quality,
-            complexity=answer.complexity,
-            comment=answer.comment,
-            box_corrections=answer.box_corrections,
-            time_spent_s=spent,
-            revision=1,
-            created_at=now,
-            updated_at=now,
+        others_q = (
+            select(func.count())
+            .select_from(Assignment)
+            .where(
+                Assignment.sample_id == sample_id,
+                Assignment.state == AssignmentState.submitted,
+                Assignment.user_id != user_id,
+            )
+            .scalar_subquery()
         )
-        session.add(review)
-        session.flush()
-        session.add(_revision_row(review, answer, spent, now))
-        assignment.state = AssignmentState.submitted
-        assignment.finished_at = now
-        if not gold and sample.status == SampleStatus.ready:  # a late submit after the sample went back to ready
-            sample.status = SampleStatus.in_review
-        session.flush()
+        gold_q = select(GoldAnswer.sample_id).where(GoldAnswer.sample_id == sample_id).scalar_subquery()
+        gold_id, others = session.execute(select(gold_q, others_q)).one()
+        gold = gold_id is not None
+        config: ProjectConfig | None = None
+        wanted = 0
         if not gold:
-            _settle_if_complete(session, sample)
-        return ReviewRecord(review.id, sample_id, 1, now)
+            config = get_project_config(session)
+            wanted = reviews_wanted(sample_id, config)
+            if int(others or 0) >= wanted:
+                raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
+        # core statements, no ORM flush: the review, its revision 1, the assignment, and a late submit's status
+        review_id = session.scalar(
+            insert(Review)
+            .values(
+                sample_id=sample_id,
+                user_id=user_id,
+                consistent=answer.consistent,
+                quality=answer.quality,
+                complexity=answer.complexity,
+                comment=answer.comment,
+                box_corrections=answer.box_corrections,
+                time_spent_s=spent,
+                revision=1,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(Review.id)
+        )
+        session.execute(
+            insert(ReviewRevision).values(
+                review_id=review_id,
+                revision=1,
+                consistent=answer.consistent,
+                quality=answer.quality,
+                complexity=answer.complexity,
+                comment=answer.comment,
+                box_corrections=answer.box_corrections,
+                time_spent_s=spent,
+                created_at=now,
+            )
+        )
+        session.execute(
+            update(Assignment)
+            .where(Assignment.id == assignment_id)
+            .values(state=AssignmentState.submitted, finished_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if not gold and sample.status == SampleStatus.ready:  # a late submit after the sample went back to ready
+            session.execute(
+                update(Sample)
+                .where(Sample.id == sample_id)
+                .values(status=SampleStatus.in_review)
+                .execution_options(synchronize_session=False)
+            )
+            set_committed_value(sample, "status", SampleStatus.in_review)
+        # every other submitted review is counted in ``others`` (one assignment per user and sample)
+        if config is not None and int(others or 0) + 1 >= wanted:
+            settle_loaded(session, sample, config)
+        return ReviewRecord(int(review_id), sample_id, 1, now)
 
 
 def revise_review(
@@ -470,6 +514,12 @@ def conflict_of(verdict: str | None) -> bool | None:
 
 def sample_view(url: str, sample_id: int) -> SampleView:
     """Everything the review screen shows for one sample, in two queries. Raises ReviewError for an unknown id."""
+    with session_scope(url) as session:
+        return load_sample_view(session, sample_id)
+
+
+def load_sample_view(session: Session, sample_id: int) -> SampleView:
+    """:func:`sample_view` in the caller's session."""
     j = aliased(MllmJudgement)
     latest = (
         select(j.id)
@@ -479,74 +529,71 @@ def sample_view(url: str, sample_id: int) -> SampleView:
         .scalar_subquery()
     )
     n_reviews = select(func.count()).where(Review.sample_id == Sample.id).scalar_subquery()
-    with session_scope(url) as session:
-        row = session.execute(
-            select(
-                Sample,
-                Instance.dataset,
-                Instance.external_id,
-                Instance.source_image,
-                MllmJudgement.verdict,
-                MllmJudgement.rationale,
-                n_reviews,
-            )
-            .join(Instance, Instance.id == Sample.instance_id)
-            .outerjoin(MllmJudgement, MllmJudgement.id == latest)
-            .where(Sample.id == sample_id)
-        ).first()
-        if row is None:
-            raise ReviewError(f"no sample with id {sample_id}")
-        sample, dataset, external_id, source_image, verdict, reason, count = row
-        turns = session.execute(
-            select(Turn.index, Turn.result_image, SubInstruction)
-            .outerjoin(
-                SubInstruction, and_(SubInstruction.sample_id == sample_id, SubInstruction.turn_index == Turn.index)
-            )
-            .where(
-                Turn.instance_id == sample.instance_id,
-                Turn.index >= sample.first_turn - 1,
-                Turn.index <= sample.last_turn,
-            )
-            .order_by(Turn.index)
-        ).all()
-        results = {index: image for index, image, _ in turns}
-        before = source_image if sample.first_turn == 1 else results.get(sample.first_turn - 1)
-        steps = [("source", before)]
-        for k in range(sample.first_turn, sample.last_turn + 1):
-            steps.append(("target" if k == sample.last_turn else f"after turn {k}", results.get(k)))
-        missing = [label for label, image in steps if image is None]
-        if missing:
-            raise ReviewError(f"sample {sample_id}: the instance lacks the images for {', '.join(missing)}")
-        subs = []
-        for _, _, sub in turns:
-            if sub is None:
-                continue
-            box = None
-            if sub.box_x0 is not None:
-                box = (sub.box_x0, sub.box_y0, sub.box_x1, sub.box_y1)
-            subs.append(
-                SubInstructionView(
-                    sub.turn_index,
-                    sub.text,
-                    sub.operation.value,
-                    box,
-                    sub.box_source.value if sub.box_source else None,
-                )
-            )
-        return SampleView(
-            sample_id=sample.id,
-            status=sample.status.value,
-            dataset=dataset,
-            external_id=external_id,
-            first_turn=sample.first_turn,
-            last_turn=sample.last_turn,
-            steps=steps,
-            instruction=sample.instruction,
-            sub_instructions=subs,
-            mllm_verdict=verdict,
-            mllm_conflict=conflict_of(verdict),
-            mllm_reason=reason,
-            flagged=bool(sample.flagged),
-            flag_reason=sample.flag_reason,
-            n_reviews=int(count or 0),
+    row = session.execute(
+        select(
+            Sample,
+            Instance.dataset,
+            Instance.external_id,
+            Instance.source_image,
+            MllmJudgement.verdict,
+            MllmJudgement.rationale,
+            n_reviews,
         )
+        .join(Instance, Instance.id == Sample.instance_id)
+        .outerjoin(MllmJudgement, MllmJudgement.id == latest)
+        .where(Sample.id == sample_id)
+    ).first()
+    if row is None:
+        raise ReviewError(f"no sample with id {sample_id}")
+    sample, dataset, external_id, source_image, verdict, reason, count = row
+    turns = session.execute(
+        select(Turn.index, Turn.result_image, SubInstruction)
+        .outerjoin(SubInstruction, and_(SubInstruction.sample_id == sample_id, SubInstruction.turn_index == Turn.index))
+        .where(
+            Turn.instance_id == sample.instance_id,
+            Turn.index >= sample.first_turn - 1,
+            Turn.index <= sample.last_turn,
+        )
+        .order_by(Turn.index)
+    ).all()
+    results = {index: image for index, image, _ in turns}
+    before = source_image if sample.first_turn == 1 else results.get(sample.first_turn - 1)
+    steps = [("source", before)]
+    for k in range(sample.first_turn, sample.last_turn + 1):
+        steps.append(("target" if k == sample.last_turn else f"after turn {k}", results.get(k)))
+    missing = [label for label, image in steps if image is None]
+    if missing:
+        raise ReviewError(f"sample {sample_id}: the instance lacks the images for {', '.join(missing)}")
+    subs = []
+    for _, _, sub in turns:
+        if sub is None:
+            continue
+        box = None
+        if sub.box_x0 is not None:
+            box = (sub.box_x0, sub.box_y0, sub.box_x1, sub.box_y1)
+        subs.append(
+            SubInstructionView(
+                sub.turn_index,
+                sub.text,
+                sub.operation.value,
+                box,
+                sub.box_source.value if sub.box_source else None,
+            )
+        )
+    return SampleView(
+        sample_id=sample.id,
+        status=sample.status.value,
+        dataset=dataset,
+        external_id=external_id,
+        first_turn=sample.first_turn,
+        last_turn=sample.last_turn,
+        steps=steps,
+        instruction=sample.instruction,
+        sub_instructions=subs,
+        mllm_verdict=verdict,
+        mllm_conflict=conflict_of(verdict),
+        mllm_reason=reason,
+        flagged=bool(sample.flagged),
+        flag_reason=sample.flag_reason,
+        n_reviews=int(count or 0),
+    )
