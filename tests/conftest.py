@@ -147,3 +147,15 @@ def store(tmp_path: Path):
     from db.store import ImageStore
 
     return ImageStore(str(tmp_path / "blobs"), max_pixels=50_000_000, max_bytes=20 * 1024 * 1024)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads wait on each other
+    (measured: the model tests ran 5x faster on one thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

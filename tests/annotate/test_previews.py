@@ -13,7 +13,6 @@ from typing import Any
 
 import gradio as gr
 import pytest
-import torch
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -37,11 +36,8 @@ WAIT_S = 60.0
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread: None) -> None:
+    """Tiny models on one torch thread (see tests/conftest.py)."""
 
 
 @dataclass(frozen=True)

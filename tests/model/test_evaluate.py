@@ -5,7 +5,6 @@ editing the benchmark on the fly)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +33,6 @@ from tests.tiny_clip import TINY_CLIP_NAME, register_tiny_clip, save_tiny_clip
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 runner = CliRunner()
 JUDGE_ANSWER = '{"reason": "fine", "instruction_compliance": 8, "background_consistency": 4}'
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,6 @@ TINY_TOML = REPO / "configs" / "train_tiny.toml"
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # fixtures: exports and bases
 
