@@ -332,16 +332,22 @@ class _ParquetSplit:
             self._writer = None
 
 
-class ParquetWriter(DatasetWriter):
-    format = "parquet"
+class _ShardedWriter(DatasetWriter):
+    """A writer with one shard sequence per split (Parquet and WebDataset): ``_split_type`` writes the shards,
+    ``_item`` turns a record into what a shard takes."""
+
+    _split_type: Any
 
     def __init__(self, root: Path, fetch: Fetch, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
         super().__init__(root, fetch, shard_size)
         root.mkdir(parents=True, exist_ok=True)
-        self._splits = {split: _ParquetSplit(root, split, shard_size) for split in SPLITS}
+        self._splits = {split: self._split_type(root, split, shard_size) for split in SPLITS}
+
+    def _item(self, record: ExportRecord) -> Any:
+        raise NotImplementedError
 
     def _write(self, record: ExportRecord) -> None:
-        self._splits[record.split].add(parquet_row(record, self.fetch))
+        self._splits[record.split].add(self._item(record))
 
     def close(self) -> list[FileEntry]:
         paths = [p for split in SPLITS for p in self._splits[split].close()]
@@ -350,6 +356,14 @@ class ParquetWriter(DatasetWriter):
     def abort(self) -> None:
         for split in self._splits.values():
             split.abort()
+
+
+class ParquetWriter(_ShardedWriter):
+    format = "parquet"
+    _split_type = _ParquetSplit
+
+    def _item(self, record: ExportRecord) -> dict[str, Any]:
+        return parquet_row(record, self.fetch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,24 +434,12 @@ class _TarSplit:
             self._tar = None
 
 
-class WebDatasetWriter(DatasetWriter):
+class WebDatasetWriter(_ShardedWriter):
     format = "webdataset"
+    _split_type = _TarSplit
 
-    def __init__(self, root: Path, fetch: Fetch, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
-        super().__init__(root, fetch, shard_size)
-        root.mkdir(parents=True, exist_ok=True)
-        self._splits = {split: _TarSplit(root, split, shard_size) for split in SPLITS}
-
-    def _write(self, record: ExportRecord) -> None:
-        self._splits[record.split].add(webdataset_members(record, self.fetch))
-
-    def close(self) -> list[FileEntry]:
-        paths = [p for split in SPLITS for p in self._splits[split].close()]
-        return [FileEntry(p.name, None, p.stat().st_size) for p in paths]
-
-    def abort(self) -> None:
-        for split in self._splits.values():
-            split.abort()
+    def _item(self, record: ExportRecord) -> Iterable[tuple[str, bytes]]:
+        return webdataset_members(record, self.fetch)
 
 
 WRITERS: dict[str, type[DatasetWriter]] = {w.format: w for w in (JsonlWriter, ParquetWriter, WebDatasetWriter)}
