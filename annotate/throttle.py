@@ -8,7 +8,7 @@ Failures are counted per key in the database:
   users behind one address do not block each other.
 - ``ip`` (all usernames from one IP): ``login_ip_max_failures`` failures block the IP for ``login_max_delay_s``
   (password spraying over many usernames).
-- ``join`` (unknown invite links from one IP): like ``ip``, for ``/study/join/{token}``.
+- ``join`` (unknown invite links from one IP): like ``ip`` with a cap of 5, for ``/study/join/{token}``.
 
 A key's count restarts when ``login_failure_window_s`` passed since its last failure; a correct password clears its
 pair. Every block and every unblock (expired, or a correct password) is written to the audit log.
@@ -46,6 +46,7 @@ class ThrottlePolicy:
     max_delay_s: float = 900.0
     window_s: float = 3600.0
     ip_max_failures: int = 50
+    join_max_failures: int = 5  # invite tokens are 256-bit random: a guesser is blocked early
 
     @classmethod
     def from_settings(cls, settings: Any) -> ThrottlePolicy:
@@ -129,8 +130,8 @@ class LoginThrottle:
                     row.failures, row.first_failure_at = 0, now
                 row.failures += 1
                 row.last_failure_at = now
-                delay = (pair_delay(row.failures, policy) if scope == PAIR
-                         else ip_delay(row.failures, policy.ip_max_failures, policy))  # fmt: skip
+                cap = policy.join_max_failures if scope == JOIN else policy.ip_max_failures
+                delay = pair_delay(row.failures, policy) if scope == PAIR else ip_delay(row.failures, cap, policy)
                 if delay > 0:
                     was_blocked = row.blocked_until is not None and _aware(row.blocked_until) > now
                     row.blocked_until = now + timedelta(seconds=delay)
