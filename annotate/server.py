@@ -105,8 +105,9 @@ def create_app(
     app.state.throttle = throttle or LoginThrottle(settings.database_url, ThrottlePolicy.from_settings(settings))
     app.state.secure_cookies = secure_cookies
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.state.job_worker = None
     if worker:
-        __import__("annotate.previews", fromlist=["attach_worker"]).attach_worker(app)  # preview worker, start/stop
+        __import__("annotate.worker", fromlist=["attach_job_worker"]).attach_job_worker(app)  # exports, previews
     secret = load_secret_key(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None)
 
     _add_routes(app)

@@ -33,6 +33,8 @@ app.add_typer(users_app, name="users")
 
 def _register_stage_commands() -> None:
     """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
+    from annotate.jobs_cli import app as jobs_app
+    from annotate.jobs_cli import worker_command
     from annotate.study_cli import app as study_app
     from exports.cli import app as export_app
     from model.cli import register as register_model_commands
@@ -41,6 +43,8 @@ def _register_stage_commands() -> None:
     app.add_typer(pipeline_app, name="pipeline")
     app.add_typer(export_app, name="export")
     app.add_typer(study_app, name="study")
+    app.add_typer(jobs_app, name="jobs")
+    app.command("worker")(worker_command)
     register_model_commands(app)  # mcie train / edit / eval
 
 
