@@ -34,10 +34,6 @@ ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
 UPLOAD_SUFFIX = "/gradio_api/upload"
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def limit_for(path: str, default: int) -> int:
     """The body limit of ``path`` (bytes): the tightest of the default and the route's own."""
     for prefix, limit in ROUTE_LIMITS:
@@ -83,28 +79,33 @@ class BodyLimit:
             await _answer(send, 413, f"the request body is larger than {limit} bytes")
             return
         received = 0
-        started = False
+        started = refused = False
 
         async def counted_receive() -> Message:
-            nonlocal received
+            # Over the limit: answer 413 now and tell the app the client went away, so it stops reading (an
+            # exception here would be turned into a 400 by the body parser).
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge
+                    refused = True
+                    if not started:
+                        await _answer(send, 413, f"the request body is larger than {limit} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracked_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 was sent; whatever the app answers to the "disconnect" is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
-                await _answer(send, 413, f"the request body is larger than {limit} bytes")
+        await self.app(scope, counted_receive, guarded_send)
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
