@@ -161,16 +161,33 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> None:
+    """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
+    ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from annotate.queue import expire_leases
 
+    sweeps = 0
     while True:
         try:
             expired = await anyio.to_thread.run_sync(expire_leases, url)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
+            if sweeps % 60 == 0:
+                await anyio.to_thread.run_sync(_purge_runtime_tables, url)
         except Exception:  # the sweep must outlive a database hiccup
-            log.exception("expiring leases failed")
+            log.exception("the periodic sweep failed")
+        sweeps += 1
         await asyncio.sleep(every_s)
+
+
+def _purge_runtime_tables(url: str) -> None:
+    from annotate import sessions
+    from annotate.throttle import LoginThrottle
+
+    with session_scope(url) as session:
+        ended = sessions.purge(session)
+    forgotten = LoginThrottle(url).purge()
+    if ended or forgotten:
+        log.info("deleted %d ended session(s) and %d old failed-login count(s)", ended, forgotten)
 
 
 def _mount_gradio(app: FastAPI, settings: Settings) -> None:

@@ -259,6 +259,12 @@ class ServerSessionMiddleware:
             loaded = _Loaded(row.id_hash, row.user_id, aware(row.last_seen_at))
             return loaded, dict(row.data or {}), self._snapshot(user)
 
+    def _unchanged(self, scope: Scope, loaded: _Loaded | None, data: dict[str, Any], changed: bool) -> bool:
+        """The same live session, its data unchanged and its last-seen time recent enough: nothing to write."""
+        if loaded is None or changed or scope.get(ROTATE_KEY) or data.get("uid") != loaded.user_id:
+            return False
+        return (utcnow() - loaded.last_seen_at).total_seconds() < self.policy.touch_interval_s
+
     def _commit(
         self, scope: Scope, loaded: _Loaded | None, data: dict[str, Any], changed: bool, had_cookie: bool
     ) -> tuple[bytes, bytes] | None:
@@ -324,7 +330,11 @@ class ServerSessionMiddleware:
             if message["type"] == "http.response.start":
                 now = scope["session"]
                 changed = json.dumps(now, sort_keys=True, default=str) != before
-                header = await anyio.to_thread.run_sync(self._commit, scope, loaded, now, changed, bool(value))
+                quiet = (not now and not value) or (loaded is None and now and not changed)  # anonymous, as it was
+                if quiet or self._unchanged(scope, loaded, now, changed):
+                    header = None  # the usual request: nothing to write, no thread hop
+                else:
+                    header = await anyio.to_thread.run_sync(self._commit, scope, loaded, now, changed, bool(value))
                 if header is not None:
                     message = {**message, "headers": [*message.get("headers", []), header]}
             await send(message)

@@ -490,7 +490,9 @@ class StudyGate:
         return session_user(Request(scope), self.database_url)
 
     async def _anonymous(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
+        if PARTICIPANT_API_RE.match(path):  # refused before anything reads the body
+            await _refuse(scope, send, 401, "your session has ended: open your invitation link again")
+        elif _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
             await _refuse(
                 scope, send, 401,
                 "You are not signed in to a study (or your session has ended). Open the invitation link you were "

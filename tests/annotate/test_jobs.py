@@ -177,3 +177,49 @@ def test_concurrent_claims_on_postgres_never_share_a_job(postgres_url: str) -> N
 def test_a_worker_refuses_unknown_kinds(sqlite_url: str, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown kind"):
         Worker(_settings(sqlite_url, tmp_path), kinds=["gpu-mining"])
+
+
+def test_jobs_commands_and_background_exports(sqlite_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json as json_module
+
+    from typer.testing import CliRunner
+
+    from db.migrate import upgrade
+    from mcie.cli import app as cli
+    from mcie.config import get_settings
+
+    upgrade(sqlite_url)
+    monkeypatch.setenv("MCIE_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("MCIE_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        queued = runner.invoke(cli, ["export", "jsonl", str(tmp_path / "out"), "--background", "--json"])
+        assert queued.exit_code == 0, queued.output
+        job_id = json_module.loads(queued.output)["job_id"]
+        assert not (tmp_path / "out").exists()  # nothing ran in the command itself
+        listed = json_module.loads(runner.invoke(cli, ["jobs", "list", "--json"]).output)
+        assert [(j["id"], j["kind"], j["status"]) for j in listed] == [(job_id, "export", "queued")]
+        assert listed[0]["payload"]["out"] == str((tmp_path / "out").absolute())
+        shown = runner.invoke(cli, ["jobs", "show", str(job_id)])
+        assert shown.exit_code == 0 and json_module.loads(shown.output)["payload"]["format"] == "jsonl"
+        assert runner.invoke(cli, ["jobs", "retry", str(job_id)]).exit_code == 1  # queued: nothing to retry
+        assert "cancelled" in runner.invoke(cli, ["jobs", "cancel", str(job_id)]).output
+        assert "queued again" in runner.invoke(cli, ["jobs", "retry", str(job_id)]).output
+        assert runner.invoke(cli, ["jobs", "show", "999"]).exit_code == 1
+        assert runner.invoke(cli, ["jobs", "list", "--status", "bogus"]).exit_code == 2
+
+        worker = Worker(get_settings(), kinds=["export"], poll_s=0.05).start()  # what `mcie worker` runs
+        try:
+            deadline = time.monotonic() + 120
+            while jobs.get(sqlite_url, job_id).status != "done":
+                assert time.monotonic() < deadline, jobs.get(sqlite_url, job_id)
+                time.sleep(0.1)
+        finally:
+            worker.stop()
+        result = jobs.get(sqlite_url, job_id).result
+        assert result is not None and result["n_samples"] == 0 and (tmp_path / "out" / "manifest.json").is_file()
+        bad = runner.invoke(cli, ["worker", "--kinds", "mining"])
+        assert bad.exit_code == 2 and "unknown kind" in bad.output
+    finally:
+        get_settings.cache_clear()
