@@ -98,8 +98,10 @@ class Settings(BaseSettings):
     )
 
     # --- ingest limits --------------------------------------------------------------------------------
-    max_instruction_chars: int = Field(4000, ge=1, description="Longest instruction accepted at ingest.")
-    max_sub_instruction_chars: int = Field(1000, ge=1, description="Longest sub-instruction accepted at ingest.")
+    max_instruction_chars: int = Field(
+        4000, ge=1, description="Longest turn instruction accepted at ingest (each becomes a sub-instruction; a "
+        "sample's instruction joins those of its turns)."
+    )
     max_meta_bytes: int = Field(65536, ge=2, description="Largest `meta` object (as JSON) accepted at ingest.")
 
     # --- job queue ---------------------------------------------------------------------------------------
