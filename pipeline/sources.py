@@ -107,7 +107,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | Record
 
 
 def _find_image(images_root: Path, relative: str, *, seed_layout: bool) -> Path | None:
-    # Path("/abs") joined onto a root stays "/abs": absolute paths in a manifest are used as they are.
+    # Path("/abs") joined onto a root stays "/abs"; _locate then refuses it unless it lies inside the root.
     candidates = sf.image_candidates(images_root, relative) if seed_layout else (images_root / relative,)
     for candidate in candidates:
         if candidate.is_file():
