@@ -17,11 +17,12 @@ Leads and admins manage jobs with ``mcie jobs list|show|retry|cancel`` and on th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import event, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import AuditLog, Job, QueueStatus, utcnow
@@ -31,6 +32,23 @@ KINDS = ("export", "preview")
 ACTIVE = (QueueStatus.queued, QueueStatus.running)
 MAX_ERROR_CHARS = 4000
 LOST = "the worker running it stopped renewing its lease (killed or stalled)"
+
+
+_LISTENERS: list[Callable[[], None]] = []  # workers of this process, woken when it queues a job
+
+
+def add_listener(wake: Callable[[], None]) -> None:
+    _LISTENERS.append(wake)
+
+
+def remove_listener(wake: Callable[[], None]) -> None:
+    if wake in _LISTENERS:
+        _LISTENERS.remove(wake)
+
+
+def _notify(_session: Session) -> None:
+    for wake in list(_LISTENERS):
+        wake()
 
 
 class JobError(ValueError):
@@ -98,6 +116,8 @@ def enqueue(
     session.flush()
     session.add(AuditLog(user_id=requested_by, action="job.enqueue", entity="job", entity_id=str(job.id),
                          details={"kind": kind}))  # fmt: skip
+    if _LISTENERS:  # a worker in this process starts on it as soon as it is committed (others poll)
+        event.listen(session, "after_commit", _notify, once=True)
     return job
 
 

@@ -194,11 +194,13 @@ class Worker:
         ]
         for thread in self._threads:
             thread.start()
+        jobs.add_listener(self.wake)
         log.info("worker %s started: kinds %s, concurrency %d", self.id, ",".join(self.kinds), self.concurrency)
         return self
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Take no new jobs; wait up to ``grace_s`` for the running ones (then they are released)."""
+        jobs.remove_listener(self.wake)
         self.stopping.set()
         self._wake.set()
         for thread in self._threads:
@@ -286,9 +288,11 @@ def run_worker(settings: Settings, *, kinds: list[str], concurrency: int, grace_
     worker.stop(grace_s)
 
 
-def attach_job_worker(app: Any, *, concurrency: int = 1) -> Worker:
+def attach_job_worker(app: Any, *, concurrency: int = 2) -> Worker:
     """Run an in-process :class:`Worker` of every kind while the FastAPI ``app`` runs (``mcie serve`` without
-    ``--no-worker``, so ``make demo`` stays one command); it is ``app.state.job_worker``. Start and stop happen off
+    ``--no-worker``, so ``make demo`` stays one command): two threads, so an export does not hold up previews, each
+    looking for work every 2 s when idle (and at once when this process queues a job). It is
+    ``app.state.job_worker``. Start and stop happen off
     the event loop."""
     import contextlib
     from collections.abc import AsyncIterator
@@ -296,7 +300,7 @@ def attach_job_worker(app: Any, *, concurrency: int = 1) -> Worker:
     import anyio.to_thread
 
     inner = app.router.lifespan_context
-    worker = app.state.job_worker = Worker(app.state.settings, concurrency=concurrency)
+    worker = app.state.job_worker = Worker(app.state.settings, concurrency=concurrency, poll_s=2.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
