@@ -6,13 +6,12 @@ difference is the session handling itself), from two apps:
 
 - ``server_side``: the app of :func:`annotate.server.create_app` (``web_sessions`` row read with its user in one
   query; the user read is then shared by the route; ``last_seen_at`` written at most once a minute);
-- ``signed_cookie``: the previous design - Starlette's ``SessionMiddleware`` (signed cookie) and the same route
-  reading the user by the id in the cookie (:func:`annotate.web_auth.load_user`), as ``whoami`` did before.
+- ``signed_cookie``: the same app with the previous design's session - Starlette's ``SessionMiddleware`` (signed
+  cookie) in its place, so the route reads the user by the id in the cookie (:func:`annotate.web_auth.load_user`),
+  as ``whoami`` did before. Every other layer (body limit, CORS, headers, the study and role gates) is the same.
 
 The two are measured in alternating blocks so that drift (other processes on the box) hits both alike. Reported:
-p50 / p95 per request of each, and the added p50 (goal: under 2 ms). The ``signed_cookie`` app has none of the
-app's other layers (body limit, CORS, security headers, the study and role gates), so the added figure is an upper
-bound of what the session itself costs.
+p50 / p95 per request of each, and the added p50 (goal: under 2 ms).
 
 Usage: ``python bench/session_cost.py [--requests 3000] [--blocks 10]``.
 """
@@ -33,8 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request  # module level: the routes' annotations are resolved against this module
-
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
@@ -45,32 +42,22 @@ PASSWORD = "bench-password-1"
 
 
 def signed_cookie_app(settings: Any, secret: str) -> Any:
-    """The previous design, reduced to what ``GET /api/whoami`` did: a signed cookie, then one user read."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    """The same app with the previous design's session: Starlette's signed-cookie ``SessionMiddleware`` in the place
+    of the server-side one. Its routes then read the user by the id in the cookie, as they did before."""
+    from starlette.middleware import Middleware
     from starlette.middleware.sessions import SessionMiddleware
 
-    from annotate.web_auth import _session_matches, load_user, user_for_username
+    from annotate.server import create_app
+    from annotate.sessions import ServerSessionMiddleware
 
-    app = FastAPI()
-    url = settings.database_url
-
-    def log_in(request: Request) -> JSONResponse:
-        user = user_for_username(url, "rater1")
-        assert user is not None
-        request.session.update({"uid": user.id, "u": user.username, "p": user.session_tag})
-        return JSONResponse({"ok": True})
-
-    def whoami(request: Request) -> JSONResponse:
-        session = request.session
-        user = _session_matches(load_user(url, session.get("uid")), session)
-        if user is None:
-            return JSONResponse({"detail": "log in first"}, status_code=401)
-        return JSONResponse({"username": user.username, "role": user.role.value, "name": user.shown_name})
-
-    app.add_api_route("/bench-login", log_in, methods=["POST"])
-    app.add_api_route("/api/whoami", whoami, methods=["GET"])
-    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="mcie_session", same_site="lax")
+    app = create_app(settings, mount_ui=False, worker=False)
+    swapped = [
+        Middleware(SessionMiddleware, secret_key=secret, session_cookie="mcie_session", same_site="lax",
+                   max_age=settings.session_max_age_s) if m.cls is ServerSessionMiddleware else m
+        for m in app.user_middleware
+    ]  # fmt: skip
+    assert swapped != app.user_middleware
+    app.user_middleware = swapped
     return app
 
 
@@ -80,16 +67,11 @@ async def run(apps: dict[str, Any], n: int, blocks: int) -> dict[str, list[float
     clients: dict[str, httpx.AsyncClient] = {}
     for name, app in apps.items():
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-        if name == "server_side":
-            page = await client.get("/login")
-            csrf = re.search(r"name=csrf value='([^']+)'", page.text)
-            assert csrf
-            answer = await client.post("/login", data={"username": "rater1", "password": PASSWORD,
-                                                       "csrf": csrf.group(1)})  # fmt: skip
-            assert answer.status_code == 303, answer.text
-        else:
-            answer = await client.post("/bench-login")
-            assert answer.status_code == 200, answer.text
+        page = await client.get("/login")
+        csrf = re.search(r"name=csrf value='([^']+)'", page.text)
+        assert csrf
+        answer = await client.post("/login", data={"username": "rater1", "password": PASSWORD, "csrf": csrf.group(1)})
+        assert answer.status_code == 303, answer.text
         assert (await client.get("/api/whoami")).status_code == 200
         for _ in range(50):  # warm the pools and caches
             await client.get("/api/whoami")
