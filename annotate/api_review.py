@@ -326,23 +326,20 @@ def _preview_json(found: previews.PreviewStatus) -> dict[str, Any]:
 
 
 def _preview(url: str, user: WebUser, sample_id: int, raw: bytes | None) -> Response:
-    if raw is None:
-        return _error(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        return _error(status.HTTP_422_UNPROCESSABLE_ENTITY, "the body is not JSON")
-    if not isinstance(body, dict) or set(body) - {"seed", "params"}:
-        return _error(status.HTTP_422_UNPROCESSABLE_ENTITY, 'expected {"seed": int?, "params": object?}')
+    body = _object(b"{}" if raw == b"" else raw)  # an empty body asks with the defaults
+    if isinstance(body, JSONResponse):
+        return body
+    if set(body) - {"seed", "params"}:
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, 'expected {"seed": int?, "params": object?}')
     params = body.get("params")
     if params is not None and not isinstance(params, dict):
-        return _error(status.HTTP_422_UNPROCESSABLE_ENTITY, "params: expected an object")
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, "params: expected an object")
     try:
         found = previews.request_preview(url, sample_id, user.id, seed=body.get("seed", 0), params=params)
     except previews.PreviewUnavailable as exc:
         return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
     except previews.PreviewError as exc:
-        code = status.HTTP_404_NOT_FOUND if str(exc).startswith("no sample") else status.HTTP_422_UNPROCESSABLE_ENTITY
+        code = status.HTTP_404_NOT_FOUND if str(exc).startswith("no sample") else status.HTTP_422_UNPROCESSABLE_CONTENT
         return _error(code, str(exc))
     except PermissionError as exc:
         return _error(status.HTTP_403_FORBIDDEN, str(exc))

@@ -424,3 +424,28 @@ def test_ended_sessions_and_old_failure_counts_are_purged(tmp_path: Path) -> Non
     assert throttle.purge() == 2  # the pair and the IP, both past the window and not blocked
     with session_scope(url) as session:
         assert session.scalar(select(LoginThrottleKey.id)) is None
+
+
+def test_the_preview_routes_refuse_anonymous_clients_participants_and_forged_posts(client: TestClient) -> None:
+    with session_scope(url_of(client)) as session:
+        from db.models import Sample
+
+        sample_id = session.scalar(select(Sample.id))
+    ask = f"/api/review/{sample_id}/preview"
+    assert client.post(ask, json={}).status_code == 401
+    assert client.get("/api/review/previews/1").status_code == 401
+    log_in(client, "guest1")  # a participant
+    assert client.post(ask, json={}, headers={"x-csrf-token": "x"}).status_code == 403
+    assert client.get("/api/review/previews/1").status_code == 403
+    client.cookies.clear()
+    log_in(client, "rater1")
+    assert client.post(ask, json={}).status_code == 403  # no CSRF header
+    csrf = client.get("/api/review/csrf").json()["csrf_token"]
+    off = client.post(ask, json={"seed": 1}, headers={"x-csrf-token": csrf})
+    assert off.status_code == 503 and "MCIE_EDITING_BASE_MODEL_PATH" in off.json()["detail"]  # no model here
+    bad = client.post(ask, json={"seed": 1, "oops": 2}, headers={"x-csrf-token": csrf})
+    assert bad.status_code == 422
+    big = client.post(ask, content=b"{" + b" " * (70 * 1024) + b"}", headers={"x-csrf-token": csrf,
+                                                                             "content-type": "application/json"})
+    assert big.status_code == 413
+    assert client.get("/api/review/previews/999999").status_code == 404
