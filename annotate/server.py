@@ -40,7 +40,7 @@ from sqlalchemy import select
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from annotate.edges import BodyLimit, secure_cookies_for, validation_error_handler
+from annotate.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
 from annotate.sessions import ServerSessionMiddleware, SessionPolicy
 from annotate.throttle import LoginThrottle, ThrottlePolicy
 from annotate.web_auth import (
@@ -239,8 +239,9 @@ def serve(
     settings = settings or get_settings()
     migrate.upgrade(settings.database_url)
     secure = secure_cookies_for(settings.public_url, host, secure_cookies)
-    if not secure:
-        log.warning("session cookies are not Secure (served on %s, MCIE_PUBLIC_URL=%s)", host, settings.public_url)
+    if not secure:  # expected on a laptop (loopback); anywhere else the deployer should know
+        level = logging.INFO if is_loopback(host) else logging.WARNING
+        log.log(level, "session cookies are not Secure (served on %s, MCIE_PUBLIC_URL=%s)", host, settings.public_url)
     app = create_app(settings, secure_cookies=secure, worker=worker)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=False)
 
