@@ -75,16 +75,37 @@ class JobContext:
 # handlers
 
 
+def _export_size(url: str, flt: dict[str, Any], since: int | None) -> int | None:
+    """How many samples the export will take at most (for its progress; score thresholds are applied while the
+    records are written, so they may leave fewer), or None when the filter cannot be read."""
+    from sqlalchemy import func, select
+
+    from db.session import session_scope
+    from exports.select import ExportFilter, selection_query
+
+    try:
+        selection = ExportFilter.model_validate(flt or {})
+    except ValueError:
+        return None  # run_export reports the bad filter
+    with session_scope(url) as session:
+        query = selection_query(selection, since, dialect=session.get_bind().dialect.name)
+        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
+
+
 def export_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
     from db.store import ImageStore
     from exports.api import run_export
 
+    total = _export_size(ctx.settings.database_url, payload.get("filter") or {}, payload.get("since"))
+    of = "" if total is None else f" of at most {total}"
     done = [0]
+    ctx.progress(0.0, f"0{of} samples written")
 
     def on_record() -> None:
         done[0] += 1
-        if done[0] % 100 == 0:
-            ctx.progress(None, f"{done[0]} samples written")
+        if done[0] % 50 == 0 or done[0] == total:
+            fraction = min(0.99, done[0] / total) if total else None  # 1.0 once the manifest is written
+            ctx.progress(fraction, f"{done[0]}{of} samples written")
             ctx.check()
 
     result = run_export(

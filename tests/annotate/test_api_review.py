@@ -475,8 +475,10 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     # a threshold filter that keeps nothing still completes (an empty export), through the handler directly; the
     # handler only queues a job, a worker (here in this process, as `mcie worker --kinds export`) runs it
     from annotate import jobs
-    from annotate.worker import Worker
+    from annotate.worker import Worker, _export_size
 
+    assert _export_size(settings.database_url, {}, None) == 2  # the job's progress counts against this
+    assert _export_size(settings.database_url, {"statuses": ["rejected"]}, None) == 0
     out = dashboard.on_export_start("parquet", "", 0.05, ["accepted", "rejected"], 5.0, None, lead)
     assert "started into" in out["export_status"]
     [queued] = jobs.list_jobs(settings.database_url, kind="export")
