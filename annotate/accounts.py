@@ -83,17 +83,35 @@ def create_user(
     return user
 
 
-def set_password(session: Session, username: str, password: str, *, actor_id: int | None = None) -> None:
+def set_password(session: Session, username: str, password: str, *, actor_id: int | None = None) -> int:
+    """Change the password and end every session of the account; returns how many sessions were ended."""
     user = get_user(session, username)
     user.password_hash = hash_password(password)
+    ended = revoke_sessions(session, username, reason="password changed", actor_id=actor_id)
     session.add(AuditLog(user_id=actor_id, action="user.set_password", entity="user", entity_id=str(user.id)))
+    return ended
 
 
-def set_active(session: Session, username: str, active: bool, *, actor_id: int | None = None) -> None:
+def set_active(session: Session, username: str, active: bool, *, actor_id: int | None = None) -> int:
+    """Enable or disable the account; disabling ends every session of it. Returns how many sessions were ended."""
     user = get_user(session, username)
     user.active = active
+    ended = 0 if active else revoke_sessions(session, username, reason="account disabled", actor_id=actor_id)
     action = "user.enable" if active else "user.disable"
     session.add(AuditLog(user_id=actor_id, action=action, entity="user", entity_id=str(user.id)))
+    return ended
+
+
+def revoke_sessions(session: Session, username: str, *, reason: str = "revoked", actor_id: int | None = None) -> int:
+    """End every live web session of the account at once (every replica refuses them on the next request)."""
+    from annotate import sessions
+
+    user = get_user(session, username)
+    ended = sessions.revoke_user(session, user.id, reason)
+    if ended:
+        session.add(AuditLog(user_id=actor_id, action="user.sessions_revoked", entity="user", entity_id=str(user.id),
+                             details={"sessions": ended, "reason": reason}))  # fmt: skip
+    return ended
 
 
 def authenticate(session: Session, username: str, password: str) -> User | None:

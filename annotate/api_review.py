@@ -15,9 +15,15 @@ Routes (all answers are JSON with ``Cache-Control: no-store``; errors are ``{"de
   404 for an unknown sample, 409 when the sample cannot take this review (not assigned, already reviewed, skipped,
   or it has all its reviews from others) - each with the reviewer-facing message;
 - ``POST /api/review/{sample_id}/skip`` - give a leased sample up, ``{"reason": str}`` (required);
-- ``GET /api/review/progress`` - reviews done today (UTC) and in total, and pool samples still left for the caller.
+- ``GET /api/review/progress`` - reviews done today (UTC) and in total, and pool samples still left for the caller;
+- ``POST /api/review/{sample_id}/preview`` - ask for the model's edit of a sample, ``{"seed": int?, "params":
+  {...}?}`` (:func:`annotate.previews.request_preview`): 202 with the preview's id and status while a worker makes it
+  (a job of the queue: the web process needs no GPU), 200 when it is done already (cached), 503 when no model is
+  configured, 404 for an unknown sample, 422 for a bad seed or parameter;
+- ``GET /api/review/previews/{preview_id}`` - the preview's status (``queued``, ``running``, ``done`` with the
+  image's hash and URL, or ``failed`` with the error).
 
-Who may call: the same signed session cookie as the web app (log in through ``/login``); raters, leads and admins
+Who may call: the same session cookie as the web app (log in through ``/login``); raters, leads and admins
 only (401 without a session, 403 for study participants), checked on every request by
 :func:`annotate.web_auth.require_reviewer`. Cross-site requests: every POST must carry the session's token in the
 ``X-CSRF-Token`` header (the token of :func:`annotate.web_auth.csrf_token`, which HTML forms send as a field). A
@@ -50,7 +56,7 @@ from fastapi import APIRouter, Query, Request, status
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
-from annotate import queue
+from annotate import previews, queue
 from annotate.project import get_project_config
 from annotate.reviews import (
     Answer,
@@ -311,6 +317,42 @@ def _progress(url: str, user: WebUser) -> Response:
     )
 
 
+def _preview_json(found: previews.PreviewStatus) -> dict[str, Any]:
+    return {
+        "preview_id": found.id, "sample_id": found.sample_id, "status": found.status, "cached": found.cached,
+        "model_version": found.model_version, "seed": found.seed, "params": found.params, "ahead": found.ahead,
+        "image": found.image, "image_url": f"/img/{found.image}" if found.image else None, "error": found.error,
+    }  # fmt: skip
+
+
+def _preview(url: str, user: WebUser, sample_id: int, raw: bytes | None) -> Response:
+    body = _object(b"{}" if raw == b"" else raw)  # an empty body asks with the defaults
+    if isinstance(body, JSONResponse):
+        return body
+    if set(body) - {"seed", "params"}:
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, 'expected {"seed": int?, "params": object?}')
+    params = body.get("params")
+    if params is not None and not isinstance(params, dict):
+        return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, "params: expected an object")
+    try:
+        found = previews.request_preview(url, sample_id, user.id, seed=body.get("seed", 0), params=params)
+    except previews.PreviewUnavailable as exc:
+        return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
+    except previews.PreviewError as exc:
+        code = status.HTTP_404_NOT_FOUND if str(exc).startswith("no sample") else status.HTTP_422_UNPROCESSABLE_CONTENT
+        return _error(code, str(exc))
+    except PermissionError as exc:
+        return _error(status.HTTP_403_FORBIDDEN, str(exc))
+    return _json(_preview_json(found), status.HTTP_200_OK if found.status == "done" else status.HTTP_202_ACCEPTED)
+
+
+def _preview_status(url: str, preview_id: int) -> Response:
+    try:
+        return _json(_preview_json(previews.preview_status(url, preview_id)))
+    except previews.PreviewError as exc:
+        return _error(status.HTTP_404_NOT_FOUND, str(exc))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # routes
 
@@ -353,3 +395,17 @@ async def get_progress(request: Request) -> Response:
     """Reviews done today (UTC) and in total, and how many pool samples the caller could still be given."""
     url = _url(request)
     return await _serve(request, lambda user: _progress(url, user))
+
+
+@router.post("/{sample_id}/preview", response_model=None)
+async def post_preview(request: Request, sample_id: int) -> Response:
+    """Ask for the model's edit of a sample; a worker makes it (202), or it is in the cache already (200)."""
+    url, body = _url(request), await _json_body(request)
+    return await _serve(request, lambda user: _preview(url, user, sample_id, body), csrf=True)
+
+
+@router.get("/previews/{preview_id}", response_model=None)
+async def get_preview(request: Request, preview_id: int) -> Response:
+    """A preview's status, and its image once done."""
+    url = _url(request)
+    return await _serve(request, lambda user: _preview_status(url, preview_id))

@@ -1,26 +1,30 @@
-"""Preview edits: MCIE-E1 run on a sample in the review app's process, one job at a time, results cached.
+"""Preview edits: MCIE-E1 run on a sample by a worker, results cached.
 
 A reviewer (or lead) asks for the model's edit of a sample: :func:`request_preview` writes a ``previews`` row
-(status ``queued``) and hands its id to the process's :class:`PreviewWorker`, which runs the jobs one by one in a
-single background thread - the model is loaded once, lazily, on the first job, from the settings
-(``editing_base_model_path``, ``editing_weights_path``, ``device``). The source image is the sample's first step (the
-image before its window); the instruction and the sub-instructions with their boxes come from the sample and go to
-:class:`model.pipeline.MCIEPipeline` directly (no MLLM). The result goes into the content-addressed image store and
-the row becomes ``done`` (or ``failed`` with the error).
+(status ``queued``) and, in the same transaction, a ``preview`` job of the job queue (:mod:`annotate.jobs`); a
+worker (``mcie worker --kinds preview`` on a GPU host, or the in-process worker of ``mcie serve``) runs it through
+:meth:`PreviewWorker.run_one`. When a :class:`PreviewWorker` thread of its own runs in the process instead
+(scripts, tests), the row is handed to it directly. Either way the model is loaded once, lazily, on the first job,
+from the settings (``editing_base_model_path``, ``editing_weights_path``, ``device``). The source image is the
+sample's first step (the image before its window); the instruction and the sub-instructions with their boxes come
+from the sample and go to :class:`model.pipeline.MCIEPipeline` directly (no MLLM). The result goes into the
+content-addressed image store and the row becomes ``done`` (or ``failed`` with the error).
 
 Rows are unique per (sample, model version, seed, parameters), so a second identical request is answered from the
 table at once (``cached=True``) and never runs the model again; asking again after a failure re-queues the job.
 :func:`model_version` names base + weights (the base folder's name and a short hash of the weights file and its
 config); a changed weights file therefore gives new previews rather than stale ones (it takes effect when the worker
-is restarted). Jobs survive a restart: rows left ``queued`` or ``running`` are re-queued when a worker starts, and an
-idle worker also picks up rows queued by other processes (scripts, the user study), claiming each one atomically.
-A worker only runs rows of its own model version.
+is restarted). Jobs survive a restart: the job queue hands a dead worker's job to another one once its lease lapses,
+and a starting worker queues a job for any row left without one (:func:`enqueue_orphans`). A :class:`PreviewWorker`
+thread re-queues rows left ``queued`` or ``running`` when it starts and also picks up rows queued by other processes,
+claiming each one atomically. A worker only runs rows of its own model version.
 
 Without ``editing_base_model_path`` (or with a base folder or weights file that cannot be found) previews are off:
 :func:`unavailable_reason` says why, and :func:`request_preview` raises :class:`PreviewUnavailable` and queues
 nothing.
 
-    worker = PreviewWorker(settings).start()          # the server does this in its lifespan (attach_worker)
+    worker = PreviewWorker(settings).start()          # a thread of its own (scripts, tests); the server and
+                                                      # `mcie worker` use prepare() + run_one() per queued job
     status = request_preview(url, sample_id, user_id, seed=0, params={"num_inference_steps": 20})
     status = preview_status(url, status.id)           # queued -> running -> done (status.image) | failed (status.error)
     worker.stop()
@@ -28,13 +32,12 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -55,8 +58,8 @@ __all__ = [
     "PreviewStatus",
     "PreviewUnavailable",
     "PreviewWorker",
-    "attach_worker",
     "current_version",
+    "enqueue_orphans",
     "find_preview",
     "load_pipeline",
     "model_version",
@@ -323,6 +326,11 @@ def request_preview(
                     session.add(AuditLog(user_id=user_id, action="preview.request", entity="preview",
                                          entity_id=str(row.id),
                                          details={"sample_id": sample_id, "model_version": version, "seed": seed}))
+                    if worker is None:  # no in-process thread: a job for `mcie worker` (or the server's worker)
+                        from annotate import jobs
+
+                        jobs.enqueue(session, "preview", {"preview_id": row.id}, requested_by=user_id,
+                                     max_attempts=settings.job_max_attempts)
                 submit = row.status == JobStatus.queued
                 result = _status(row, ahead=_ahead(session, row))
             break
@@ -522,6 +530,32 @@ class PreviewWorker:
             self._pending.add(preview_id)
         self._queue.put(preview_id)
 
+    # --- one job at a time, for the job queue's worker (annotate.worker) -------------------------------------
+    def prepare(self) -> PreviewWorker:
+        """Get ready to :meth:`run_one` without a thread of its own (the model still loads on the first job).
+        Raises :class:`PreviewUnavailable` when no model is configured."""
+        self.version = model_version(self.settings)
+        self._store = ImageStore.from_settings(self.settings)
+        return self
+
+    def run_one(self, preview_id: int) -> PreviewStatus:
+        """Run the preview of row ``preview_id`` now and return its row. A row left ``running`` or ``failed`` (a
+        dead worker's, or a retried job) is queued again first: the job queue's lease says this worker owns it."""
+        with session_scope(self.url, write=True) as session:
+            session.execute(
+                update(Preview)
+                .where(Preview.id == preview_id, Preview.status.in_([JobStatus.running, JobStatus.failed]))
+                .values(status=JobStatus.queued, error=None)
+            )
+        version = preview_status(self.url, preview_id).model_version
+        if version != self.version and version == model_version(self.settings):
+            self.prepare()  # the weights changed since this worker loaded them: load the new ones
+            self._pipe = None
+        if version != self.version:
+            raise PreviewError(f"preview {preview_id} is for model {version}, but this worker has {self.version}")
+        self._process(preview_id)
+        return preview_status(self.url, preview_id)
+
     # --- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -645,22 +679,24 @@ class PreviewWorker:
 # the web app
 
 
-def attach_worker(app: Any) -> Any:
-    """Run a :class:`PreviewWorker` for ``app.state.settings`` while the FastAPI ``app`` runs (wraps its lifespan;
-    the worker is ``app.state.preview_worker``). Start and stop happen off the event loop."""
-    import anyio.to_thread
+def enqueue_orphans(url: str) -> int:
+    """Queue a job for every preview row left ``queued`` or ``running`` without a live job (rows written by scripts,
+    or by a version before the job queue); returns how many jobs were added."""
+    from annotate import jobs
+    from db.models import Job, QueueStatus
 
-    inner = app.router.lifespan_context
-    worker = app.state.preview_worker = PreviewWorker(app.state.settings)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app_: Any) -> AsyncIterator[Any]:
-        await anyio.to_thread.run_sync(worker.start)
-        try:
-            async with inner(app_) as state:
-                yield state
-        finally:
-            await anyio.to_thread.run_sync(worker.stop)
-
-    app.router.lifespan_context = lifespan
-    return worker
+    with session_scope(url, write=True) as session:
+        wanted = set(session.scalars(select(Preview.id).where(Preview.status.in_([JobStatus.queued,
+                                                                                   JobStatus.running]))))
+        if not wanted:
+            return 0
+        covered = {
+            int((payload or {}).get("preview_id", -1))
+            for payload in session.scalars(
+                select(Job.payload).where(Job.kind == "preview", Job.status.in_([QueueStatus.queued,
+                                                                                 QueueStatus.running])))
+        }  # fmt: skip
+        missing = sorted(wanted - covered)
+        for preview_id in missing:
+            jobs.enqueue(session, "preview", {"preview_id": preview_id})
+        return len(missing)

@@ -3,7 +3,8 @@
 Routes:
 
 - ``/healthz`` - JSON: is the database reachable, at which schema revision (200 when usable, 503 otherwise);
-- ``/login`` (form, rate-limited per IP and per username), ``/logout`` (POST; releases the user's leases);
+- ``/login`` (form, throttled per (username, IP) and per IP by :mod:`annotate.throttle`), ``/logout`` (POST;
+  revokes the session and releases the user's leases);
 - ``/`` - sends each role where it works (raters to ``/review/``, leads and admins to ``/dashboard/``);
 - ``/api/whoami`` - the logged-in user (401 without a session); ``/api/status``, ``/api/agreement`` - JSON for
   leads and admins (403 for anyone else);
@@ -14,7 +15,8 @@ Routes:
   on every route under it, the event queue included);
 - ``/static`` - the app's own CSS and JavaScript.
 
-Sessions are Starlette's signed cookie (:mod:`annotate.web_auth`).
+Sessions are server-side (:mod:`annotate.sessions`); the edges (body limits, uploads, CORS, Secure cookies) are
+described in :mod:`annotate.edges` and docs/security.md.
 """
 
 from __future__ import annotations
@@ -35,22 +37,22 @@ from fastapi import Depends, FastAPI, Form, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
-from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from annotate.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
+from annotate.sessions import ServerSessionMiddleware, SessionPolicy
+from annotate.throttle import LoginThrottle, ThrottlePolicy
 from annotate.web_auth import (
     LEAD_ROLES,
     REVIEWER_ROLES,
-    SESSION_COOKIE,
-    SESSION_MAX_AGE_S,
     GateRule,
-    LoginRateLimiter,
     RoleGate,
     WebUser,
     check_csrf,
+    client_ip,
     csrf_token,
     end_session,
-    limiter_keys,
     load_secret_key,
     refusal_page,
     require_lead,
@@ -84,20 +86,28 @@ DASHBOARD_PATH = "/dashboard"
 def create_app(
     settings: Settings,
     *,
-    limiter: LoginRateLimiter | None = None,
+    throttle: LoginThrottle | None = None,
     secure_cookies: bool = False,
     mount_ui: bool = True,
+    worker: bool = True,
 ) -> FastAPI:
     """The whole web app for ``settings`` (the database must already be migrated; :func:`serve` does that).
 
-    ``secure_cookies`` marks the session cookie Secure (set it when the app is served over HTTPS);
-    ``mount_ui=False`` leaves the Gradio apps out (fast tests of the plain routes).
+    ``secure_cookies`` marks the session cookie Secure (:func:`serve` turns it on unless the app is served on
+    loopback or ``MCIE_PUBLIC_URL`` is http://); ``mount_ui=False`` leaves the Gradio apps out (fast tests of the
+    plain routes); ``worker=False`` runs no job worker in the process (``mcie serve --no-worker``: the web tier).
     """
+    from fastapi.exceptions import RequestValidationError
+
     app = FastAPI(title="mcie review", docs_url=None, redoc_url=None, openapi_url=None, lifespan=_lifespan)
     app.state.settings = settings
     app.state.store = ImageStore.from_settings(settings)
-    app.state.limiter = limiter or LoginRateLimiter()
-    __import__("annotate.previews", fromlist=["attach_worker"]).attach_worker(app)  # preview worker, start/stop
+    app.state.throttle = throttle or LoginThrottle(settings.database_url, ThrottlePolicy.from_settings(settings))
+    app.state.secure_cookies = secure_cookies
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.state.job_worker = None
+    if worker:
+        __import__("annotate.worker", fromlist=["attach_job_worker"]).attach_job_worker(app)  # exports, previews
     secret = load_secret_key(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None)
 
     _add_routes(app)
@@ -107,20 +117,33 @@ def create_app(
         _mount_gradio(app, settings)
     __import__("annotate.study_routes", fromlist=["register_study"]).register_study(app, settings, mount_ui=mount_ui)
 
-    # Added last = outermost: headers wrap everything, the session is decoded before the role gate reads it.
+    # Added last = outermost: headers wrap everything; the body limit comes before anything reads a body; CORS
+    # (Starlette's, which also turns Gradio's origin-reflecting CORS off) answers before the session is read;
+    # trusted proxies set the client address before the session and the throttle read it.
     app.add_middleware(
         RoleGate,
         database_url=settings.database_url,
         rules=[GateRule(DASHBOARD_PATH, LEAD_ROLES), GateRule(REVIEW_PATH, REVIEWER_ROLES)],
     )
     app.add_middleware(
-        SessionMiddleware,
+        ServerSessionMiddleware,
+        database_url=settings.database_url,
         secret_key=secret,
-        session_cookie=SESSION_COOKIE,
-        max_age=SESSION_MAX_AGE_S,
-        same_site="lax",
-        https_only=secure_cookies,
+        policy=SessionPolicy.from_settings(settings),
+        secure=secure_cookies,
     )
+    if settings.trusted_proxy_list():
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxy_list())
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list(),
+        allow_credentials=True,
+        allow_methods=["GET", "POST"],
+        allow_headers=["content-type", "x-csrf-token"],
+    )
+    app.add_middleware(BodyLimit, default_limit=settings.max_request_bytes)
     app.add_middleware(SecurityHeaders)
     return app
 
@@ -138,16 +161,33 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> None:
+    """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
+    ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from annotate.queue import expire_leases
 
+    sweeps = 0
     while True:
         try:
             expired = await anyio.to_thread.run_sync(expire_leases, url)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
+            if sweeps % 60 == 0:
+                await anyio.to_thread.run_sync(_purge_runtime_tables, url)
         except Exception:  # the sweep must outlive a database hiccup
-            log.exception("expiring leases failed")
+            log.exception("the periodic sweep failed")
+        sweeps += 1
         await asyncio.sleep(every_s)
+
+
+def _purge_runtime_tables(url: str) -> None:
+    from annotate import sessions
+    from annotate.throttle import LoginThrottle
+
+    with session_scope(url) as session:
+        ended = sessions.purge(session)
+    forgotten = LoginThrottle(url).purge()
+    if ended or forgotten:
+        log.info("deleted %d ended session(s) and %d old failed-login count(s)", ended, forgotten)
 
 
 def _mount_gradio(app: FastAPI, settings: Settings) -> None:
@@ -178,8 +218,19 @@ def _mount_gradio(app: FastAPI, settings: Settings) -> None:
         blocks.config = blocks.get_config_file()  # mount sets head/js/css after building the config
 
 
-def serve(host: str, port: int, settings: Settings | None = None, *, secure_cookies: bool = False) -> None:
-    """Upgrade the database schema, then serve the app with uvicorn until interrupted (``mcie serve``)."""
+def serve(
+    host: str,
+    port: int,
+    settings: Settings | None = None,
+    *,
+    secure_cookies: bool | None = None,
+    worker: bool = True,
+) -> None:
+    """Upgrade the database schema, then serve the app with uvicorn until interrupted (``mcie serve``).
+
+    ``secure_cookies=None`` decides by :func:`annotate.edges.secure_cookies_for`; ``worker=False`` serves the web
+    tier alone (jobs are run by ``mcie worker`` processes). ``X-Forwarded-*`` headers are believed only from
+    ``MCIE_TRUSTED_PROXIES`` (the app's own middleware; uvicorn's is off)."""
     import uvicorn
 
     from db import migrate
@@ -187,8 +238,12 @@ def serve(host: str, port: int, settings: Settings | None = None, *, secure_cook
 
     settings = settings or get_settings()
     migrate.upgrade(settings.database_url)
-    app = create_app(settings, secure_cookies=secure_cookies)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=True)
+    secure = secure_cookies_for(settings.public_url, host, secure_cookies)
+    if not secure:  # expected on a laptop (loopback); anywhere else the deployer should know
+        level = logging.INFO if is_loopback(host) else logging.WARNING
+        log.log(level, "session cookies are not Secure (served on %s, MCIE_PUBLIC_URL=%s)", host, settings.public_url)
+    app = create_app(settings, secure_cookies=secure, worker=worker)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), proxy_headers=False)
 
 
 class SecurityHeaders:
@@ -319,10 +374,6 @@ def _login_html(
     )
 
 
-def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 def login_submit(
     request: Request,
     username: Annotated[str, Form(max_length=200)] = "",
@@ -333,25 +384,26 @@ def login_submit(
     from annotate.accounts import authenticate
 
     settings = _settings(request)
-    limiter: LoginRateLimiter = request.app.state.limiter
+    throttle: LoginThrottle = request.app.state.throttle
     username = username.strip().lower()
     next_path = _safe_next(next)
+    ip = client_ip(request)
 
     def page(error: str, code: int, headers: dict[str, str] | None = None) -> HTMLResponse:
         body = _login_html(request, next_path=next_path, user=None, error=error, username=username)
         return HTMLResponse(body, status_code=code, headers=headers)
 
+    def too_many(wait: float) -> HTMLResponse:
+        seconds = math.ceil(wait)
+        when = f"{seconds} seconds" if seconds < 120 else f"about {math.ceil(seconds / 60)} minutes"
+        return page(f"Too many failed logins from here. Try again in {when}.", status.HTTP_429_TOO_MANY_REQUESTS,
+                    {"Retry-After": str(seconds)})  # fmt: skip
+
     if not check_csrf(request, csrf):
         return page("The login form had expired. Please log in again.", status.HTTP_400_BAD_REQUEST)
-    keys = limiter_keys(_client_ip(request), username)
-    wait = limiter.retry_after(*keys)
+    wait = throttle.retry_after(ip, username or None)
     if wait is not None:
-        minutes = max(1, math.ceil(wait / 60))
-        return page(
-            f"Too many failed logins. Try again in about {minutes} minute{'s' if minutes > 1 else ''}.",
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            {"Retry-After": str(math.ceil(wait))},
-        )
+        return too_many(wait)
     with session_scope(settings.database_url, write=True) as session:  # reads the user, then writes
         user = snapshot(authenticate(session, username, password) if username and password else None)
         session.add(
@@ -359,13 +411,16 @@ def login_submit(
                 user_id=user.id if user else None,
                 action="user.login" if user else "user.login_failed",
                 entity="user",
-                details={"username": username[:64], "ip": _client_ip(request)},
+                details={"username": username[:64], "ip": ip},
             )
         )
     if user is None:
-        limiter.record_failure(*keys)
+        wait = throttle.record_failure(ip, username or None)
+        if wait is not None:
+            return page(f"Wrong username or password. Wait {math.ceil(wait)} seconds before the next try.",
+                        status.HTTP_401_UNAUTHORIZED, {"Retry-After": str(math.ceil(wait))})
         return page("Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
-    limiter.reset(keys[1])
+    throttle.record_success(ip, username)
     start_session(request, user)
     target = next_path if next_path and next_path != "/login" else home_path(user)
     return RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)

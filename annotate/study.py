@@ -808,6 +808,9 @@ def revoke_invite(db: str | Session, study_id: int, user_id: int, *, actor_id: i
         row = _enrolment(session, study_id, user_id, active=False)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
+            from annotate.sessions import revoke_user
+
+            revoke_user(session, user_id, "invitation revoked", study_id=study_id)  # the link's session ends now
             session.add(
                 AuditLog(
                     user_id=actor_id,

@@ -6,7 +6,7 @@ Routes:
 - ``GET /study/join/{token}`` - an invite link: checks the token (:func:`annotate.study.invite_problem`), starts a
   session for the participant that is limited to that study (``session["study"]``) and sends them to ``/study/``;
   an unknown, withdrawn or closed-study link gets a page that says so (404 / 403), and unknown tokens count as
-  failures for the login rate limiter (per IP address);
+  failures for the login throttle (per IP address, :mod:`annotate.throttle`);
 - ``/study/`` - the participant's screen (Gradio, :mod:`annotate.ui_study`), for any logged-in user; it shows the
   study of the session's invite link, or else the user's first open study;
 - ``GET /api/study/{id}/current``, ``POST /api/study/{id}/vote``, ``POST /api/study/{id}/advance`` - the
@@ -50,9 +50,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from annotate import study
 from annotate.web_auth import (
     LEAD_ROLES,
-    LoginRateLimiter,
     WebUser,
     _session_matches,
+    client_ip,
     csrf_token,
     require_lead,
     session_user,
@@ -82,7 +82,6 @@ LIMITED_PREFIXES = (STUDY_PATH + "/", "/static/")
 PASS_PREFIXES = ("/review/", "/dashboard/", "/static/", "/api/review/", STUDY_PATH + "/")
 PASS_EXACT = frozenset({"/review", "/dashboard", "/login", "/logout", "/favicon.ico", "/healthz", "/api/whoami"})
 NO_STORE = {"cache-control": "no-store"}
-JOIN_LIMIT_PREFIX = "join-ip:"
 PARTICIPANT_ONLY = "Study participants can only open their study screen."
 
 
@@ -134,10 +133,6 @@ def _url(request: Request) -> str:
     return request.app.state.settings.database_url
 
 
-def _client_ip(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # invite links
 
@@ -159,9 +154,9 @@ def join_page(title: str, message: str, *, link: tuple[str, str] | None = None) 
 def join(request: Request, token: str) -> Response:
     """Open an invite link: a session limited to the link's study, then the study screen."""
     url = _url(request)
-    limiter: LoginRateLimiter = request.app.state.limiter
-    key = JOIN_LIMIT_PREFIX + _client_ip(request)
-    if limiter.retry_after(key) is not None:
+    throttle = request.app.state.throttle
+    ip = client_ip(request)
+    if throttle.retry_after(ip, join=True) is not None:
         body = join_page("Too many attempts", "Too many invalid invitation links were opened from here. Please "
                          "wait a few minutes and open your link again.")  # fmt: skip
         return HTMLResponse(body, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=NO_STORE)
@@ -172,7 +167,7 @@ def join(request: Request, token: str) -> Response:
         problem = problem or study.INVITE_UNKNOWN
         unknown = problem == study.INVITE_UNKNOWN
         if unknown:
-            limiter.record_failure(key)
+            throttle.record_failure(ip, join=True)
         title = "Invitation not valid" if unknown else "This link does not open the study"
         code = status.HTTP_404_NOT_FOUND if unknown else status.HTTP_403_FORBIDDEN
         return HTMLResponse(join_page(title, problem), status_code=code, headers=NO_STORE)
@@ -185,7 +180,7 @@ def join(request: Request, token: str) -> Response:
                 action="study.join",
                 entity="study",
                 entity_id=str(study_id),
-                details={"ip": _client_ip(request)},
+                details={"ip": ip},
             )
         )
     if user is None:  # disabled between the two reads
@@ -495,7 +490,9 @@ class StudyGate:
         return session_user(Request(scope), self.database_url)
 
     async def _anonymous(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        if _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
+        if PARTICIPANT_API_RE.match(path):  # refused before anything reads the body
+            await _refuse(scope, send, 401, "your session has ended: open your invitation link again")
+        elif _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
             await _refuse(
                 scope, send, 401,
                 "You are not signed in to a study (or your session has ended). Open the invitation link you were "

@@ -15,9 +15,10 @@ Tabs:
 - **Settings**: whether reviewers see the MLLM's verdict before they submit;
 - **Export**: a dataset export (JSONL + images, Parquet or WebDataset) of the accepted samples, or of the statuses
   and score thresholds chosen, into ``<data_dir>/exports/<name>`` (a single folder name: nothing outside that folder
-  can be written), run by :func:`exports.api.run_export` in a background thread (:class:`ExportJobs`) so the
-  dashboard stays usable; the table lists the recorded exports (``exports`` table) with their status, sample count,
-  path, manifest hash and error.
+  can be written), queued as a job (:class:`ExportJobs`, :mod:`annotate.jobs`) that a worker runs through
+  :func:`exports.api.run_export`, so the dashboard stays usable; the table lists the recorded exports (``exports``
+  table) with their status, sample count, path, manifest hash and error, and below it the newest jobs (exports and
+  previews) with their progress.
 
 The server refuses every route under ``/dashboard`` to non-leads (:class:`annotate.web_auth.RoleGate`); each event
 handler checks the role again from the request (:func:`lead_of`) before it reads or changes anything.
@@ -45,6 +46,7 @@ import plotly.graph_objects as go
 from sqlalchemy import select
 
 from annotate import dashboard_data as dd
+from annotate import jobs
 from annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
 from annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
 from annotate.reviews import sample_view
@@ -52,7 +54,6 @@ from annotate.ui_review import render_sample, render_topbar
 from annotate.web_auth import WebUser, user_for_username
 from db.models import Export, SampleStatus, User
 from db.session import session_scope
-from db.store import ImageStore
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ EXPORT_FORMATS = ("jsonl", "parquet", "webdataset")
 EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_RUNNING_EXPORTS = 2
 EXPORT_LIST_LIMIT = 50
+JOB_LIST_LIMIT = 10
 EXPORT_POLL_S = 2.0
 
 
@@ -409,46 +411,42 @@ def exports_frame(url: str, limit: int = EXPORT_LIST_LIMIT) -> pd.DataFrame:
 
 @dataclass
 class ExportJob:
-    """One export started from this dashboard process (``export_id`` once its ``exports`` row exists)."""
+    """One export started from this dashboard: a job of the job queue (:mod:`annotate.jobs`)."""
 
     name: str
     destination: Path
     fmt: str
     lead: str
-    started: float
-    thread: threading.Thread | None = None
-    export_id: int | None = None
-    error: str | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+    job_id: int
 
 
 class ExportJobs:
-    """Exports started from the dashboard: each runs :func:`exports.api.run_export` in its own (daemon) thread, at
-    most :data:`MAX_RUNNING_EXPORTS` at once and one per destination, so no Gradio worker waits for an export.
+    """Exports started from the dashboard become ``export`` jobs of the job queue, run by a worker (the server's
+    in-process one, or ``mcie worker`` processes when it is served with ``--no-worker``), so no Gradio worker - and
+    no web process - waits for an export. At most :data:`MAX_RUNNING_EXPORTS` export jobs are queued or running at
+    once, and one per destination, over every replica (the check reads the ``jobs`` table).
 
-    The ``exports`` table is the record of every run (run_export writes it, errors included); :attr:`jobs` keeps
-    what happened in this process, such as an error raised before the table had a row. A server stopped during an
-    export leaves its row ``running`` and a hidden ``.partial`` folder, never a half-written destination.
+    The ``exports`` table is the record of every run (run_export writes it, errors included); the ``jobs`` table
+    holds what a worker did with each request, such as an error raised before the export had a row. A worker
+    killed during an export leaves its row ``running`` and a hidden ``.partial`` folder, never a half-written
+    destination; the job is run again by another worker once its lease lapses.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.url = settings.database_url
         self.root = exports_root(settings.data_dir)
-        self.store = ImageStore.from_settings(settings)
-        self.jobs: list[ExportJob] = []
+        self.max_attempts = settings.job_max_attempts
+        self.jobs: list[ExportJob] = []  # started from this dashboard object (newest last)
         self._lock = threading.Lock()
 
-    def running(self) -> list[ExportJob]:
-        with self._lock:
-            return [job for job in self.jobs if job.alive]
+    def running(self) -> list[jobs.JobView]:
+        """Export jobs queued or running now (any replica's)."""
+        return [j for j in jobs.list_jobs(self.url, kind="export", limit=200) if j.status in ("queued", "running")]
 
     def start(
         self, lead: WebUser, fmt: str | None, name: str | None, val_fraction: float | None, flt: dict[str, Any]
     ) -> ExportJob:
-        """Check the request and start the export in the background; raises ExportRequestError when it cannot."""
+        """Check the request and queue the export; raises ExportRequestError when it cannot be started."""
         from pydantic import ValidationError
 
         from exports.api import ExportOptions
@@ -467,48 +465,44 @@ class ExportJobs:
             raise ExportRequestError(f"invalid export settings: {problems}") from None
         name = (name or "").strip() or f"export-{time.strftime('%Y%m%d-%H%M%S')}-{fmt}"
         with self._lock:
-            running = [job for job in self.jobs if job.alive]
-            if len(running) >= MAX_RUNNING_EXPORTS:
-                raise ExportRequestError(f"{len(running)} exports are running; start another when one has finished")
             destination = export_destination(self.root, name)
-            if any(job.destination == destination for job in running):
-                raise ExportRequestError(f"an export into {destination} is already running")
-            job = ExportJob(name, destination, fmt, lead.username, started=time.time())
-            job.thread = threading.Thread(
-                target=self._run, args=(job, lead.id, fraction, flt), name=f"mcie-export-{name}", daemon=True
-            )
+            active = self.running()
+            if len(active) >= MAX_RUNNING_EXPORTS:
+                raise ExportRequestError(f"{len(active)} exports are queued or running; start another when one has "
+                                         "finished")  # fmt: skip
+            if any(j.payload.get("out") == str(destination) for j in active):
+                raise ExportRequestError(f"an export into {destination} is already queued or running")
+            payload = {"format": fmt, "out": str(destination), "filter": flt, "val_fraction": fraction}
+            queued = jobs.submit(self.url, "export", payload, requested_by=lead.id, max_attempts=self.max_attempts)
+            job = ExportJob(name, destination, fmt, lead.username, queued.id)
             self.jobs = [*self.jobs[-(EXPORT_LIST_LIMIT - 1) :], job]
-            job.thread.start()
-        log.info("export %r (%s) started by %s into %s", name, fmt, lead.username, destination)
+        log.info("export %r (%s) queued by %s into %s as job %d", name, fmt, lead.username, destination, queued.id)
         return job
 
-    def _run(self, job: ExportJob, actor_id: int, val_fraction: float, flt: dict[str, Any]) -> None:
-        from exports.api import ExportError, run_export
-
-        try:
-            result = run_export(self.url, self.store, job.destination, job.fmt, flt, val_fraction=val_fraction,
-                                actor_id=actor_id)  # fmt: skip
-            job.export_id = result.export_id
-            log.info("export %s finished: %d samples in %s", result.export_id, result.n_samples, result.path)
-        except ExportError as exc:  # run_export marked its row failed (when it had one) with the same message
-            job.export_id, job.error = exc.export_id, str(exc)
-            log.warning("export %r failed: %s", job.name, exc)
-        except Exception as exc:  # never let a background thread die silently
-            job.error = f"{type(exc).__name__}: {exc}"
-            log.exception("export %r failed", job.name)
-
-    def errors(self) -> list[ExportJob]:
-        """Jobs of this process that failed, newest first."""
-        with self._lock:
-            return [job for job in reversed(self.jobs) if job.error]
-
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the running exports (tests, shutdown); True when none is left running."""
+        """Wait until this dashboard's export jobs have ended (tests, shutdown); True when none is left active."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for job in self.running():
-            assert job.thread is not None
-            job.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not self.running()
+        ids = {job.job_id for job in self.jobs}
+        while any(j.id in ids for j in self.running()):
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+
+def render_jobs(rows: Sequence[jobs.JobView]) -> str:
+    """The newest jobs (exports and previews) with their progress, as an HTML table (everything escaped)."""
+    if not rows:
+        return ""
+    body = []
+    for job in rows:
+        progress = f"{round(job.progress * 100)}%" + (f" - {esc(job.progress_note)}" if job.progress_note else "")
+        what = esc(str(job.payload.get("out") or job.payload.get("preview_id") or ""))
+        error = f'<span class="mcie-error">{esc((job.error or "")[:200])}</span>' if job.error else ""
+        body.append(f"<tr><td>{job.id}</td><td>{esc(job.kind)}</td><td>{esc(job.status)}</td><td>{progress}</td>"
+                    f"<td>{job.attempts}/{job.max_attempts}</td><td>{what}</td><td>{error}</td></tr>")  # fmt: skip
+    return ("<table class=mcie-jobs id=jobs-table><thead><tr><th>job</th><th>kind</th><th>status</th><th>progress"
+            "</th><th>tries</th><th>what</th><th>error</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,14 +726,13 @@ class Dashboard:
         frame = exports_frame(self.url)
         notes = [f"Exports are written into <code>{esc(self.exports.root)}</code>."]
         if running:
-            names = ", ".join(f"<b>{esc(job.name)}</b> ({esc(job.fmt)}, by {esc(job.lead)})" for job in running)
-            notes.append(f"Running: {names}. This table refreshes until they finish.")
-        for job in self.exports.errors()[:5]:
-            which = f"export {job.export_id}" if job.export_id is not None else "export"
-            notes.append(f'<span class="mcie-error">{which} <b>{esc(job.name)}</b> failed: {esc(job.error)}</span>')
+            names = ", ".join(f"<b>{esc(Path(str(j.payload.get('out', ''))).name)}</b> ({esc(j.status)})"
+                              for j in running)  # fmt: skip
+            notes.append(f"Exports waiting or running: {names}. This page refreshes until they finish.")
+        recent = jobs.list_jobs(self.url, limit=JOB_LIST_LIMIT)
         return {
             w["export_table"]: frame if not frame.empty else pd.DataFrame({"": ["no exports yet"]}),
-            w["export_info"]: "<p>" + "<br>".join(notes) + "</p>",
+            w["export_info"]: "<p>" + "<br>".join(notes) + "</p>" + render_jobs(recent),
             w["export_timer"]: gr.Timer(active=bool(running)),
         }
 
@@ -762,7 +755,8 @@ class Dashboard:
         except (ExportRequestError, PermissionError) as exc:
             return self.on_exports(request) | {w["export_status"]: _status(str(exc), error=True)}
         return self.on_exports(request) | {
-            w["export_status"]: _status(f"Export {job.name!r} ({job.fmt}) started into {job.destination}."),
+            w["export_status"]: _status(f"Export {job.name!r} ({job.fmt}) started into {job.destination} "
+                                        f"(job {job.job_id})."),
             w["export_name"]: "",
         }
 

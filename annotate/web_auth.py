@@ -1,8 +1,8 @@
-"""Who is asking: login sessions, roles, the login rate limiter and the session-signing key of the web app.
+"""Who is asking: login sessions, roles, the client's address and the key that signs the pre-login cookie.
 
-A login puts the user's id into a Starlette session cookie (signed with the secret key, HttpOnly, SameSite=Lax).
-Every request then loads that user from the database again, so disabling an account or changing its role takes
-effect on the next request, not at the next login. Roles are checked on the server:
+A login starts a server-side session (:mod:`annotate.sessions`: a ``web_sessions`` row, a random id in an HttpOnly,
+SameSite=Lax cookie) holding the user's id. Every request reads that row joined with the user again, so disabling an
+account or changing its role takes effect on the next request, not at the next login. Roles are checked on the server:
 
 - :func:`require_user`, :func:`require_reviewer`, :func:`require_lead` are FastAPI dependencies (401/403);
 - :class:`RoleGate` guards whole mounted apps (the Gradio review app and the leads' dashboard) by path prefix, so a
@@ -11,7 +11,8 @@ effect on the next request, not at the next login. Roles are checked on the serv
   username to event handlers as ``request.username``, and :func:`user_for_username` turns it back into a user whose
   role the handler checks again.
 
-The key that signs sessions is ``MCIE_SECRET_KEY`` or, when unset, one generated once into
+Failed logins are counted by :mod:`annotate.throttle`. The key that signs the anonymous (pre-login) cookie is
+``MCIE_SECRET_KEY`` or, when unset, one generated once into
 ``<data_dir>/secret_key`` (mode 0600) by :func:`load_secret_key`.
 """
 
@@ -22,9 +23,7 @@ import html
 import json
 import os
 import secrets
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +35,11 @@ from fastapi import HTTPException, Request, status
 from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from annotate import sessions
 from db.models import Role, User
 from db.session import session_scope
 
-SESSION_COOKIE = "mcie_session"
-SESSION_MAX_AGE_S = 12 * 3600
+SESSION_COOKIE = sessions.COOKIE
 SECRET_KEY_FILE = "secret_key"
 REVIEWER_ROLES: frozenset[Role] = frozenset({Role.admin, Role.lead, Role.rater})
 LEAD_ROLES: frozenset[Role] = frozenset({Role.admin, Role.lead})
@@ -78,84 +77,15 @@ def _read_secret_key(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# login rate limiting
+# the client
 
 
-class LoginRateLimiter:
-    """Sliding-window limit on failed logins: at most ``max_failures`` per key in ``window_s`` seconds.
-
-    Keys are free-form (the app uses ``ip:<address>`` and ``user:<name>``), so one attacker can neither try many
-    passwords for one account from many addresses nor many accounts from one address. In-process and thread-safe;
-    memory is bounded by ``max_keys`` (the least recently failed keys are dropped first).
-    """
-
-    def __init__(
-        self,
-        max_failures: int = 5,
-        window_s: float = 300.0,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = 100_000,
-    ) -> None:
-        if max_failures < 1 or window_s <= 0:
-            raise ValueError("max_failures must be >= 1 and window_s > 0")
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self.max_keys = max_keys
-        self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def _prune(self, key: str, now: float) -> deque[float] | None:
-        times = self._failures.get(key)
-        if times is None:
-            return None
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
-
-    def retry_after(self, *keys: str) -> float | None:
-        """Seconds until a blocked key may try again (the largest over ``keys``), or None when none is blocked."""
-        now = self._clock()
-        wait = 0.0
-        with self._lock:
-            for key in keys:
-                times = self._prune(key, now)
-                if times is not None and len(times) >= self.max_failures:
-                    # the window slides: the attempt is allowed once enough old failures fall out of it
-                    oldest_that_matters = times[len(times) - self.max_failures]
-                    wait = max(wait, oldest_that_matters + self.window_s - now)
-        return wait if wait > 0 else None
-
-    def record_failure(self, *keys: str) -> None:
-        now = self._clock()
-        with self._lock:
-            for key in keys:
-                times = self._prune(key, now)
-                if times is None:
-                    if len(self._failures) >= self.max_keys:
-                        self._evict(now)
-                    times = self._failures[key] = deque()
-                times.append(now)
-
-    def reset(self, *keys: str) -> None:
-        with self._lock:
-            for key in keys:
-                self._failures.pop(key, None)
-
-    def _evict(self, now: float) -> None:
-        for key in list(self._failures):
-            self._prune(key, now)
-        while len(self._failures) >= self.max_keys:
-            stalest = min(self._failures, key=lambda k: self._failures[k][-1])
-            del self._failures[stalest]
-
-
-def limiter_keys(client_ip: str, username: str) -> tuple[str, str]:
-    return f"ip:{client_ip}", f"user:{username.strip().lower()}"
+def client_ip(request: Request | Scope) -> str:
+    """The client's address: the direct peer, or what a trusted proxy forwarded (uvicorn's ProxyHeadersMiddleware
+    rewrites ``scope["client"]`` only for peers in ``MCIE_TRUSTED_PROXIES``)."""
+    scope = request if isinstance(request, dict) else request.scope
+    client = scope.get("client")
+    return str(client[0])[:64] if client else "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,17 +163,30 @@ def session_user(request: Request, database_url: str | None = None) -> WebUser |
     session = request.scope.get("session")
     if not session:
         return None
-    return _session_matches(load_user(database_url or _database_url(request), session.get("uid")), session)
+    return _session_matches(scope_user(request.scope, database_url or _database_url(request)), session)
+
+
+def scope_user(scope: Scope, database_url: str) -> WebUser | None:
+    """The session's user: the one the session middleware read with the session row, else read now."""
+    session = scope.get("session") or {}
+    if sessions.USER_KEY in scope:
+        user = scope[sessions.USER_KEY]
+        return user if user is not None and user.id == session.get("uid") else None
+    return load_user(database_url, session.get("uid"))
 
 
 def start_session(request: Request, user: WebUser) -> None:
-    """Log ``user`` in: a fresh session (nothing from before the login survives it)."""
+    """Log ``user`` in: a fresh session with a new id (nothing from before the login survives it)."""
     request.session.clear()
     request.session.update({"uid": user.id, "u": user.username, "p": user.session_tag, "t": int(time.time())})
+    request.scope[sessions.ROTATE_KEY] = True
+    request.scope[sessions.USER_KEY] = user
 
 
 def end_session(request: Request) -> None:
+    """Log out: the session middleware revokes the session's row when the response starts."""
     request.session.clear()
+    request.scope.pop(sessions.USER_KEY, None)
 
 
 def csrf_token(request: Request) -> str:
@@ -332,8 +275,10 @@ class RoleGate:
             await self.app(scope, receive, send)
             return
         session = scope.get("session") or {}
-        user = _session_matches(await anyio.to_thread.run_sync(load_user, self.database_url, session.get("uid")),
-                                session)
+        if sessions.USER_KEY in scope:
+            user = _session_matches(scope_user(scope, self.database_url), session)
+        else:
+            user = _session_matches(await anyio.to_thread.run_sync(scope_user, scope, self.database_url), session)
         if user is not None and user.role in rule.roles:
             await self.app(scope, receive, send)
             return

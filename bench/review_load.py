@@ -7,15 +7,17 @@ their windows [1,2], [2,3], [1,3], each sub-instruction with a box), random prio
 project's default review settings (1 review per sample, a 10% calibration share with 3 reviews, 5% gold), 20 rater
 accounts sharing one argon2 hash, and a handful of real tiny PNGs in an image store that every sample shares.
 
-Then ``mcie serve`` is started as a subprocess (the real app, Gradio mounted, one uvicorn process as in production)
-and ``--reviewers`` threads, each with its own ``httpx`` client and login, loop ``GET /api/review/next`` ->
-``POST /api/review/{id}`` (:mod:`annotate.api_review`) for ``--seconds`` after ``--warmup`` seconds that are not
-counted, optionally pausing ``--think-ms`` between a lease and its submit (a reviewer looking at the sample; 0 =
-back to back, the server saturated). Reported: p50/p95/p99/max latency of next-sample and submit as the client sees
-it, reviews/s, errors by kind, the server process's CPU use, and a check that every 201 is a review in the database.
+Then ``--servers`` ``mcie serve --no-worker`` processes are started (the real app, Gradio mounted, server-side
+sessions in the database: the web tier of a deployment, whose jobs run in ``mcie worker`` processes elsewhere) and
+``--reviewers`` threads (reviewer k on server k mod n), each with its own ``httpx`` client and login, loop
+``GET /api/review/next`` -> ``POST /api/review/{id}`` (:mod:`annotate.api_review`) for ``--seconds`` after
+``--warmup`` seconds that are not counted, optionally pausing ``--think-ms`` between a lease and its submit (a
+reviewer looking at the sample; 0 = back to back, the server saturated). Reported: p50/p95/p99/max latency of
+next-sample and submit as the client sees it, reviews/s, errors by kind, the server processes' CPU use, and a check
+that every 201 is a review in the database.
 
 Usage: ``python bench/review_load.py [--samples 100000] [--reviewers 20] [--seconds 30] [--warmup 3] [--think-ms 0]
-[--port 0] [--keep]``. Goal: p95 under 150 ms for next-sample and for submit.
+[--servers 1] [--port 0] [--keep]``. Goal: p95 under 150 ms for next-sample and for submit.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ def free_port() -> int:
 
 
 def start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """``mcie serve`` on ``port`` with a settings environment of its own (no developer config leaks in)."""
+    """``mcie serve --no-worker`` on ``port`` with a settings environment of its own (no developer config leaks in)."""
     import httpx
 
     config = data_dir / "empty.toml"
@@ -188,8 +190,8 @@ def start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]
     command = [str(mcie)] if mcie.exists() else [sys.executable, "-m", "mcie.cli"]
     log_path = data_dir / f"server-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until it stops
-    server = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=data_dir,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker"],
+                              cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -384,7 +386,7 @@ def main() -> None:
     parser.add_argument("--think-ms", type=float, default=0.0, help="mean pause between a lease and its submit")
     parser.add_argument("--port", type=int, default=0, help="port of the (first) server (0: a free one)")
     parser.add_argument("--servers", type=int, default=1,
-                        help="mcie serve processes on one database (an experiment: production runs one)")
+                        help="mcie serve --no-worker processes on one database (the web tier's replicas)")
     parser.add_argument("--keep", action="store_true", help="keep the database and data folder (and print them)")
     args = parser.parse_args()
 

@@ -7,7 +7,9 @@ Tables, by stage:
   ``decisions``, ``project_settings``;
 - user study: ``studies``, ``study_items``, ``study_outputs``, ``study_participants``, ``study_assignments``,
   ``votes``;
-- products: ``exports``, ``export_items``, ``previews``; and ``audit_log``.
+- products: ``exports``, ``export_items``, ``previews``; and ``audit_log``;
+- runtime: ``web_sessions`` (server-side login sessions), ``login_throttle`` (failed logins shared by every replica),
+  ``jobs`` (the work queue of ``mcie worker``: exports, previews).
 
 Constraints live in the database (foreign keys, uniques, CHECKs on ranges and enumerations), so a bad row is refused
 whichever program writes it. Enumerations are stored as short strings with a CHECK (``native_enum=False``) so that
@@ -159,6 +161,16 @@ class JobStatus(enum.StrEnum):
     running = "running"
     done = "done"
     failed = "failed"
+
+
+class QueueStatus(enum.StrEnum):
+    """States of a ``jobs`` row (a queued job can be cancelled; a failed or cancelled one retried)."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
 
 
 class Split(enum.StrEnum):
@@ -715,3 +727,82 @@ class AuditLog(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# runtime: sessions, login throttling, the job queue
+
+
+class WebSession(Base):
+    """A login session of the web app. The cookie holds a random id; only its sha256 is stored here, so a leaked
+    table does not hand out sessions. ``data`` is what the app keeps in the session (user id, CSRF token, the
+    study of an invite link); ``revoked_at`` ends it at once for every replica."""
+
+    __tablename__ = "web_sessions"
+
+    id_hash: Mapped[str] = mapped_column(SHA256, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = _created()
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    user_agent: Mapped[str | None] = mapped_column(String(300))
+    ip: Mapped[str | None] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_reason: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_web_sessions_user_id", "user_id"),)
+
+
+class LoginThrottleKey(Base):
+    """Failed logins of one key: ``scope`` ``pair`` is (username, client IP), ``ip`` every username from one IP,
+    ``join`` unknown invite links from one IP. ``blocked_until`` is when the key may try again."""
+
+    __tablename__ = "login_throttle"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    username: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    ip: Mapped[str] = mapped_column(String(64))
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    first_failure_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_failure_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    blocked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("scope", "username", "ip"),
+        CheckConstraint("scope IN ('pair', 'ip', 'join')", name="scope_known"),
+        CheckConstraint("failures >= 0", name="failures_nonnegative"),
+    )
+
+
+class Job(Base):
+    """One unit of background work (an export, a model preview) for ``mcie worker``. A worker claims a queued row
+    (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), holds it until ``lease_until`` and
+    renews the lease while it works; a row whose lease ran out is claimed again (its worker died)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    status: Mapped[QueueStatus] = mapped_column(_enum(QueueStatus, "queue_status"), default=QueueStatus.queued)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    progress_note: Mapped[str | None] = mapped_column(String(255))
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    requested_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = _created()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "id"),
+        CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress_range"),
+    )

@@ -20,7 +20,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -186,11 +186,14 @@ def run_export(
     include_reviewers: bool = False,
     actor_id: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    on_record: Callable[[], None] | None = None,
 ) -> ExportResult:
     """Export the selected samples of the database at ``url`` to ``out_dir`` in ``fmt`` (jsonl, parquet, webdataset).
 
     ``filter`` defaults to the accepted samples; ``since`` takes only samples accepted after that (done) export and
-    not in it. ``out_dir`` must not exist (or be an empty folder). Raises :class:`ExportError` on any failure.
+    not in it. ``out_dir`` must not exist (or be an empty folder). ``on_record`` is called after each record
+    written (progress; an exception it raises aborts the export like any failure). Raises :class:`ExportError` on
+    any failure.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -224,6 +227,8 @@ def run_export(
                         writer.write(record)
                         stats.add(record)
                         spool.write(_ITEM.pack(record.sample_id, SPLITS.index(record.split)))
+                        if on_record is not None:
+                            on_record()
                     entries = writer.close()
             entries += _write_card(tmp, stats, fmt, flt, options, revision, entries)
             entries = resolve_hashes(tmp, entries)

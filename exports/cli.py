@@ -30,6 +30,7 @@ def _export(
     shard_size: int,
     include_reviewers: bool,
     as_json: bool,
+    background: bool = False,
 ) -> None:
     from pydantic import ValidationError
 
@@ -47,6 +48,18 @@ def _export(
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         err.print(f"error: {problems}", highlight=False)
         raise typer.Exit(2) from None
+    if background:
+        from annotate import jobs
+
+        payload = {"format": fmt, "out": str(out.absolute()), "filter": flt.model_dump(mode="json"), "since": since,
+                   "val_fraction": val_fraction, "shard_size": shard_size, "include_reviewers": include_reviewers}
+        job = jobs.submit(cfg.database_url, "export", payload, max_attempts=cfg.job_max_attempts)  # fmt: skip
+        if as_json:
+            print(json.dumps({"job_id": job.id, "status": job.status}, indent=2))
+        else:
+            console.print(f"export queued as job {job.id}: `mcie jobs show {job.id}` follows it (a `mcie worker` "
+                          "or `mcie serve` runs it)")  # fmt: skip
+        return
     try:
         result = run_export(cfg.database_url, ImageStore.from_settings(cfg), out, fmt, flt, since=since,
                             val_fraction=val_fraction, shard_size=shard_size,
@@ -80,9 +93,12 @@ def _format_command(fmt: str, doc: str):
         shard_size: Annotated[int, typer.Option(min=1, help="Samples per Parquet / WebDataset shard.")] = 1000,
         include_reviewers: Annotated[bool, typer.Option(help="Name the reviewers in the records.")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        background: Annotated[
+            bool, typer.Option("--background", help="Queue the export as a job for `mcie worker` and return.")
+        ] = False,
     ) -> None:
         _export(fmt, out, status, min_quality, min_complexity, reviewer, decided_after, decided_before, dataset,
-                since, val_fraction, shard_size, include_reviewers, as_json)  # fmt: skip
+                since, val_fraction, shard_size, include_reviewers, as_json, background)  # fmt: skip
 
     command.__doc__ = doc
     return command

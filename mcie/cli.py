@@ -33,6 +33,8 @@ app.add_typer(users_app, name="users")
 
 def _register_stage_commands() -> None:
     """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
+    from annotate.jobs_cli import app as jobs_app
+    from annotate.jobs_cli import worker_command
     from annotate.study_cli import app as study_app
     from exports.cli import app as export_app
     from model.cli import register as register_model_commands
@@ -41,6 +43,8 @@ def _register_stage_commands() -> None:
     app.add_typer(pipeline_app, name="pipeline")
     app.add_typer(export_app, name="export")
     app.add_typer(study_app, name="study")
+    app.add_typer(jobs_app, name="jobs")
+    app.command("worker")(worker_command)
     register_model_commands(app)  # mcie train / edit / eval
 
 
@@ -198,10 +202,11 @@ def _set_active(username: str, active: bool) -> None:
 
     try:
         with session_scope(settings().database_url) as session:
-            set_active(session, username, active)
+            ended = set_active(session, username, active)
     except AccountError as exc:
         fail(str(exc))
-    console.print(f"{'enabled' if active else 'disabled'} {username}")
+    suffix = f" ({ended} session(s) ended)" if ended else ""
+    console.print(f"{'enabled' if active else 'disabled'} {username}{suffix}")
 
 
 @users_app.command("set-password")
@@ -216,10 +221,50 @@ def users_set_password(
     password = _read_password(password_stdin)
     try:
         with session_scope(settings().database_url) as session:
-            set_password(session, username, password)
+            ended = set_password(session, username, password)
     except AccountError as exc:
         fail(str(exc))
-    console.print(f"password of {username} changed")
+    console.print(f"password of {username} changed" + (f" ({ended} session(s) ended)" if ended else ""))
+
+
+@users_app.command("sessions")
+def users_sessions(
+    username: str,
+    revoke_all: Annotated[bool, typer.Option("--revoke-all", help="End every live session of the account.")] = False,
+    include_ended: Annotated[bool, typer.Option("--all", help="Also list ended sessions.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List an account's web sessions (where and when), or end them all with --revoke-all."""
+    from annotate import sessions
+    from annotate.accounts import AccountError, get_user, revoke_sessions
+    from db.session import session_scope
+
+    cfg = settings()
+    try:
+        with session_scope(cfg.database_url) as session:
+            if revoke_all:
+                ended = revoke_sessions(session, username, reason="revoked by an admin")
+            else:
+                rows = sessions.sessions_of(session, get_user(session, username).id,
+                                            sessions.SessionPolicy.from_settings(cfg), include_ended=include_ended)
+    except AccountError as exc:
+        fail(str(exc))
+    if revoke_all:
+        console.print(f"ended {ended} session(s) of {username}")
+        return
+    out = [{"ref": r.ref, "created_at": r.created_at.isoformat(), "last_seen_at": r.last_seen_at.isoformat(),
+            "expires_at": r.expires_at.isoformat(), "ip": r.ip, "user_agent": r.user_agent, "study_id": r.study_id,
+            "active": r.active, "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+            "revoked_reason": r.revoked_reason} for r in rows]  # fmt: skip
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    table = Table("ref", "created", "last seen", "ip", "user agent", "state")
+    for r in out:
+        state = "active" if r["active"] else (f"revoked ({r['revoked_reason']})" if r["revoked_at"] else "expired")
+        table.add_row(r["ref"], r["created_at"][:19], r["last_seen_at"][:19], r["ip"] or "-",
+                      (r["user_agent"] or "-")[:40], state)  # fmt: skip
+    console.print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,12 +275,23 @@ def users_set_password(
 def serve_command(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 7860,
-    secure_cookies: Annotated[bool, typer.Option("--secure-cookies", help="Send cookies over HTTPS only.")] = False,
+    secure_cookies: Annotated[
+        bool | None,
+        typer.Option("--secure-cookies/--insecure-cookies",
+                     help="Send the session cookie over HTTPS only. Default: on, unless served on a loopback address "
+                     "or MCIE_PUBLIC_URL is http://."),
+    ] = None,
+    worker: Annotated[
+        bool,
+        typer.Option("--worker/--no-worker",
+                     help="Run a job worker (exports, previews) inside the server. --no-worker: the web tier alone; "
+                     "run `mcie worker` elsewhere."),
+    ] = True,
 ) -> None:
     """Upgrade the database, then serve the review app (/review) and the leads' dashboard (/dashboard)."""
     from annotate.server import serve
 
-    serve(host, port, settings(), secure_cookies=secure_cookies)
+    serve(host, port, settings(), secure_cookies=secure_cookies, worker=worker)
 
 
 @app.command("agreement")

@@ -63,8 +63,52 @@ class Settings(BaseSettings):
 
     # --- web app ---------------------------------------------------------------------------------------
     secret_key: SecretStr | None = Field(
-        None, description="Key that signs login sessions; generated into <data_dir>/secret_key if unset."
+        None, description="Key that signs the pre-login cookie; generated into <data_dir>/secret_key if unset."
     )
+    public_url: str | None = Field(
+        None, description="The URL users open (https://review.example.org). An http:// URL turns Secure cookies off; "
+        "unset, cookies are Secure unless the app is served on a loopback address."
+    )
+    trusted_proxies: str = Field(
+        "", description="Comma-separated IPs or CIDR networks of reverse proxies whose X-Forwarded-For is believed "
+        "(default: none, the direct peer is the client)."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated origins (https://host) allowed to call the app from other sites with "
+        "credentials; default none (same origin only)."
+    )
+    session_idle_timeout_s: int = Field(4 * 3600, ge=60, description="A session unused this long ends (seconds).")
+    session_max_age_s: int = Field(12 * 3600, ge=60, description="A session ends this long after login (seconds).")
+    session_touch_interval_s: int = Field(
+        60, ge=1, description="How often a session's last-seen time is written (seconds; not on every request)."
+    )
+    login_free_failures: int = Field(
+        3, ge=1, description="Failed logins per (username, client IP) before each further one is delayed."
+    )
+    login_delay_base_s: float = Field(2.0, gt=0, description="First delay after the free failures; it doubles.")
+    login_max_delay_s: float = Field(900.0, gt=0, description="Longest delay between two login tries (seconds).")
+    login_failure_window_s: float = Field(
+        3600.0, gt=0, description="Failures older than this (since the last one) are forgotten (seconds)."
+    )
+    login_ip_max_failures: int = Field(
+        50, ge=1, description="Failed logins from one IP over all usernames before that IP is blocked."
+    )
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body the web app reads (bytes); larger gets 413."
+    )
+
+    # --- ingest limits --------------------------------------------------------------------------------
+    max_instruction_chars: int = Field(
+        4000, ge=1, description="Longest turn instruction accepted at ingest (each becomes a sub-instruction; a "
+        "sample's instruction joins those of its turns)."
+    )
+    max_meta_bytes: int = Field(65536, ge=2, description="Largest `meta` object (as JSON) accepted at ingest.")
+
+    # --- job queue ---------------------------------------------------------------------------------------
+    job_lease_s: float = Field(
+        60.0, gt=1, description="How long a worker holds a job without renewing (a dead worker's job waits this)."
+    )
+    job_max_attempts: int = Field(3, ge=1, le=100, description="Tries of a job before it fails for good.")
 
     # --- MLLM used by the pipeline (filter, grounding, decomposition, judging) --------------------------
     mllm_backend: Literal["none", "openai", "vllm", "transformers"] = Field(
@@ -139,6 +183,33 @@ class Settings(BaseSettings):
             raise ValueError(f"the database must be sqlite or postgresql, not {url.get_backend_name()!r}")
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        import ipaddress
+
+        for item in _split(value):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: str) -> str:
+        for item in _split(value):
+            if not item.startswith(("http://", "https://")) or item.count("/") != 2:
+                raise ValueError(f"{item!r} is not an origin (scheme://host[:port], no path)")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("expected an http:// or https:// URL")
+        return value.rstrip("/") if value else None
+
     @field_validator("mllm_base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
@@ -157,6 +228,12 @@ class Settings(BaseSettings):
         return self
 
     # --- derived values ----------------------------------------------------------------------------------
+    def trusted_proxy_list(self) -> list[str]:
+        return _split(self.trusted_proxies)
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.rstrip("/") for origin in _split(self.cors_origins)]
+
     def storage_options(self) -> dict[str, Any]:
         import json
 
@@ -185,6 +262,10 @@ class Settings(BaseSettings):
                 text = str(value)
             out[ENV_PREFIX + name.upper()] = text
         return out
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _mask_url_password(url: str) -> str:

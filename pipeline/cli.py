@@ -27,6 +27,9 @@ def ingest_command(
     fmt: Annotated[str, typer.Option("--format", help="seed-data-edit or jsonl")] = "seed-data-edit",
     images_root: Annotated[Path | None, typer.Option(help="Folder image paths are relative to.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    allow_outside_root: Annotated[
+        bool, typer.Option("--allow-outside-root", help="Accept image paths that resolve outside the images root.")
+    ] = False,
 ) -> None:
     """Ingest multi-turn instances into the database and the image store (re-ingesting adds nothing).
 
@@ -35,6 +38,7 @@ def ingest_command(
     from db import migrate
     from db.store import ImageStore
     from pipeline.ingest import ingest, read_source
+    from pipeline.sources import IngestLimits
 
     cfg = _settings()
     if fmt not in ("seed-data-edit", "jsonl"):
@@ -45,7 +49,8 @@ def ingest_command(
         raise typer.Exit(2)
     migrate.upgrade(cfg.database_url)
     try:
-        records = read_source(path, fmt, images_root)
+        records = read_source(path, fmt, images_root,
+                              IngestLimits.from_settings(cfg, allow_outside_root=allow_outside_root))
         report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         err.print(f"error: {exc}")

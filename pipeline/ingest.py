@@ -19,7 +19,7 @@ from db.models import Instance, Turn
 from db.session import session_scope
 from db.store import ImageRejected, ImageStore, StoredImage, register_images
 from pipeline.expand import classify_operation
-from pipeline.sources import RawInstance, RecordError
+from pipeline.sources import IngestLimits, RawInstance, RecordError
 
 
 @dataclass(frozen=True)
@@ -168,12 +168,15 @@ def _instance_row(prepared: _Prepared) -> Instance:
     return instance
 
 
-def read_source(path: Path, fmt: str, images_root: Path | None) -> Iterator[RawInstance | RecordError]:
-    """The reader for ``fmt`` (``seed-data-edit`` or ``jsonl``) over ``path``."""
+def read_source(
+    path: Path, fmt: str, images_root: Path | None, limits: IngestLimits | None = None
+) -> Iterator[RawInstance | RecordError]:
+    """The reader for ``fmt`` (``seed-data-edit`` or ``jsonl``) over ``path``, with ``limits`` (default
+    :class:`pipeline.sources.IngestLimits`: images inside the root, instructions and meta of bounded size)."""
     from pipeline.sources import read_jsonl_manifest, read_seed_data_edit
 
     if fmt == "seed-data-edit":
-        return read_seed_data_edit(path, images_root)
+        return read_seed_data_edit(path, images_root, limits)
     if fmt == "jsonl":
-        return read_jsonl_manifest(path, images_root)
+        return read_jsonl_manifest(path, images_root, limits)
     raise ValueError(f"--format: expected seed-data-edit or jsonl, got {fmt!r}")

@@ -5,6 +5,10 @@ Both readers are generators that yield, line by line, either a parsed :class:`Ra
 They check what can be checked without decoding images: JSON validity, required keys, turn numbering, empty
 instructions, that every image file exists, and that external ids are unique within the run. Whether an image
 file really decodes is the image store's job. The formats are described in ``docs/input-formats.md``.
+
+:class:`IngestLimits` guards the edge: an image path (absolute, ``../``, or a symlink) must resolve inside the images
+root unless ``allow_outside_root``, and instructions (and SEED's inverse instructions) and ``meta`` have size limits
+(``MCIE_MAX_INSTRUCTION_CHARS``, ``MCIE_MAX_META_BYTES``); a record over them is reported by name, and skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +56,32 @@ class RecordError:
         return f"{self.file}:{self.line}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class IngestLimits:
+    """What one record may hold (see the module docstring); :meth:`from_settings` reads the ``MCIE_*`` values."""
+
+    max_instruction_chars: int = 4000
+    max_meta_bytes: int = 65536
+    allow_outside_root: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, allow_outside_root: bool = False) -> IngestLimits:
+        return cls(settings.max_instruction_chars, settings.max_meta_bytes, allow_outside_root)
+
+
+def _size_problems(instructions: list[tuple[str, str]], meta: Mapping[str, Any], limits: IngestLimits) -> list[str]:
+    """One problem per (label, text) longer than the limit, and for a ``meta`` larger than its limit as JSON."""
+    problems = [
+        f"{label} has {len(text)} characters (at most {limits.max_instruction_chars}, MCIE_MAX_INSTRUCTION_CHARS)"
+        for label, text in instructions
+        if len(text) > limits.max_instruction_chars
+    ]
+    size = len(json.dumps(meta, ensure_ascii=False, default=str).encode())
+    if size > limits.max_meta_bytes:
+        problems.append(f"meta is {size} bytes as JSON (at most {limits.max_meta_bytes}, MCIE_MAX_META_BYTES)")
+    return problems
+
+
 MANIFEST_KEYS = frozenset({"id", "dataset", "source_image", "turns", "meta"})
 MANIFEST_TURN_KEYS = frozenset({"instruction", "image"})
 
@@ -77,7 +107,7 @@ def _decoded_lines(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | Record
 
 
 def _find_image(images_root: Path, relative: str, *, seed_layout: bool) -> Path | None:
-    # Path("/abs") joined onto a root stays "/abs": absolute paths in a manifest are used as they are.
+    # Path("/abs") joined onto a root stays "/abs"; _locate then refuses it unless it lies inside the root.
     candidates = sf.image_candidates(images_root, relative) if seed_layout else (images_root / relative,)
     for candidate in candidates:
         if candidate.is_file():
@@ -86,15 +116,20 @@ def _find_image(images_root: Path, relative: str, *, seed_layout: bool) -> Path 
 
 
 def _locate(
-    images_root: Path, paths: list[tuple[str, str]], *, seed_layout: bool
+    images_root: Path, paths: list[tuple[str, str]], *, seed_layout: bool, allow_outside_root: bool = False
 ) -> tuple[dict[str, Path], list[str]]:
-    """Resolve (key, relative path) pairs; return the found paths by key and one problem per missing file."""
+    """Resolve (key, relative path) pairs; return the found paths by key and one problem per missing file or per
+    file outside ``images_root`` (unless ``allow_outside_root``)."""
     found: dict[str, Path] = {}
     problems: list[str] = []
+    root = images_root.resolve()
     for key, relative in paths:
         path = _find_image(images_root, relative, seed_layout=seed_layout)
         if path is None:
             problems.append(f"image not found: {relative} ({key}, looked under {images_root})")
+        elif not allow_outside_root and not path.resolve().is_relative_to(root):
+            problems.append(f"image outside the images root: {relative} ({key} resolves to {path.resolve()}, not "
+                            f"under {root}; pass --allow-outside-root to accept it)")  # fmt: skip
         else:
             found[key] = path
     return found, problems
@@ -143,7 +178,7 @@ def seed_annotation_files(annotations: Path) -> tuple[list[Path], Path]:
 
 
 def read_seed_data_edit(
-    annotations: Path, images_root: Path | None = None
+    annotations: Path, images_root: Path | None = None, limits: IngestLimits | None = None
 ) -> Iterator[RawInstance | RecordError]:
     """Read SEED-Data-Edit Part-3 (multi-turn) annotation lines.
 
@@ -159,11 +194,11 @@ def read_seed_data_edit(
             if isinstance(value, RecordError):
                 yield value
                 continue
-            yield _seed_instance(value, path, number, root, registry)
+            yield _seed_instance(value, path, number, root, registry, limits or IngestLimits())
 
 
 def _seed_instance(
-    obj: Mapping[str, Any], path: Path, line: int, images_root: Path, registry: _IdRegistry
+    obj: Mapping[str, Any], path: Path, line: int, images_root: Path, registry: _IdRegistry, limits: IngestLimits
 ) -> RawInstance | RecordError:
     try:
         record = sf.parse_record(obj)
@@ -171,7 +206,13 @@ def _seed_instance(
         return RecordError(path, line, str(exc))
     wanted = [(sf.SOURCE_KEY, record.source_image)]
     wanted += [(sf.edit_image_key(turn.index), turn.edit_image) for turn in record.turns]
-    found, problems = _locate(images_root, wanted, seed_layout=True)
+    texts = [(f"turn {t.index} instruction", t.instruction) for t in record.turns]
+    texts += [(f"turn {t.index} inverse instruction", t.inverse_instruction) for t in record.turns
+              if t.inverse_instruction]  # fmt: skip
+    problems = _size_problems(texts, record.extra, limits)
+    if problems:
+        return RecordError(path, line, "; ".join(problems))
+    found, problems = _locate(images_root, wanted, seed_layout=True, allow_outside_root=limits.allow_outside_root)
     if problems:
         return RecordError(path, line, "; ".join(problems))
     external_id = record.record_id or sf.external_id_from_source(record.source_image)
@@ -197,7 +238,9 @@ def _seed_instance(
 # --- generic manifest ------------------------------------------------------------------------------------
 
 
-def read_jsonl_manifest(path: Path, images_root: Path | None = None) -> Iterator[RawInstance | RecordError]:
+def read_jsonl_manifest(
+    path: Path, images_root: Path | None = None, limits: IngestLimits | None = None
+) -> Iterator[RawInstance | RecordError]:
     """Read a generic JSONL manifest (one instance per line, see ``docs/input-formats.md``).
 
     Relative image paths are resolved against ``images_root``, by default the manifest's folder. The dataset
@@ -212,7 +255,7 @@ def read_jsonl_manifest(path: Path, images_root: Path | None = None) -> Iterator
         if isinstance(value, RecordError):
             yield value
             continue
-        yield _manifest_instance(value, path, number, root, registry)
+        yield _manifest_instance(value, path, number, root, registry, limits or IngestLimits())
 
 
 def _manifest_text(
@@ -237,7 +280,7 @@ def _manifest_text(
 
 
 def _manifest_instance(
-    obj: Mapping[str, Any], path: Path, line: int, images_root: Path, registry: _IdRegistry
+    obj: Mapping[str, Any], path: Path, line: int, images_root: Path, registry: _IdRegistry, limits: IngestLimits
 ) -> RawInstance | RecordError:
     problems: list[str] = []
     unknown = sorted(set(obj) - MANIFEST_KEYS)
@@ -278,12 +321,13 @@ def _manifest_instance(
             image = _manifest_text(turn, "image", problems, where)
             if instruction is not None and image is not None:
                 turn_texts.append((index, instruction, image))
+    problems += _size_problems([(f"turns[{i}].instruction", text) for i, text, _ in turn_texts], meta, limits)
     if problems:
         return RecordError(path, line, "; ".join(problems))
     assert source is not None and external_id is not None
 
     wanted = [("source_image", source)] + [(f"turns[{i}].image", image) for i, _, image in turn_texts]
-    found, missing = _locate(images_root, wanted, seed_layout=False)
+    found, missing = _locate(images_root, wanted, seed_layout=False, allow_outside_root=limits.allow_outside_root)
     if missing:
         return RecordError(path, line, "; ".join(missing))
     duplicate = registry.claim(dataset, external_id, path, line)

@@ -353,7 +353,7 @@ def _raw_compose() -> dict[str, Any]:
 def test_compose_file_as_written() -> None:
     compose = _raw_compose()
     services = compose["services"]
-    assert set(services) == {"db", "app", "vllm"}
+    assert set(services) == {"db", "app", "worker", "proxy", "vllm"}
 
     db = services["db"]
     assert db["image"] == "postgres:16"
@@ -365,6 +365,14 @@ def test_compose_file_as_written() -> None:
     context = (DOCKER / app["build"]["context"]).resolve()
     assert context == ROOT and (context / app["build"]["dockerfile"]).resolve() == APP_DOCKERFILE
     assert "profiles" not in app and "profiles" not in db, "`docker compose up` runs app and db without a GPU"
+    assert "--no-worker" in app["command"], "the web replicas run no jobs: the worker service does"
+    worker = services["worker"]
+    assert worker["command"][0] == "worker" and worker["image"] == app["image"], "the worker is the app image"
+    assert "profiles" not in worker and worker["stop_grace_period"], "SIGTERM gives the running job time to finish"
+    caddyfile = compose["configs"]["caddyfile"]["content"]
+    assert "reverse_proxy" in caddyfile and "dynamic a app 7860" in caddyfile, "the proxy balances over all replicas"
+    fixed = services["proxy"]["networks"]["default"]["ipv4_address"]
+    assert app["environment"]["MCIE_TRUSTED_PROXIES"] == fixed, "X-Forwarded-For is believed from the proxy only"
 
     vllm = services["vllm"]
     assert vllm["profiles"] == ["gpu"]
@@ -463,14 +471,21 @@ def test_compose_validator_rejects_a_broken_file(compose_binary: str, tmp_path: 
 def test_compose_without_gpu_profile(compose_binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _compose([compose_binary], tmp_path)
     assert model["name"] == "mcie"
-    assert set(model["services"]) == {"db", "app"}, "`docker compose up` must not need the GPU service"
+    assert set(model["services"]) == {"db", "app", "worker", "proxy"}, "`docker compose up` must not need the GPU"
 
     app = model["services"]["app"]
     assert app["depends_on"]["db"]["condition"] == "service_healthy", "app waits for a healthy db"
     assert app["restart"] == "unless-stopped"
-    assert any(p["target"] == 7860 and str(p.get("published")) == "7860" for p in app["ports"]), "port 7860"
+    assert app["deploy"]["replicas"] == 2, "two web replicas behind the proxy"
+    assert not app.get("ports"), "the replicas are reached through the proxy only"
+    proxy = model["services"]["proxy"]
+    assert any(p["target"] == 443 and str(p.get("published")) == "443" for p in proxy["ports"]), "HTTPS on 443"
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in app["volumes"]), "a volume on /data"
     assert app["build"]["dockerfile"] == "docker/Dockerfile"
+    worker = model["services"]["worker"]
+    assert worker["command"][:3] == ["worker", "--kinds", "export,preview"]
+    assert worker["environment"] == app["environment"], "the worker sees the same database and store"
+    assert worker["healthcheck"]["disable"] is True
 
     env = app["environment"]
     assert env["MCIE_DATABASE_URL"] == "postgresql+psycopg://mcie:mcie-demo-change-me@db:5432/mcie"
@@ -479,6 +494,7 @@ def test_compose_without_gpu_profile(compose_binary: str, tmp_path: Path, monkey
     assert env["MCIE_MLLM_BASE_URL"] == "http://vllm:8000/v1"
     assert env["MCIE_MLLM_MODEL"] == VLLM_MODEL
     assert env.get("MCIE_SECRET_KEY") is None, "unset: the app generates one into /data; never an empty key"
+    assert env["MCIE_PUBLIC_URL"] == "https://localhost", "served over HTTPS: Secure session cookies"
 
     db_env = model["services"]["db"]["environment"]
     assert db_env["POSTGRES_PASSWORD"] in env["MCIE_DATABASE_URL"] and db_env["POSTGRES_DB"] == "mcie"
@@ -499,7 +515,7 @@ def test_compose_without_gpu_profile(compose_binary: str, tmp_path: Path, monkey
 
 def test_compose_with_gpu_profile(compose_binary: str, tmp_path: Path) -> None:
     model = _compose([compose_binary], tmp_path, "--profile", "gpu", env={"MCIE_MLLM_BACKEND": "openai"})
-    assert set(model["services"]) == {"db", "app", "vllm"}
+    assert set(model["services"]) == {"db", "app", "worker", "proxy", "vllm"}
     app, vllm = model["services"]["app"], model["services"]["vllm"]
     assert app["environment"]["MCIE_MLLM_BACKEND"] == "openai"
     assert app["environment"]["MCIE_MLLM_BASE_URL"] == "http://vllm:8000/v1"

@@ -472,10 +472,23 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     with session_scope(settings.database_url) as session:
         assert session.scalar(select(Export.id)) is None
 
-    # a threshold filter that keeps nothing still completes (an empty export), through the handler directly
+    # a threshold filter that keeps nothing still completes (an empty export), through the handler directly; the
+    # handler only queues a job, a worker (here in this process, as `mcie worker --kinds export`) runs it
+    from annotate import jobs
+    from annotate.worker import Worker, _export_size
+
+    assert _export_size(settings.database_url, {}, None) == 2  # the job's progress counts against this
+    assert _export_size(settings.database_url, {"statuses": ["rejected"]}, None) == 0
     out = dashboard.on_export_start("parquet", "", 0.05, ["accepted", "rejected"], 5.0, None, lead)
     assert "started into" in out["export_status"]
-    assert dashboard.exports.wait(timeout=120)
+    [queued] = jobs.list_jobs(settings.database_url, kind="export")
+    assert queued.status == "queued" and "jobs-table" in dashboard.on_exports(lead)["export_info"]
+    worker = Worker(settings, kinds=["export"], poll_s=0.1).start()
+    try:
+        assert dashboard.exports.wait(timeout=120)
+    finally:
+        worker.stop()
+    assert jobs.get(settings.database_url, queued.id).status == "done"
     row = _wait_for_export(settings.database_url)
     assert row.status == JobStatus.done and row.n_samples == 0 and row.format == "parquet"
     assert Path(row.path).parent == (settings.data_dir / "exports").resolve()

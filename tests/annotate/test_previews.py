@@ -341,16 +341,37 @@ def test_a_restart_requeues_jobs_left_queued_or_running(site: Site, worker_of) -
 def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
     from fastapi.testclient import TestClient
 
+    from annotate import jobs
     from annotate.server import create_app
+    from annotate.worker import Worker
 
     app = create_app(site.settings, mount_ui=False)
-    worker: PreviewWorker = app.state.preview_worker
+    worker: Worker = app.state.job_worker
     assert not worker.running
     with TestClient(app):
-        assert worker.running and previews._running_worker(site.url) is worker
+        assert worker.running and previews._running_worker(site.url) is None  # no thread of its own: a job
         status = previews.request_preview(site.url, site.sample_id, site.rater, params=FAST)  # no settings: the app's
-        assert wait_done(site.url, status.id).status == "done" and worker.calls == 1
-    assert not worker.running and previews._running_worker(site.url) is None
+        assert wait_done(site.url, status.id).status == "done"
+        [job] = jobs.list_jobs(site.url, kind="preview")
+        assert job.payload == {"preview_id": status.id} and job.requested_by == site.rater
+    assert not worker.running
+    deadline = time.monotonic() + 10
+    while jobs.get(site.url, job.id).status != "done":  # finish() follows the preview row's update
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    # the web tier alone (--no-worker) only queues; a separate worker process runs the job
+    web = create_app(site.settings, mount_ui=False, worker=False)
+    assert web.state.job_worker is None
+    with TestClient(web):
+        queued = previews.request_preview(site.url, site.sample_id, site.rater, seed=5, params=FAST)
+        time.sleep(0.5)
+        assert previews.preview_status(site.url, queued.id).status == "queued"
+    apart = Worker(site.settings, kinds=["preview"], poll_s=0.1).start()
+    try:
+        assert wait_done(site.url, queued.id).status == "done"
+    finally:
+        apart.stop()
 
 
 @pytest.mark.browser

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from annotate.web_auth import LoginRateLimiter, load_secret_key
+from annotate.web_auth import load_secret_key
 from db.models import Assignment, AssignmentState, Role
 from db.session import session_scope
 from db.store import ImageStore, register_images
@@ -232,61 +232,61 @@ class FakeClock:
         return self.now
 
 
-def test_limiter_slides_its_window_per_key() -> None:
-    clock = FakeClock()
-    limiter = LoginRateLimiter(max_failures=3, window_s=60, clock=clock)
-    for _ in range(2):
-        limiter.record_failure("ip:a")
-        clock.now += 10
-    assert limiter.retry_after("ip:a") is None
-    limiter.record_failure("ip:a")  # failures at 1000, 1010, 1020
-    assert limiter.retry_after("ip:a") == pytest.approx(1000 + 60 - 1020)
-    assert limiter.retry_after("ip:b") is None
-    clock.now = 1061  # the first failure left the window
-    assert limiter.retry_after("ip:a") is None
-    limiter.record_failure("ip:a")
-    assert limiter.retry_after("ip:a") == pytest.approx(1010 + 60 - 1061)
-    limiter.reset("ip:a")
-    assert limiter.retry_after("ip:a") is None
+def test_pair_delays_grow_from_the_free_failures_and_are_capped() -> None:
+    from annotate.throttle import ThrottlePolicy, pair_delay
 
-
-def test_limiter_memory_is_bounded() -> None:
-    clock = FakeClock()
-    limiter = LoginRateLimiter(max_failures=1, window_s=60, clock=clock, max_keys=10)
-    for k in range(50):
-        clock.now += 0.001
-        limiter.record_failure(f"user:{k}")
-    assert len(limiter._failures) <= 10
-    assert limiter.retry_after("user:49") is not None
+    policy = ThrottlePolicy(free_failures=3, delay_base_s=2, max_delay_s=60)
+    assert [pair_delay(n, policy) for n in range(1, 9)] == [0, 0, 2, 4, 8, 16, 32, 60]
 
 
 def _limited_app(tmp_path: Path, clock: FakeClock) -> FastAPI:
     from annotate.server import create_app
+    from annotate.throttle import LoginThrottle, ThrottlePolicy
     from db.migrate import upgrade
 
     settings = _settings(tmp_path)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         make_user(session, "victim", Role.rater, password=PASSWORD)
-    limiter = LoginRateLimiter(max_failures=5, window_s=300, clock=clock)
-    return create_app(settings, limiter=limiter, mount_ui=False)
+        make_user(session, "neighbour", Role.rater, password=PASSWORD)
+    policy = ThrottlePolicy(free_failures=3, delay_base_s=10, max_delay_s=300, window_s=3600, ip_max_failures=8)
+    return create_app(settings, throttle=LoginThrottle(settings.database_url, policy, clock=clock), mount_ui=False)
 
 
-def test_login_is_rate_limited_per_username_and_per_ip(tmp_path: Path) -> None:
+def test_login_is_throttled_per_username_and_ip_with_growing_delays(tmp_path: Path) -> None:
     clock = FakeClock()
     app = _limited_app(tmp_path, clock)
     with TestClient(app, follow_redirects=False, client=("10.0.0.1", 1)) as attacker:
-        for _ in range(5):
-            assert log_in(attacker, "victim", "guess-guess").status_code == 401
-        blocked = log_in(attacker, "victim", PASSWORD)  # even the right password waits
-        assert blocked.status_code == 429 and 0 < int(blocked.headers["retry-after"]) <= 300
-        # the same IP is blocked for other usernames too
-        assert log_in(attacker, "someone-else", "x-x-x-x-x").status_code == 429
-    with TestClient(app, follow_redirects=False, client=("10.0.0.2", 1)) as elsewhere:
-        # the username is blocked from every address
-        assert log_in(elsewhere, "victim", PASSWORD).status_code == 429
-        clock.now += 301  # the window slid past the failures
-        assert log_in(elsewhere, "victim", PASSWORD).status_code == 303
+        assert [log_in(attacker, "victim", "guess-guess").status_code for _ in range(2)] == [401, 401]
+        third = log_in(attacker, "victim", "guess-guess")
+        assert third.status_code == 401 and third.headers["retry-after"] == "10"
+        blocked = log_in(attacker, "victim", PASSWORD)  # the pair waits, even with the right password
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) == 10
+        clock.now += 11
+        fourth = log_in(attacker, "victim", "guess-guess")
+        assert fourth.status_code == 401 and fourth.headers["retry-after"] == "20"  # the delay doubled
+        # another user behind the same address is not blocked by the attacker's failures
+        assert log_in(attacker, "neighbour", PASSWORD).status_code == 303
+    with TestClient(app, follow_redirects=False, client=("10.0.0.2", 1)) as victim:
+        # the victim, from an address that did not fail, is never refused
+        assert log_in(victim, "victim", PASSWORD).status_code == 303
+    with session_scope(app.state.settings.database_url) as session:
+        from db.models import AuditLog
+
+        actions = [a.action for a in session.scalars(select(AuditLog).where(AuditLog.entity == "login_throttle"))]
+    assert actions.count("login.block") >= 1
+
+
+def test_one_ip_trying_many_usernames_is_blocked(tmp_path: Path) -> None:
+    clock = FakeClock()
+    app = _limited_app(tmp_path, clock)
+    with TestClient(app, follow_redirects=False, client=("10.0.0.9", 1)) as sprayer:
+        codes = [log_in(sprayer, f"user{k}", "guess-guess").status_code for k in range(8)]
+        assert codes == [401] * 8
+        assert log_in(sprayer, "user99", "guess-guess").status_code == 429
+        assert log_in(sprayer, "victim", PASSWORD).status_code == 429  # this address failed: it waits
+        clock.now += 301
+        assert log_in(sprayer, "victim", PASSWORD).status_code == 303
 
 
 # ----------------------------------------------------------------------------------------------------------

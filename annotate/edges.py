@@ -1,0 +1,137 @@
+"""The web app's edges: request-size limits read before any body, uploads, validation errors without echoes, and
+when the session cookie is Secure.
+
+- :class:`BodyLimit` (ASGI, outermost but for the security headers) answers 413 with a small JSON body when the
+  ``Content-Length`` is over the limit of the request's path, before anything reads the body; a body sent without a
+  length (chunked) is counted while it is read and cut off at the limit the same way. The app-wide limit is
+  ``MCIE_MAX_REQUEST_BYTES``; :data:`ROUTE_LIMITS` are tighter ones for routes whose bodies are small by nature.
+  Gradio's file upload route is refused (403) on every screen: none of them takes files.
+- :func:`validation_error_handler` answers FastAPI's 422 without the ``input`` of each error (the default echoes
+  the whole body back).
+- :func:`secure_cookies_for` decides the cookie's ``Secure`` flag: on unless the app is served on a loopback
+  address or ``MCIE_PUBLIC_URL`` is ``http://``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+KIB = 1024
+# (path prefix, limit in bytes): the first match wins; 0 refuses any body (403).
+ROUTE_LIMITS: tuple[tuple[str, int], ...] = (
+    ("/login", 16 * KIB),
+    ("/logout", 16 * KIB),
+    ("/api/study/", 16 * KIB),
+    ("/api/review/", 64 * KIB),
+)
+UPLOAD_SUFFIX = "/gradio_api/upload"
+
+
+def limit_for(path: str, default: int) -> int:
+    """The body limit of ``path`` (bytes): the tightest of the default and the route's own."""
+    for prefix, limit in ROUTE_LIMITS:
+        base = prefix.rstrip("/")
+        if path == base or path.startswith(base + "/"):
+            return min(limit, default)
+    return default
+
+
+async def _answer(send: Send, code: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]  # fmt: skip
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over the path's limit get 413 before (or while) they are read."""
+
+    def __init__(self, app: ASGIApp, *, default_limit: int) -> None:
+        self.app = app
+        self.default_limit = default_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.endswith(UPLOAD_SUFFIX) and scope.get("method") == "POST":
+            await _answer(send, 403, "file uploads are off: no screen of this app takes files")
+            return
+        limit = limit_for(path, self.default_limit)
+        declared = None
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _answer(send, 400, "Content-Length is not a number")
+                    return
+        if declared is not None and declared > limit:
+            await _answer(send, 413, f"the request body is larger than {limit} bytes")
+            return
+        received = 0
+        started = refused = False
+
+        async def counted_receive() -> Message:
+            # Over the limit: answer 413 now and tell the app the client went away, so it stops reading (an
+            # exception here would be turned into a 400 by the body parser).
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    if not started:
+                        await _answer(send, 413, f"the request body is larger than {limit} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 was sent; whatever the app answers to the "disconnect" is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field and what was expected, never echoing the submitted values."""
+    assert isinstance(exc, RequestValidationError)
+    errors: list[dict[str, Any]] = [
+        {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))[:300], "type": err.get("type", "")}
+        for err in exc.errors()[:20]
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def secure_cookies_for(public_url: str | None, host: str, override: bool | None = None) -> bool:
+    """Whether the session cookie is Secure: ``override`` when given; else by ``MCIE_PUBLIC_URL``'s scheme; else
+    on unless the app binds a loopback address (``mcie serve`` on a laptop, plain http://127.0.0.1)."""
+    if override is not None:
+        return override
+    if public_url:
+        return public_url.startswith("https://")
+    return not is_loopback(host)
