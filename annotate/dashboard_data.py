@@ -186,7 +186,7 @@ def remaining_reviews(url: str) -> int:
             .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
             .scalar_subquery()
         )
-        wanted = wanted_clause(Sample.id, config)
+        wanted = wanted_clause(Sample.id, config, Sample.reviews_target)
         missing = case((wanted > submitted, wanted - submitted), else_=0)
         total = session.scalar(
             select(func.coalesce(func.sum(missing), 0)).where(

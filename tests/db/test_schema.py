@@ -25,7 +25,7 @@ EXPECTED_TABLES = {
     "images", "instances", "turns", "samples", "sub_instructions", "box_candidates", "mllm_judgements", "users",
     "assignments", "reviews", "review_revisions", "sample_flags", "gold_answers", "decisions", "project_settings",
     "studies", "study_items", "study_outputs", "study_participants", "study_assignments", "votes", "exports",
-    "export_items", "previews", "audit_log",
+    "export_items", "previews", "audit_log", "reliability_fits",
 }  # fmt: skip
 
 

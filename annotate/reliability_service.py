@@ -1,0 +1,190 @@
+"""The database edge of rater reliability: read reviews, gold and MLLM scores, store fits, serve the newest fit.
+
+:func:`refit` fits :mod:`annotate.reliability` on every review and stores it as a ``reliability_fits`` row (the
+server refits in the background every few minutes when enough new reviews came in; ``mcie agreement --refit`` and
+the benchmark call it directly). :func:`latest_fit` returns the newest stored fit (parsed fits are cached by id, so
+the review path pays one indexed query); before any fit exists every rater is the default rater
+(:func:`annotate.reliability.default_fit`). :func:`sample_posterior` is the weighted rule's input for one sample.
+
+The MLLM's conflict score of a sample (:func:`mllm_scores`) is the newest conflict-stage judgement's ``score`` when
+it has one, else 1.0 for a "conflict" verdict and 0.0 for "no_conflict"; no judgement or an undecided one gives none.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from annotate.reliability import (
+    GOLD_COLUMNS,
+    Posterior,
+    ReliabilityFit,
+    default_fit,
+    fit_reliability,
+    posterior_accept,
+)
+from db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
+from db.models import ReliabilityFit as FitRow
+
+_CACHE: dict[int, ReliabilityFit] = {}
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 8
+VERDICT_SCORE = {"conflict": 1.0, "no_conflict": 0.0}
+
+
+def mllm_scores(session: Session, sample_ids: Iterable[int] | None = None) -> dict[int, float]:
+    """Sample id -> the MLLM's conflict score in [0, 1] (module docstring), for ``sample_ids`` or every sample."""
+    query = select(MllmJudgement.sample_id, MllmJudgement.verdict, MllmJudgement.score).where(
+        MllmJudgement.stage == MllmStage.conflict, MllmJudgement.sample_id.is_not(None)
+    )
+    if sample_ids is not None:
+        ids = sorted(set(sample_ids))
+        if not ids:
+            return {}
+        query = query.where(MllmJudgement.sample_id.in_(ids))
+    out: dict[int, float] = {}
+    for sample_id, verdict, score in session.execute(query.order_by(MllmJudgement.created_at, MllmJudgement.id)):
+        if score is not None and 0.0 <= score <= 1.0:
+            out[int(sample_id)] = float(score)
+        elif verdict in VERDICT_SCORE:
+            out[int(sample_id)] = VERDICT_SCORE[verdict]
+    return out
+
+
+def fit_inputs(session: Session) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, float]]:
+    """Every review (rater = user id), the gold answers, and the MLLM scores of the reviewed samples."""
+    reviews = pd.DataFrame(
+        session.execute(
+            select(Review.sample_id, Review.user_id, Review.consistent, Review.quality, Review.complexity)
+        ).all(),
+        columns=["sample_id", "rater", "consistent", "quality", "complexity"],
+    )
+    gold = pd.DataFrame(
+        session.execute(
+            select(GoldAnswer.sample_id, GoldAnswer.consistent, GoldAnswer.quality, GoldAnswer.complexity)
+        ).all(),
+        columns=list(GOLD_COLUMNS),
+    )
+    scores = mllm_scores(session, reviews["sample_id"].unique().tolist()) if len(reviews) else {}
+    return reviews, gold, scores
+
+
+def compute_fit(session: Session) -> ReliabilityFit:
+    """A fresh fit on the current reviews (not stored)."""
+    return fit_reliability(*fit_inputs(session))
+
+
+def refit(session: Session) -> tuple[int, ReliabilityFit]:
+    """Fit on every review and store the fit; returns its id and the fit. The caller commits."""
+    fit = compute_fit(session)
+    fit_id = session.scalar(
+        insert(FitRow)
+        .values(n_reviews=fit.n_reviews, n_samples=fit.n_samples, model=fit.to_json())
+        .returning(FitRow.id)
+    )
+    assert fit_id is not None
+    with _CACHE_LOCK:
+        _CACHE[int(fit_id)] = fit
+    return int(fit_id), fit
+
+
+def latest_fit(session: Session) -> tuple[int | None, ReliabilityFit]:
+    """The newest stored fit (id and model), or (None, the default model) before the first fit."""
+    fit_id = session.scalar(select(func.max(FitRow.id)))
+    if fit_id is None:
+        return None, default_fit()
+    with _CACHE_LOCK:
+        cached = _CACHE.get(int(fit_id))
+    if cached is not None:
+        return int(fit_id), cached
+    model = session.scalar(select(FitRow.model).where(FitRow.id == fit_id))
+    fit = ReliabilityFit.from_json(model)
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(min(_CACHE))
+        _CACHE[int(fit_id)] = fit
+    return int(fit_id), fit
+
+
+def reviews_since_fit(session: Session) -> int:
+    """Reviews stored now minus the reviews the newest fit saw (all reviews before the first fit)."""
+    n_now = int(session.scalar(select(func.count()).select_from(Review)) or 0)
+    last = session.scalar(select(FitRow.n_reviews).order_by(FitRow.id.desc()).limit(1))
+    return n_now - int(last or 0)
+
+
+def refit_if_due(session: Session, every: int) -> int | None:
+    """Refit when at least ``every`` reviews came in since the newest fit; returns the new fit's id or None."""
+    if reviews_since_fit(session) < every:
+        return None
+    return refit(session)[0]
+
+
+def rater_report(fit: ReliabilityFit, user_id: int) -> Mapping[str, Any] | None:
+    for report in fit.reports:
+        if str(report["rater"]) == str(user_id):
+            return report
+    return None
+
+
+def is_less_reliable(fit: ReliabilityFit, user_id: int) -> bool:
+    """Flagged careless, or in the bottom quarter of the raters' overall skill (with at least four raters)."""
+    report = rater_report(fit, user_id)
+    if report is None:
+        return False
+    if any(f["flag"] == "careless" for f in report["flags"]):
+        return True
+    skills = sorted(r["skill"] for r in fit.reports if r["skill"] is not None)
+    if len(skills) < 4 or report["skill"] is None:
+        return False
+    return report["skill"] < skills[len(skills) // 4]
+
+
+def sample_posterior(
+    session: Session,
+    sample_id: int,
+    answers: Sequence[Mapping[str, Any]],
+    config: Any,
+    fit: ReliabilityFit | None = None,
+) -> Posterior:
+    """The weighted rule's posterior for one sample from its answers (mappings with ``rater`` = user id,
+    ``consistent``, ``quality``, ``complexity``) under ``config`` (a ProjectConfig) and the newest fit."""
+    if fit is None:
+        fit = latest_fit(session)[1]
+    score = mllm_scores(session, [sample_id]).get(sample_id) if config.weighted.use_mllm_prior else None
+    rule = config.acceptance
+    return posterior_accept(
+        fit,
+        answers,
+        quality_above=rule.quality_above,
+        complexity_above=rule.complexity_above,
+        require_consistent=rule.require_consistent,
+        mllm_score=score,
+    )
+
+
+def usernames(session: Session, ids: Iterable[Any]) -> dict[str, str]:
+    keys = sorted({int(i) for i in ids if str(i).isdigit()})
+    if not keys:
+        return {}
+    return {str(i): name for i, name in session.execute(select(User.id, User.username).where(User.id.in_(keys)))}
+
+
+def fit_history(session: Session, limit: int = 200) -> list[dict[str, Any]]:
+    """Per-rater overall skill over the stored fits (oldest first): rows of fit id, time, rater, skill, interval."""
+    rows = session.execute(
+        select(FitRow.id, FitRow.created_at, FitRow.n_reviews, FitRow.model).order_by(FitRow.id.desc()).limit(limit)
+    ).all()
+    out: list[dict[str, Any]] = []
+    for fit_id, created_at, n_reviews, model in reversed(rows):
+        for report in model.get("reports", []):
+            ci = report["questions"]["consistency"]["skill_ci"]
+            out.append({"fit_id": fit_id, "created_at": created_at, "n_reviews": n_reviews,
+                        "rater": str(report["rater"]), "skill": report["skill"],
+                        "consistency_skill_low": ci[0], "consistency_skill_high": ci[1]})  # fmt: skip
+    return out
