@@ -52,6 +52,7 @@ reviews than the cap asks for one more; samples where the MLLM and the first rev
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -239,7 +240,9 @@ def _fit_consistency(data: _Data, raters: pd.Index) -> QuestionFit:
         frame = pd.DataFrame({"task": data.item[rows], "worker": data.rater[rows], "label": data.code[rows]})
         gold_items = [i for i in data.gold if i in set(frame["task"])]
         true_labels = pd.Series({i: data.gold[i] for i in gold_items}, dtype=np.int64) if gold_items else None
-        ds = DawidSkene(n_iter=EM_ITERATIONS, tol=EM_TOL).fit(frame, true_labels=true_labels)
+        with warnings.catch_warnings():  # crowd-kit 1.4 uses pandas' deprecated inplace=/copy= keywords
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = DawidSkene(n_iter=EM_ITERATIONS, tol=EM_TOL).fit(frame, true_labels=true_labels)
         probas = ds.probas_.reindex(columns=[0, 1], fill_value=0.0)
         post_all = np.full((data.n_items, 2), np.nan)
         post_all[probas.index.to_numpy(dtype=np.int64)] = probas.to_numpy(dtype=float)

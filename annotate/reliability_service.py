@@ -30,6 +30,7 @@ from annotate.reliability import (
 )
 from db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
 from db.models import ReliabilityFit as FitRow
+from db.session import session_scope
 
 _CACHE: dict[int, ReliabilityFit] = {}
 _CACHE_LOCK = threading.Lock()
@@ -79,9 +80,8 @@ def compute_fit(session: Session) -> ReliabilityFit:
     return fit_reliability(*fit_inputs(session))
 
 
-def refit(session: Session) -> tuple[int, ReliabilityFit]:
-    """Fit on every review and store the fit; returns its id and the fit. The caller commits."""
-    fit = compute_fit(session)
+def store_fit(session: Session, fit: ReliabilityFit) -> int:
+    """Store a fit as the newest ``reliability_fits`` row; returns its id. The caller commits."""
     fit_id = session.scalar(
         insert(FitRow)
         .values(n_reviews=fit.n_reviews, n_samples=fit.n_samples, model=fit.to_json())
@@ -90,7 +90,13 @@ def refit(session: Session) -> tuple[int, ReliabilityFit]:
     assert fit_id is not None
     with _CACHE_LOCK:
         _CACHE[int(fit_id)] = fit
-    return int(fit_id), fit
+    return int(fit_id)
+
+
+def refit(session: Session) -> tuple[int, ReliabilityFit]:
+    """Fit on every review and store the fit; returns its id and the fit. The caller commits."""
+    fit = compute_fit(session)
+    return store_fit(session, fit), fit
 
 
 def latest_fit(session: Session) -> tuple[int | None, ReliabilityFit]:
@@ -123,6 +129,19 @@ def refit_if_due(session: Session, every: int) -> int | None:
     if reviews_since_fit(session) < every:
         return None
     return refit(session)[0]
+
+
+def refit_when_due(url: str) -> int | None:
+    """The server's sweep: when ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only
+    transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one."""
+    from annotate.project import get_project_config
+
+    with session_scope(url) as session:
+        if reviews_since_fit(session) < get_project_config(session).adaptive.refit_every:
+            return None
+        fit = compute_fit(session)
+    with session_scope(url, write=True) as session:
+        return store_fit(session, fit)
 
 
 def rater_report(fit: ReliabilityFit, user_id: int) -> Mapping[str, Any] | None:

@@ -127,7 +127,8 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app runs, expire abandoned leases every minute so their samples go back to the queue."""
+    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and refit rater
+    reliability when enough new reviews came in (``adaptive.refit_every``)."""
     task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url))
     try:
         yield
@@ -139,14 +140,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> None:
     from annotate.queue import expire_leases
+    from annotate.reliability_service import refit_when_due
 
     while True:
         try:
             expired = await anyio.to_thread.run_sync(expire_leases, url)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
+            fit_id = await anyio.to_thread.run_sync(refit_when_due, url)
+            if fit_id is not None:
+                log.info("refitted rater reliability (fit %d)", fit_id)
         except Exception:  # the sweep must outlive a database hiccup
-            log.exception("expiring leases failed")
+            log.exception("expiring leases or refitting reliability failed")
         await asyncio.sleep(every_s)
 
 

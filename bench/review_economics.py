@@ -169,7 +169,6 @@ def run_policy(
         set_project_config(session, policy_settings(policy, calibration, refit_every), actor_id=None)
     with session_scope(url) as session:
         lead_id = session.scalar(select(User.id).where(User.username == "sim-lead"))
-        every = get_project_config(session).adaptive.refit_every
     rng = np.random.default_rng(seed + 1)
     user_ids = list(range(1, len(raters) + 1))
     started = time.perf_counter()
@@ -191,8 +190,7 @@ def run_policy(
             n_reviews += 1
             n_gold_reviews += lease.purpose == "gold"
             if policy == "adaptive-weighted" and n_reviews % 50 == 0:
-                with session_scope(url, write=True) as session:
-                    n_fits += reliability_service.refit_if_due(session, every) is not None
+                n_fits += reliability_service.refit_when_due(url) is not None
     review_s = time.perf_counter() - started
     with session_scope(url, write=True) as session:
         reliability_service.refit(session)
