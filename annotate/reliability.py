@@ -427,7 +427,9 @@ def _weights(k: int) -> NDArray[np.float64]:
 
 
 def _skill_interval(a: float, e: float, n: float) -> tuple[float, float, float]:
-    skill = (a - e) / (1 - e) if e < 1 else math.nan
+    if e >= 1 - 1e-9:  # chance agreement is already perfect (one answer only, on a sure consensus): undefined
+        return math.nan, math.nan, math.nan
+    skill = (a - e) / (1 - e)
     lo, hi = beta_dist.ppf([0.025, 0.975], a * n + 1, (1 - a) * n + 1)
     return skill, (lo - e) / (1 - e), (hi - e) / (1 - e)
 

@@ -1,0 +1,206 @@
+"""The weighted decision rule and the adaptive review policy on a real database (SQLite and PostgreSQL): follow-up
+reviews while uncertain, from another and preferably more reliable rater, the cap, the recorded provenance, the
+what-if preview of the decision rule, the dashboard's figures, exports, and the seeded review-economics simulation."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from annotate import reliability_service
+from annotate.acceptance import apply_rule, preview_rule
+from annotate.dashboard_data import reliability_figures, review_budget
+from annotate.project import get_project_config
+from annotate.queue import next_sample
+from annotate.reliability import default_fit
+from annotate.reviews import Answer, submit_review
+from db.migrate import upgrade
+from db.models import Decision, Sample, SampleStatus
+from db.session import session_scope
+from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
+
+GOOD = Answer(consistent=True, quality=5, complexity=5)
+ADAPTIVE = {"gold_rate": 0.0, "calibration_share": 0.0, "review_policy": "adaptive",
+            "adaptive": {"band_low": 0.2, "band_high": 0.9, "max_reviews": 3}}  # fmt: skip
+
+
+def _project(url: str, n_samples: int, n_raters: int, **settings) -> tuple[list[int], list[int], int]:
+    upgrade(url)
+    with session_scope(url) as session:
+        configure(session, **settings)
+        samples = [make_sample(session).id for _ in range(n_samples)]
+        raters = [u.id for u in make_users(session, n_raters)]
+        lead = make_user(session, role="lead").id
+    return samples, raters, lead
+
+
+def _sample(url: str, sample_id: int) -> tuple[SampleStatus, int | None, float]:
+    with session_scope(url) as session:
+        s = session.get(Sample, sample_id)
+        return s.status, s.reviews_target, s.priority
+
+
+def _review(url: str, user_id: int, answer: Answer = GOOD, **kwargs) -> int:
+    lease = next_sample(url, user_id, **kwargs)
+    assert lease is not None
+    submit_review(url, user_id, lease.sample_id, answer)
+    return lease.sample_id
+
+
+def test_adaptive_policy_asks_another_review_while_uncertain(any_db_url: str) -> None:
+    (first, second), (a, b, c), _ = _project(any_db_url, 2, 3, **ADAPTIVE)
+    assert _review(any_db_url, a) == first
+    status, target, priority = _sample(any_db_url, first)
+    # one default rater's "yes, 5, 5": P(meets the rule) about 0.8, inside the band -> one more review, served first
+    assert (status, target) == (SampleStatus.in_review, 2) and priority > 1.0
+    assert _review(any_db_url, b) == first  # before the fresh sample with the lower priority
+    status, target, _ = _sample(any_db_url, first)
+    assert (status, target) == (SampleStatus.accepted, 2)
+    with session_scope(any_db_url) as session:
+        rule = session.scalar(select(Decision.rule).where(Decision.sample_id == first))
+    assert rule["review_policy"] == "adaptive" and rule["decision_rule"] == "paper"
+    assert rule["posterior"]["p_accept"] > 0.9
+    assert _review(any_db_url, a) == second  # never the same sample twice
+    assert next_sample(any_db_url, c) is not None
+
+
+def test_adaptive_policy_stops_at_the_cap(sqlite_url: str) -> None:
+    settings = ADAPTIVE | {"adaptive": {"band_low": 0.0, "band_high": 1.0, "max_reviews": 2}}
+    (sample,), raters, _ = _project(sqlite_url, 1, 3, **settings)
+    for rater in raters[:2]:
+        _review(sqlite_url, rater)
+    status, target, _ = _sample(sqlite_url, sample)
+    assert status == SampleStatus.accepted and target == 2
+    assert next_sample(sqlite_url, raters[2]) is None
+
+
+def test_mllm_disagreement_goes_up_the_queue(sqlite_url: str) -> None:
+    (s1, s2, _), (a, b), _ = _project(sqlite_url, 3, 2, **ADAPTIVE)
+    with session_scope(sqlite_url) as session:
+        add_conflict_judgement(session, session.get(Sample, s2), "conflict")  # the MLLM sees a conflict
+    assert _review(sqlite_url, a) == s1
+    assert _review(sqlite_url, a) == s2  # the reviewer says consistent: a disagreement
+    assert _sample(sqlite_url, s2)[2] > _sample(sqlite_url, s1)[2] > 1.0
+    assert _review(sqlite_url, b) == s2
+
+
+def test_less_reliable_raters_get_fresh_samples_before_follow_ups(sqlite_url: str) -> None:
+    (follow, fresh), (a, careless, good), _ = _project(sqlite_url, 2, 3, **ADAPTIVE)
+    fit = default_fit()
+    fit.reports = [{"rater": careless, "skill": 0.0, "n_samples": 50, "flags": [{"flag": "careless"}],
+                    "questions": {"consistency": {"skill_ci": [-0.1, 0.1]}}}]  # fmt: skip
+    with session_scope(sqlite_url, write=True) as session:
+        reliability_service.store_fit(session, fit)
+    assert _review(sqlite_url, a) == follow
+    assert _sample(sqlite_url, follow)[1] == 2
+    assert next_sample(sqlite_url, careless).sample_id == fresh
+    assert next_sample(sqlite_url, good).sample_id == follow
+
+
+def test_fixed_policy_keeps_todays_behaviour(sqlite_url: str) -> None:
+    (sample,), (a, b), _ = _project(sqlite_url, 1, 2, gold_rate=0.0, calibration_share=0.0)
+    _review(sqlite_url, a, Answer(consistent=True, quality=4, complexity=3))
+    status, target, priority = _sample(sqlite_url, sample)
+    assert (status, target, priority) == (SampleStatus.rejected, None, 0.0)
+    assert next_sample(sqlite_url, b) is None
+
+
+def test_weighted_rule_decides_with_the_posterior_and_never_adjudicates(sqlite_url: str) -> None:
+    (s1, s2), (a, b), _ = _project(sqlite_url, 2, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
+                                   decision_rule="weighted")  # fmt: skip
+    for rater in (a, b):
+        _review(sqlite_url, rater)
+    _review(sqlite_url, a, Answer(consistent=True, quality=5, complexity=5))
+    _review(sqlite_url, b, Answer(consistent=False, quality=2, complexity=5))
+    with session_scope(sqlite_url) as session:
+        rows = {d.sample_id: d for d in session.scalars(select(Decision))}
+        statuses = {s: session.get(Sample, s).status for s in (s1, s2)}
+    assert statuses == {s1: SampleStatus.accepted, s2: SampleStatus.rejected}
+    assert rows[s1].rule["decision_rule"] == "weighted" and rows[s1].rule["accept_at"] == 0.5
+    assert "P(meets the rule)" in rows[s2].reason
+    assert rows[s2].rule["posterior"]["p_accept"] < 0.5
+
+
+def test_preview_and_apply_the_decision_rule(any_db_url: str) -> None:
+    samples, (a, b), lead = _project(any_db_url, 3, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2)
+    answers = [(GOOD, GOOD), (GOOD, Answer(consistent=False, quality=5, complexity=5)),
+               (Answer(consistent=True, quality=5, complexity=4), Answer(consistent=True, quality=2, complexity=4))]
+    for first, second in answers:  # fmt: skip
+        _review(any_db_url, a, first)
+        _review(any_db_url, b, second)
+    assert _sample(any_db_url, samples[1])[0] == SampleStatus.needs_adjudication  # paper rule: a split
+    preview = preview_rule(any_db_url, decision_rule="weighted")
+    assert preview["needs_adjudication"] == 0 and preview["would_change"] >= 1
+    assert preview_rule(any_db_url)["would_change"] == 0  # the current rule on its own decisions
+    with pytest.raises(PermissionError):
+        apply_rule(any_db_url, None, a, decision_rule="weighted")
+    counts = apply_rule(any_db_url, None, lead, decision_rule="weighted", accept_at=0.6)
+    assert counts["changed"] == preview_rule(any_db_url, decision_rule="paper")["would_change"] >= 1
+    with session_scope(any_db_url) as session:
+        config = get_project_config(session)
+        assert (config.decision_rule, config.weighted.accept_at) == ("weighted", 0.6)
+        newest = session.scalars(select(Decision).where(Decision.sample_id == samples[1]).order_by(Decision.id)).all()
+    assert newest[-1].decided_by == lead and newest[-1].rule["decision_rule"] == "weighted"
+
+
+def test_reviews_target_is_checked_by_the_database(any_db_url: str) -> None:
+    (sample,), _, _ = _project(any_db_url, 1, 1)
+    with pytest.raises(IntegrityError), session_scope(any_db_url) as session:
+        session.execute(update(Sample).where(Sample.id == sample).values(reviews_target=0))
+
+
+def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> None:
+    from exports.select import iter_records
+
+    samples, raters, _ = _project(sqlite_url, 12, 4, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
+                                  decision_rule="weighted")  # fmt: skip
+    for _ in samples:
+        for rater in raters[:2]:
+            lease = next_sample(sqlite_url, rater)
+            if lease is not None:
+                submit_review(sqlite_url, rater, lease.sample_id, GOOD)
+    figures = reliability_figures(sqlite_url, refit=True)
+    assert figures["fit_id"] is not None and {r["rater"] for r in figures["raters"]} <= {
+        f"{name}" for name in _usernames(sqlite_url)
+    }
+    budget = review_budget(sqlite_url)
+    assert budget["by_policy"][0]["policy"] == "fixed" and budget["by_policy"][0]["reviews_per_sample"] == 2
+    assert budget["decided_after"]["2"] == 1.0
+    assert budget["expected_wrong_decisions"] is not None and budget["reliability_over_time"]
+    with session_scope(sqlite_url) as session:
+        records = list(iter_records(session))
+    assert records and all(r.provenance.decision.rule["posterior"]["p_accept"] >= 0.5 for r in records)
+    assert records[0].provenance.decision.rule["decision_rule"] == "weighted"
+
+
+def _usernames(url: str) -> list[str]:
+    from db.models import User
+
+    with session_scope(url) as session:
+        return list(session.scalars(select(User.username)))
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[2] / "bench" / "review_economics.py"
+    spec = importlib.util.spec_from_file_location("review_economics", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("review_economics", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeded_review_economics(tmp_path: Path) -> None:
+    """The benchmark's simulation, small: the adaptive policy with the weighted rule spends far fewer reviews than
+    three per sample, decides better than one review per sample, and finds the near-random rater."""
+    out = _bench().run(samples=300, gold=40, seed=1, refit_every=100, workdir=tmp_path)
+    f1, f3, ad = (out["policies"][p] for p in ("fixed-1", "fixed-3", "adaptive-weighted"))
+    assert f1["reviews_per_sample"] < 1.2 and f3["reviews_per_sample"] == 3.0
+    assert ad["reviews"] <= 0.7 * f3["reviews"]
+    assert ad["accuracy"] >= f1["accuracy"] + 0.02
+    assert ad["careless_rank"] >= ad["n_raters"] - 1
+    assert sum(ad["decided_after"].values()) == 300
