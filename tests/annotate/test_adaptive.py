@@ -204,3 +204,102 @@ def test_seeded_review_economics(tmp_path: Path) -> None:
     assert ad["accuracy"] >= f1["accuracy"] + 0.02
     assert ad["careless_rank"] >= ad["n_raters"] - 1
     assert sum(ad["decided_after"].values()) == 300
+
+
+def _dashboard(tmp_path: Path, url: str):
+    from annotate.ui_dashboard import Dashboard
+    from mcie.config import load_settings
+
+    settings = load_settings(data_dir=tmp_path, database_url=url, blob_url=str(tmp_path / "blobs"), secret_key=None)
+    from annotate.ui_dashboard import Table
+
+    dashboard = Dashboard(settings)
+    dashboard.w = _Keys()
+    for group, names in ((dashboard.budget, ("by_policy", "decided_after", "over_time")),
+                         (dashboard.agreement, ("alpha", "pairwise", "loo", "distribution", "gold", "confusion",
+                                                "reliability"))):  # fmt: skip
+        for name in names:
+            group[name] = Table(f"{name}-plot", f"{name}-table", f"{name}-csv", f"test-{name}")
+    return dashboard
+
+
+class _Keys(dict):
+    """Widgets stand-in: every widget is its own name, so handler outputs read as {name: value}."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def _as(username: str | None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(username=username)
+
+
+def test_dashboard_decision_rule_is_applied_only_after_a_preview(sqlite_url: str, tmp_path: Path) -> None:
+    samples, (a, b), _ = _project(sqlite_url, 2, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2)
+    with session_scope(sqlite_url) as session:
+        make_user(session, "lead-dash", role="lead")
+    for rater in (a, b):
+        _review(sqlite_url, rater)
+    _review(sqlite_url, a)
+    _review(sqlite_url, b, Answer(consistent=False, quality=5, complexity=5))
+    dashboard = _dashboard(tmp_path, sqlite_url)
+    lead = _as("lead-dash")
+    assert "Preview this decision rule first" in dashboard.on_decision_apply("weighted", 0.5, None, lead)[
+        "decision_status"]  # fmt: skip
+    preview = dashboard.on_decision_preview("weighted", 0.5, lead)
+    assert "would change" in preview["decision_preview"] or "changed" in preview["decision_preview"]
+    applied = dashboard.on_decision_apply("weighted", 0.5, preview["decision_previewed"], lead)
+    assert "Decision rule weighted applied by lead-dash" in applied["decision_status"]
+    assert _sample(sqlite_url, samples[1])[0] != SampleStatus.needs_adjudication
+    budget = dashboard.on_budget(lead)
+    assert "expected wrong decisions" in budget["budget_kpis"] and budget["policy"] == "fixed"
+    saved = dashboard.on_policy_save("adaptive", 0.3, 0.7, 2, lead)
+    assert "Saved by lead-dash: review policy adaptive" in saved["policy_status"]
+    refused = dashboard.on_policy_save("adaptive", 0.8, 0.3, 2, lead)
+    assert "band_low" in refused["policy_status"]  # a band the wrong way round is refused, naming the setting
+    with session_scope(sqlite_url) as session:
+        config = get_project_config(session)
+    assert (config.review_policy, config.adaptive.band_low, config.adaptive.max_reviews) == ("adaptive", 0.3, 2)
+    agreement = dashboard.on_agreement("quality", lead)
+    assert "Rater reliability from" in agreement["reliability_flags"]
+
+
+def test_dashboard_reliability_handlers_refuse_non_leads(sqlite_url: str, tmp_path: Path) -> None:
+    import gradio as gr
+
+    _project(sqlite_url, 1, 1)
+    with session_scope(sqlite_url) as session:
+        make_user(session, "part1", role="participant")
+        rater = make_user(session, "rater-x").username
+    dashboard = _dashboard(tmp_path, sqlite_url)
+    calls = [
+        lambda r: dashboard.on_decision_preview("weighted", 0.5, r),
+        lambda r: dashboard.on_decision_apply("weighted", 0.5, {"decision_rule": "weighted", "accept_at": 0.5}, r),
+        lambda r: dashboard.on_decision_load(r),
+        lambda r: dashboard.on_budget(r),
+        lambda r: dashboard.on_policy_save("adaptive", 0.2, 0.8, 3, r),
+    ]
+    for who in (rater, "part1", None):
+        for call in calls:
+            with pytest.raises(gr.Error, match="Only leads and admins"):
+                call(_as(who))
+    with session_scope(sqlite_url) as session:
+        assert get_project_config(session).review_policy == "fixed"
+
+
+def test_dashboard_reliability_parts_render_flags_escaped() -> None:
+    from annotate.ui_dashboard import budget_parts, reliability_parts, render_flags
+
+    figures = {"reliability": {"fit_id": None, "n_reviews": 10, "n_informative": 5, "raters": [
+        {"rank": 1, "rater": "<b>eve</b>", "skill": 0.1, "flags": [
+            {"flag": "careless", "question": "all", "evidence": "skill <0.2>"}],
+         "questions": {q: {"skill": 0.1, "skill_ci": [0.0, 0.2], "bias": 0.0, "bias_ci": [-0.1, 0.1],
+                           "n_samples": 30, "n_gold": 3, "model": {}} for q in ("consistency", "quality",
+                                                                                 "complexity")}}]}}  # fmt: skip
+    html = render_flags(figures)
+    assert "&lt;b&gt;eve&lt;/b&gt;" in html and "skill &lt;0.2&gt;" in html and "<b>eve</b>" not in html
+    _, table = reliability_parts(figures)
+    assert list(table["question"]) == ["consistency", "quality", "complexity"] and table["flags"].eq("careless").all()
+    assert budget_parts({"by_policy": []})[1].empty
