@@ -440,7 +440,8 @@ def _adaptive_rater(session: Session, user_id: int, config: ProjectConfig) -> tu
 
     _, fit = reliability_service.latest_fit(session)
     report = reliability_service.rater_report(fit, user_id)
-    rate = adaptive_gold_rate(config.gold_rate, report, max_factor=config.adaptive.gold_max_factor)
+    previous = None if report is None else report.get("previous_skill")
+    rate = adaptive_gold_rate(config.gold_rate, report, previous, max_factor=config.adaptive.gold_max_factor)
     return rate, reliability_service.is_less_reliable(fit, user_id)
 
 

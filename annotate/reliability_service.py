@@ -81,7 +81,14 @@ def compute_fit(session: Session) -> ReliabilityFit:
 
 
 def store_fit(session: Session, fit: ReliabilityFit) -> int:
-    """Store a fit as the newest ``reliability_fits`` row; returns its id. The caller commits."""
+    """Store a fit as the newest ``reliability_fits`` row; returns its id. The caller commits.
+
+    Each rater's report keeps their overall skill in the fit before (``previous_skill``), so the adaptive gold rate
+    can see a falling reliability without another query on the review path."""
+    _, before = latest_fit(session)
+    for report in fit.reports:
+        previous = rater_report(before, report["rater"])
+        report["previous_skill"] = None if previous is None else previous.get("skill")
     fit_id = session.scalar(
         insert(FitRow)
         .values(n_reviews=fit.n_reviews, n_samples=fit.n_samples, model=fit.to_json())
