@@ -26,15 +26,24 @@ The rule (:func:`evaluate`, :func:`rule_outcome`), criterion by criterion. Each 
 
 Every decision explains itself (``RuleResult.reasons``, stored as the decision's reason).
 
+Decision rules (project setting ``decision_rule``). ``paper`` (the default) is the rule above. ``weighted``
+(:func:`decide`) accepts when the reliability-weighted posterior probability that the sample meets the thresholds
+(:func:`annotate.reliability.posterior_accept` under the newest reliability fit, the MLLM's calibrated verdict as the
+consistency prior) is at least ``weighted.accept_at``, and rejects otherwise: it never sends a sample to a lead. The
+posterior is computed under either rule and recorded with every rule decision (:func:`provenance`: thresholds,
+``decision_rule``, ``review_policy``, ``posterior``, ``reliability_fit``), so exports carry it. Under the ``adaptive``
+review policy a sample whose posterior is still uncertain is not settled but asks for another review
+(:func:`settle_loaded`).
+
 Settling (:func:`settle_sample`): the outcome becomes the sample's status. A ``decisions`` row (source ``rule``, the
 rule's thresholds as JSON, the reason) is written when the status changes to accepted or rejected. The ``decisions``
 table's outcome is only accepted/rejected, so a move to ``needs_adjudication`` is written to ``audit_log``
 (action ``sample.needs_adjudication``, with the rule and reason) and :func:`decision_history` shows both; the
 sample's ``status`` is always the current verdict. A sample with any lead decision is never changed by the rule.
 
-Leads: :func:`preview_rule` counts what a rule would do to every settled sample without writing;
-:func:`apply_rule` stores it in the project settings and re-settles every rule-decided sample (lead decisions
-stay); :func:`adjudication_queue` lists samples waiting for a lead with every review side by side;
+Leads: :func:`preview_rule` counts what a rule (thresholds, decision rule, cut) would do to every settled sample
+without writing; :func:`apply_rule` stores it in the project settings and re-settles every rule-decided sample
+(lead decisions stay); :func:`adjudication_queue` lists samples waiting for a lead with every review side by side;
 :func:`adjudicate` records a lead's accept/reject with its reason. Only leads and admins may apply rules or
 adjudicate (:class:`PermissionError` otherwise). :func:`settle_complete` settles open samples that already have
 the reviews they want, for when a lead lowers ``reviews_per_sample`` or ``calibration_share``.

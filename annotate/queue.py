@@ -22,6 +22,12 @@ Rules (the web app calls only :func:`next_sample`, :func:`release` and :func:`ex
   ``gold_rate``, to give a gold sample the user has not seen (lowest id first); if there is none, a pool sample is
   given. Gold leases never change the sample's status and never count toward acceptance. With an empty pool the
   user gets ``None`` (gold samples are only mixed into real work, never served alone).
+* **Adaptive policy** (``review_policy = "adaptive"``). Ordinary samples want one review, or their
+  ``reviews_target`` once :func:`annotate.acceptance.settle_loaded` asked for another (the posterior is uncertain);
+  such follow-ups get a priority above every fresh sample. A rater the newest reliability fit finds less reliable
+  (flagged careless, or in the bottom quarter) is given fresh samples first and a follow-up only when no fresh one is
+  left, and each rater's gold rate follows :func:`annotate.reliability.adaptive_gold_rate` (more gold while their
+  reliability is unknown, uncertain or falling). Leases, ``SKIP LOCKED`` and the windows are the same.
 * **Status.** Leasing a ``ready`` sample makes it ``in_review`` (so does a late submit, see ``annotate.reviews``);
   when its leases expire or are released and nothing active is left, :func:`expire_leases` / :func:`release` /
   skipping put it back to ``ready``.

@@ -2,9 +2,10 @@
 
 Each policy runs on its own fresh SQLite database through the real code: :func:`annotate.queue.next_sample` leases,
 :func:`annotate.reviews.submit_review` stores and settles (the paper rule or the weighted posterior, the adaptive
-policy's follow-ups), :func:`annotate.reliability_service.refit_if_due` refits rater reliability every
-``--refit-every`` reviews as the server does, and at the end :func:`annotate.acceptance.apply_rule` re-settles under
-the final fit (what a lead does before an export; the online decisions are reported too).
+policy's follow-ups), :func:`annotate.reliability_service.refit_when_due` refits rater reliability every
+``--refit-every`` reviews as the server's sweep does (checked every 50 reviews), and at the end
+:func:`annotate.acceptance.apply_rule` re-settles under the final fit (what a lead does before an export; the online
+decisions are reported too).
 
 The world (seeded): ``--samples`` samples with a true answer each (consistent with probability 0.7; quality and
 complexity 1-5 with probabilities 0.05/0.15/0.30/0.30/0.20), accepted in truth when consistent and both scores > 3;
