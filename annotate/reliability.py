@@ -33,9 +33,10 @@ for a rater answering at random with this rater's own answer distribution. 1 is 
 interval treats the agreement as ``n`` soft successes under a uniform prior (a Beta(a n + 1, (1 - a) n + 1) credible
 interval mapped through the same formula). Flags, only with at least :data:`MIN_FLAG_ITEMS` informative samples:
 *careless* when the skill interval lies entirely below :data:`CARELESS_SKILL` on at least two of the three
-questions; *biased* on a question when the mean signed difference from the consensus (answer minus consensus
-expectation; for consistency the share of "yes" minus the consensus' share) is at least :data:`BIAS_FLAG`
-(:data:`BIAS_FLAG_CONSISTENCY`) with a 95% interval that excludes 0. Every flag comes with its evidence.
+questions (no bias flags then: random answers have a mean offset from the consensus too); *biased* on a question
+when the mean signed difference from the consensus (answer minus consensus expectation; for consistency the share of
+"yes" minus the consensus' share) is at least :data:`BIAS_FLAG` (:data:`BIAS_FLAG_CONSISTENCY`) with a 95% interval
+that excludes 0. Every flag comes with its evidence.
 
 The weighted decision (:func:`posterior_accept`). For one sample, the posterior of each true answer is
 ``prior * prod_r L_r[:, y_r]`` normalised (gold: the known answer); the probability that the sample meets the
@@ -527,8 +528,8 @@ def rater_reports(
                     f"(95% interval {s['bias_low']:+.2f} to {s['bias_high']:+.2f}, {s['n']} samples)"
                 )
                 flags.append({"flag": f"biased_{direction}", "question": q, "evidence": evidence})
-        if len(careless_evidence) >= 2:
-            flags.insert(0, {"flag": "careless", "question": "all", "evidence": "; ".join(careless_evidence)})
+        if len(careless_evidence) >= 2:  # a careless rater's mean offset is an artefact of answering at random
+            flags = [{"flag": "careless", "question": "all", "evidence": "; ".join(careless_evidence)}]
         overall = float(np.average(skills, weights=weights)) if skills else math.nan
         entry["skill"] = _r(overall)
         entry["n_samples"] = max((per_question[q][j]["n"] for q in QUESTIONS), default=0)

@@ -15,7 +15,8 @@ back to back, the server saturated). Reported: p50/p95/p99/max latency of next-s
 it, reviews/s, errors by kind, the server process's CPU use, and a check that every 201 is a review in the database.
 
 Usage: ``python bench/review_load.py [--samples 100000] [--reviewers 20] [--seconds 30] [--warmup 3] [--think-ms 0]
-[--port 0] [--keep]``. Goal: p95 under 150 ms for next-sample and for submit.
+[--port 0] [--keep] [--review-policy fixed|adaptive] [--decision-rule paper|weighted]``. Goal: p95 under 150 ms for
+next-sample and for submit, under either policy (the adaptive policy's server refits rater reliability meanwhile).
 """
 
 from __future__ import annotations
@@ -386,6 +387,9 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=1,
                         help="mcie serve processes on one database (an experiment: production runs one)")
     parser.add_argument("--keep", action="store_true", help="keep the database and data folder (and print them)")
+    parser.add_argument("--review-policy", choices=("fixed", "adaptive"), default="fixed",
+                        help="the project's review policy (adaptive: follow-ups, adaptive gold, refits in the server)")
+    parser.add_argument("--decision-rule", choices=("paper", "weighted"), default="paper")
     args = parser.parse_args()
 
     from db.migrate import upgrade
@@ -399,6 +403,11 @@ def main() -> None:
         start = time.perf_counter()
         upgrade(url)
         facts = fill(url, str(work / "blobs"), args.samples, args.reviewers)
+        from annotate.project import set_project_config
+
+        with session_scope(url, write=True) as session:
+            set_project_config(session, {"review_policy": args.review_policy, "decision_rule": args.decision_rule},
+                               actor_id=None)  # fmt: skip
         setup_s = time.perf_counter() - start
         ports = [args.port + k if args.port else free_port() for k in range(args.servers)]
         for port in ports:
@@ -416,7 +425,8 @@ def main() -> None:
             "benchmark": "review_load",
             "setup": {**facts, "seconds": round(setup_s, 1)},
             "load": {"reviewers": args.reviewers, "seconds": args.seconds, "warmup_s": args.warmup,
-                     "think_ms": args.think_ms, "servers": args.servers},
+                     "think_ms": args.think_ms, "servers": args.servers, "review_policy": args.review_policy,
+                     "decision_rule": args.decision_rule},
             **result,
             "submits_201": len(created),
             "submits_201_in_database": stored,

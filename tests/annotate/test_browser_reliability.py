@@ -69,7 +69,7 @@ def test_a_lead_sees_reliability_applies_the_weighted_rule_and_the_adaptive_poli
         page.click("#agreement-refresh")
         page.wait_for_selector("#plot-reliability .js-plotly-plot", timeout=90_000)
         flags = page.inner_text("#reliability-flags")
-        assert "rex - careless" in flags and "95% interval" in flags
+        assert "rex - careless" in flags and "95% interval" in flags and "rex - biased" not in flags
         shot(page, "reliability-01-agreement")
 
         page.click("#tab-rule-button")
