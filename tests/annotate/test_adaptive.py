@@ -303,3 +303,22 @@ def test_dashboard_reliability_parts_render_flags_escaped() -> None:
     _, table = reliability_parts(figures)
     assert list(table["question"]) == ["consistency", "quality", "complexity"] and table["flags"].eq("careless").all()
     assert budget_parts({"by_policy": []})[1].empty
+
+
+def test_policy_settings_are_validated_and_partial_changes_keep_the_rest(sqlite_url: str) -> None:
+    from annotate.project import ProjectConfigError
+
+    upgrade(sqlite_url)
+    with session_scope(sqlite_url) as session:
+        config = get_project_config(session)
+        assert (config.decision_rule, config.review_policy) == ("paper", "fixed")  # the paper's protocol by default
+        with pytest.raises(ProjectConfigError, match="decision_rule"):
+            configure(session, decision_rule="majority")
+        with pytest.raises(ProjectConfigError, match="band_low"):
+            configure(session, adaptive={"band_low": 0.9, "band_high": 0.1})
+        with pytest.raises(ProjectConfigError, match="max_reviews"):
+            configure(session, adaptive={"max_reviews": 0})
+        configure(session, adaptive={"max_reviews": 4})
+        configure(session, adaptive={"band_high": 0.7})
+        config = get_project_config(session)
+    assert (config.adaptive.max_reviews, config.adaptive.band_high, config.adaptive.band_low) == (4, 0.7, 0.2)
