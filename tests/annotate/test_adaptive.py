@@ -322,3 +322,27 @@ def test_policy_settings_are_validated_and_partial_changes_keep_the_rest(sqlite_
         configure(session, adaptive={"band_high": 0.7})
         config = get_project_config(session)
     assert (config.adaptive.max_reviews, config.adaptive.band_high, config.adaptive.band_low) == (4, 0.7, 0.2)
+
+
+def test_agreement_command_shows_and_stores_rater_reliability() -> None:
+    import json
+
+    from tests.annotate.factories import add_reviews, make_samples
+    from tests.mcie.test_cli import invoke
+
+    invoke("db", "upgrade")
+    with session_scope() as session:
+        raters = make_users(session, 3)
+        answers = [(True, 4, 4), (True, 4, 5), (False, 2, 3), (False, 2, 2), (True, 5, 5), (True, 3, 3)]
+        for i, sample in enumerate(make_samples(session, 6)):
+            add_reviews(session, sample, raters, [answers[i]] * 2 + [answers[(i + 1) % 6]])
+    result = invoke("agreement", "--json", "--n-boot", "0", "--refit")
+    assert result.exit_code == 0, result.stdout
+    reliability = json.loads(result.stdout)["reliability"]
+    assert reliability["fit_id"] == 1 and reliability["n_reviews"] == 18  # stored, and it has seen every review
+    names = {r["rater"] for r in reliability["raters"]}
+    assert names == {r.username for r in raters} and {r["rank"] for r in reliability["raters"]} == {1, 2, 3}
+    first = reliability["raters"][0]
+    assert first["questions"]["consistency"]["n_samples"] == 6 and len(first["questions"]["quality"]["skill_ci"]) == 2
+    table = invoke("agreement", "--n-boot", "0")
+    assert table.exit_code == 0 and "rater reliability" in table.stdout
