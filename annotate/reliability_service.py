@@ -1,33 +1,28 @@
 """The database edge of rater reliability: read reviews, gold and MLLM scores, store fits, serve the newest fit.
 
-:func:`refit` fits :mod:`annotate.reliability` on every review and stores it as a ``reliability_fits`` row (the
-server refits in the background every few minutes when enough new reviews came in; ``mcie agreement --refit`` and
-the benchmark call it directly). :func:`latest_fit` returns the newest stored fit (parsed fits are cached by id, so
-the review path pays one indexed query); before any fit exists every rater is the default rater
-(:func:`annotate.reliability.default_fit`). :func:`sample_posterior` is the weighted rule's input for one sample.
+:func:`refit` fits :mod:`annotate.reliability` on every review and stores it as a ``reliability_fits`` row
+(``mcie agreement --refit``); :func:`refit_when_due` is the server's sweep (every minute), which refits when
+``adaptive.refit_every`` reviews came in since the newest fit. :func:`latest_fit` returns the newest stored fit
+(parsed fits are cached by id, so the review path pays one indexed query); before any fit exists every rater is the
+default rater (:func:`annotate.reliability.default_fit`).
 
-The MLLM's conflict score of a sample (:func:`mllm_scores`) is the newest conflict-stage judgement's ``score`` when
-it has one, else 1.0 for a "conflict" verdict and 0.0 for "no_conflict"; no judgement or an undecided one gives none.
+The MLLM's conflict score of a sample (:func:`mllm_scores`), in [0, 1] with 1 meaning "conflict", comes from the
+newest decisive conflict-stage judgement: its ``score`` read as the MLLM's confidence in its verdict (the score of a
+"conflict" verdict, one minus the score of a "no_conflict" one), or 1.0 / 0.0 when it has no score. Undecided
+judgements (unparseable, error) and missing ones give none.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from annotate.reliability import (
-    GOLD_COLUMNS,
-    Posterior,
-    ReliabilityFit,
-    default_fit,
-    fit_reliability,
-    posterior_accept,
-)
+from annotate.reliability import GOLD_COLUMNS, ReliabilityFit, default_fit, fit_reliability
 from db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
 from db.models import ReliabilityFit as FitRow
 from db.session import session_scope
@@ -48,13 +43,19 @@ def mllm_scores(session: Session, sample_ids: Iterable[int] | None = None) -> di
         if not ids:
             return {}
         query = query.where(MllmJudgement.sample_id.in_(ids))
-    out: dict[int, float] = {}
+    out: dict[int, float | None] = {}
     for sample_id, verdict, score in session.execute(query.order_by(MllmJudgement.created_at, MllmJudgement.id)):
-        if score is not None and 0.0 <= score <= 1.0:
-            out[int(sample_id)] = float(score)
-        elif verdict in VERDICT_SCORE:
-            out[int(sample_id)] = VERDICT_SCORE[verdict]
-    return out
+        out[int(sample_id)] = conflict_score(verdict, score)  # the newest wins
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def conflict_score(verdict: str | None, score: float | None) -> float | None:
+    """P(conflict) as the MLLM states it: its confidence ``score`` in its verdict, or the bare verdict as 1.0/0.0."""
+    if verdict not in VERDICT_SCORE:
+        return None
+    if score is None or not 0.0 <= score <= 1.0:
+        return VERDICT_SCORE[verdict]
+    return float(score) if verdict == "conflict" else 1.0 - float(score)
 
 
 def fit_inputs(session: Session) -> tuple[pd.DataFrame, pd.DataFrame, dict[int, float]]:
@@ -131,13 +132,6 @@ def reviews_since_fit(session: Session) -> int:
     return n_now - int(last or 0)
 
 
-def refit_if_due(session: Session, every: int) -> int | None:
-    """Refit when at least ``every`` reviews came in since the newest fit; returns the new fit's id or None."""
-    if reviews_since_fit(session) < every:
-        return None
-    return refit(session)[0]
-
-
 def refit_when_due(url: str) -> int | None:
     """The server's sweep: when ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only
     transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one."""
@@ -169,29 +163,6 @@ def is_less_reliable(fit: ReliabilityFit, user_id: int) -> bool:
     if len(skills) < 4 or report["skill"] is None:
         return False
     return report["skill"] < skills[len(skills) // 4]
-
-
-def sample_posterior(
-    session: Session,
-    sample_id: int,
-    answers: Sequence[Mapping[str, Any]],
-    config: Any,
-    fit: ReliabilityFit | None = None,
-) -> Posterior:
-    """The weighted rule's posterior for one sample from its answers (mappings with ``rater`` = user id,
-    ``consistent``, ``quality``, ``complexity``) under ``config`` (a ProjectConfig) and the newest fit."""
-    if fit is None:
-        fit = latest_fit(session)[1]
-    score = mllm_scores(session, [sample_id]).get(sample_id) if config.weighted.use_mllm_prior else None
-    rule = config.acceptance
-    return posterior_accept(
-        fit,
-        answers,
-        quality_above=rule.quality_above,
-        complexity_above=rule.complexity_above,
-        require_consistent=rule.require_consistent,
-        mllm_score=score,
-    )
 
 
 def usernames(session: Session, ids: Iterable[Any]) -> dict[str, str]:

@@ -12,9 +12,10 @@ complexity 1-5 with probabilities 0.05/0.15/0.30/0.30/0.20), accepted in truth w
 ``--gold`` more samples are gold (their truth is the gold answer). 20 raters: 14 good (consistency right 85-95% of
 the time, scores = truth + normal noise of sd 0.4-0.7, rounded), 2 biased high and 2 biased low (+-1 on both
 scores; "consistent" said too often / too rarely), 1 mediocre (75%, sd 1.0) and 1 near-random (every answer uniform).
-The MLLM's conflict score is ``sigmoid(N(+-0.48, 1))`` (higher for true conflicts: AUC about 0.75 against the
-truth; its verdict is "conflict" above 0.5). Raters take samples from the real queue in an interleaved order (a new
-random order each round, every rater one sample per round) until the queue is empty for all of them.
+The MLLM's P(conflict) is ``sigmoid(N(+-0.48, 1))`` (higher for true conflicts: AUC about 0.75 against the
+truth); its verdict is "conflict" above 0.5, stored with its confidence in that verdict as the judgement's score.
+Raters take samples from the real queue in an interleaved order (a new random order each round, every rater one
+sample per round) until the queue is empty for all of them.
 
 Policies: ``fixed-1`` (the paper: one review, the paper rule), ``fixed-3`` (three reviews; decisions by majority
 consistency and median scores, the paper rule without its adjudication step, which the paper's rule would send
@@ -127,7 +128,8 @@ def fill(url: str, truth: dict[str, np.ndarray], n_gold: int, raters: list[Rater
             session.execute(insert(MllmJudgement), [
                 {"sample_id": i, "stage": "conflict", "model": "sim", "prompt_version": "v1", "cache_key": f"{i:064d}",
                  "verdict": "conflict" if truth["mllm"][i - 1] >= 0.5 else "no_conflict",
-                 "score": float(truth["mllm"][i - 1])} for i in ids])  # fmt: skip
+                 "score": float(max(truth["mllm"][i - 1], 1 - truth["mllm"][i - 1]))}  # confidence in the verdict
+                for i in ids])  # fmt: skip
         session.execute(insert(GoldAnswer), [
             {"sample_id": i, "consistent": bool(truth["consistent"][i - 1]), "quality": int(truth["quality"][i - 1]),
              "complexity": int(truth["complexity"][i - 1]), "tolerance": 1} for i in range(1, n_gold + 1)])  # fmt: skip

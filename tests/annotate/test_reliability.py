@@ -239,3 +239,13 @@ def test_adaptive_gold_rate_follows_uncertainty() -> None:
     assert adaptive_gold_rate(0.05, sure, previous_skill=0.95) == pytest.approx(0.05)  # falling: doubled
     assert adaptive_gold_rate(0.4, None) == 0.5
     assert not math.isnan(adaptive_gold_rate(0.05, sure))
+
+
+def test_the_mllm_score_is_its_confidence_in_its_verdict() -> None:
+    from annotate.reliability_service import conflict_score
+
+    assert conflict_score("conflict", 0.9) == pytest.approx(0.9)
+    assert conflict_score("no_conflict", 0.9) == pytest.approx(0.1)
+    assert (conflict_score("conflict", None), conflict_score("no_conflict", None)) == (1.0, 0.0)
+    assert conflict_score("unparseable", 0.8) is None and conflict_score(None, None) is None
+    assert conflict_score("conflict", 7.0) == 1.0  # out of range: the bare verdict
