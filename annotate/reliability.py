@@ -240,7 +240,8 @@ def _fit_consistency(data: _Data, raters: pd.Index) -> QuestionFit:
         prior = np.array([0.5, 0.5])
     else:
         frame = pd.DataFrame({"task": data.item[rows], "worker": data.rater[rows], "label": data.code[rows]})
-        gold_items = [i for i in data.gold if i in set(frame["task"])]
+        tasks = set(frame["task"].tolist())
+        gold_items = [i for i in data.gold if i in tasks]
         true_labels = pd.Series({i: data.gold[i] for i in gold_items}, dtype=np.int64) if gold_items else None
         with warnings.catch_warnings():  # crowd-kit 1.4 uses pandas' deprecated inplace=/copy= keywords
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -462,12 +463,13 @@ def rater_reports(
         log_post = _log_posteriors(d, log_lik, np.log(np.asarray(fit.questions[q].prior) + _EPS))
         own = log_lik[d.rater, :, d.code]
         loo = _normalise(log_post[d.item] - own)  # leave-self-out posterior of each review's sample
-        for i_row, item in enumerate(d.item):
-            if int(item) in d.gold:
-                loo[i_row] = np.eye(k)[d.gold[int(item)]]
+        gold_code = np.full(d.n_items, -1)
+        if d.gold:
+            gold_code[list(d.gold)] = list(d.gold.values())
+        has_gold = gold_code[d.item] >= 0
+        loo[has_gold] = np.eye(k)[gold_code[d.item][has_gold]]
         # only reviews whose sample has other evidence (another review or gold)
         others = np.bincount(d.item, minlength=d.n_items)[d.item] >= 2
-        has_gold = np.array([int(i) in d.gold for i in d.item], dtype=bool)
         rows = others | has_gold
         w = _weights(k)
         expected = loo @ np.arange(k)
