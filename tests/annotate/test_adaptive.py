@@ -396,3 +396,21 @@ def test_twenty_reviewers_at_once_under_the_adaptive_policy(db: str, request: py
     assert len(set(pairs)) == len(pairs) and len(set(reviews)) == len(reviews)
     assert Counter(s for _, s in reviews) == {s: 3 for s in samples}
     assert all(status in (SampleStatus.accepted, SampleStatus.rejected) and target == 3 for _, status, target in rows)
+
+
+def test_the_server_sweep_refits_only_when_enough_new_reviews_came_in(sqlite_url: str) -> None:
+    _, raters, _ = _project(sqlite_url, 12, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
+                            adaptive={"refit_every": 10})  # fmt: skip
+    for _ in range(4):
+        for rater in raters:
+            _review(sqlite_url, rater)
+    assert reliability_service.refit_when_due(sqlite_url) is None  # 8 reviews < 10
+    for _ in range(2):
+        for rater in raters:
+            _review(sqlite_url, rater)
+    fit_id = reliability_service.refit_when_due(sqlite_url)
+    assert fit_id is not None and reliability_service.refit_when_due(sqlite_url) is None
+    with session_scope(sqlite_url) as session:
+        stored_id, fit = reliability_service.latest_fit(session)
+    assert stored_id == fit_id and fit.n_reviews == 12
+    assert all("previous_skill" in report for report in fit.reports)
