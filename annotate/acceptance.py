@@ -26,15 +26,24 @@ The rule (:func:`evaluate`, :func:`rule_outcome`), criterion by criterion. Each 
 
 Every decision explains itself (``RuleResult.reasons``, stored as the decision's reason).
 
+Decision rules (project setting ``decision_rule``). ``paper`` (the default) is the rule above. ``weighted``
+(:func:`decide`) accepts when the reliability-weighted posterior probability that the sample meets the thresholds
+(:func:`annotate.reliability.posterior_accept` under the newest reliability fit, the MLLM's calibrated verdict as the
+consistency prior) is at least ``weighted.accept_at``, and rejects otherwise: it never sends a sample to a lead. The
+posterior is computed under either rule and recorded with every rule decision (:func:`provenance`: thresholds,
+``decision_rule``, ``review_policy``, ``posterior``, ``reliability_fit``), so exports carry it. Under the ``adaptive``
+review policy a sample whose posterior is still uncertain is not settled but asks for another review
+(:func:`settle_loaded`).
+
 Settling (:func:`settle_sample`): the outcome becomes the sample's status. A ``decisions`` row (source ``rule``, the
 rule's thresholds as JSON, the reason) is written when the status changes to accepted or rejected. The ``decisions``
 table's outcome is only accepted/rejected, so a move to ``needs_adjudication`` is written to ``audit_log``
 (action ``sample.needs_adjudication``, with the rule and reason) and :func:`decision_history` shows both; the
 sample's ``status`` is always the current verdict. A sample with any lead decision is never changed by the rule.
 
-Leads: :func:`preview_rule` counts what a rule would do to every settled sample without writing;
-:func:`apply_rule` stores it in the project settings and re-settles every rule-decided sample (lead decisions
-stay); :func:`adjudication_queue` lists samples waiting for a lead with every review side by side;
+Leads: :func:`preview_rule` counts what a rule (thresholds, decision rule, cut) would do to every settled sample
+without writing; :func:`apply_rule` stores it in the project settings and re-settles every rule-decided sample
+(lead decisions stay); :func:`adjudication_queue` lists samples waiting for a lead with every review side by side;
 :func:`adjudicate` records a lead's accept/reject with its reason. Only leads and admins may apply rules or
 adjudicate (:class:`PermissionError` otherwise). :func:`settle_complete` settles open samples that already have
 the reviews they want, for when a lead lowers ``reviews_per_sample`` or ``calibration_share``.
@@ -45,7 +54,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -55,9 +64,19 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from annotate import reliability_service
 from annotate.agreement import aggregate_consistency, aggregate_score
 from annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
-from annotate.queue import OPEN_STATUSES, is_gold_clause, reviews_wanted, utc, wanted_clause
+from annotate.queue import OPEN_STATUSES, is_calibration, is_gold_clause, reviews_wanted, utc, wanted_clause
+from annotate.reliability import (
+    Posterior,
+    ReliabilityFit,
+    adaptive_next,
+    disagrees_with_mllm,
+    followup_priority,
+    posterior_accept,
+    weighted_outcome,
+)
 from db.models import (
     Assignment,
     AssignmentState,
@@ -228,7 +247,7 @@ def _has_lead_decision(session: Session, sample_id: int) -> bool:
 
 
 def _record(
-    session: Session, sample: Sample, result: RuleResult, rule: AcceptanceRule, actor_id: int | None
+    session: Session, sample: Sample, result: RuleResult, provenance: dict[str, Any], actor_id: int | None
 ) -> SampleStatus:
     """Set the sample's status to the rule's outcome, recording the change; returns the new status."""
     new = SampleStatus(result.outcome)
@@ -252,7 +271,7 @@ def _record(
                 action=NEEDS_ADJUDICATION_ACTION,
                 entity="sample",
                 entity_id=str(sample.id),
-                details={"rule": rule.model_dump(), "reason": result.reason, "previous": sample.status.value},
+                details={"rule": provenance, "reason": result.reason, "previous": sample.status.value},
             )
         )
     else:
@@ -261,7 +280,7 @@ def _record(
                 sample_id=sample.id,
                 outcome=Outcome(new.value),
                 source=DecisionSource.rule,
-                rule=rule.model_dump(),
+                rule=provenance,
                 decided_by=actor_id,
                 reason=result.reason,
             )
@@ -289,7 +308,11 @@ def settle_sample(session: Session, sample_id: int, config: ProjectConfig) -> Sa
 
 
 def settle_loaded(session: Session, sample: Sample, config: ProjectConfig) -> SampleStatus:
-    """:func:`settle_sample` for a sample the caller has loaded (and locked) and knows is not a gold sample."""
+    """:func:`settle_sample` for a sample the caller has loaded (and locked) and knows is not a gold sample.
+
+    Under the adaptive review policy an open, non-calibration sample whose posterior is still inside the band (and
+    under the cap) is not settled: its ``reviews_target`` goes up by one and it moves up the queue
+    (:func:`annotate.reliability.followup_priority`); its status stays ``in_review``."""
     sample_id = sample.id
     lead = (
         select(Decision.id)
@@ -298,18 +321,82 @@ def settle_loaded(session: Session, sample: Sample, config: ProjectConfig) -> Sa
         .scalar_subquery()
     )
     rows = session.execute(
-        select(Review.consistent, Review.quality, Review.complexity, lead.label("lead"))
+        select(Review.user_id, Review.consistent, Review.quality, Review.complexity, lead.label("lead"))
         .where(Review.sample_id == sample_id)
         .order_by(Review.id)
     ).all()
     has_lead = rows[0].lead is not None if rows else _has_lead_decision(session, sample_id)
     if has_lead:
         return sample.status
-    reviews = [_Answer(r.consistent, r.quality, r.complexity) for r in rows]
-    wanted = reviews_wanted(sample_id, config)
+    reviews = [_Answer(r.consistent, r.quality, r.complexity, r.user_id) for r in rows]
+    wanted = reviews_wanted(sample_id, config, sample.reviews_target)
     if len(reviews) < wanted:
         raise AcceptanceError(f"sample {sample_id} has {len(reviews)} of the {wanted} reviews it wants")
-    return _record(session, sample, evaluate(reviews, config.acceptance), config.acceptance, None)
+    fit_id, fit = reliability_service.latest_fit(session)
+    score = reliability_service.mllm_scores(session, [sample_id]).get(sample_id)
+    posterior = _posterior(fit, reviews, config, score)
+    band = (config.adaptive.band_low, config.adaptive.band_high)
+    if (
+        config.review_policy == "adaptive"
+        and sample.status in OPEN_STATUSES
+        and not is_calibration(sample_id, config.calibration_share)
+        and adaptive_next(posterior.p_accept, len(reviews), band=band, cap=config.adaptive.max_reviews)
+    ):
+        disagreement = disagrees_with_mllm(score, [r.consistent for r in reviews])
+        priority = followup_priority(sample.priority, disagreement=disagreement, p_accept=posterior.p_accept)
+        session.execute(
+            update(Sample)
+            .where(Sample.id == sample_id)
+            .values(reviews_target=len(reviews) + 1, priority=priority)
+            .execution_options(synchronize_session=False)
+        )
+        set_committed_value(sample, "reviews_target", len(reviews) + 1)
+        set_committed_value(sample, "priority", priority)
+        return sample.status
+    result = decide(reviews, config, posterior)
+    return _record(session, sample, result, provenance(config, posterior, fit_id), None)
+
+
+def _posterior(
+    fit: ReliabilityFit, reviews: Sequence[_Answer], config: ProjectConfig, score: float | None
+) -> Posterior:
+    rule = config.acceptance
+    answers = [{"rater": r.rater, "consistent": r.consistent, "quality": r.quality, "complexity": r.complexity}
+               for r in reviews]  # fmt: skip
+    return posterior_accept(fit, answers, quality_above=rule.quality_above, complexity_above=rule.complexity_above,
+                            require_consistent=rule.require_consistent, mllm_score=score,
+                            use_mllm=config.weighted.use_mllm_prior)  # fmt: skip
+
+
+def decide(reviews: Sequence[Any], config: ProjectConfig, posterior: Posterior) -> RuleResult:
+    """The project's decision rule on one sample: the paper's rule (:func:`evaluate`) or the weighted rule
+    (accept when ``posterior.p_accept >= config.weighted.accept_at``; never sent to adjudication)."""
+    if config.decision_rule == "paper":
+        return evaluate(reviews, config.acceptance)
+    outcome = weighted_outcome(posterior, config.weighted.accept_at)
+    agg = aggregate(reviews)
+    at = config.weighted.accept_at
+    text = (
+        f"P(meets the rule) = {posterior.p_accept:.3f} {'>=' if outcome == 'accepted' else '<'} {at:g} "
+        f"(consistent {posterior.p_consistent:.3f}, quality {posterior.p_quality:.3f}, "
+        f"complexity {posterior.p_complexity:.3f})"
+    )
+    state: Criterion = "pass" if outcome == "accepted" else "fail"
+    return RuleResult(outcome, agg, MappingProxyType({"posterior": state}), (f"{agg.n} review(s)", text))
+
+
+def provenance(config: ProjectConfig, posterior: Posterior | None, fit_id: int | None) -> dict[str, Any]:
+    """What a rule decision records in ``decisions.rule`` (and exports carry): the thresholds, the decision rule,
+    the review policy, the posterior and the reliability fit it came from."""
+    out: dict[str, Any] = config.acceptance.model_dump()
+    out["decision_rule"] = config.decision_rule
+    out["review_policy"] = config.review_policy
+    if config.decision_rule == "weighted":
+        out["accept_at"] = config.weighted.accept_at
+    if posterior is not None:
+        out["posterior"] = posterior.as_dict()
+    out["reliability_fit"] = fit_id
+    return out
 
 
 @dataclass(frozen=True)
@@ -317,6 +404,7 @@ class _Answer:
     consistent: bool
     quality: int
     complexity: int
+    rater: int | None = None
 
 
 def _settled_reviews(
@@ -337,13 +425,13 @@ def _settled_reviews(
     if statuses:
         settled = select(Sample.id).where(Sample.status.in_(SETTLED_STATUSES))
         rows = session.execute(
-            select(Review.sample_id, Review.consistent, Review.quality, Review.complexity)
+            select(Review.sample_id, Review.consistent, Review.quality, Review.complexity, Review.user_id)
             .where(Review.sample_id.in_(settled))
             .order_by(Review.id)
         )
-        for sample_id, consistent, quality, complexity in rows:
+        for sample_id, consistent, quality, complexity, user_id in rows:
             if sample_id in statuses:
-                answers[sample_id].append(_Answer(consistent, quality, complexity))
+                answers[sample_id].append(_Answer(consistent, quality, complexity, user_id))
         lead_ids = set(
             session.scalars(
                 select(Decision.sample_id).where(
@@ -354,34 +442,68 @@ def _settled_reviews(
     return statuses, answers, lead_ids
 
 
+Decider = Callable[[int, list[_Answer]], tuple[RuleResult, dict[str, Any]]]
+
+
+def _decider(session: Session, config: ProjectConfig) -> Decider:
+    """The project's decision rule under ``config`` as a function of (sample id, answers) -> (result, provenance)."""
+    fit_id, fit = reliability_service.latest_fit(session)
+    scores = reliability_service.mllm_scores(session)
+
+    def run(sample_id: int, answers: list[_Answer]) -> tuple[RuleResult, dict[str, Any]]:
+        posterior = _posterior(fit, answers, config, scores.get(sample_id))
+        return decide(answers, config, posterior), provenance(config, posterior, fit_id)
+
+    return run
+
+
 def _what_if(
-    statuses: dict[int, SampleStatus], answers: dict[int, list[_Answer]], lead_ids: set[int], rule: AcceptanceRule
-) -> tuple[dict[str, int], dict[int, RuleResult]]:
-    """Counts of what ``rule`` does to the settled samples, and the result of each sample whose status it changes."""
+    statuses: dict[int, SampleStatus], answers: dict[int, list[_Answer]], lead_ids: set[int], decider: Decider
+) -> tuple[dict[str, int], dict[int, tuple[RuleResult, dict[str, Any]]]]:
+    """Counts of what the decision rule does to the settled samples, and the result (with its provenance) of each
+    sample whose status it changes."""
     counts = {"accepted": 0, "rejected": 0, "needs_adjudication": 0, "kept_lead_decisions": 0, "would_change": 0}
-    changes: dict[int, RuleResult] = {}
+    changes: dict[int, tuple[RuleResult, dict[str, Any]]] = {}
     for sample_id, status in statuses.items():
         if sample_id in lead_ids:
             counts["kept_lead_decisions"] += 1
             continue
         if not answers.get(sample_id):
             continue
-        result = evaluate(answers[sample_id], rule)
+        result, rule_json = decider(sample_id, answers[sample_id])
         counts[result.outcome] += 1
         if result.outcome != status.value:
             counts["would_change"] += 1
-            changes[sample_id] = result
+            changes[sample_id] = (result, rule_json)
     return counts, changes
 
 
-def preview_rule(url: str, rule: AcceptanceRule) -> dict[str, int]:
-    """What ``rule`` would do to the settled (reviewed) samples, without writing anything.
+def _config_with(
+    config: ProjectConfig, rule: AcceptanceRule | None, decision_rule: str | None, accept_at: float | None = None
+) -> ProjectConfig:
+    update_: dict[str, Any] = {}
+    if rule is not None:
+        update_["acceptance"] = rule
+    if decision_rule is not None:
+        update_["decision_rule"] = decision_rule
+    if accept_at is not None:
+        update_["weighted"] = config.weighted.model_copy(update={"accept_at": accept_at})
+    return ProjectConfig.model_validate(config.model_dump() | {k: v for k, v in update_.items()})
+
+
+def preview_rule(
+    url: str, rule: AcceptanceRule | None = None, *, decision_rule: str | None = None, accept_at: float | None = None
+) -> dict[str, int]:
+    """What the decision rule would do to the settled (reviewed) samples, without writing anything: the current
+    configuration with ``rule`` (thresholds), ``decision_rule`` (paper or weighted) and ``accept_at`` (the weighted
+    rule's cut) replaced where given.
 
     Keys: ``accepted``, ``rejected``, ``needs_adjudication`` (rule-decided samples under the new rule),
     ``kept_lead_decisions`` (samples a lead decided: they keep their decision) and ``would_change``.
     """
     with session_scope(url) as session:
-        counts, _ = _what_if(*_settled_reviews(session, lock=False), rule)
+        config = _config_with(get_project_config(session), rule, decision_rule, accept_at)
+        counts, _ = _what_if(*_settled_reviews(session, lock=False), _decider(session, config))
         session.rollback()
         return counts
 
@@ -394,8 +516,16 @@ def _check_lead(session: Session, user_id: int, action: str) -> User:
     return user
 
 
-def apply_rule(url: str, rule: AcceptanceRule, actor_id: int) -> dict[str, int]:
-    """Store ``rule`` as the project's acceptance rule and re-settle every rule-decided sample under it.
+def apply_rule(
+    url: str,
+    rule: AcceptanceRule | None,
+    actor_id: int,
+    *,
+    decision_rule: str | None = None,
+    accept_at: float | None = None,
+) -> dict[str, int]:
+    """Store ``rule`` (and ``decision_rule`` / ``accept_at`` where given) in the project settings and re-settle every
+    rule-decided sample under them.
 
     Lead decisions are kept. Returns the counts of :func:`preview_rule` plus ``changed`` (samples whose status
     changed, each with a decision or audit entry naming ``actor_id``). Raises PermissionError unless ``actor_id`` is
@@ -403,28 +533,36 @@ def apply_rule(url: str, rule: AcceptanceRule, actor_id: int) -> dict[str, int]:
     """
     with session_scope(url, write=True) as session:
         _check_lead(session, actor_id, "change the acceptance rule")
-        set_project_config(session, {"acceptance": rule.model_dump()}, actor_id=actor_id)
+        current = get_project_config(session)
+        config = _config_with(current, rule, decision_rule, accept_at)
+        changes_: dict[str, Any] = {}
+        if rule is not None:
+            changes_["acceptance"] = rule.model_dump()
+        if decision_rule is not None:
+            changes_["decision_rule"] = decision_rule
+        if accept_at is not None:
+            changes_["weighted"] = {"accept_at": accept_at}
+        if changes_:
+            set_project_config(session, changes_, actor_id=actor_id)
         statuses, answers, lead_ids = _settled_reviews(session, lock=True)
-        counts, changes = _what_if(statuses, answers, lead_ids, rule)
-        _record_changes(session, statuses, changes, rule, actor_id)
+        counts, changes = _what_if(statuses, answers, lead_ids, _decider(session, config))
+        _record_changes(session, statuses, changes, actor_id)
         return counts | {"changed": len(changes)}
 
 
 def _record_changes(
     session: Session,
     statuses: dict[int, SampleStatus],
-    changes: dict[int, RuleResult],
-    rule: AcceptanceRule,
+    changes: dict[int, tuple[RuleResult, dict[str, Any]]],
     actor_id: int | None,
     chunk: int = 500,
 ) -> None:
     """:func:`_record` for many samples at once: bulk status updates, decision and audit rows."""
     now = utcnow()
-    rule_json = rule.model_dump()
     by_status: dict[SampleStatus, list[int]] = defaultdict(list)
     decisions: list[dict[str, Any]] = []
     audits: list[dict[str, Any]] = []
-    for sample_id, result in changes.items():
+    for sample_id, (result, rule_json) in changes.items():
         new = SampleStatus(result.outcome)
         by_status[new].append(sample_id)
         if new == SampleStatus.needs_adjudication:
@@ -465,7 +603,7 @@ def settle_complete(url: str) -> int:
                 .where(
                     Sample.status.in_(OPEN_STATUSES),
                     ~is_gold_clause(Sample.id),
-                    submitted >= wanted_clause(Sample.id, config),
+                    submitted >= wanted_clause(Sample.id, config, Sample.reviews_target),
                     submitted > 0,
                 )
                 .order_by(Sample.id)

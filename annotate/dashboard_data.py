@@ -186,7 +186,7 @@ def remaining_reviews(url: str) -> int:
             .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
             .scalar_subquery()
         )
-        wanted = wanted_clause(Sample.id, config)
+        wanted = wanted_clause(Sample.id, config, Sample.reviews_target)
         missing = case((wanted > submitted, wanted - submitted), else_=0)
         total = session.scalar(
             select(func.coalesce(func.sum(missing), 0)).where(
@@ -399,7 +399,7 @@ def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared
     ``leave_one_out``: each reviewer against the others per question; ``gold_accuracy``: per reviewer, each gold
     sample scored within its own tolerance; ``score_distribution``: quality and complexity per reviewer;
     ``mllm_vs_human``: the MLLM conflict verdict (newest decisive one) against the reviewers' majority consistency,
-    as a confusion table with agreement and Cohen's kappa.
+    as a confusion table with agreement and Cohen's kappa; ``reliability``: :func:`reliability_figures`.
     """
     reviews = reviews_frame(url)
     with session_scope(url) as session:
@@ -434,5 +434,92 @@ def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared
             for name, column in (("quality", "quality"), ("complexity", "complexity"))
         },
         "mllm_vs_human": _mllm_vs_human(work, verdicts),
+        "reliability": reliability_figures(url),
     }
     return plain(figures)
+
+
+def reliability_figures(url: str, *, refit: bool = False) -> dict[str, Any]:
+    """Each rater's reliability (:mod:`annotate.reliability`): skill with a 95% interval per question and overall,
+    rank, bias, and careless/biased flags with their evidence; raters by username.
+
+    The newest stored fit when it has seen every review, else a fresh fit (stored only with ``refit``). Keys:
+    ``fit_id`` (None for an unstored fit), ``n_reviews``, ``n_samples``, ``n_informative`` (gold or 2+ reviews),
+    ``mllm_prior`` (the calibrated MLLM: intercept, slope, n; or None), ``priors`` per question and ``raters``."""
+    from annotate import reliability_service as rs
+
+    with session_scope(url, write=refit) as session:
+        if refit:
+            fit_id, fit = rs.refit(session)
+        elif rs.reviews_since_fit(session) == 0:
+            fit_id, fit = rs.latest_fit(session)
+        else:
+            fit_id, fit = None, rs.compute_fit(session)
+        names = rs.usernames(session, [r["rater"] for r in fit.reports])
+    raters = [r | {"user_id": r["rater"], "rater": names.get(str(r["rater"]), str(r["rater"]))} for r in fit.reports]
+    return plain({
+        "fit_id": fit_id,
+        "n_reviews": fit.n_reviews,
+        "n_samples": fit.n_samples,
+        "n_informative": fit.n_informative,
+        "mllm_prior": None if fit.mllm is None else {"intercept": fit.mllm.intercept, "slope": fit.mllm.slope,
+                                                      "n": fit.mllm.n},
+        "priors": {q: f.prior for q, f in fit.questions.items()},
+        "raters": raters,
+    })  # fmt: skip
+
+
+def review_budget(url: str) -> dict[str, Any]:
+    """The "Review budget" figures: reviews spent per sample by policy, the share of decided samples decided after
+    1/2/3+ reviews, the expected number of wrong decisions from the posteriors of the newest rule decisions, and
+    each rater's overall skill over the stored reliability fits.
+
+    The policy of a decided sample is the ``review_policy`` recorded with its newest rule decision ("unknown" for
+    decisions made before the decision recorded it, "lead" for lead decisions). Gold reviews are counted apart."""
+    from annotate import reliability_service as rs
+    from db.models import Decision, DecisionSource
+
+    with session_scope(url) as session:
+        work = select(Review.sample_id, func.count()).where(~is_gold_clause(Review.sample_id))
+        per_sample = dict(session.execute(work.group_by(Review.sample_id)).all())
+        n_gold = int(session.scalar(select(func.count()).select_from(Review).where(is_gold_clause(Review.sample_id)))
+                     or 0)  # fmt: skip
+        newest: dict[int, tuple[str, dict[str, Any] | None, str]] = {}
+        for sample_id, source, rule, outcome in session.execute(
+            select(Decision.sample_id, Decision.source, Decision.rule, Decision.outcome).order_by(Decision.id)
+        ):
+            newest[int(sample_id)] = (DecisionSource(source).value, rule, str(getattr(outcome, "value", outcome)))
+        history = rs.fit_history(session)
+        names = rs.usernames(session, {h["rater"] for h in history})
+    by_policy: dict[str, list[int]] = {}
+    posteriors, accepted = [], []
+    for sample_id, (source, rule, outcome) in newest.items():
+        policy = "lead" if source == "lead" else str((rule or {}).get("review_policy", "unknown"))
+        by_policy.setdefault(policy, []).append(int(per_sample.get(sample_id, 0)))
+        p = ((rule or {}).get("posterior") or {}).get("p_accept")
+        if source == "rule" and p is not None:
+            posteriors.append(float(p))
+            accepted.append(outcome == "accepted")
+    from annotate.reliability import expected_wrong
+
+    decided_counts = [n for counts in by_policy.values() for n in counts]
+    total = max(len(decided_counts), 1)
+    rows = [{"policy": policy, "decided_samples": len(counts), "reviews": int(sum(counts)),
+             "reviews_per_sample": (sum(counts) / len(counts)) if counts else None}
+            for policy, counts in sorted(by_policy.items())]  # fmt: skip
+    return plain({
+        "n_reviews": int(sum(per_sample.values())),
+        "n_gold_reviews": n_gold,
+        "reviewed_samples": len(per_sample),
+        "reviews_per_reviewed_sample": (sum(per_sample.values()) / len(per_sample)) if per_sample else None,
+        "by_policy": rows,
+        "decided_after": {
+            "1": sum(1 for n in decided_counts if n == 1) / total,
+            "2": sum(1 for n in decided_counts if n == 2) / total,
+            "3+": sum(1 for n in decided_counts if n >= 3) / total,
+        },
+        "n_decided": len(decided_counts),
+        "expected_wrong_decisions": expected_wrong(posteriors, accepted) if posteriors else None,
+        "n_with_posterior": len(posteriors),
+        "reliability_over_time": [h | {"rater": names.get(h["rater"], h["rater"])} for h in history],
+    })  # fmt: skip

@@ -22,6 +22,12 @@ Rules (the web app calls only :func:`next_sample`, :func:`release` and :func:`ex
   ``gold_rate``, to give a gold sample the user has not seen (lowest id first); if there is none, a pool sample is
   given. Gold leases never change the sample's status and never count toward acceptance. With an empty pool the
   user gets ``None`` (gold samples are only mixed into real work, never served alone).
+* **Adaptive policy** (``review_policy = "adaptive"``). Ordinary samples want one review, or their
+  ``reviews_target`` once :func:`annotate.acceptance.settle_loaded` asked for another (the posterior is uncertain);
+  such follow-ups get a priority above every fresh sample. A rater the newest reliability fit finds less reliable
+  (flagged careless, or in the bottom quarter) is given fresh samples first and a follow-up only when no fresh one is
+  left, and each rater's gold rate follows :func:`annotate.reliability.adaptive_gold_rate` (more gold while their
+  reliability is unknown, uncertain or falling). Leases, ``SKIP LOCKED`` and the windows are the same.
 * **Status.** Leasing a ``ready`` sample makes it ``in_review`` (so does a late submit, see ``annotate.reviews``);
   when its leases expire or are released and nothing active is left, :func:`expire_leases` / :func:`release` /
   skipping put it back to ``ready``.
@@ -147,20 +153,25 @@ def calibration_clause(id_column: IdColumn, share: float) -> ColumnElement[bool]
     return hashed < literal(calibration_threshold(share), BigInteger)
 
 
-def reviews_wanted(sample_id: int, config: ProjectConfig) -> int:
-    """Independent reviews a (non-gold) sample wants: ``calibration_reviews`` for calibration samples, else
-    ``reviews_per_sample``. Gold samples are outside the pool: each reviewer sees one once, never counted."""
+def reviews_wanted(sample_id: int, config: ProjectConfig, target: int | None = None) -> int:
+    """Independent reviews a (non-gold) sample wants: ``calibration_reviews`` for calibration samples; otherwise the
+    sample's ``reviews_target`` when the adaptive policy set one, else ``reviews_per_sample`` (fixed policy) or 1
+    (adaptive policy). Gold samples are outside the pool: each reviewer sees one once, never counted."""
     if is_calibration(sample_id, config.calibration_share):
         return config.calibration_reviews
-    return config.reviews_per_sample
+    if target is not None:
+        return int(target)
+    return 1 if config.review_policy == "adaptive" else config.reviews_per_sample
 
 
-def wanted_clause(id_column: IdColumn, config: ProjectConfig) -> ColumnElement[int]:
-    """SQL expression equal to :func:`reviews_wanted` for the sample id in ``id_column``."""
-    return case(
-        (calibration_clause(id_column, config.calibration_share), config.calibration_reviews),
-        else_=config.reviews_per_sample,
-    )
+def wanted_clause(
+    id_column: IdColumn, config: ProjectConfig, target_column: ColumnElement[int | None] | None = None
+) -> ColumnElement[int]:
+    """SQL expression equal to :func:`reviews_wanted` for the sample id in ``id_column`` (and its ``reviews_target``
+    in ``target_column``; without it, the target is taken to be NULL)."""
+    base = 1 if config.review_policy == "adaptive" else config.reviews_per_sample
+    otherwise: Any = literal(base) if target_column is None else func.coalesce(target_column, base)
+    return case((calibration_clause(id_column, config.calibration_share), config.calibration_reviews), else_=otherwise)
 
 
 def gold_draw(user_id: int, n_assigned: int, rate: float) -> bool:
@@ -309,15 +320,18 @@ def _still_open(session: Session, sample_id: int, config: ProjectConfig, now: da
         .where(Assignment.sample_id == sample_id, active_clause(Assignment, now))
         .scalar_subquery()
     )
-    row = session.execute(select(Sample.status, active).where(Sample.id == sample_id)).first()
+    row = session.execute(select(Sample.status, active, Sample.reviews_target).where(Sample.id == sample_id)).first()
     if row is None:
         return False
-    status, n_active = row
-    return status in OPEN_STATUSES and int(n_active or 0) < reviews_wanted(sample_id, config)
+    status, n_active, target = row
+    return status in OPEN_STATUSES and int(n_active or 0) < reviews_wanted(sample_id, config, target)
 
 
-def _pick_pool_sample(session: Session, user_id: int, config: ProjectConfig, now: datetime) -> int | None:
-    """Lock and return the first pool sample (queue order) this user may get, or None when there is none."""
+def _pick_pool_sample(
+    session: Session, user_id: int, config: ProjectConfig, now: datetime, *, fresh_only: bool = False
+) -> int | None:
+    """Lock and return the first pool sample (queue order) this user may get, or None when there is none; with
+    ``fresh_only``, only samples the adaptive policy has not asked a further review for."""
     mine = exists().where(Assignment.sample_id == Sample.id, Assignment.user_id == user_id)
     active = (
         select(func.count())
@@ -334,10 +348,12 @@ def _pick_pool_sample(session: Session, user_id: int, config: ProjectConfig, now
                 Sample.id.in_(window.scalar_subquery()),
                 ~is_gold_clause(Sample.id),
                 ~mine,
-                active < wanted_clause(Sample.id, config),
+                active < wanted_clause(Sample.id, config, Sample.reviews_target),
             )
             if lost:
                 query = query.where(Sample.id.not_in(sorted(lost)))
+            if fresh_only:
+                query = query.where(Sample.reviews_target.is_(None))
             query = query.order_by(Sample.priority.desc(), Sample.id).limit(1)
             sample_id = session.scalar(query.with_for_update(skip_locked=True, of=Sample))
             if sample_id is None:
@@ -422,6 +438,19 @@ def _expire_own(session: Session, user_id: int, now: datetime) -> None:
     )
 
 
+def _adaptive_rater(session: Session, user_id: int, config: ProjectConfig) -> tuple[float, bool]:
+    """The adaptive policy's view of a rater from the newest reliability fit: their gold rate
+    (:func:`annotate.reliability.adaptive_gold_rate`) and whether they are among the less reliable raters."""
+    from annotate import reliability_service
+    from annotate.reliability import adaptive_gold_rate
+
+    _, fit = reliability_service.latest_fit(session)
+    report = reliability_service.rater_report(fit, user_id)
+    previous = None if report is None else report.get("previous_skill")
+    rate = adaptive_gold_rate(config.gold_rate, report, previous, max_factor=config.adaptive.gold_max_factor)
+    return rate, reliability_service.is_less_reliable(fit, user_id)
+
+
 def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: datetime | None = None) -> Lease | None:
     """The sample this reviewer should look at now, leased to them; None when there is nothing left for them.
 
@@ -451,11 +480,18 @@ def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: dat
         n_assigned = int(
             session.scalar(select(func.count()).select_from(Assignment).where(Assignment.user_id == user_id)) or 0
         )
-        sample_id = _pick_pool_sample(session, user_id, config, now)
+        gold_rate = config.gold_rate
+        sample_id = None
+        if config.review_policy == "adaptive":
+            gold_rate, less_reliable = _adaptive_rater(session, user_id, config)
+            if less_reliable:  # follow-up reviews go preferably to more reliable raters
+                sample_id = _pick_pool_sample(session, user_id, config, now, fresh_only=True)
+        if sample_id is None:
+            sample_id = _pick_pool_sample(session, user_id, config, now)
         if sample_id is None:
             return None  # gold samples are only mixed into real work
         gold = False
-        if config.gold_rate > 0 and gold_draw(user_id, n_assigned, config.gold_rate):
+        if gold_rate > 0 and gold_draw(user_id, n_assigned, gold_rate):
             gold_id = _pick_gold_sample(session, user_id)
             if gold_id is not None:  # the pool sample's row lock is simply released at commit
                 sample_id, gold = gold_id, True

@@ -246,7 +246,7 @@ def _settle_if_complete(session: Session, sample: Sample) -> None:
     if session.get(GoldAnswer, sample.id) is not None:
         return
     config = get_project_config(session)
-    if count_submitted(session, sample.id) >= reviews_wanted(sample.id, config):
+    if count_submitted(session, sample.id) >= reviews_wanted(sample.id, config, sample.reviews_target):
         settle_loaded(session, sample, config)
 
 
@@ -297,7 +297,7 @@ def submit_review(
         wanted = 0
         if not gold:
             config = get_project_config(session)
-            wanted = reviews_wanted(sample_id, config)
+            wanted = reviews_wanted(sample_id, config, sample.reviews_target)
             if int(others or 0) >= wanted:
                 raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
         # core statements, no ORM flush: the review, its revision 1, the assignment, and a late submit's status
@@ -455,7 +455,7 @@ def queue_left_query(user_id: int, config: ProjectConfig, now: datetime) -> Sele
             Sample.status.in_(OPEN_STATUSES),
             ~is_gold_clause(Sample.id),
             ~mine,
-            func.coalesce(active.c.n, 0) < wanted_clause(Sample.id, config),
+            func.coalesce(active.c.n, 0) < wanted_clause(Sample.id, config, Sample.reviews_target),
         )
     )
 

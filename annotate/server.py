@@ -150,7 +150,8 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app runs, expire abandoned leases every minute so their samples go back to the queue."""
+    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and refit rater
+    reliability when enough new reviews came in (``adaptive.refit_every``)."""
     task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url))
     try:
         yield
@@ -164,6 +165,7 @@ async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> No
     """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
     ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from annotate.queue import expire_leases
+    from annotate.reliability_service import refit_when_due
 
     sweeps = 0
     while True:
@@ -171,6 +173,9 @@ async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> No
             expired = await anyio.to_thread.run_sync(expire_leases, url)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
+            fit_id = await anyio.to_thread.run_sync(refit_when_due, url)
+            if fit_id is not None:
+                log.info("refitted rater reliability (fit %d)", fit_id)
             if sweeps % 60 == 0:
                 await anyio.to_thread.run_sync(_purge_runtime_tables, url)
         except Exception:  # the sweep must outlive a database hiccup

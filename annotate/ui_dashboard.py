@@ -6,12 +6,17 @@ Tabs:
   and the forecast finish date (:mod:`annotate.dashboard_data`);
 - **Agreement**: Krippendorff's alpha with confidence intervals per question, Fleiss' kappa, the pairwise Cohen's
   kappa heatmap, each reviewer's agreement with the leave-one-out consensus, gold accuracy, score distributions per
-  reviewer, and the MLLM-vs-human confusion matrix (``agreement_figures``) - plotly plots, and every table
+  reviewer, the MLLM-vs-human confusion matrix, and each rater's reliability (skill with a 95% interval per
+  question, careless/biased flags with their evidence; ``agreement_figures``) - plotly plots, and every table
   downloadable as CSV;
 - **Adjudication**: the samples the acceptance rule could not settle, every review side by side, and a lead's
   accept/reject with a required reason (:func:`annotate.acceptance.adjudicate`);
 - **Acceptance rule**: thresholds a lead can change, with a preview of how many samples each setting would accept
-  before it is applied (:func:`annotate.acceptance.preview_rule` / ``apply_rule``);
+  before it is applied (:func:`annotate.acceptance.preview_rule` / ``apply_rule``), and the decision rule (paper or
+  reliability-weighted, with its cut), previewed the same way;
+- **Review budget**: reviews spent per sample by review policy, the share of samples decided after 1/2/3+ reviews,
+  the expected number of wrong decisions, each rater's reliability over time (``dashboard_data.review_budget``),
+  and the review policy (fixed or adaptive, its band and cap);
 - **Settings**: whether reviewers see the MLLM's verdict before they submit;
 - **Export**: a dataset export (JSONL + images, Parquet or WebDataset) of the accepted samples, or of the statuses
   and score thresholds chosen, into ``<data_dir>/exports/<name>`` (a single folder name: nothing outside that folder
@@ -289,6 +294,84 @@ def confusion_parts(figures: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame
     return _layout(fig, title, height=320), table
 
 
+def reliability_parts(figures: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    """Each rater's skill per question with its 95% interval (1 perfect, 0 random), best rater first; the table has
+    a row per rater and question with the bias and the fitted model."""
+    raters = (figures.get("reliability") or {}).get("raters") or []
+    rows = []
+    for r in raters:
+        for q in QUESTIONS:
+            v = (r.get("questions") or {}).get(q) or {}
+            ci, bias_ci = v.get("skill_ci") or [None, None], v.get("bias_ci") or [None, None]
+            rows.append({"rank": r.get("rank"), "rater": r.get("rater"), "question": q, "skill": v.get("skill"),
+                         "skill_low": ci[0], "skill_high": ci[1], "bias": v.get("bias"), "bias_low": bias_ci[0],
+                         "bias_high": bias_ci[1], "samples_checked": v.get("n_samples"), "gold": v.get("n_gold"),
+                         "model": ", ".join(f"{k} {x}" for k, x in (v.get("model") or {}).items()),
+                         "flags": "; ".join(f["flag"] for f in r.get("flags") or [] if f["question"] in (q, "all"))})
+    table = pd.DataFrame(rows)
+    known = table.dropna(subset=["skill"]) if not table.empty else table
+    if known.empty:
+        return _empty_figure("No rater has been checked against others or gold yet"), table
+    fig = go.Figure()
+    for q, part in known.groupby("question", sort=False):
+        low = (part["skill"] - part["skill_low"]).fillna(0).clip(lower=0)
+        high = (part["skill_high"] - part["skill"]).fillna(0).clip(lower=0)
+        fig.add_trace(go.Bar(x=part["rater"], y=part["skill"], name=q,
+                             error_y={"type": "data", "symmetric": False, "array": high, "arrayminus": low}))
+    fig.add_hline(y=0.3, line_dash="dot", annotation_text="0.3: careless below")
+    fig.update_layout(barmode="group", yaxis={"title": "skill (chance-corrected)"})
+    return _layout(fig, "Rater reliability per question (95% interval), best rater first"), table
+
+
+def render_flags(figures: Mapping[str, Any]) -> str:
+    """The raters flagged careless or biased, each with the evidence (escaped)."""
+    rel = figures.get("reliability") or {}
+    items = [f"<li><b>{esc(r['rater'])}</b> - {esc(f['flag'].replace('_', ' '))} ({esc(f['question'])}): "
+             f"{esc(f['evidence'])}</li>" for r in rel.get("raters") or [] for f in r.get("flags") or []]
+    fit = "a fresh fit" if rel.get("fit_id") is None else f"fit {esc(rel.get('fit_id'))}"
+    head = (f"<p>Rater reliability from {fit} on {esc(rel.get('n_reviews', 0))} reviews "
+            f"({esc(rel.get('n_informative', 0))} samples checked against other reviews or gold).</p>")
+    if not items:
+        return head + "<p>No rater is flagged careless or biased.</p>"
+    return head + '<ul class="mcie-flags">' + "".join(items) + "</ul>"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# review budget (pure: review_budget's JSON in)
+
+
+def budget_parts(budget: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    """Reviews per decided sample by review policy."""
+    table = pd.DataFrame(budget.get("by_policy") or [])
+    if table.empty:
+        return _empty_figure("No sample has been decided yet"), table
+    fig = go.Figure(go.Bar(x=table["policy"], y=table["reviews_per_sample"],
+                           text=[f"{n} samples" for n in table["decided_samples"]]))
+    fig.update_layout(yaxis={"title": "reviews per decided sample"})
+    return _layout(fig, "Reviews spent per sample by review policy"), table
+
+
+def decided_after_parts(budget: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    shares = budget.get("decided_after") or {}
+    table = pd.DataFrame({"reviews": list(shares), "share_of_decided": list(shares.values())})
+    if not budget.get("n_decided"):
+        return _empty_figure("No sample has been decided yet"), table
+    fig = go.Figure(go.Bar(x=table["reviews"], y=table["share_of_decided"],
+                           text=[f"{v:.0%}" for v in table["share_of_decided"]]))
+    fig.update_layout(xaxis={"title": "reviews when decided"}, yaxis={"title": "share", "range": [0, 1.05]})
+    return _layout(fig, "Samples decided after 1, 2 and 3+ reviews"), table
+
+
+def reliability_time_parts(budget: Mapping[str, Any]) -> tuple[go.Figure, pd.DataFrame]:
+    table = pd.DataFrame(budget.get("reliability_over_time") or [])
+    if table.empty:
+        return _empty_figure("No reliability fit stored yet (the server refits as reviews come in)"), table
+    fig = go.Figure([go.Scatter(x=part["n_reviews"], y=part["skill"], mode="lines+markers", name=str(rater))
+                     for rater, part in table.groupby("rater", sort=True)])
+    fig.update_layout(xaxis={"title": "reviews in the project at the fit"}, yaxis={"title": "overall skill"})
+    return _layout(fig, "Rater reliability over time"), table
+
+
 # ----------------------------------------------------------------------------------------------------------
 # adjudication (pure rendering)
 
@@ -547,6 +630,7 @@ class Dashboard:
         self.url = settings.database_url
         self.progress: dict[str, Table] = {}
         self.agreement: dict[str, Table] = {}
+        self.budget: dict[str, Table] = {}
         self.w: dict[str, Any] = {}
         self.exports = ExportJobs(settings)
 
@@ -587,6 +671,8 @@ class Dashboard:
         out |= self.agreement["alpha"].fill(alpha_figure(alpha), alpha)
         out |= self.agreement["gold"].fill(*gold_parts(figures))
         out |= self.agreement["confusion"].fill(*confusion_parts(figures))
+        out |= self.agreement["reliability"].fill(*reliability_parts(figures))
+        out[self.w["reliability_flags"]] = render_flags(figures)
         return out | self.on_question(figures, question, request)
 
     def on_question(self, figures: dict[str, Any] | None, question: str, request: gr.Request) -> dict[Any, Any]:
@@ -704,6 +790,90 @@ class Dashboard:
                                            "changed status."),
         }
 
+    # --- decision rule --------------------------------------------------------------------------------------
+    def on_decision_preview(self, decision_rule: str, accept_at: float, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        w = self.w
+        if decision_rule not in ("paper", "weighted"):
+            return {w["decision_status"]: _status("Choose the paper or the weighted rule.", error=True)}
+        try:
+            counts = preview_rule(self.url, decision_rule=decision_rule, accept_at=float(accept_at))
+        except ValueError as exc:
+            return {w["decision_status"]: _status(str(exc), error=True)}
+        return {
+            w["decision_preview"]: f"<p>With the {esc(decision_rule)} rule:</p>" + render_preview(counts),
+            w["decision_status"]: _status("Preview only - nothing was changed. Apply to make it the decision rule."),
+            w["decision_previewed"]: {"decision_rule": decision_rule, "accept_at": float(accept_at)},
+        }
+
+    def on_decision_apply(
+        self, decision_rule: str, accept_at: float, previewed: dict[str, Any] | None, request: gr.Request
+    ) -> dict[Any, Any]:
+        """Apply the decision rule on screen - only the one just previewed."""
+        lead = lead_of(self.url, request)
+        w = self.w
+        chosen = {"decision_rule": decision_rule, "accept_at": float(accept_at)}
+        if previewed != chosen:
+            return {w["decision_status"]: _status("Preview this decision rule first, then apply.", error=True)}
+        try:
+            counts = apply_rule(self.url, None, lead.id, decision_rule=decision_rule, accept_at=float(accept_at))
+        except (ValueError, PermissionError) as exc:
+            return {w["decision_status"]: _status(str(exc), error=True)}
+        return {
+            w["decision_previewed"]: None,
+            w["decision_preview"]: "<p>Applied:</p>" + render_preview(counts),
+            w["decision_status"]: _status(f"Decision rule {decision_rule} applied by {lead.username}; "
+                                          f"{counts.get('changed', 0)} sample(s) changed status."),
+        }
+
+    def on_decision_load(self, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        with session_scope(self.url) as session:
+            config = get_project_config(session)
+        return {self.w["decision_rule"]: config.decision_rule, self.w["accept_at"]: config.weighted.accept_at}
+
+    # --- review budget --------------------------------------------------------------------------------------
+    def on_budget(self, request: gr.Request) -> dict[Any, Any]:
+        lead_of(self.url, request)
+        budget = dd.review_budget(self.url)
+        with session_scope(self.url) as session:
+            config = get_project_config(session)
+        wrong = budget.get("expected_wrong_decisions")
+        per = budget.get("reviews_per_reviewed_sample")
+        w = self.w
+        out = {
+            w["budget_kpis"]: render_kpis([
+                ("kpi-budget-reviews", str(budget.get("n_reviews", 0)), "reviews (gold apart)"),
+                ("kpi-budget-per-sample", "-" if per is None else f"{per:.2f}", "reviews per reviewed sample"),
+                ("kpi-budget-gold", str(budget.get("n_gold_reviews", 0)), "gold reviews"),
+                ("kpi-budget-wrong", "-" if wrong is None else f"{wrong:.1f}",
+                 f"expected wrong decisions (of {budget.get('n_with_posterior', 0)} with a posterior)"),
+            ]),
+            w["policy"]: config.review_policy,
+            w["band_low"]: config.adaptive.band_low,
+            w["band_high"]: config.adaptive.band_high,
+            w["max_reviews"]: config.adaptive.max_reviews,
+        }
+        out |= self.budget["by_policy"].fill(*budget_parts(budget))
+        out |= self.budget["decided_after"].fill(*decided_after_parts(budget))
+        out |= self.budget["over_time"].fill(*reliability_time_parts(budget))
+        return out
+
+    def on_policy_save(
+        self, policy: str, band_low: float, band_high: float, max_reviews: float, request: gr.Request
+    ) -> dict[Any, Any]:
+        lead = lead_of(self.url, request)
+        changes = {"review_policy": policy, "adaptive": {"band_low": float(band_low), "band_high": float(band_high),
+                                                         "max_reviews": int(max_reviews)}}  # fmt: skip
+        try:
+            with session_scope(self.url, write=True) as session:
+                set_project_config(session, changes, actor_id=lead.id)
+        except ProjectConfigError as exc:
+            return {self.w["policy_status"]: _status(str(exc), error=True)}
+        return {self.w["policy_status"]: _status(f"Saved by {lead.username}: review policy {policy} (band "
+                                                 f"{float(band_low):g}-{float(band_high):g}, cap {int(max_reviews)}); "
+                                                 "it applies to the next reviews.")}  # fmt: skip
+
     # --- project setting ------------------------------------------------------------------------------------
     def on_show_mllm(self, show: bool, request: gr.Request) -> dict[Any, Any]:
         lead = lead_of(self.url, request)
@@ -802,7 +972,9 @@ def build(settings: Settings) -> gr.Blocks:
                     "distribution": _table_block("Score distributions", "distribution"),
                     "gold": _table_block("Gold accuracy", "gold"),
                     "confusion": _table_block("MLLM vs human confusion", "confusion"),
+                    "reliability": _table_block("Rater reliability", "reliability"),
                 }
+                w["reliability_flags"] = gr.HTML(elem_id="reliability-flags", js_on_load=None)
             with gr.Tab("Adjudication", id="adjudication", elem_id="tab-adjudication"):
                 w["adj_ids"] = gr.State([])
                 w["adj_selected"] = gr.State(None)
@@ -838,6 +1010,46 @@ def build(settings: Settings) -> gr.Blocks:
                 w["rule_previewed"] = gr.State(None)
                 w["rule_preview"] = gr.HTML(elem_id="rule-preview", js_on_load=None)
                 w["rule_status"] = gr.HTML(elem_id="rule-status", js_on_load=None)
+                gr.Markdown("**Decision rule.** *paper*: the thresholds above on the majority and the medians. "
+                            "*weighted*: each rater weighed by their fitted reliability (the Agreement tab); a sample "
+                            "is accepted when the posterior probability that it meets the thresholds is at least the "
+                            "cut. Every decision records the rule and its posterior; exports carry both.")
+                with gr.Row():
+                    w["decision_rule"] = gr.Radio(["paper", "weighted"], value="paper", label="Decision rule",
+                                                  elem_id="decision-rule")
+                    w["accept_at"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05,
+                                               label="Weighted: accept when P(meets the rule) is at least",
+                                               elem_id="decision-accept-at")
+                with gr.Row():
+                    decision_preview = gr.Button("Preview", elem_id="decision-preview-btn")
+                    decision_apply = gr.Button("Apply this decision rule", variant="stop", elem_id="decision-apply-btn")
+                w["decision_previewed"] = gr.State(None)
+                w["decision_preview"] = gr.HTML(elem_id="decision-preview", js_on_load=None)
+                w["decision_status"] = gr.HTML(elem_id="decision-status", js_on_load=None)
+            with gr.Tab("Review budget", id="budget", elem_id="tab-budget"):
+                w["budget_kpis"] = gr.HTML(elem_id="budget-kpis", js_on_load=None)
+                budget_refresh = gr.Button("Refresh", size="sm", elem_id="budget-refresh")
+                d.budget = {
+                    "by_policy": _table_block("Reviews per sample by policy", "budget-policy"),
+                    "decided_after": _table_block("Decided after 1/2/3+ reviews", "budget-decided"),
+                    "over_time": _table_block("Rater reliability over time", "budget-reliability"),
+                }
+                gr.Markdown("**Review policy.** *fixed*: every sample gets the reviews per sample of the project "
+                            "(the paper: one). *adaptive*: one review, and another from a different, preferably "
+                            "more reliable rater only while the posterior is inside the band and the sample is "
+                            "under the cap; disagreements with the MLLM come first. Calibration samples keep their "
+                            "overlap either way.")
+                with gr.Row():
+                    w["policy"] = gr.Radio(["fixed", "adaptive"], value="fixed", label="Review policy",
+                                           elem_id="review-policy")
+                    w["band_low"] = gr.Slider(0, 1, value=0.2, step=0.05, label="Uncertain from",
+                                              elem_id="band-low")
+                    w["band_high"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Uncertain up to",
+                                               elem_id="band-high")
+                    w["max_reviews"] = gr.Slider(1, 10, value=3, step=1, label="Cap on reviews per sample",
+                                                 elem_id="max-reviews")
+                policy_save = gr.Button("Save the review policy", variant="primary", elem_id="policy-save")
+                w["policy_status"] = gr.HTML(elem_id="policy-status", js_on_load=None)
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
                 w["show_mllm"] = gr.Checkbox(label="Show the MLLM's verdict to reviewers before they submit (it may "
                                              "anchor their answers; the paper's protocol hides it)",
@@ -874,12 +1086,16 @@ def build(settings: Settings) -> gr.Blocks:
             __import__("annotate.ui_study", fromlist=["study_results_tab"]).study_results_tab(settings)
 
         progress_out = [w["kpis"]] + [o for t in d.progress.values() for o in t.outputs()]
-        agreement_out = [w["agreement_data"], w["agreement_summary"]]
+        agreement_out = [w["agreement_data"], w["agreement_summary"], w["reliability_flags"]]
         agreement_out += [o for t in d.agreement.values() for o in t.outputs()]
         adj_out = [w["adj_table"], w["adj_info"], w["adj_ids"], w["adj_status"], w["adj_sample"], w["adj_reviews"],
                    w["adj_selected"], w["adj_reason"], w["adj_outcome"]]
         rule_in = [w["rule_consistent"], w["rule_quality"], w["rule_complexity"], w["rule_spread"]]
         rule_out = [*rule_in, w["rule_preview"], w["rule_status"], w["show_mllm"], w["rule_previewed"]]
+        decision_in = [w["decision_rule"], w["accept_at"]]
+        decision_out = [w["decision_preview"], w["decision_status"], w["decision_previewed"]]
+        budget_out = [w["budget_kpis"], w["policy"], w["band_low"], w["band_high"], w["max_reviews"]]
+        budget_out += [o for t in d.budget.values() for o in t.outputs()]
         export_in = [w["export_format"], w["export_name"], w["export_val"], w["export_statuses"],
                      w["export_min_quality"], w["export_min_complexity"]]
         export_out = [w["export_table"], w["export_info"], w["export_timer"], w["export_status"], w["export_name"]]
@@ -898,6 +1114,14 @@ def build(settings: Settings) -> gr.Blocks:
         _on(preview.click, d.on_preview, rule_in, rule_out)
         apply.click(d.on_apply, [*rule_in, w["rule_previewed"]], rule_out, trigger_mode="once")
         w["show_mllm"].input(d.on_show_mllm, [w["show_mllm"]], [w["settings_status"]])
+        demo.load(d.on_decision_load, None, decision_in)
+        _on(decision_preview.click, d.on_decision_preview, decision_in, decision_out)
+        decision_apply.click(d.on_decision_apply, [*decision_in, w["decision_previewed"]], decision_out,
+                             trigger_mode="once")
+        demo.load(d.on_budget, None, budget_out)
+        _on(budget_refresh.click, d.on_budget, [], budget_out)
+        policy_save.click(d.on_policy_save, [w["policy"], w["band_low"], w["band_high"], w["max_reviews"]],
+                          [w["policy_status"]], trigger_mode="once")
         demo.load(d.on_exports, None, export_out)
         export_start.click(d.on_export_start, export_in, export_out, trigger_mode="once", api_name="export_start")
         _on(export_refresh.click, d.on_exports, [], export_out)

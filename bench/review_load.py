@@ -17,7 +17,9 @@ next-sample and submit as the client sees it, reviews/s, errors by kind, the ser
 that every 201 is a review in the database.
 
 Usage: ``python bench/review_load.py [--samples 100000] [--reviewers 20] [--seconds 30] [--warmup 3] [--think-ms 0]
-[--servers 1] [--port 0] [--keep]``. Goal: p95 under 150 ms for next-sample and for submit.
+[--servers 1] [--port 0] [--keep] [--review-policy fixed|adaptive] [--decision-rule paper|weighted]``. Goal: p95
+under 150 ms for next-sample and for submit, under either policy (the adaptive policy's server refits rater
+reliability meanwhile).
 """
 
 from __future__ import annotations
@@ -388,6 +390,9 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=1,
                         help="mcie serve --no-worker processes on one database (the web tier's replicas)")
     parser.add_argument("--keep", action="store_true", help="keep the database and data folder (and print them)")
+    parser.add_argument("--review-policy", choices=("fixed", "adaptive"), default="fixed",
+                        help="the project's review policy (adaptive: follow-ups, adaptive gold, refits in the server)")
+    parser.add_argument("--decision-rule", choices=("paper", "weighted"), default="paper")
     args = parser.parse_args()
 
     from db.migrate import upgrade
@@ -401,6 +406,11 @@ def main() -> None:
         start = time.perf_counter()
         upgrade(url)
         facts = fill(url, str(work / "blobs"), args.samples, args.reviewers)
+        from annotate.project import set_project_config
+
+        with session_scope(url, write=True) as session:
+            set_project_config(session, {"review_policy": args.review_policy, "decision_rule": args.decision_rule},
+                               actor_id=None)  # fmt: skip
         setup_s = time.perf_counter() - start
         ports = [args.port + k if args.port else free_port() for k in range(args.servers)]
         for port in ports:
@@ -418,7 +428,8 @@ def main() -> None:
             "benchmark": "review_load",
             "setup": {**facts, "seconds": round(setup_s, 1)},
             "load": {"reviewers": args.reviewers, "seconds": args.seconds, "warmup_s": args.warmup,
-                     "think_ms": args.think_ms, "servers": args.servers},
+                     "think_ms": args.think_ms, "servers": args.servers, "review_policy": args.review_policy,
+                     "decision_rule": args.decision_rule},
             **result,
             "submits_201": len(created),
             "submits_201_in_database": stored,

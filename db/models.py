@@ -4,7 +4,7 @@ Tables, by stage:
 - source data: ``images`` (content-addressed blobs' metadata), ``instances``, ``turns``;
 - pipeline: ``samples`` (windows of turns), ``sub_instructions``, ``box_candidates``, ``mllm_judgements``;
 - review: ``users``, ``assignments``, ``reviews``, ``review_revisions``, ``sample_flags``, ``gold_answers``,
-  ``decisions``, ``project_settings``;
+  ``decisions``, ``project_settings``, ``reliability_fits``;
 - user study: ``studies``, ``study_items``, ``study_outputs``, ``study_participants``, ``study_assignments``,
   ``votes``;
 - products: ``exports``, ``export_items``, ``previews``; and ``audit_log``;
@@ -267,6 +267,8 @@ class Sample(Base):
         _enum(SampleStatus, "sample_status"), default=SampleStatus.filtering, index=True
     )
     priority: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # reviews this sample wants, set by the adaptive review policy (NULL: the fixed policy's number)
+    reviews_target: Mapped[int | None] = mapped_column(Integer)
     box_scorer: Mapped[str | None] = mapped_column(String(32))
     flagged: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     flag_reason: Mapped[str | None] = mapped_column(Text)
@@ -285,6 +287,7 @@ class Sample(Base):
         UniqueConstraint("instance_id", "first_turn", "last_turn"),
         CheckConstraint("first_turn >= 1 AND last_turn > first_turn", name="window_of_two_or_more"),
         Index("ix_samples_queue", "status", "priority", "id"),
+        CheckConstraint("reviews_target IS NULL OR reviews_target >= 1", name="reviews_target_positive"),
     )
 
 
@@ -545,6 +548,22 @@ class ProjectSetting(Base):
     value: Mapped[Any] = mapped_column(JSON)
     updated_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     updated_at: Mapped[datetime] = _created()
+
+
+class ReliabilityFit(Base):
+    """One fit of the rater reliability model (``annotate.reliability``): class priors, every rater's likelihood
+    matrices, the MLLM calibration and the per-rater reports, as JSON. The newest row is the one in use; the earlier
+    ones are each rater's reliability over time."""
+
+    __tablename__ = "reliability_fits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    n_reviews: Mapped[int] = mapped_column(Integer)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    model: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = _created()
+
+    __table_args__ = (CheckConstraint("n_reviews >= 0 AND n_samples >= 0", name="counts_nonnegative"),)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -299,11 +299,17 @@ def agreement_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the confidence intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    refit: Annotated[
+        bool, typer.Option("--refit", help="Fit rater reliability now and store it (the weighted rule uses it).")
+    ] = False,
 ) -> None:
-    """Inter-rater agreement: Krippendorff's alpha with CIs, Fleiss' and Cohen's kappa, rater quality, MLLM."""
-    from annotate.dashboard_data import agreement_figures
+    """Inter-rater agreement: Krippendorff's alpha with CIs, Fleiss' and Cohen's kappa, rater reliability, MLLM."""
+    from annotate.dashboard_data import agreement_figures, reliability_figures
 
-    figures = agreement_figures(settings().database_url, n_boot=n_boot, seed=seed)
+    url = settings().database_url
+    if refit:
+        reliability_figures(url, refit=True)
+    figures = agreement_figures(url, n_boot=n_boot, seed=seed)
     if as_json:
         print(json.dumps(figures, indent=2, allow_nan=False))
         return
@@ -325,7 +331,17 @@ def _print_agreement(figures: dict) -> None:
             table.add_row(scope, name, str(q.get("level")), str(q.get("n_units")), str(q.get("n_raters")),
                           _fmt(q.get("alpha")), f"[{_fmt(low)}, {_fmt(high)}]", _fmt(q.get("fleiss_kappa")))
     console.print(table)
-    console.print("`mcie agreement --json` prints every figure: pairwise kappas, leave-one-out, gold, MLLM vs humans.")
+    reliability = figures.get("reliability") or {}
+    raters = Table("rank", "rater", "skill", "95% CI (consistency)", "samples checked", "flags",
+                   title="rater reliability (skill: 1 perfect, 0 random)")  # fmt: skip
+    for r in reliability.get("raters", []):
+        low, high = r["questions"]["consistency"]["skill_ci"]
+        flags = "; ".join(f"{f['flag']} ({f['question']}): {f['evidence']}" for f in r["flags"]) or "-"
+        raters.add_row(str(r["rank"]), str(r["rater"]), _fmt(r["skill"]), f"[{_fmt(low)}, {_fmt(high)}]",
+                       str(r["n_samples"]), flags)  # fmt: skip
+    console.print(raters)
+    console.print("`mcie agreement --json` prints every figure: pairwise kappas, leave-one-out, gold, MLLM vs humans, "
+                  "each rater's reliability per question.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def test_settle_sample_records_decisions_and_keeps_lead_decisions(migrated_url: 
         config = get_project_config(session)
         good = session.scalars(select(Decision).where(Decision.sample_id == ids["good"])).one()
         assert (good.outcome.value, good.source.value, good.decided_by) == ("accepted", "rule", None)
-        assert good.rule == PAPER.model_dump()
+        assert {k: good.rule[k] for k in PAPER.model_dump()} == PAPER.model_dump()
+        assert good.rule["decision_rule"] == "paper" and "p_accept" in good.rule["posterior"]
         assert good.reason == "1 review(s); consistent: 1/1 yes; median quality 4 > 3; median complexity 4 > 3"
         # settling again changes nothing and writes nothing
         before = session.scalar(select(func.count()).select_from(Decision))

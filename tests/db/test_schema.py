@@ -26,6 +26,7 @@ EXPECTED_TABLES = {
     "assignments", "reviews", "review_revisions", "sample_flags", "gold_answers", "decisions", "project_settings",
     "studies", "study_items", "study_outputs", "study_participants", "study_assignments", "votes", "exports",
     "export_items", "previews", "audit_log", "web_sessions", "login_throttle", "jobs",
+    "reliability_fits",
 }  # fmt: skip
 
 
