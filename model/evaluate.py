@@ -406,15 +406,19 @@ def cosine_similarity(a: Any, b: Any) -> float:
 
 
 class ClipImageEncoder:
-    """open_clip image embeddings (CLIP-I), from a local checkpoint; nothing is downloaded."""
+    """open_clip image embeddings (CLIP-I) from a checkpoint file, folder, Hub id or pretrained tag (mcie.hub)."""
 
     def __init__(self, model_name: str, checkpoint: str | Path, device: str | None = None) -> None:
         import open_clip
         import torch
 
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise EvalError(f"CLIP checkpoint {checkpoint}: no such file")
+        from mcie.hub import resolve_open_clip
+
+        given = str(checkpoint)
+        try:
+            checkpoint = resolve_open_clip(model_name, checkpoint, "MCIE_CLIP_CHECKPOINT")
+        except FileNotFoundError as exc:
+            raise EvalError(str(exc)) from None
         self.device = resolve_device(device)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
@@ -422,7 +426,7 @@ class ClipImageEncoder:
             raise EvalError(f"CLIP {model_name} from {checkpoint}: {exc}") from None
         self.model = model.eval().to(self.device)
         self.preprocess = preprocess
-        self.name = f"{model_name} ({checkpoint.name})"
+        self.name = f"{model_name} ({checkpoint.name if Path(given).exists() else given})"
         self._torch = torch
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -435,7 +439,7 @@ class ClipImageEncoder:
 
 
 class DinoImageEncoder:
-    """DINOv2 CLS embeddings (DINO-I) from a local transformers ``Dinov2Model`` folder."""
+    """DINOv2 CLS embeddings (DINO-I) from a transformers ``Dinov2Model`` folder or Hub id (mcie.hub)."""
 
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
@@ -444,14 +448,20 @@ class DinoImageEncoder:
         import torch
         from transformers import Dinov2Model
 
-        path = Path(path)
+        from mcie.hub import resolve_folder
+
+        given = str(path)
+        try:
+            path = resolve_folder(path, "MCIE_DINO_CHECKPOINT", ignore=("*.msgpack", "*.h5", "*.onnx"))
+        except FileNotFoundError as exc:
+            raise EvalError(str(exc)) from None
         if not (path / "config.json").is_file():
             raise EvalError(f"DINOv2 checkpoint {path}: not a transformers model folder (no config.json)")
         self.device = resolve_device(device)
         self.model = Dinov2Model.from_pretrained(path).eval().to(self.device)
         self.crop = crop
         self.resize = round(crop * 256 / 224)
-        self.name = path.name
+        self.name = Path(given).name if Path(given).exists() else given
         self._torch = torch
 
     def pixels(self, image: Image.Image) -> np.ndarray:

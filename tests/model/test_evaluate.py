@@ -143,7 +143,7 @@ def test_clip_and_dino_embeddings_from_saved_checkpoints(clip_checkpoint: Path, 
     assert pixels.shape == (3, 32, 32)
     expected = [(v / 255 - m) / s for v, m, s in zip((124, 116, 104), dino.MEAN, dino.STD, strict=True)]
     assert pixels[:, 5, 7] == pytest.approx(expected, abs=1e-5)
-    with pytest.raises(EvalError, match="no such file"):
+    with pytest.raises(EvalError, match=r"missing\.pt' is neither an existing local path nor a Hugging Face Hub id"):
         ClipImageEncoder(TINY_CLIP_NAME, tmp_path / "missing.pt")
     with pytest.raises(EvalError, match=r"no config\.json"):
         DinoImageEncoder(tmp_path)
