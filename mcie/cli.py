@@ -35,6 +35,8 @@ def _register_stage_commands() -> None:
     """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
     from annotate.study_cli import app as study_app
     from exports.cli import app as export_app
+    from exports.importer_cli import app as data_app
+    from mcie.models_cli import app as models_app
     from model.cli import register as register_model_commands
     from pipeline.cli import app as pipeline_app
 
@@ -42,6 +44,8 @@ def _register_stage_commands() -> None:
     app.add_typer(export_app, name="export")
     app.add_typer(study_app, name="study")
     register_model_commands(app)  # mcie train / edit / eval
+    app.add_typer(models_app, name="models")  # mcie models pull / list (mcie/models_cli.py)
+    app.add_typer(data_app, name="data")  # mcie data import (exports/importer_cli.py)
 
 
 _register_stage_commands()
