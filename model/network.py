@@ -369,6 +369,8 @@ class MCIEModel(nn.Module):
             background=background,
             mask_mode=self.config.mask_mode,
             mask_resize=self.config.mask_resize,
+            schedule_form=self.config.schedule_form,
+            background_faded=self.config.background_schedule == "faded",
         )
 
     def forward(
