@@ -163,12 +163,12 @@ def mask_box(mask: Image.Image) -> tuple[float, float, float, float] | None:
         alpha = np.asarray(mask.getchannel("A"))
         if alpha.min() != alpha.max():
             region = alpha > 127
-    ys, xs = np.nonzero(region)
-    if xs.size == 0:
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if cols.size == 0:
         return None
     height, width = region.shape
-    return (float(xs.min()) / width, float(ys.min()) / height,
-            float(xs.max() + 1) / width, float(ys.max() + 1) / height)  # fmt: skip
+    return (float(cols[0]) / width, float(rows[0]) / height,
+            float(cols[-1] + 1) / width, float(rows[-1] + 1) / height)  # fmt: skip
 
 
 def _box(values: Any, size: tuple[int, int], where: str) -> tuple[float, float, float, float]:
