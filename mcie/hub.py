@@ -112,7 +112,8 @@ def _pull_hint(ref: HubRef) -> str:
 def _not_available(ref: HubRef, setting: str, why: str) -> ModelNotAvailable:
     where = f"HF_HUB_OFFLINE=1, cache {hub_cache_dir()}" if is_offline() else f"cache {hub_cache_dir()}"
     return ModelNotAvailable(
-        f"{setting}: model {ref.repo_id!r} (revision {ref.revision or 'main'}) is not available ({why}; {where}). "
+        f"{setting}: model {ref.repo_id!r} (revision {ref.revision or 'main'}) is not available ({why}; {where}; "
+        f"no local path {ref.text!r} exists either). "
         f"Fetch it on a machine with internet access with `{_pull_hint(ref)}` (HF_HOME must point at the same cache)"
     )
 

@@ -48,7 +48,7 @@ def pull_command(
                      "setting": got.setting})  # fmt: skip
     if as_json:
         print(json.dumps({"cache": str(hub_cache_dir()), "pulled": rows, "failed": failed}, indent=2))
-    else:
+    elif rows:
         table = Table("name", "repository", "files", "size", "use as", "path", title=f"cache {hub_cache_dir()}")
         for row in rows:
             setting = f"{row['setting']}={row['repo_id']}" if row["setting"] else row["repo_id"]
