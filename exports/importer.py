@@ -7,8 +7,9 @@ It lives in ``exports/`` because it produces exports; it reads nothing of ``db/`
 the data flow stays one way (an imported sample never went through review: its provenance says so, with no reviews
 and no decision).
 
-The source is a Hub dataset id (through ``datasets.load_dataset(..., streaming=True)``) or a local Parquet / Arrow /
-JSONL file or folder, or an image folder with ``metadata.jsonl`` (``datasets``' ``imagefolder``). Rows are streamed:
+The source is a Hub dataset id, optionally ``@revision`` (through ``datasets.load_dataset(..., streaming=True)``), or a
+local Parquet / Arrow (``save_to_disk``) / JSONL file or folder, or an image folder with ``metadata.jsonl``
+(``datasets``' ``imagefolder``; other image columns may hold paths relative to the folder). Rows are streamed:
 image columns are read as raw bytes (never decoded, except masks) and each record is written before the next row is
 read, so memory stays bounded whatever the dataset size. A row that cannot be used (a missing or unreadable image,
 an empty instruction, a bad box) is reported with its row number, id and column, and the import goes on.
@@ -292,9 +293,10 @@ def open_rows(
             else:
                 ds = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True)
         else:
-            if not re.match(r"^[\w.-]+/[\w.-]+$", source):
-                raise DataImportError(f"{source}: no such file or folder, and not a Hub dataset id (owner/name)")
-            ds = datasets.load_dataset(source, split=split, streaming=True)
+            hub = re.match(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$", source)
+            if hub is None:
+                raise DataImportError(f"{source}: no such file or folder, and not a Hub dataset id (owner/name[@rev])")
+            ds = datasets.load_dataset(hub["repo"], split=split, streaming=True, revision=hub["rev"])
     except DataImportError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:

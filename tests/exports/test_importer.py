@@ -214,3 +214,27 @@ def test_cli_data_import(tmp_path: Path) -> None:
     assert "row 4 (id 77): column 'target_img' (target)" in result.stderr.replace("\n", " ")
     result = CliRunner().invoke(app, ["data", "import", str(source), str(tmp_path / "out3")])
     assert result.exit_code == 2 and "exactly one of --preset and --columns" in result.stderr
+
+
+def test_image_folder_and_arrow_sources(tmp_path: Path) -> None:
+    import datasets
+
+    root = tmp_path / "folder"
+    (root / "targets").mkdir(parents=True)
+    rows = []
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_png((i, 0, 0)))
+        (root / "targets" / f"{i}.png").write_bytes(_png((0, i, 0)))
+        rows.append({"file_name": f"{i}.png", "target": f"targets/{i}.png", "text": f"make it red {i}"})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    columns = parse_columns("source=image,target=target,instruction=text")
+    report = import_dataset(str(root), tmp_path / "out", columns=columns)
+    assert (report.written, report.n_errors) == (3, 0)
+    assert sorted(r["instruction"] for r in _records(tmp_path / "out")) == [f"make it red {i}" for i in range(3)]
+
+    features = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "t": datasets.Value("string")})
+    datasets.Dataset.from_dict({"a": [_image(_png((1, 2, 3)))], "b": [_image(_png((3, 2, 1)))], "t": ["swap"]},
+                               features=features).save_to_disk(str(tmp_path / "arrow"))  # fmt: skip
+    columns = parse_columns("source=a,target=b,instruction=t")
+    report = import_dataset(str(tmp_path / "arrow"), tmp_path / "out2", columns=columns)
+    assert report.written == 1 and verify_export(tmp_path / "out2") == []
