@@ -32,7 +32,7 @@ BASELINE_NAMES = ("ip2p", "instructpix2pix", "baseline")
 _SUB_HELP = ('Sub-instruction "text|op|x0,y0,x1,y1" (op add/remove/change, normalised box; both optional); '
              "repeatable. Without it MCIE-E1 decomposes the instruction through the MLLM.")  # fmt: skip
 _MODEL_HELP = ("Edit the bench first with: mcie-e1 (MCIE_EDITING_WEIGHTS_PATH), ip2p (the baseline), or "
-               "NAME=WEIGHTS_FOLDER; repeatable.")  # fmt: skip
+               "NAME=WEIGHTS (folder or Hub id); repeatable.")  # fmt: skip
 _DECOMPOSE_HELP = "--model: decompose the instructions through the MLLM instead of using the bench's boxes."
 _JUDGE_HELP = "MLLM-judged IC / BC (default: when an MLLM is configured)."
 _OUTPUTS = Path("eval-outputs")
@@ -166,10 +166,13 @@ def edit_command(
     guidance_scale: Annotated[float, typer.Option(help="Text guidance scale.")] = 7.5,
     image_guidance_scale: Annotated[float, typer.Option(help="Image guidance scale.")] = 1.5,
     resolution: Annotated[int, typer.Option(min=0, help="Shorter side of the edit, pixels (0: as is).")] = 512,
-    base: Annotated[Path | None, typer.Option(help="InstructPix2Pix folder (MCIE_EDITING_BASE_MODEL_PATH).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="MCIE-E1 weights (MCIE_EDITING_WEIGHTS_PATH).")] = None,
+    base: Annotated[Path | None, typer.Option(help="InstructPix2Pix folder or Hub id "
+                                                   "(MCIE_EDITING_BASE_MODEL_PATH).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="MCIE-E1 weights folder or Hub id "
+                                                      "(MCIE_EDITING_WEIGHTS_PATH).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Plain InstructPix2Pix, ignore weights.")] = False,
-    vision_checkpoint: Annotated[Path | None, typer.Option(help="BCCA's open_clip checkpoint, if moved.")] = None,
+    vision_checkpoint: Annotated[Path | None, typer.Option(help="BCCA's open_clip checkpoint (file, Hub id or "
+                                                                "tag).")] = None,
     device: Annotated[str | None, typer.Option(help="Torch device (MCIE_DEVICE).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
