@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "DIFFUSERS_IGNORE",
     "DIFFUSERS_PATTERNS",
     "OPEN_CLIP_FILES",
     "PRESETS",
@@ -51,6 +52,7 @@ OPEN_CLIP_FILES = (
 # what MCIEModel reads of a diffusers InstructPix2Pix repository (the full-size .ckpt and fp16/flax/onnx copies of
 # timbrooks/instruct-pix2pix are several GB that nothing here loads)
 DIFFUSERS_PATTERNS = ("model_index.json", "unet/*", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*")
+DIFFUSERS_IGNORE = ("*.ckpt", "*.bin", "*fp16*", "*non_ema*", "*.msgpack", "*.onnx", "*.onnx_data")
 _SKIP = ("*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ot", "*fp16*", "*.pb")
 _REPO = re.compile(r"^(?:hf-hub:)?(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)/?(?:@(?P<rev>[\w./-]+))?$")
 
@@ -281,7 +283,7 @@ class Pulled:
 
 def _patterns(kind: str) -> tuple[Sequence[str] | None, Sequence[str] | None]:
     if kind == "diffusers":
-        return DIFFUSERS_PATTERNS, _SKIP
+        return DIFFUSERS_PATTERNS, DIFFUSERS_IGNORE
     return None, _SKIP
 
 

@@ -172,11 +172,11 @@ class MCIEModel(nn.Module):
         from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from mcie.hub import DIFFUSERS_PATTERNS, resolve_folder
+        from mcie.hub import DIFFUSERS_IGNORE, DIFFUSERS_PATTERNS, resolve_folder
         from model.weights import load_weights, read_config
 
         base = resolve_folder(base_folder, "MCIE_EDITING_BASE_MODEL_PATH", allow=DIFFUSERS_PATTERNS,
-                              ignore=("*.ckpt", "*.bin", "*fp16*", "*.msgpack", "*.onnx", "*non_ema*"))
+                              ignore=DIFFUSERS_IGNORE)  # fmt: skip
         _require_folder(base)
         if weights is not None:
             config = _merge_configs(read_config(weights), config, weights)

@@ -103,10 +103,21 @@ def test_models_pull_and_list_offline(hf_home: Path, tmp_path: Path) -> None:
     assert summary["failed"] == ["acme/absent"]
     assert "mcie models pull acme/absent" in result.stderr.replace("\n", " ")
 
+    clip = tmp_path / "vit-h"
+    clip.mkdir()
+    (clip / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    (clip / "README.md").write_text("card")
+    add_to_cache(hf_home, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", clip)
+    result = runner.invoke(app, ["models", "pull", "clip-vit-h-14", "--json"])
+    assert result.exit_code == 0, result.output
+    [pulled] = json.loads(result.stdout)["pulled"]
+    assert pulled["files"] == 1 and Path(pulled["path"]).parent.name == "snapshots"
+
     result = runner.invoke(app, ["models", "list", "--json"])
     assert result.exit_code == 0, result.output
     listed = json.loads(result.stdout)
-    assert [row["repo_id"] for row in listed["cached"]] == ["facebook/dinov2-base"]
+    assert [row["repo_id"] for row in listed["cached"]] == ["facebook/dinov2-base",
+                                                            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]  # fmt: skip
     assert {row["name"]: row["cached"] for row in listed["presets"]}["dinov2-base"] is True
     assert {row["name"] for row in listed["presets"] if row["paper"]} >= {"instruct-pix2pix", "clip-vit-h-14"}
     result = runner.invoke(app, ["models", "list"])
