@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import ValidationError
 
 from exports.manifest import build_manifest, resolve_hashes, write_manifest
 from exports.records import (
@@ -381,9 +382,18 @@ def build_row_record(
         subs = [SubInstructionRecord(turn_index=turn, text=instruction, operation=operation,  # type: ignore[arg-type]
                                      box=None, box_source=None, box_score=None)]
     group = str(row.get(columns.group) if columns.group else external)
-    ids.samples += 1
+    try:
+        record = _record(ids, group, dataset, external, turn, val_fraction, instruction, images, subs)
+    except ValidationError as exc:
+        raise RowError(f"not a valid record ({exc.errors()[0]['msg']})") from None
+    return record, {image.sha256: image.data for image in images.values()}
+
+
+def _record(ids: _Ids, group: str, dataset: str, external: str, turn: int, val_fraction: float, instruction: str,
+            images: dict[str, _Image], subs: list[SubInstructionRecord]) -> ExportRecord:  # fmt: skip
+    source = images["source"]
     record = ExportRecord(
-        sample_id=ids.samples, instance_id=ids.instance(group), dataset=dataset, external_id=external,
+        sample_id=ids.samples + 1, instance_id=ids.instance(group), dataset=dataset, external_id=external,
         first_turn=turn, last_turn=turn, status="imported", split=split_for(dataset, group, val_fraction),
         instruction=instruction,
         source_image=ImageRef(sha256=source.sha256, format=source.format, width=source.width, height=source.height,
@@ -394,7 +404,8 @@ def build_row_record(
         provenance=Provenance(n_reviews=0, aggregated=AggregatedScores(consistent=None, quality=None, complexity=None),
                               reviews=(), mllm_conflict=None, decision=None),
     )  # fmt: skip
-    return record, {image.sha256: image.data for image in images.values()}
+    ids.samples += 1
+    return record
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -495,7 +506,9 @@ def import_dataset(
             counts=report.counts, split_files=split_files, files=entries, db_revision=None,
         )  # fmt: skip
         write_manifest(tmp, manifest)
-        tmp.rename(out) if not out.exists() else (out.rmdir(), tmp.rename(out))
+        if out.exists():  # an empty folder (checked above)
+            out.rmdir()
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
