@@ -190,7 +190,7 @@ def _pretrained_repo(model_name: str, tag: str) -> str | None:
 
 
 def resolve_open_clip(
-    model_name: str, value: str | os.PathLike[str], setting: str = "MCIE_CLIP_CHECKPOINT", progress: bool = False
+    model_name: str, value: str | os.PathLike[str], setting: str = "MCIE_CLIP_CHECKPOINT"
 ) -> Path:
     """A local open_clip checkpoint file for ``value``: a file, a folder holding one of :data:`OPEN_CLIP_FILES`, a
     Hub id (``[hf-hub:]owner/name[@rev]``), or a pretrained tag of ``model_name`` (e.g. ``laion2b_s32b_b79k``)."""
@@ -205,7 +205,7 @@ def resolve_open_clip(
         text = repo
     ref = parse_ref(text, setting)
     if ref.path is None:
-        return _open_clip_file(ref, setting, progress)
+        return _open_clip_file(ref, setting)
     if ref.path.is_file():
         return ref.path
     for name in OPEN_CLIP_FILES:
@@ -214,8 +214,9 @@ def resolve_open_clip(
     raise ModelNotAvailable(f"{setting}: folder {ref.path}: expected one of {', '.join(OPEN_CLIP_FILES)} in it")
 
 
-def _open_clip_file(ref: HubRef, setting: str, progress: bool = False) -> Path:
-    """The first of :data:`OPEN_CLIP_FILES` the repository has (one file fetched, not every copy of the weights)."""
+def _open_clip_file(ref: HubRef, setting: str) -> Path:
+    """The first of :data:`OPEN_CLIP_FILES` the repository has (one file fetched, not every copy of the weights;
+    huggingface_hub shows its progress bar unless ``HF_HUB_DISABLE_PROGRESS_BARS`` is set)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
@@ -224,7 +225,7 @@ def _open_clip_file(ref: HubRef, setting: str, progress: bool = False) -> Path:
     for name in OPEN_CLIP_FILES:
         try:
             return Path(hf_hub_download(ref.repo_id, name, revision=ref.revision, cache_dir=hub_cache_dir(),
-                                        local_files_only=is_offline(), tqdm_class=None if progress else _silent_tqdm()))
+                                        local_files_only=is_offline()))
         except EntryNotFoundError:
             continue
         except _hub_errors() as exc:
@@ -306,7 +307,7 @@ def pull(name: str, progress: bool = True) -> Pulled:
         raise ValueError(f"mcie models pull {name}: that is a local path; give a preset name or a Hub id owner/name")
     setting = f"mcie models pull {name}"
     if preset is not None and preset.kind == "open_clip":
-        file = _open_clip_file(ref, setting, progress)
+        file = _open_clip_file(ref, setting)
         folder, files = file.parent, [file]
     else:
         allow, ignore = _patterns(preset.kind if preset else "")
