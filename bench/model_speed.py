@@ -7,8 +7,9 @@ inference deployment would).
 
 What MCIE-E1 adds once per edit is its own line, ``encode_per_edit``, warmed up like the steps: for m
 sub-instructions, the m extra CLIP text passes (one batch of m prompts through the text encoder, SD 1.5's 12-layer
-CLIP ViT-L/14 text tower at real size), SACA (Eq. 3-6), and BCCA: the open_clip vision tower on the guidance batch
-(source, source, empty image, as :mod:`model.pipeline` runs it) plus the resampler (Eq. 9). ``in_steps`` is that
+CLIP ViT-L/14 text tower at real size), SACA (Eq. 3-6), and BCCA: the open_clip vision tower on the source and the
+empty image of the guidance branches (``MCIEModel.guidance_background``, as :mod:`model.pipeline` runs it) plus the
+resampler (Eq. 9) on the three branches. ``in_steps`` is that
 cost in baseline steps; ``edit_ratio_20_steps`` = (encoding + 20 MCIE steps) / (20 baseline steps), the whole
 edit's ratio at the paper's 20 steps (InstructPix2Pix's own text encoding, common to both, is left out).
 
@@ -147,7 +148,7 @@ def _merge_lora(model: MCIEModel) -> None:
             module.merge()
 
 
-def _encode_edit(model: MCIEModel, m: int, pixels: torch.Tensor, drop: torch.Tensor) -> dict[str, Any]:
+def _encode_edit(model: MCIEModel, m: int, pixels: torch.Tensor) -> dict[str, Any]:
     """The per-edit encoding of one image with ``m`` sub-instructions, in its three parts (callables)."""
     device, dtype = pixels.device, pixels.dtype
     ids = torch.randint(2, 49408, (m, 77), device=device, generator=torch.Generator(device).manual_seed(m))
@@ -157,7 +158,7 @@ def _encode_edit(model: MCIEModel, m: int, pixels: torch.Tensor, drop: torch.Ten
     return {
         "clip_text": lambda: model.text_encoder(ids)[0],
         "saca": lambda: model.saca(tokens, boxes),
-        "bcca": lambda: model.encode_background(torch.cat([pixels] * 3), drop=drop),
+        "bcca": lambda: model.guidance_background(pixels),
     }
 
 
@@ -177,9 +178,8 @@ def step_times(
     t = torch.tensor(500.0, device=device)
     measure = _timer(device)
     pixels = torch.rand(batch, 3, image_size, image_size, device=device, dtype=dtype) * 2 - 1
-    drop = torch.tensor([False] * (2 * batch) + [True] * batch, device=device)
-    encoders = {m: _encode_edit(model, m, pixels[:1], drop[[0, 1, 2 * batch]]) for m in SUB_COUNTS}
-    background = model.encode_background(torch.cat([pixels] * 3), drop=drop)
+    encoders = {m: _encode_edit(model, m, pixels[:1]) for m in SUB_COUNTS}
+    background = model.guidance_background(pixels)
     subs = {m: _sub_batch(model, batch, m, device, dtype) for m in SUB_COUNTS}
     cases: dict[str, Callable[[], Any]] = {
         "baseline": lambda: base(torch.cat([latents, source], 1), t, encoder_hidden_states=text, return_dict=False),

@@ -329,6 +329,18 @@ class MCIEModel(nn.Module):
         return self.bcca(features)
 
     @torch.no_grad()
+    def guidance_background(self, source_pixels: torch.Tensor) -> torch.Tensor:
+        """BCCA tokens of the three guidance branches ``[text + image, image, neither]``: ``(3B, Q, D)``, the
+        source's tokens twice and the empty image's once. The frozen tower runs on the B sources and one empty image
+        (B + 1 images instead of 3B); the tokens equal :meth:`encode_background` on the tripled batch."""
+        features = self.vision_features(source_pixels)
+        assert self.vision is not None
+        empty = torch.zeros(1, 3, *self.vision.image_size, device=self.device)
+        null = self.vision_features(empty, torch.ones(1, dtype=torch.bool)).to(features.dtype)
+        batch = features.shape[0]
+        return self.encode_background(features=torch.cat([features, features, null.expand(batch, -1, -1)]))
+
+    @torch.no_grad()
     def encode_source_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """InstructPix2Pix's image conditioning: the VAE posterior's mode, not scaled."""
         return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()

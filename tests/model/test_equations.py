@@ -137,6 +137,9 @@ def test_unconditional_branch_gets_the_empty_image_bcca_tokens(files: TinyFiles,
     with torch.no_grad():
         zeros = model.encode_background(torch.zeros_like(pixels))
     assert (empty - zeros).abs().amax() > 1e-4  # the empty *normalised* image, not a black one
+    with torch.no_grad():  # B + 1 tower passes give what the tripled batch with the third dropped gives
+        tripled = model.encode_background(torch.cat([pixels] * 3), drop=torch.tensor([False, False, True]))
+    torch.testing.assert_close(model.guidance_background(pixels), tripled)
 
 
 # --- Eq. 10 and Eq. 8 -----------------------------------------------------------------------------------------
