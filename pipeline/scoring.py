@@ -376,8 +376,8 @@ def make_scorer(
         )
     try:
         path = _resolve_checkpoint(settings.clip_checkpoint, settings.clip_model)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"MCIE_CLIP_CHECKPOINT: {exc}") from None
+    except FileNotFoundError as exc:  # the message names MCIE_CLIP_CHECKPOINT (mcie.hub)
+        raise ConfigError(str(exc)) from None
     device = _device(settings.device)
     precision = "fp16" if device.startswith("cuda") else "fp32"
     try:
