@@ -238,3 +238,19 @@ def test_image_folder_and_arrow_sources(tmp_path: Path) -> None:
     columns = parse_columns("source=a,target=b,instruction=t")
     report = import_dataset(str(tmp_path / "arrow"), tmp_path / "out2", columns=columns)
     assert report.written == 1 and verify_export(tmp_path / "out2") == []
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+def test_mcie_train_runs_on_an_import(tmp_path: Path) -> None:
+    """Stage 1 on imported data: `mcie train`'s own loop takes the folder as it takes an export."""
+    from model.train import train
+    from model.train_config import TrainConfig
+    from tests.model.test_train import tiny_config_data
+    from tests.model.tiny import make_tiny_files
+
+    import_dataset(str(magicbrush_parquet(tmp_path / "mb")), tmp_path / "stage1", preset="magicbrush")
+    files = make_tiny_files(tmp_path / "tiny")
+    data = tiny_config_data(files.base, files.vision, tmp_path / "stage1", tmp_path / "run")
+    data["stages"] = [{**data["stages"][0], "steps": 2, "warmup_steps": 0, "batch_size": 2}]
+    result = train(TrainConfig.from_data(data), progress=False)
+    assert result.finished and result.global_step == 2 and all(np.isfinite(list(result.losses.values())))
