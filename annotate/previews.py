@@ -167,12 +167,30 @@ def unavailable_reason(settings: Settings) -> str | None:
     base = settings.editing_base_model_path
     if base is None:
         return "No editing model is configured (set MCIE_EDITING_BASE_MODEL_PATH), so previews are off."
-    if not Path(base).is_dir():
-        return f"The editing model's base folder (MCIE_EDITING_BASE_MODEL_PATH) was not found: {base}"
+    from mcie.hub import is_offline, parse_ref, resolve_folder
+
+    try:  # a Hub id is checked against the HF cache only offline (online the worker fetches it when it loads)
+        ref = parse_ref(base, "MCIE_EDITING_BASE_MODEL_PATH")
+        if ref.path is not None and not ref.path.is_dir():
+            raise FileNotFoundError(base)
+        if ref.path is None and is_offline():
+            resolve_folder(base, "MCIE_EDITING_BASE_MODEL_PATH")
+    except FileNotFoundError as exc:
+        return f"The editing model's base folder (MCIE_EDITING_BASE_MODEL_PATH) was not found: {exc}"
     weights = settings.editing_weights_path
-    if weights is not None and not (Path(weights) / WEIGHTS_FILE).is_file():
+    if weights is not None and not (_weights_folder(weights) / WEIGHTS_FILE).is_file():
         return f"The MCIE-E1 weights (MCIE_EDITING_WEIGHTS_PATH) have no {WEIGHTS_FILE}: {weights}"
     return None
+
+
+def _weights_folder(weights: str) -> Path:
+    """The local folder of a weights path or Hub id (the path itself when it cannot be resolved)."""
+    from mcie.hub import resolve_folder
+
+    try:
+        return resolve_folder(weights, "MCIE_EDITING_WEIGHTS_PATH")
+    except FileNotFoundError:
+        return Path(weights)
 
 
 def model_version(settings: Settings) -> str:
@@ -182,14 +200,15 @@ def model_version(settings: Settings) -> str:
     reason = unavailable_reason(settings)
     if reason is not None:
         raise PreviewUnavailable(reason)
-    base = Path(settings.editing_base_model_path or "")
-    name = (base.resolve().name or "base")[:100]
+    base = settings.editing_base_model_path or ""
+    name = ((Path(base).resolve().name if Path(base).exists() else base.replace("/", "--")) or "base")[:100]
     weights = settings.editing_weights_path
     if weights is None:
         return f"{name}:baseline"
     digest = hashlib.sha256(name.encode())
-    digest.update(_file_digest(Path(weights) / WEIGHTS_FILE).encode())
-    config = Path(weights) / CONFIG_FILE
+    folder = _weights_folder(weights)
+    digest.update(_file_digest(folder / WEIGHTS_FILE).encode())
+    config = folder / CONFIG_FILE
     if config.is_file():
         digest.update(_file_digest(config).encode())
     return f"{name}:{digest.hexdigest()[:12]}"

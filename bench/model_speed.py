@@ -2,11 +2,21 @@
 
 A "step" is one UNet evaluation of the classifier-free-guidance batch (3 x the image batch), as in the pipeline:
 baseline = the diffusers UNet with its default processors; MCIE-E1 = the same weights with the MCIE processors,
-SACA contexts and BCCA tokens (encoded once per edit, timed separately as ``encode_ms``) and the attn1 LoRA
-(unmerged, as in training; ``mcie_lora_merged`` merges it as an inference deployment would). Cases are interleaved
-repeat by repeat; ``ms`` is the fastest repeat (the least disturbed by other load), the median is reported too;
-``ratio`` = MCIE / baseline. On CPU the clock is the process's CPU time with one thread (``--threads``), which other
-processes on a shared machine disturb far less than wall-clock time; on CUDA it is synchronised wall-clock time.
+SACA contexts and BCCA tokens and the attn1 LoRA (unmerged, as in training; ``mcie_lora_merged`` merges it as an
+inference deployment would).
+
+What MCIE-E1 adds once per edit is its own line, ``encode_per_edit``, warmed up like the steps: for m
+sub-instructions, the m extra CLIP text passes (one batch of m prompts through the text encoder, SD 1.5's 12-layer
+CLIP ViT-L/14 text tower at real size), SACA (Eq. 3-6), and BCCA: the open_clip vision tower on the source and the
+empty image of the guidance branches (``MCIEModel.guidance_background``, as :mod:`model.pipeline` runs it) plus the
+resampler (Eq. 9) on the three branches. ``in_steps`` is that
+cost in baseline steps; ``edit_ratio_20_steps`` = (encoding + 20 MCIE steps) / (20 baseline steps), the whole
+edit's ratio at the paper's 20 steps (InstructPix2Pix's own text encoding, common to both, is left out).
+
+Cases (encodings included) are interleaved repeat by repeat; ``ms`` is the fastest repeat (the least disturbed by
+other load), the median is reported too; ``ratio`` = MCIE / baseline. On CPU the clock is the process's CPU time with
+one thread (``--threads``), which other processes on a shared machine disturb far less than wall-clock time; on CUDA
+it is synchronised wall-clock time.
 
 - ``cpu_small``: random weights, an SD-1.5-shaped UNet scaled down (3 levels, widths 64/128/256, cross-attention
   width 128) at a 256 x 256 image (32 x 32 latent), fp32, the real SACA/BCCA sizes (2 and 16 queries, 2 and 4
@@ -73,9 +83,11 @@ SMALL_UNET: dict[str, Any] = {
 
 
 def _build(
-    unet_config: dict[str, Any], config: MCIEConfig, vision: OpenClipPatchEncoder, device: torch.device
+    unet_config: dict[str, Any], config: MCIEConfig, vision: OpenClipPatchEncoder, device: torch.device,
+    text_size: tuple[int, int, int] = (1, 8, 0),
 ) -> tuple[Any, MCIEModel]:
-    """A plain UNet and an MCIE-E1 model sharing its initial weights (random), created on ``device``."""
+    """A plain UNet and an MCIE-E1 model sharing its initial weights (random), created on ``device``; the text
+    encoder has ``text_size = (layers, heads, intermediate)`` (0: the width)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -85,9 +97,10 @@ def _build(
         base = UNet2DConditionModel(**unet_config).eval()
         unet = UNet2DConditionModel(**unet_config)
         unet.load_state_dict(base.state_dict())
+        layers, heads, inner = text_size
         text_config = CLIPTextConfig(
-            hidden_size=dim, intermediate_size=dim, num_hidden_layers=1, vocab_size=64, num_attention_heads=8,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            hidden_size=dim, intermediate_size=inner or dim, num_hidden_layers=layers, vocab_size=49408,
+            num_attention_heads=heads, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         )
         text = CLIPTextModel(text_config)
         vae = AutoencoderKL(block_out_channels=(32,), norm_num_groups=32, latent_channels=4)
@@ -135,12 +148,26 @@ def _merge_lora(model: MCIEModel) -> None:
             module.merge()
 
 
+def _encode_edit(model: MCIEModel, m: int, pixels: torch.Tensor) -> dict[str, Any]:
+    """The per-edit encoding of one image with ``m`` sub-instructions, in its three parts (callables)."""
+    device, dtype = pixels.device, pixels.dtype
+    ids = torch.randint(2, 49408, (m, 77), device=device, generator=torch.Generator(device).manual_seed(m))
+    boxes = torch.tensor(BOXES[:m], device=device).view(1, m, 4)
+    assert model.saca is not None
+    tokens = model.text_encoder(ids)[0].view(1, m, 77, -1).to(dtype)
+    return {
+        "clip_text": lambda: model.text_encoder(ids)[0],
+        "saca": lambda: model.saca(tokens, boxes),
+        "bcca": lambda: model.guidance_background(pixels),
+    }
+
+
 @torch.no_grad()
 def step_times(
     unet_config: dict[str, Any], config: MCIEConfig, vision: OpenClipPatchEncoder, device: torch.device,
-    dtype: torch.dtype, image_size: int, repeat: int, batch: int = 1,
+    dtype: torch.dtype, image_size: int, repeat: int, batch: int = 1, text_size: tuple[int, int, int] = (1, 8, 0),
 ) -> dict[str, Any]:
-    base, model = _build(unet_config, config, vision, device)
+    base, model = _build(unet_config, config, vision, device, text_size)
     base.to(device, dtype)
     model.to(device, dtype)
     latent = image_size // 8
@@ -151,18 +178,17 @@ def step_times(
     t = torch.tensor(500.0, device=device)
     measure = _timer(device)
     pixels = torch.rand(batch, 3, image_size, image_size, device=device, dtype=dtype) * 2 - 1
-    drop = torch.tensor([False] * (2 * batch) + [True] * batch, device=device)
-    encode_ms = {
-        "bcca": measure(lambda: model.encode_background(torch.cat([pixels] * 3), drop=drop)),
-        "saca_4": measure(lambda: _sub_batch(model, batch, 4, device, dtype)),
-    }
-    background = model.encode_background(torch.cat([pixels] * 3), drop=drop)
+    encoders = {m: _encode_edit(model, m, pixels[:1]) for m in SUB_COUNTS}
+    background = model.guidance_background(pixels)
     subs = {m: _sub_batch(model, batch, m, device, dtype) for m in SUB_COUNTS}
     cases: dict[str, Callable[[], Any]] = {
         "baseline": lambda: base(torch.cat([latents, source], 1), t, encoder_hidden_states=text, return_dict=False),
     }
     for m in SUB_COUNTS:
         cases[f"mcie_{m}"] = lambda m=m: model(latents, t, source, text, subs[m], background=background)
+    for m, parts in encoders.items():
+        for part, fn in parts.items():
+            cases[f"encode_{m}_{part}"] = fn
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():  # warm-up
         fn()
@@ -173,6 +199,13 @@ def step_times(
     model(latents, t, source, text, subs[4], background=background)
     merged = [measure(lambda: model(latents, t, source, text, subs[4], background=background)) for _ in range(repeat)]
     baseline, baseline_median = min(samples["baseline"]), statistics.median(samples["baseline"])
+    encode = []
+    for m in SUB_COUNTS:
+        parts = {part: min(samples[f"encode_{m}_{part}"]) for part in ("clip_text", "saca", "bcca")}
+        total = sum(parts.values())
+        encode.append({"sub_instructions": m, **{f"{k}_ms": round(v, 2) for k, v in parts.items()},
+                       "total_ms": round(total, 2), "in_steps": round(total / baseline, 3),
+                       "edit_ratio_20_steps": round((total + 20 * min(samples[f"mcie_{m}"])) / (20 * baseline), 3)})
     return {
         "image_size": image_size,
         "dtype": str(dtype).removeprefix("torch."),
@@ -191,7 +224,7 @@ def step_times(
             for m in SUB_COUNTS
         ],
         "mcie_lora_merged": {"sub_instructions": 4, "ratio": round(min(merged) / baseline, 3)},
-        "encode_ms": {k: round(v, 2) for k, v in encode_ms.items()},
+        "encode_per_edit": encode,
     }
 
 
@@ -245,8 +278,9 @@ def cpu_small(repeat: int) -> dict[str, Any]:
     config = MCIEConfig(saca_width=128, saca_heads=8, bcca_width=128, bcca_heads=8, clip_vision_model="tiny",
                         clip_vision_model_config=TINY_VISION)
     vision = _vision("tiny", TINY_VISION, torch.device("cpu"))
-    result = step_times(SMALL_UNET, config, vision, torch.device("cpu"), torch.float32, 256, repeat)
-    result["unet"] = "SD-1.5-shaped, widths 64/128/256, cross-attention 128"
+    result = step_times(SMALL_UNET, config, vision, torch.device("cpu"), torch.float32, 256, repeat,
+                        text_size=(12, 8, 512))  # SD 1.5's 12-layer text tower, scaled to width 128 like the UNet
+    result["unet"] = "SD-1.5-shaped, widths 64/128/256, cross-attention 128; text encoder 12 layers at 128"
     result["threads"] = torch.get_num_threads()
     return result
 
@@ -255,7 +289,7 @@ def cuda_sd15(repeat: int) -> dict[str, Any]:
     device = torch.device("cuda")
     config = MCIEConfig(clip_vision_model="ViT-H-14")
     vision = _vision("ViT-H-14", None, device)
-    result = step_times(SD15_UNET, config, vision, device, torch.float16, 512, repeat)
+    result = step_times(SD15_UNET, config, vision, device, torch.float16, 512, repeat, text_size=(12, 12, 3072))
     result["unet"] = "SD 1.5 (in_channels 8), random weights"
     result["gpu"] = torch.cuda.get_device_name(device)
     torch.cuda.empty_cache()

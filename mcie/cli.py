@@ -37,6 +37,8 @@ def _register_stage_commands() -> None:
     from annotate.jobs_cli import worker_command
     from annotate.study_cli import app as study_app
     from exports.cli import app as export_app
+    from exports.importer_cli import app as data_app
+    from mcie.models_cli import app as models_app
     from model.cli import register as register_model_commands
     from pipeline.cli import app as pipeline_app
 
@@ -46,6 +48,8 @@ def _register_stage_commands() -> None:
     app.add_typer(jobs_app, name="jobs")
     app.command("worker")(worker_command)
     register_model_commands(app)  # mcie train / edit / eval
+    app.add_typer(models_app, name="models")  # mcie models pull / list (mcie/models_cli.py)
+    app.add_typer(data_app, name="data")  # mcie data import (exports/importer_cli.py)
 
 
 _register_stage_commands()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +23,10 @@ from pydantic_settings import (
 
 ENV_PREFIX = "MCIE_"
 SECRET_FIELDS = ("mllm_api_key", "secret_key", "blob_storage_options")
+
+
+# a weights setting: a local path or a Hugging Face Hub id ``owner/name[@revision]``, resolved by mcie.hub
+WeightsRef = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)]
 
 
 class ConfigError(ValueError):
@@ -118,8 +122,9 @@ class Settings(BaseSettings):
         "http://127.0.0.1:8000/v1", description="Base URL of an OpenAI-compatible server (vllm serve)."
     )
     mllm_model: str = Field("Qwen/Qwen2.5-VL-72B-Instruct", description="Model name sent to the server.")
-    mllm_model_path: Path | None = Field(
-        None, description="Local model folder for the in-process vllm/transformers backends."
+    mllm_model_path: WeightsRef | None = Field(
+        None, description="Model of the in-process vllm/transformers backends: a local folder or a Hub id "
+        "(Qwen/Qwen2.5-VL-7B-Instruct[@revision])."
     )
     mllm_api_key: SecretStr | None = Field(None, description="API key for the OpenAI-compatible server.")
     mllm_concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight to the MLLM server.")
@@ -128,22 +133,26 @@ class Settings(BaseSettings):
 
     # --- CLIP used for box selection (Eq. 1) and evaluation ----------------------------------------------
     clip_model: str = Field("ViT-L-14", description="open_clip architecture name.")
-    clip_checkpoint: Path | None = Field(
-        None, description="Local open_clip checkpoint; without it box selection uses the pixel scorer."
+    clip_checkpoint: WeightsRef | None = Field(
+        None, description="open_clip checkpoint: a file or folder, a Hub id ([hf-hub:]owner/name[@revision]) or a "
+        "pretrained tag of MCIE_CLIP_MODEL (e.g. openai); without it box selection uses the pixel scorer."
     )
 
     # --- MCIE-E1 editing model -------------------------------------------------------------------------
-    editing_base_model_path: Path | None = Field(
-        None, description="Local diffusers folder of InstructPix2Pix (SD 1.5) the model is built on."
+    editing_base_model_path: WeightsRef | None = Field(
+        None, description="InstructPix2Pix (SD 1.5, diffusers layout) the model is built on: a local folder or a Hub "
+        "id (timbrooks/instruct-pix2pix[@revision])."
     )
-    editing_weights_path: Path | None = Field(
-        None, description="Folder with trained MCIE-E1 parts (LoRA + SACA + BCCA safetensors)."
+    editing_weights_path: WeightsRef | None = Field(
+        None, description="Trained MCIE-E1 parts (LoRA + SACA + BCCA safetensors): a local folder or a Hub id."
     )
-    editing_vision_checkpoint: Path | None = Field(
-        None, description="open_clip vision checkpoint for BCCA (default: the one named in the weights' config)."
+    editing_vision_checkpoint: WeightsRef | None = Field(
+        None, description="open_clip vision checkpoint for BCCA (file, folder, Hub id or pretrained tag; default: "
+        "the one named in the weights' config)."
     )
-    dino_checkpoint: Path | None = Field(
-        None, description="Local DINOv2 folder (transformers layout) for the DINO-I metric of `mcie eval`."
+    dino_checkpoint: WeightsRef | None = Field(
+        None, description="DINOv2 (transformers layout) for the DINO-I metric of `mcie eval`: a local folder or a "
+        "Hub id (facebook/dinov2-base[@revision])."
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
 

@@ -18,7 +18,8 @@ Per cross-attention layer, with ``Q = to_q(z_t)``:
   sub-instructions are an unordered set and their own spatial tokens tell them apart, so per-slot weights would
   only make the model depend on the order the MLLM lists them in.
 - BG (BCCA, Eq. 10): attention over the background tokens with their own ``to_k_bg`` / ``to_v_bg``, its output
-  multiplied by ``1 - s * M_union`` per position (see :mod:`model.masks`; a per-query mask cancels inside a softmax).
+  multiplied by ``1 - M_union`` per position (``1 - s * M_union`` with ``background_schedule = "faded"``; see
+  :mod:`model.masks` for why the gate is on the output).
 - Fusion (Eq. 11): ``lambda * FG + (1 - lambda) * BG`` before the layer's ``to_out``, as IP-Adapter adds its branch
   before ``to_out``. Without background tokens (SACA-only ablation) the output is FG.
 
@@ -67,6 +68,8 @@ class MCIEAttentionInputs:
     background: torch.Tensor | None = None
     mask_mode: str = "bias"
     mask_resize: str = "area"
+    schedule_form: str = "strength"
+    background_faded: bool = False
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class MCIEAttentionInputs:
                 raise ValueError(f"{name}: batch {value.shape[0]} but {batch} timesteps/strengths")
         if self.mask_mode not in ("bias", "literal"):
             raise ValueError(f"mask_mode: expected 'bias' or 'literal', got {self.mask_mode!r}")
+        if self.schedule_form not in ("strength", "literal"):
+            raise ValueError(f"schedule_form: expected 'strength' or 'literal', got {self.schedule_form!r}")
 
     @property
     def has_sub_instructions(self) -> bool:
@@ -124,7 +129,8 @@ class MCIEAttentionInputs:
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             rows = self.sub_rows()
-            return foreground_weights(self.slot_masks(tokens)[rows], self._valid()[rows], self.strength[rows])
+            return foreground_weights(self.slot_masks(tokens)[rows], self._valid()[rows], self.strength[rows],
+                                      self.schedule_form)  # fmt: skip
 
         return self._cached(("fg", tokens), build)
 
@@ -158,12 +164,13 @@ class MCIEAttentionInputs:
         return self._cached(("literal", tokens, n_base, n_slot, dtype), build)
 
     def background_gate(self, tokens: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(B, 1, tokens, 1)``: ``1 - s * M_union`` per position (ones without sub-instructions)."""
+        """``(B, 1, tokens, 1)``: ``1 - M_union`` per position (``1 - s * M_union`` when faded; ones without
+        sub-instructions)."""
 
         def build() -> torch.Tensor:
             if not self.has_sub_instructions:
                 return torch.ones(self.strength.shape[0], 1, tokens, 1, dtype=dtype, device=self.strength.device)
-            gate = background_gate(self.slot_masks(tokens), self._valid(), self.strength)
+            gate = background_gate(self.slot_masks(tokens), self._valid(), self.strength, self.background_faded)
             return gate[:, None, :, None].to(dtype)
 
         return self._cached(("gate", tokens, dtype), build)

@@ -10,9 +10,10 @@ normalised with the architecture's mean and std (OpenAI's unless its config says
 
 Only the vision tower is built (``open_clip.model._build_vision_tower`` from the architecture's config, so the
 text tower of a large CLIP is never allocated; open_clip itself builds towers this way). Its weights come from a
-checkpoint file: a full open_clip CLIP state dict (its ``visual.*`` keys are used), or a vision-only one;
-``.safetensors`` or a torch file, optionally under ``"state_dict"`` and with DDP's ``module.`` prefix. Anything
-missing or left over is an error naming the file and the key.
+checkpoint file (a path, or a Hub id / pretrained tag resolved by :func:`mcie.hub.resolve_open_clip`): a full
+open_clip CLIP state dict (its ``visual.*`` keys are used), or a vision-only one; ``.safetensors`` or a torch
+file, optionally under ``"state_dict"`` and with DDP's ``module.`` prefix. Anything missing or left over is an
+error naming the file and the key.
 
 ``BackgroundContext`` is ``f = Q_beta(MLP(CLIP(I_src)))``: LayerNorm + Linear + GELU + Linear from the tower width to
 ``bcca_width``, then the shared :class:`model.saca.QueryTransformer` with 16 queries and 4 blocks, projected to the
@@ -104,7 +105,9 @@ class OpenClipPatchEncoder(nn.Module):
     ) -> OpenClipPatchEncoder:
         visual, config = build_vision_tower(name, model_config)
         if checkpoint is not None:
-            _load_vision_weights(visual, Path(checkpoint))
+            from mcie.hub import resolve_open_clip
+
+            _load_vision_weights(visual, resolve_open_clip(name, checkpoint, "MCIE_EDITING_VISION_CHECKPOINT"))
         return cls(visual, config, layer)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:

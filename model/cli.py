@@ -32,7 +32,7 @@ BASELINE_NAMES = ("ip2p", "instructpix2pix", "baseline")
 _SUB_HELP = ('Sub-instruction "text|op|x0,y0,x1,y1" (op add/remove/change, normalised box; both optional); '
              "repeatable. Without it MCIE-E1 decomposes the instruction through the MLLM.")  # fmt: skip
 _MODEL_HELP = ("Edit the bench first with: mcie-e1 (MCIE_EDITING_WEIGHTS_PATH), ip2p (the baseline), or "
-               "NAME=WEIGHTS_FOLDER; repeatable.")  # fmt: skip
+               "NAME=WEIGHTS (folder or Hub id); repeatable.")  # fmt: skip
 _DECOMPOSE_HELP = "--model: decompose the instructions through the MLLM instead of using the bench's boxes."
 _JUDGE_HELP = "MLLM-judged IC / BC (default: when an MLLM is configured)."
 _OUTPUTS = Path("eval-outputs")
@@ -166,10 +166,13 @@ def edit_command(
     guidance_scale: Annotated[float, typer.Option(help="Text guidance scale.")] = 7.5,
     image_guidance_scale: Annotated[float, typer.Option(help="Image guidance scale.")] = 1.5,
     resolution: Annotated[int, typer.Option(min=0, help="Shorter side of the edit, pixels (0: as is).")] = 512,
-    base: Annotated[Path | None, typer.Option(help="InstructPix2Pix folder (MCIE_EDITING_BASE_MODEL_PATH).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="MCIE-E1 weights (MCIE_EDITING_WEIGHTS_PATH).")] = None,
+    base: Annotated[Path | None, typer.Option(help="InstructPix2Pix folder or Hub id "
+                                                   "(MCIE_EDITING_BASE_MODEL_PATH).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="MCIE-E1 weights folder or Hub id "
+                                                      "(MCIE_EDITING_WEIGHTS_PATH).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Plain InstructPix2Pix, ignore weights.")] = False,
-    vision_checkpoint: Annotated[Path | None, typer.Option(help="BCCA's open_clip checkpoint, if moved.")] = None,
+    vision_checkpoint: Annotated[Path | None, typer.Option(help="BCCA's open_clip checkpoint (file, Hub id or "
+                                                                "tag).")] = None,
     device: Annotated[str | None, typer.Option(help="Torch device (MCIE_DEVICE).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -256,9 +259,13 @@ def eval_command(
     decompose: Annotated[bool, typer.Option("--decompose", help=_DECOMPOSE_HELP)] = False,
     judge: Annotated[bool | None, typer.Option("--judge/--no-judge", help=_JUDGE_HELP)] = None,
     clip_model: Annotated[str | None, typer.Option(help="open_clip architecture (MCIE_CLIP_MODEL).")] = None,
-    clip_checkpoint: Annotated[Path | None, typer.Option(help="open_clip checkpoint (MCIE_CLIP_CHECKPOINT).")] = None,
-    dino_checkpoint: Annotated[Path | None, typer.Option(help="Local DINOv2 transformers folder.")] = None,
+    clip_checkpoint: Annotated[str | None, typer.Option(help="open_clip checkpoint: file, Hub id or pretrained tag "
+                                                             "(MCIE_CLIP_CHECKPOINT).")] = None,
+    dino_checkpoint: Annotated[str | None, typer.Option(help="DINOv2: transformers folder or Hub id "
+                                                             "(MCIE_DINO_CHECKPOINT).")] = None,
     resolution: Annotated[int, typer.Option(min=1, help="Resolution of the L1 / L2 comparison.")] = 512,
+    reference: Annotated[str, typer.Option(help="target, source (reference-free) or auto: the targets when every "
+                                                "item has one, else the sources.")] = "auto",
     steps: Annotated[int, typer.Option(min=1, help="--model: denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="--model: random seed.")] = 0,
     guidance_scale: Annotated[float, typer.Option(help="--model: text guidance scale.")] = 7.5,
@@ -270,8 +277,17 @@ def eval_command(
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown here.")] = None,
     details: Annotated[Path | None, typer.Option(help="Write one JSON line per (method, item) here.")] = None,
 ) -> None:
-    """Score methods on a benchmark: CLIP-I, DINO-I, L1, L2, and the MLLM-judged IC / BC (paper 4.1)."""
-    from model.evaluate import ClipImageEncoder, DinoImageEncoder, EvalError, evaluate, load_bench, run_edits
+    """Score methods on a benchmark: CLIP-I, DINO-I, L1, L2 (against targets, or the sources when the bench has
+    none), background L1 / L2 / DINO-I outside the edit regions, and the MLLM-judged IC / BC (paper 4.1)."""
+    from model.evaluate import (
+        ClipImageEncoder,
+        DinoImageEncoder,
+        EvalError,
+        bench_reference,
+        evaluate,
+        load_bench,
+        run_edits,
+    )
 
     settings = _settings()
     methods = _named(method, "--method")
@@ -283,6 +299,7 @@ def eval_command(
         _fail("nothing to evaluate: give --method NAME=FOLDER and/or --model NAME")
     try:
         items = load_bench(bench)
+        bench_reference(items, reference)  # a mixed bench fails here, before any edit is run
     except EvalError as exc:
         _fail(str(exc))
     for name, spec in models.items():
@@ -320,7 +337,7 @@ def eval_command(
         dino_path = dino_checkpoint or _setting(settings, "dino_checkpoint")
         dino = DinoImageEncoder(dino_path, device or settings.device) if dino_path else None
         report = evaluate(items, methods, clip=clip, dino=dino, judge=backend, resolution=resolution,
-                          bench=str(bench), progress=not as_json)  # fmt: skip
+                          bench=str(bench), progress=not as_json, reference=reference)  # fmt: skip
     except EvalError as exc:
         _fail(str(exc))
     finally:

@@ -22,10 +22,18 @@ the reason for it:
   each resolution (a cell is in when its centre is; a box thinner than a cell keeps the cell holding its centre).
 - ``timestep_schedule``: Eq. 8 on (``M' = M * exp(-t / T)``, ``T = num_train_timesteps`` of the scheduler, so the
   same ``t / T`` in [0, 1) is used in training and at any number of inference steps) or off (full strength always).
+- ``schedule_form``: how Eq. 8 is read: ``"strength"`` (default; ``exp(-t/T)`` is the strength of the masking, the
+  weight is ``1 - s (1 - M)``, so early steps open the outside of a box to its sub-instruction) or ``"literal"``
+  (``M' = M * exp(-t/T)`` as written: a sub-instruction never reaches outside its box and is damped inside it early).
+  Both are tabulated side by side in :mod:`model.masks`; the second is for ablations.
+- ``background_schedule``: the gate of the background branch (Eq. 10): ``"plain"`` (default) ``1 - M_union`` as
+  written, so BCCA's tokens never reach inside a box; ``"faded"`` ``1 - exp(-t/T) M_union``, which lets them in at
+  weight up to 0.63 at the noisiest step (kept for ablations).
 - ``base_text``: what the UNet's ordinary text tokens (its frozen ``to_k`` / ``to_v``) carry in the conditional
   branch: ``"instruction"`` (default) the whole complex instruction encoded as InstructPix2Pix would, which is what
-  latents outside every box attend to, so the model reduces to InstructPix2Pix where no box is; ``"null"`` the empty
-  prompt, so outside the boxes the foreground branch sees no instruction.
+  latents outside every box attend to, so there the foreground branch is InstructPix2Pix's cross-attention (the
+  layer's output is still ``lambda * FG + (1 - lambda) * BG`` when BCCA is on); ``"null"`` the empty prompt, so
+  outside the boxes the foreground branch sees no instruction.
 - ``lora_rank`` / ``lora_alpha`` / ``lora_dropout``: 16 / 16 / 0, a common LoRA setting for SD 1.5 attention.
 - ``clip_vision_model``: the open_clip architecture of BCCA's image encoder, ``"ViT-H-14"`` (the OpenCLIP ViT-H/14
   IP-Adapter-Plus uses with SD 1.5); ``clip_vision_model_config`` may give the architecture as an open_clip config
@@ -85,6 +93,8 @@ class MCIEConfig(BaseModel):
     mask_mode: MaskMode = "bias"
     mask_resize: MaskResize = "area"
     timestep_schedule: bool = True
+    schedule_form: Literal["strength", "literal"] = "strength"
+    background_schedule: Literal["plain", "faded"] = "plain"
     base_text: Literal["instruction", "null"] = "instruction"
 
     # LoRA on the self-attention layers

@@ -10,21 +10,32 @@
 ``id`` names the output file (``<id>.png``; letters, digits, ``._-``); ``source`` / ``target`` are paths relative to
 the JSONL file (``{"path": ...}`` objects, as in exports, work too); boxes are normalised ``[x0, y0, x1, y1]`` or
 ``null`` (whole image). Without ``sub_instructions`` an MCIE-E1 edit asks the configured MLLM to decompose the
-instruction; ``[]`` edits without spatial guidance. ``target`` and ``seed`` are optional.
+instruction; ``[]`` edits without spatial guidance. ``target``, ``seed`` and ``regions`` (a list of boxes: the edit
+regions when they are not tied to sub-instructions; default: the sub-instructions' boxes) are optional.
 
-**A benchmark folder** holds ``bench.jsonl`` (the lines above, every one with its ``target``) and the images it
-names. A method's outputs are one folder with ``<id>.png`` per item (``.jpg``, ``.jpeg``, ``.webp`` are accepted
-too); items without an output are reported as missing and left out of that method's means.
+**A benchmark folder** holds ``bench.jsonl`` (the lines above) and the images it names. With a ``target`` on every
+item (MagicBrush) it is scored against the targets; without any (CIE-Bench as the paper describes it: source images,
+complex instructions, human-drawn regions) it is scored reference-free, against the source (``reference`` of
+:func:`evaluate`: ``auto`` picks by the bench, ``source`` forces the reference-free mode; a bench with targets on only
+some items must say which). A method's outputs are one folder with ``<id>.png`` per item (``.jpg``, ``.jpeg``,
+``.webp`` are accepted too); items without an output are reported as missing and left out of that method's means.
 
-**Metrics** (:func:`evaluate`), per method, means over the items that have what a metric needs:
+**Metrics** (:func:`evaluate`), per method, means over the items that have what a metric needs; "the reference" is the
+target image, or the source image in the reference-free mode, and the report names it per column:
 
-- ``clip_i``: cosine of the open_clip image embeddings of output and target (``MCIE_CLIP_MODEL`` /
+- ``clip_i``: cosine of the open_clip image embeddings of output and reference (``MCIE_CLIP_MODEL`` /
   ``MCIE_CLIP_CHECKPOINT``, open_clip's own preprocessing);
 - ``dino_i``: cosine of the DINOv2 CLS embeddings (``Dinov2Model.pooler_output``, the layer-normed CLS token) of
-  output and target, from a local transformers folder; images resized (shorter side ``crop * 256 / 224``,
+  output and reference, from a transformers folder or Hub id; images resized (shorter side ``crop * 256 / 224``,
   bicubic), centre-cropped to ``crop`` (224) and ImageNet-normalised, as DINOv2's evaluations do;
-- ``l1`` / ``l2``: mean absolute / mean squared pixel difference of output and target, both resized to
+- ``l1`` / ``l2``: mean absolute / mean squared pixel difference of output and reference, both resized to
   ``resolution`` x ``resolution`` (bicubic), RGB in [0, 1] (MagicBrush's L1 and L2 = MSE);
+- ``bg_l1`` / ``bg_l2`` / ``bg_dino_i``: background consistency where an item has regions: the same L1 / L2 over
+  the pixels outside the union of the boxes only (a pixel is inside when its centre is), and DINO-I of output and
+  source with the boxes blanked (the images resized whole to ``crop`` x ``crop``, no centre crop, so the boxes stay
+  exact, and the pixels inside the boxes set to the normalisation mean, DINOv2's neutral input), always against the
+  source image (the background should not change). An item whose boxes cover the whole image (a sub-instruction
+  without a box is a global edit) has no background and is left out of these;
 - ``ic`` / ``bc``: the MLLM judge's Instruction Compliance (1-10) and Background Consistency (1-5) of the output
   against the source and the instruction (:func:`pipeline.mllm.prompts.judge_prompt`,
   :func:`pipeline.mllm.parsing.parse_judge`), normalised to [0, 1] (divided by 10 and 5). A request or answer
@@ -63,6 +74,8 @@ __all__ = [
     "EvalReport",
     "MethodResult",
     "SubSpec",
+    "background_mask",
+    "bench_reference",
     "cosine_similarity",
     "edit_one",
     "evaluate",
@@ -89,9 +102,13 @@ METRICS: tuple[tuple[str, str, bool], ...] = (
     ("dino_i", "DINO-I", True),
     ("l1", "L1", False),
     ("l2", "L2", False),
+    ("bg_l1", "BG-L1", False),
+    ("bg_l2", "BG-L2", False),
+    ("bg_dino_i", "BG-DINO-I", True),
     ("ic", "IC", True),
     ("bc", "BC", True),
 )  # (key, label, higher is better)
+_BACKGROUND = ("bg_l1", "bg_l2", "bg_dino_i")
 _ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _OPERATIONS = ("add", "remove", "change")
 
@@ -126,6 +143,16 @@ class EditJob:
     sub_instructions: tuple[SubSpec, ...] | None = None
     target: Path | None = None
     seed: int | None = None
+    regions: tuple[tuple[float, float, float, float] | None, ...] | None = None
+
+    def edit_regions(self) -> tuple[tuple[float, float, float, float] | None, ...] | None:
+        """The edit regions: ``regions`` when given, else the sub-instructions' boxes (None: the whole image);
+        None when the item has neither."""
+        if self.regions is not None:
+            return self.regions
+        if self.sub_instructions:
+            return tuple(sub.box for sub in self.sub_instructions)
+        return None
 
 
 def _box(value: Any, where: str) -> tuple[float, float, float, float] | None:
@@ -226,18 +253,53 @@ def read_jobs(path: str | Path, *, require_target: bool = False, check_files: bo
             for role, file in (("source", source), ("target", target)):
                 if file is not None and not file.is_file():
                     raise EvalError(f"{where}: {role}: {file} not found")
-        jobs.append(EditJob(job_id, source, instruction.strip(), subs, target, seed))
+        regions = record.get("regions")
+        if regions is not None:
+            if not isinstance(regions, list):
+                raise EvalError(f"{where}: regions: expected a list of [x0, y0, x1, y1] boxes")
+            regions = tuple(_box(box, f"{where}: regions[{i}]") for i, box in enumerate(regions))
+        jobs.append(EditJob(job_id, source, instruction.strip(), subs, target, seed, regions))
     if not jobs:
         raise EvalError(f"{path}: no items")
     return jobs
 
 
-def load_bench(folder: str | Path) -> list[EditJob]:
-    """The items of ``folder/bench.jsonl`` (each with its target image)."""
+def load_bench(folder: str | Path, *, require_target: bool = False) -> list[EditJob]:
+    """The items of ``folder/bench.jsonl`` (with targets, or reference-free; see the module docstring)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"{folder}: benchmark folder not found")
-    return read_jobs(folder / BENCH_FILE, require_target=True)
+    return read_jobs(folder / BENCH_FILE, require_target=require_target)
+
+
+def bench_reference(items: Sequence[EditJob], reference: str = "auto") -> str:
+    """``"target"`` or ``"source"``: what the image metrics compare against (``auto``: target when every item has one,
+    source when none has); a bench with targets on some items only must choose."""
+    if reference not in ("auto", "target", "source"):
+        raise EvalError(f"reference: expected auto, target or source, got {reference!r}")
+    without = [job.id for job in items if job.target is None]
+    if reference == "source" or (reference == "auto" and len(without) == len(items)):
+        return "source"
+    if without:
+        hint = "" if reference == "target" else " (or score every item against its source with --reference source)"
+        raise EvalError(f"item {without[0]!r}: target: no ground-truth image, but {len(items) - len(without)} "
+                        f"other item(s) have one: give every item a target{hint}")  # fmt: skip
+    return "target"
+
+
+def background_mask(regions: Sequence[tuple[float, float, float, float] | None], size: int) -> np.ndarray:
+    """``(size, size)`` bool: the pixels outside every region (a pixel is inside a box when its centre is; a
+    ``None`` region is the whole image)."""
+    centres = (np.arange(size) + 0.5) / size
+    outside = np.ones((size, size), dtype=bool)
+    for box in regions:
+        if box is None:
+            return np.zeros((size, size), dtype=bool)
+        x0, y0, x1, y1 = box
+        in_x = (centres >= x0) & (centres < x1)
+        in_y = (centres >= y0) & (centres < y1)
+        outside &= ~(in_y[:, None] & in_x[None, :])
+    return outside
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -406,15 +468,19 @@ def cosine_similarity(a: Any, b: Any) -> float:
 
 
 class ClipImageEncoder:
-    """open_clip image embeddings (CLIP-I), from a local checkpoint; nothing is downloaded."""
+    """open_clip image embeddings (CLIP-I) from a checkpoint file, folder, Hub id or pretrained tag (mcie.hub)."""
 
     def __init__(self, model_name: str, checkpoint: str | Path, device: str | None = None) -> None:
         import open_clip
         import torch
 
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise EvalError(f"CLIP checkpoint {checkpoint}: no such file")
+        from mcie.hub import resolve_open_clip
+
+        given = str(checkpoint)
+        try:
+            checkpoint = resolve_open_clip(model_name, checkpoint, "MCIE_CLIP_CHECKPOINT")
+        except FileNotFoundError as exc:
+            raise EvalError(str(exc)) from None
         self.device = resolve_device(device)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
@@ -422,7 +488,7 @@ class ClipImageEncoder:
             raise EvalError(f"CLIP {model_name} from {checkpoint}: {exc}") from None
         self.model = model.eval().to(self.device)
         self.preprocess = preprocess
-        self.name = f"{model_name} ({checkpoint.name})"
+        self.name = f"{model_name} ({checkpoint.name if Path(given).exists() else given})"
         self._torch = torch
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -435,7 +501,7 @@ class ClipImageEncoder:
 
 
 class DinoImageEncoder:
-    """DINOv2 CLS embeddings (DINO-I) from a local transformers ``Dinov2Model`` folder."""
+    """DINOv2 CLS embeddings (DINO-I) from a transformers ``Dinov2Model`` folder or Hub id (mcie.hub)."""
 
     MEAN = (0.485, 0.456, 0.406)
     STD = (0.229, 0.224, 0.225)
@@ -444,14 +510,20 @@ class DinoImageEncoder:
         import torch
         from transformers import Dinov2Model
 
-        path = Path(path)
+        from mcie.hub import resolve_folder
+
+        given = str(path)
+        try:
+            path = resolve_folder(path, "MCIE_DINO_CHECKPOINT", ignore=("*.msgpack", "*.h5", "*.onnx"))
+        except FileNotFoundError as exc:
+            raise EvalError(str(exc)) from None
         if not (path / "config.json").is_file():
             raise EvalError(f"DINOv2 checkpoint {path}: not a transformers model folder (no config.json)")
         self.device = resolve_device(device)
         self.model = Dinov2Model.from_pretrained(path).eval().to(self.device)
         self.crop = crop
         self.resize = round(crop * 256 / 224)
-        self.name = path.name
+        self.name = Path(given).name if Path(given).exists() else given
         self._torch = torch
 
     def pixels(self, image: Image.Image) -> np.ndarray:
@@ -468,10 +540,31 @@ class DinoImageEncoder:
         )
         return array.transpose(2, 0, 1)
 
+    def masked_pixels(
+        self, image: Image.Image, regions: Sequence[tuple[float, float, float, float] | None]
+    ) -> np.ndarray:
+        """The whole image resized to ``crop`` x ``crop`` (no crop, so boxes map exactly), normalised, with the
+        pixels inside the regions set to 0 (the normalisation mean): the background-only input of BG-DINO-I."""
+        rgb = image.convert("RGB").resize((self.crop, self.crop), Image.Resampling.BICUBIC)
+        array = (np.asarray(rgb, dtype=np.float32) / 255.0 - np.array(self.MEAN, np.float32)) / np.array(
+            self.STD, np.float32
+        )
+        array = array * background_mask(regions, self.crop)[..., None]
+        return array.transpose(2, 0, 1)
+
+    def embed_masked(
+        self, images: Sequence[Image.Image], regions: Sequence[Sequence[tuple[float, float, float, float] | None]]
+    ) -> torch.Tensor:
+        """L2-normalised CLS embeddings of :meth:`masked_pixels` inputs."""
+        return self._embed(np.stack([self.masked_pixels(i, r) for i, r in zip(images, regions, strict=True)]))
+
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """L2-normalised CLS embeddings ``(N, D)`` on the CPU."""
+        return self._embed(np.stack([self.pixels(image) for image in images]))
+
+    def _embed(self, pixels: np.ndarray) -> torch.Tensor:
         torch = self._torch
-        batch = torch.from_numpy(np.stack([self.pixels(image) for image in images])).to(self.device)
+        batch = torch.from_numpy(pixels).to(self.device)
         with torch.no_grad():
             features = self.model(pixel_values=batch.to(self.model.dtype)).pooler_output.float()
         return torch.nn.functional.normalize(features, dim=-1).cpu()
@@ -539,7 +632,7 @@ class MethodResult:
 
 @dataclass
 class EvalReport:
-    """Every method's :class:`MethodResult` plus what was measured with what."""
+    """Every method's :class:`MethodResult` plus what was measured with what, and against which reference."""
 
     bench: str
     n_items: int
@@ -547,13 +640,28 @@ class EvalReport:
     methods: dict[str, MethodResult]
     models: dict[str, str | None]
     notes: list[str] = field(default_factory=list)
+    reference: str = "target"
+
+    @property
+    def references(self) -> dict[str, str]:
+        """What each metric compared the output with."""
+        ref = f"{self.reference} image"
+        return {"clip_i": ref, "dino_i": ref, "l1": ref, "l2": ref,
+                **dict.fromkeys(_BACKGROUND, "source image, outside the union of the boxes"),
+                **dict.fromkeys(("ic", "bc"), "MLLM judge (source image + instruction)")}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bench": self.bench, "n_items": self.n_items, "resolution": self.resolution, "models": self.models,
+        return {"bench": self.bench, "n_items": self.n_items, "resolution": self.resolution,
+                "reference": self.reference, "references": self.references, "models": self.models,
                 "notes": self.notes, "methods": {name: m.summary() for name, m in self.methods.items()}}  # fmt: skip
 
     def to_markdown(self) -> str:
-        header = ["method", "evaluated", "missing"] + [f"{label} {'↑' if up else '↓'}" for _, label, up in METRICS]
+        short = {"target image": "target", "source image": "source"}
+        refs = {key: short.get(text, "source bg" if key in _BACKGROUND else "judge")
+                for key, text in self.references.items()}  # fmt: skip
+        header = ["method", "evaluated", "missing"] + [
+            f"{label} {'↑' if up else '↓'} ({refs[key]})" for key, label, up in METRICS
+        ]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, method in self.methods.items():
             cells = [name, f"{method.n_evaluated}/{method.n_items}", str(len(method.missing))]
@@ -561,8 +669,10 @@ class EvalReport:
                 value = method.means.get(key)
                 cells.append("-" if value is None else f"{value:.4f}")
             lines.append("| " + " | ".join(cells) + " |")
-        out = [f"Results on {self.bench} ({self.n_items} items; L1/L2 at {self.resolution} x {self.resolution}, "
-               "IC/BC normalised to [0, 1])", "", *lines]  # fmt: skip
+        mode = "against the targets" if self.reference == "target" else "reference-free, against the source images"
+        out = [f"Results on {self.bench} ({self.n_items} items, {mode}; L1/L2 at {self.resolution} x "
+               f"{self.resolution}; BG-*: outside the union of the boxes, against the source; IC/BC normalised to "
+               "[0, 1])", "", *lines]  # fmt: skip
         for name, method in self.methods.items():
             if method.missing:
                 shown = ", ".join(method.missing[:20]) + (" ..." if len(method.missing) > 20 else "")
@@ -577,6 +687,14 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _background_regions(job: EditJob, resolution: int) -> tuple[Any, ...] | None:
+    """The item's regions when they leave some background at ``resolution``, else None."""
+    regions = job.edit_regions()
+    if not regions or not background_mask(regions, resolution).any():
+        return None
+    return regions
+
+
 def evaluate(
     items: Sequence[EditJob],
     methods: Mapping[str, str | Path],
@@ -588,31 +706,44 @@ def evaluate(
     batch_size: int = 16,
     bench: str = "bench",
     progress: bool = False,
+    reference: str = "auto",
 ) -> EvalReport:
     """Score each method's output folder against ``items`` (see the module docstring). ``judge`` is an MLLM
-    backend (or None to skip IC/BC); ``clip`` / ``dino`` None skip CLIP-I / DINO-I."""
+    backend (or None to skip IC/BC); ``clip`` / ``dino`` None skip CLIP-I / DINO-I (and BG-DINO-I); ``reference``
+    is ``auto``, ``target`` or ``source`` (:func:`bench_reference`)."""
     if resolution < 1:
         raise EvalError(f"resolution must be positive, got {resolution}")
+    mode = bench_reference(items, reference)
     notes = []
     if clip is None:
         notes.append("CLIP-I not measured (no CLIP checkpoint: MCIE_CLIP_CHECKPOINT or --clip-checkpoint)")
     if dino is None:
-        notes.append("DINO-I not measured (no DINOv2 checkpoint: --dino-checkpoint)")
+        notes.append("DINO-I and BG-DINO-I not measured (no DINOv2 checkpoint: --dino-checkpoint)")
     if judge is None:
         notes.append("IC/BC not measured (no MLLM judge)")
-    target_cache: dict[str, dict[str, Any]] = {}
+    if not any(_background_regions(job, resolution) for job in items):
+        notes.append("BG-L1/BG-L2/BG-DINO-I not measured (no item has edit regions leaving some background)")
+    ref_cache: dict[str, dict[str, Any]] = {}
 
-    def target_features(chunk: Sequence[EditJob]) -> None:
-        todo = [job for job in chunk if job.target is not None and job.id not in target_cache]
+    def reference_features(chunk: Sequence[EditJob]) -> None:
+        todo = [job for job in chunk if job.id not in ref_cache]
         if not todo:
             return
-        images = [_open(job.target) for job in todo]  # type: ignore[arg-type]
+        images = [_open(job.target if mode == "target" else job.source) for job in todo]  # type: ignore[arg-type]
         clip_e = clip.embed(images) if clip is not None else None
         dino_e = dino.embed(images) if dino is not None else None
         for i, (job, image) in enumerate(zip(todo, images, strict=True)):
-            target_cache[job.id] = {"pixels": to_unit_array(image, resolution),
-                                    "clip": None if clip_e is None else clip_e[i],
-                                    "dino": None if dino_e is None else dino_e[i]}  # fmt: skip
+            entry: dict[str, Any] = {"pixels": to_unit_array(image, resolution),
+                                     "clip": None if clip_e is None else clip_e[i],
+                                     "dino": None if dino_e is None else dino_e[i]}  # fmt: skip
+            regions = _background_regions(job, resolution)
+            if regions is not None:
+                source = image if mode == "source" else _open(job.source)
+                entry["regions"] = regions
+                entry["bg_mask"] = background_mask(regions, resolution)
+                entry["source_pixels"] = entry["pixels"] if mode == "source" else to_unit_array(source, resolution)
+                entry["bg_dino"] = None if dino is None else dino.embed_masked([source], [regions])[0]
+            ref_cache[job.id] = entry
 
     results: dict[str, MethodResult] = {}
     for name, folder in methods.items():
@@ -637,26 +768,32 @@ def evaluate(
         for chunk in iterator:
             jobs = [job for job, _ in chunk]
             outputs = [_open(path) for _, path in chunk]
-            target_features(jobs)
-            with_target = [i for i, job in enumerate(jobs) if job.target is not None]
-            clip_e = clip.embed([outputs[i] for i in with_target]) if clip is not None and with_target else None
-            dino_e = dino.embed([outputs[i] for i in with_target]) if dino is not None and with_target else None
+            reference_features(jobs)
+            clip_e = clip.embed(outputs) if clip is not None else None
+            dino_e = dino.embed(outputs) if dino is not None else None
+            masked = [i for i, job in enumerate(jobs) if "regions" in ref_cache[job.id]]
+            bg_e = dino.embed_masked([outputs[i] for i in masked], [ref_cache[jobs[i].id]["regions"] for i in masked]) \
+                if dino is not None and masked else None  # fmt: skip
             judged: list[tuple[float, float] | str] | None = None
             if judge is not None:
                 judged = judge_edits(judge, [(_open(job.source), output, job.instruction)
                                              for job, output in zip(jobs, outputs, strict=True)])  # fmt: skip
             for i, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
-                row: dict[str, Any] = {"method": name, "id": job.id}
-                if i in with_target:
-                    k = with_target.index(i)
-                    cached = target_cache[job.id]
-                    pixels = to_unit_array(output, resolution)
-                    row["l1"] = l1_distance(pixels, cached["pixels"])
-                    row["l2"] = l2_distance(pixels, cached["pixels"])
-                    if clip_e is not None:
-                        row["clip_i"] = cosine_similarity(clip_e[k], cached["clip"])
-                    if dino_e is not None:
-                        row["dino_i"] = cosine_similarity(dino_e[k], cached["dino"])
+                row: dict[str, Any] = {"method": name, "id": job.id, "reference": mode}
+                cached = ref_cache[job.id]
+                pixels = to_unit_array(output, resolution)
+                row["l1"] = l1_distance(pixels, cached["pixels"])
+                row["l2"] = l2_distance(pixels, cached["pixels"])
+                if clip_e is not None:
+                    row["clip_i"] = cosine_similarity(clip_e[i], cached["clip"])
+                if dino_e is not None:
+                    row["dino_i"] = cosine_similarity(dino_e[i], cached["dino"])
+                if "regions" in cached:
+                    keep = cached["bg_mask"]
+                    row["bg_l1"] = l1_distance(pixels[keep], cached["source_pixels"][keep])
+                    row["bg_l2"] = l2_distance(pixels[keep], cached["source_pixels"][keep])
+                    if bg_e is not None:
+                        row["bg_dino_i"] = cosine_similarity(bg_e[masked.index(i)], cached["bg_dino"])
                 if judged is not None:
                     verdict = judged[i]
                     if isinstance(verdict, str):
@@ -673,7 +810,7 @@ def evaluate(
         results[name] = result
     models = {"clip": None if clip is None else clip.name, "dino": None if dino is None else dino.name,
               "judge": None if judge is None else str(getattr(judge, "model", judge))}  # fmt: skip
-    return EvalReport(bench, len(items), resolution, results, models, notes)
+    return EvalReport(bench, len(items), resolution, results, models, notes, mode)
 
 
 def _open(path: Path) -> Image.Image:

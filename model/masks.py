@@ -15,17 +15,34 @@ Resizing (``mask_resize`` of :class:`model.config.MCIEConfig`):
 Pixel masks (``box_mask``, e.g. from a data loader) are resized with adaptive average pooling (``"area"``) or by
 thresholding that at 0.5 (``"nearest"``, again keeping the strongest cell of a non-empty mask).
 
-Mask strength and how a mask enters attention. Eq. 8 gives ``M'_i = M_i * exp(-t / T)``; we read ``s = exp(-t/T)``
-as the strength of the masking (``s = 1``: the mask applies fully; smaller: it fades) and turn the mask into a
-multiplicative attention weight ``w = 1 - s * (1 - M)``: 1 inside the box, ``1 - s`` outside. With ``t`` normalised
-by ``T = num_train_timesteps``, ``s`` runs from ``exp(-1) ~ 0.37`` at the noisiest step to 1 at ``t = 0``.
-In the foreground branch the keys are the base text tokens and the tokens of every sub-instruction context
-``C_i``; a latent p weights the tokens of ``C_i`` by ``1 - s * (1 - M_i(p))`` and the base text tokens by
-``1 - s * U(p)`` (``U`` = union of the boxes, the max of the masks), so at full strength a latent inside box i sees
-exactly the sub-instruction(s) whose box holds it, and a latent outside every box sees only the base text.
-No row is ever fully masked: where ``U(p) = 1`` some ``M_i(p) = 1``. Padding slots (``valid = False``) get weight 0
-everywhere. The background branch's mask (Eq. 10) depends only on the query position, so inside one softmax it would
-cancel; it is applied to the branch's output instead (the way IP-Adapter applies its masks): ``1 - s * U(p)``.
+Mask strength and how a mask enters attention. Eq. 8 gives ``M'_i = M_i * exp(-t / T)``, with ``s = exp(-t / T)``
+running from ``exp(-1) ~ 0.37`` at the noisiest step to 1 at ``t = 0`` (``t`` normalised by ``T =
+num_train_timesteps``, so training and any number of inference steps agree). The mask becomes a multiplicative
+weight on each attention probability (:mod:`model.attention`). Two readings of Eq. 8 are offered
+(``schedule_form`` of :class:`model.config.MCIEConfig`), side by side for a latent p and sub-instruction i:
+
+===================  ==============================  =================================  ========================
+``schedule_form``    weight of ``C_i``'s tokens       weight of the base text tokens     meaning
+===================  ==============================  =================================  ========================
+``"strength"``       ``1 - s * (1 - M_i(p))``        ``1 - s * U(p)``                   ``s`` is the strength of
+(default)            (1 inside, ``1 - s`` outside)                                      the masking: early, the
+                                                                                        outside sees ``C_i`` too
+``"literal"``        ``s * M_i(p)``                  ``1 - s * U(p)`` (``= 1 - U'``)    ``M'`` as written: ``C_i``
+                     (``s`` inside, 0 outside)                                          never reaches outside its
+                                                                                        box, fades inside early
+===================  ==============================  =================================  ========================
+
+``U`` is the union of the boxes (the max of the masks). At ``t = 0`` both readings are the same: a latent inside box
+i sees exactly the sub-instruction(s) whose box holds it, one outside every box sees only the base text. No row is
+ever fully masked: where ``U(p) = 1`` some ``M_i(p) = 1`` and ``s > 0``. Padding slots (``valid = False``) get weight 0
+everywhere.
+
+The background branch's mask (Eq. 10, ``1 - M_union``) depends only on the query position, and a weight that is the
+same for every key of a softmax would cancel when the probabilities are renormalised (with an additive bias; Eq. 10
+as written multiplies the logits, which does not cancel but does not block either), so it gates the branch's output
+instead (the way IP-Adapter applies its masks). By default that gate is Eq. 10's plain ``1 - U(p)``, so background
+tokens never reach inside the boxes; ``background_schedule = "faded"`` also applies Eq. 8 to it, ``1 - s * U(p)``,
+which lets the background branch in at weight ``1 - s`` (0.63 at the noisiest step) inside the boxes (an ablation).
 """
 
 from __future__ import annotations
@@ -174,21 +191,33 @@ def mask_strength(timesteps: torch.Tensor, num_train_timesteps: int, enabled: bo
 
 
 def foreground_weights(
-    masks: torch.Tensor, valid: torch.Tensor, strength: torch.Tensor
+    masks: torch.Tensor, valid: torch.Tensor, strength: torch.Tensor, form: str = "strength"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention weights of the foreground branch: base tokens ``(B, N)``, sub-instruction tokens ``(B, m, N)``.
 
-    ``masks: (B, m, N)``, ``valid: (B, m)``, ``strength: (B,)``; see the module docstring for the formulas.
+    ``masks: (B, m, N)``, ``valid: (B, m)``, ``strength: (B,)``, ``form`` the reading of Eq. 8 (``"strength"`` or
+    ``"literal"``); see the module docstring for the formulas.
     """
     s = strength.float().view(-1, 1, 1)
-    slot = (1 - s * (1 - masks.float())) * valid[..., None].float()
+    if form == "literal":
+        slot = s * masks.float() * valid[..., None].float()
+    elif form == "strength":
+        slot = (1 - s * (1 - masks.float())) * valid[..., None].float()
+    else:
+        raise ValueError(f"schedule_form: expected 'strength' or 'literal', got {form!r}")
     base = 1 - strength.float().view(-1, 1) * union_mask(masks.float(), valid)
     return base.clamp(0, 1), slot.clamp(0, 1)
 
 
-def background_gate(masks: torch.Tensor, valid: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    """Eq. 10's ``1 - M_union`` at strength ``s``, applied to the background branch's output: ``(B, N)``."""
-    return (1 - strength.float().view(-1, 1) * union_mask(masks.float(), valid)).clamp(0, 1)
+def background_gate(
+    masks: torch.Tensor, valid: torch.Tensor, strength: torch.Tensor, faded: bool = False
+) -> torch.Tensor:
+    """Eq. 10's ``1 - M_union`` per position, ``(B, N)``, applied to the background branch's output; ``faded`` also
+    applies Eq. 8's strength: ``1 - s * M_union`` (see the module docstring)."""
+    union = union_mask(masks.float(), valid)
+    if faded:
+        union = strength.float().view(-1, 1) * union
+    return (1 - union).clamp(0, 1)
 
 
 def latent_grid(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The MCIE-E1 network: InstructPix2Pix's UNet, VAE and CLIP text encoder, plus SACA, BCCA and LoRA (paper 3.2, 4.2).
 
-:class:`MCIEModel` loads a local diffusers-layout InstructPix2Pix folder (``unet/``, ``vae/``, ``text_encoder/``,
-``tokenizer/``, ``scheduler/``; nothing is fetched from a hub) and, when given an :class:`~model.config.MCIEConfig`:
+:class:`MCIEModel` loads a diffusers-layout InstructPix2Pix folder (``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/``), given as a local folder or a Hugging Face Hub id resolved by :mod:`mcie.hub` (only
+those folders are fetched, safetensors without the fp16 copies), and, when given an :class:`~model.config.MCIEConfig`:
 
 - installs the MCIE attention processors on the UNet (:mod:`model.attention`);
 - adds a peft LoRA adapter (``"default"``) to the self-attention layers only: ``attn1.to_q``, ``to_k``, ``to_v``,
@@ -164,15 +165,18 @@ class MCIEModel(nn.Module):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> MCIEModel:
-        """Load InstructPix2Pix from ``base_folder``; add MCIE-E1 when ``config`` or ``weights`` (a folder written by
-        :func:`model.weights.save_weights`, whose config is used) is given. BCCA's tower comes from
+        """Load InstructPix2Pix from ``base_folder`` (a folder or a Hub id ``owner/name[@revision]``); add MCIE-E1
+        when ``config`` or ``weights`` (a folder or Hub id written by :func:`model.weights.save_weights`, whose
+        config is used) is given. BCCA's tower comes from
         ``vision_checkpoint`` or ``config.clip_vision_checkpoint``."""
         from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from mcie.hub import DIFFUSERS_IGNORE, DIFFUSERS_PATTERNS, resolve_folder
         from model.weights import load_weights, read_config
 
-        base = Path(base_folder)
+        base = resolve_folder(base_folder, "MCIE_EDITING_BASE_MODEL_PATH", allow=DIFFUSERS_PATTERNS,
+                              ignore=DIFFUSERS_IGNORE)  # fmt: skip
         _require_folder(base)
         if weights is not None:
             config = _merge_configs(read_config(weights), config, weights)
@@ -325,6 +329,18 @@ class MCIEModel(nn.Module):
         return self.bcca(features)
 
     @torch.no_grad()
+    def guidance_background(self, source_pixels: torch.Tensor) -> torch.Tensor:
+        """BCCA tokens of the three guidance branches ``[text + image, image, neither]``: ``(3B, Q, D)``, the
+        source's tokens twice and the empty image's once. The frozen tower runs on the B sources and one empty image
+        (B + 1 images instead of 3B); the tokens equal :meth:`encode_background` on the tripled batch."""
+        features = self.vision_features(source_pixels)
+        assert self.vision is not None
+        empty = torch.zeros(1, 3, *self.vision.image_size, device=self.device)
+        null = self.vision_features(empty, torch.ones(1, dtype=torch.bool)).to(features.dtype)
+        batch = features.shape[0]
+        return self.encode_background(features=torch.cat([features, features, null.expand(batch, -1, -1)]))
+
+    @torch.no_grad()
     def encode_source_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """InstructPix2Pix's image conditioning: the VAE posterior's mode, not scaled."""
         return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
@@ -365,6 +381,8 @@ class MCIEModel(nn.Module):
             background=background,
             mask_mode=self.config.mask_mode,
             mask_resize=self.config.mask_resize,
+            schedule_form=self.config.schedule_form,
+            background_faded=self.config.background_schedule == "faded",
         )
 
     def forward(

@@ -191,12 +191,8 @@ class MCIEPipeline:
             sub = model.encode_sub_instructions([[t for t, _ in s] for s in subs], [[b for _, b in s] for s in subs])
             sub = SubInstructionBatch.cat([sub, sub.dropped(), sub.dropped()]) if guided else sub
         background = None
-        if model.bcca is not None:
-            if guided:
-                drop = torch.tensor([False] * (2 * batch) + [True] * batch)
-                background = model.encode_background(torch.cat([pixels] * 3), drop=drop)
-            else:
-                background = model.encode_background(pixels)
+        if model.bcca is not None:  # guided: the source's tokens in the first two branches, the empty image's last
+            background = model.guidance_background(pixels) if guided else model.encode_background(pixels)
         return text, sub, background
 
     @torch.no_grad()

@@ -308,8 +308,13 @@ class _Trainer:
                 f"{self.source}: BCCA needs an open_clip vision checkpoint: set vision_checkpoint "
                 "(or model.clip_vision_checkpoint)"
             )
-        if checkpoint and not Path(checkpoint).is_file():
-            raise TrainError(f"{self.source}: vision_checkpoint {checkpoint}: no such file")
+        if checkpoint:  # a file, a Hub id or a pretrained tag (mcie.hub); kept as given in the saved config
+            from mcie.hub import resolve_open_clip
+
+            try:
+                resolve_open_clip(self.config.model.clip_vision_model, checkpoint, "vision_checkpoint")
+            except FileNotFoundError as exc:
+                raise TrainError(f"{self.source}: {exc}") from None
         return checkpoint
 
     def _check_resume(self, checkpoint: Path) -> _Position:

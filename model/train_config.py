@@ -129,7 +129,9 @@ class ConditioningDropout(_Strict):
 class TrainConfig(_Strict):
     """A whole training run (see the module docstring)."""
 
-    base_model: str | None = Field(None, description="InstructPix2Pix folder (default MCIE_EDITING_BASE_MODEL_PATH).")
+    base_model: str | None = Field(
+        None, description="InstructPix2Pix folder or Hub id (default MCIE_EDITING_BASE_MODEL_PATH)."
+    )
     vision_checkpoint: str | None = Field(None, description="BCCA's open_clip checkpoint file.")
     init_weights: str | None = Field(None, description="Start from this MCIE-E1 weights folder.")
     output_dir: str = Field(min_length=1)

@@ -6,7 +6,8 @@ A weights folder holds ``mcie_e1.safetensors`` (the tensors, named as in :meth:`
 :class:`~model.config.MCIEConfig`). The frozen base (InstructPix2Pix, the open_clip tower) is not saved: load the
 weights onto the same base folder with ``MCIEModel.from_pretrained(base_folder, weights=folder,
 vision_checkpoint=...)``. Loading is strict: a missing file, a missing or unexpected key, or a shape mismatch is an
-error naming the file and the key. Tensors are saved in their training dtype and cast to the model's on load.
+error naming the file and the key. Tensors are saved in their training dtype and cast to the model's on load. A
+weights folder may also be given as a Hugging Face Hub id (``owner/name[@revision]``, see :mod:`mcie.hub`).
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ def save_weights(model: MCIEModel, folder: str | Path) -> Path:
     return folder
 
 
+def weights_folder(folder: str | Path) -> Path:
+    """The local weights folder of a path or a Hub id ``owner/name[@revision]`` (:mod:`mcie.hub`)."""
+    from mcie.hub import resolve_folder
+
+    return resolve_folder(folder, "MCIE_EDITING_WEIGHTS_PATH", allow=(WEIGHTS_NAME, CONFIG_NAME))
+
+
 def read_config(folder: str | Path) -> MCIEConfig:
-    """The config saved in a weights folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"MCIE weights folder not found: {folder}")
-    return MCIEConfig.load(folder / CONFIG_NAME)
+    """The config saved in a weights folder (a local folder or a Hub id)."""
+    return MCIEConfig.load(weights_folder(folder) / CONFIG_NAME)
 
 
 def _check(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -74,7 +79,7 @@ def load_weights(model: MCIEModel, folder: str | Path) -> None:
 
     if model.config is None:
         raise ValueError("load_weights: build the model with the weights' config first (MCIEModel.from_pretrained)")
-    path = Path(folder) / WEIGHTS_NAME
+    path = weights_folder(folder) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"MCIE weights file not found: {path}")
     try:

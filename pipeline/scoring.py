@@ -176,18 +176,11 @@ class PixelScorer:
 # --- CLIP scorer --------------------------------------------------------------------------------------------
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        for name in CHECKPOINT_NAMES:
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(
-            f"CLIP checkpoint folder {path}: expected one of {', '.join(CHECKPOINT_NAMES)} in it"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint {path}: no such file (expected an open_clip checkpoint)")
-    return path
+def _resolve_checkpoint(path: str | Path, model_name: str = "") -> Path:
+    """A local file for a checkpoint file, folder, Hub id or pretrained tag (see :mod:`mcie.hub`)."""
+    from mcie.hub import resolve_open_clip
+
+    return resolve_open_clip(model_name, path, "MCIE_CLIP_CHECKPOINT")
 
 
 def _normalize_stats(model: Any, preprocess: Any) -> tuple[tuple[int, int], list[float], list[float]]:
@@ -215,7 +208,8 @@ class ClipScorer:
     ``batch_size`` under ``torch.inference_mode``. ``area_penalty`` (default 0) is subtracted times the box
     area from each score.
 
-    ``checkpoint`` is a local open_clip checkpoint file (or a folder holding one); nothing is downloaded.
+    ``checkpoint`` is an open_clip checkpoint file, a folder holding one, a Hub id or a pretrained tag of
+    ``model_name``, resolved by :func:`mcie.hub.resolve_open_clip` (through the Hugging Face cache).
     ``None`` builds the architecture with random weights, which is only useful for benchmarks.
     One :meth:`score` call holds the prepared images of all its pairs (2 x 3 x 224 x 224 floats each for
     ViT-L-14), so callers pass pairs in chunks of a few hundred at most.
@@ -224,7 +218,7 @@ class ClipScorer:
     def __init__(
         self,
         model_name: str,
-        checkpoint: Path | None,
+        checkpoint: str | Path | None,
         device: str = "cpu",
         batch_size: int = 64,
         *,
@@ -233,7 +227,7 @@ class ClipScorer:
     ) -> None:
         import open_clip
 
-        path = None if checkpoint is None else _resolve_checkpoint(checkpoint)
+        path = None if checkpoint is None else _resolve_checkpoint(checkpoint, model_name)
         if path is None:
             log.warning("ClipScorer(%s): no checkpoint given, using random weights", model_name)
         try:
@@ -381,9 +375,9 @@ def make_scorer(
             f"for MCIE_CLIP_MODEL={settings.clip_model}; set it, or use the 'pixel' scorer"
         )
     try:
-        path = _resolve_checkpoint(settings.clip_checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"MCIE_CLIP_CHECKPOINT: {exc}") from None
+        path = _resolve_checkpoint(settings.clip_checkpoint, settings.clip_model)
+    except FileNotFoundError as exc:  # the message names MCIE_CLIP_CHECKPOINT (mcie.hub)
+        raise ConfigError(str(exc)) from None
     device = _device(settings.device)
     precision = "fp16" if device.startswith("cuda") else "fp32"
     try:

@@ -58,12 +58,14 @@ class TransformersBackend(Backend):
         dtype: str = "auto",
         model_name: str | None = None,
     ) -> None:
-        path = Path(model_path).expanduser()
+        from mcie.hub import resolve_folder
+
+        path = resolve_folder(model_path, "MCIE_MLLM_MODEL_PATH")
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"MCIE_MLLM_MODEL_PATH: expected a local model folder with config.json, got {str(path)!r}"
             )
-        super().__init__(model_name or path.name)
+        super().__init__(model_name or _model_name(model_path))
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -146,3 +148,9 @@ def _as_id_set(value: Any) -> set[int]:
     if isinstance(value, int):
         return {value}
     return {int(v) for v in value}
+
+
+def _model_name(model_path: str | Path) -> str:
+    """The name reported for a folder (its name) or a Hub id (``owner/name``, without a revision)."""
+    text = str(model_path)
+    return Path(text).name if Path(text).expanduser().exists() else text.split("@", 1)[0]

@@ -115,9 +115,14 @@ class VLLMBackend(Backend):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VLLMBackend:
-        path = settings.mllm_model_path
-        model = str(path) if path is not None else settings.mllm_model
-        return cls.load(model, model_name=path.name if path is not None else settings.mllm_model)
+        from mcie.hub import resolve_folder
+
+        import_vllm()  # say how to install vLLM before fetching any weights for it
+        # a Hub id (MCIE_MLLM_MODEL_PATH, else MCIE_MLLM_MODEL) goes through the HF cache; vLLM gets the local folder
+        value, setting = (settings.mllm_model_path, "MCIE_MLLM_MODEL_PATH") if settings.mllm_model_path else \
+            (settings.mllm_model, "MCIE_MLLM_MODEL")  # fmt: skip
+        folder = resolve_folder(value, setting)
+        return cls.load(str(folder), model_name=Path(value).name if Path(value).exists() else value.split("@", 1)[0])
 
     def _generate(self, requests: list[MLLMRequest]) -> list[MLLMResponse]:
         start = time.perf_counter()

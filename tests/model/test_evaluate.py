@@ -143,7 +143,7 @@ def test_clip_and_dino_embeddings_from_saved_checkpoints(clip_checkpoint: Path, 
     assert pixels.shape == (3, 32, 32)
     expected = [(v / 255 - m) / s for v, m, s in zip((124, 116, 104), dino.MEAN, dino.STD, strict=True)]
     assert pixels[:, 5, 7] == pytest.approx(expected, abs=1e-5)
-    with pytest.raises(EvalError, match="no such file"):
+    with pytest.raises(EvalError, match=r"missing\.pt' is neither an existing local path nor a Hugging Face Hub id"):
         ClipImageEncoder(TINY_CLIP_NAME, tmp_path / "missing.pt")
     with pytest.raises(EvalError, match=r"no config\.json"):
         DinoImageEncoder(tmp_path)
@@ -171,7 +171,6 @@ def test_bench_errors_name_the_line_and_key(bench: Path, tmp_path: Path) -> None
     assert items[0].sub_instructions is not None and items[0].sub_instructions[0].box == (0.1, 0.1, 0.4, 0.5)
     good = json.loads((bench / "bench" / "bench.jsonl").read_text().splitlines()[0])
     cases = [
-        ({**good, "target": None}, "target: a benchmark item needs its ground-truth image"),
         ({**good, "source": "images/none.png"}, "source: .*none.png not found"),
         ({**good, "sub_instructions": [{"text": "x", "operation": "add", "box": [0.5, 0, 0.2, 1]}]},
          r"sub_instructions\[0\]\.box: expected x0 < x1"),
@@ -215,16 +214,21 @@ def test_eval_command_end_to_end(bench: Path, clip_checkpoint: Path, dino_folder
     assert perfect["metrics"]["clip_i"] == pytest.approx(1.0, abs=1e-6)
     assert perfect["metrics"]["dino_i"] == pytest.approx(1.0, abs=1e-6)
     assert perfect["metrics"]["ic"] == pytest.approx(0.8) and perfect["metrics"]["bc"] == pytest.approx(0.8)
-    assert lazy["counts"] == {"clip_i": 2, "dino_i": 2, "l1": 2, "l2": 2, "ic": 2, "bc": 2}
+    assert lazy["counts"] == {"clip_i": 2, "dino_i": 2, "l1": 2, "l2": 2, "bg_l1": 0, "bg_l2": 0, "bg_dino_i": 0,
+                              "ic": 2, "bc": 2}  # fmt: skip
+    assert report["reference"] == "target" and report["references"]["l1"] == "target image"
     assert lazy["metrics"]["l1"] > 0.1 and lazy["metrics"]["clip_i"] < 1 - 1e-4 and lazy["metrics"]["dino_i"] < 1
     items = load_bench(bench / "bench")
     expected_l1 = np.mean([l1_distance(to_unit_array(Image.open(item.source), 32),
                                        to_unit_array(Image.open(item.target), 32)) for item in items[:2]])  # fmt: skip
     assert lazy["metrics"]["l1"] == pytest.approx(expected_l1)
-    assert report["models"]["judge"] == "Qwen/Qwen2.5-VL-72B-Instruct" and report["notes"] == []
+    assert report["models"]["judge"] == "Qwen/Qwen2.5-VL-72B-Instruct"
+    assert report["notes"] == ["BG-L1/BG-L2/BG-DINO-I not measured (no item has edit regions leaving some background)"]
     table = (tmp_path / "table.md").read_text()
-    assert "| method | evaluated | missing | CLIP-I ↑ | DINO-I ↑ | L1 ↓ | L2 ↓ | IC ↑ | BC ↑ |" in table
-    assert "| perfect | 3/3 | 0 | 1.0000 | 1.0000 | 0.0000 | 0.0000 | 0.8000 | 0.8000 |" in table
+    assert ("| method | evaluated | missing | CLIP-I ↑ (target) | DINO-I ↑ (target) | L1 ↓ (target) | "
+            "L2 ↓ (target) | BG-L1 ↓ (source bg) | BG-L2 ↓ (source bg) | BG-DINO-I ↑ (source bg) | IC ↑ (judge) | "
+            "BC ↑ (judge) |") in table
+    assert "| perfect | 3/3 | 0 | 1.0000 | 1.0000 | 0.0000 | 0.0000 | - | - | - | 0.8000 | 0.8000 |" in table
     assert "lazy: 1 missing output(s): 2" in table
     rows = [json.loads(line) for line in (tmp_path / "details.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and {r["method"] for r in rows} == {"perfect", "lazy"}
@@ -234,7 +238,7 @@ def test_eval_command_end_to_end(bench: Path, clip_checkpoint: Path, dino_folder
         result = invoke("--bench", str(bench / "bench"), "--method", f"lazy={bench / 'lazy'}", "--resolution", "32")
     assert result.exit_code == 0, result.stderr
     assert "| lazy | 2/3 | 1 |" in result.stdout and "| - | - |" in result.stdout
-    assert "2 judge failure(s)" in result.stdout and "DINO-I not measured" in result.stdout
+    assert "2 judge failure(s)" in result.stdout and "DINO-I and BG-DINO-I not measured" in result.stdout
 
 
 def test_eval_runs_models_on_the_fly(bench: Path, tmp_path: Path, monkeypatch) -> None:
@@ -267,3 +271,76 @@ def test_eval_runs_models_on_the_fly(bench: Path, tmp_path: Path, monkeypatch) -
     assert result.exit_code == 2 and "expected NAME=FOLDER" in result.stderr
     result = invoke("--bench", str(bench / "bench"), "--method", f"x={tmp_path / 'none'}", "--no-judge")
     assert result.exit_code == 2 and "method x: output folder" in result.stderr
+
+
+def test_reference_free_bench_scores_against_the_source_and_its_background(
+    clip_checkpoint: Path, dino_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CIE-Bench as the paper describes it: sources, instructions and regions, no targets."""
+    root = tmp_path / "cie"
+    (root / "images").mkdir(parents=True)
+    sources = tiny_images(2, seed=21)
+    lines = []
+    for i, image in enumerate(sources):
+        image.save(root / "images" / f"{i}.png")
+        line = {"id": f"s{i}", "source": f"images/{i}.png", "instruction": "paint the left half red"}
+        if i == 0:
+            line["sub_instructions"] = [{"text": "paint the left half red", "box": [0.0, 0.0, 0.5, 1.0]}]
+        else:
+            line["regions"] = [[0.0, 0.0, 0.5, 1.0]]
+        lines.append(line)
+    (root / "bench.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+    def edited(name: str, box: tuple[int, int, int, int] | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, image in enumerate(sources):
+            out = image.copy()
+            if box is not None:
+                out.paste((255, 0, 0), box)
+            out.save(folder / f"s{i}.png")
+        return folder
+
+    size = sources[0].size[0]
+    configure(monkeypatch, clip_model=TINY_CLIP_NAME, clip_checkpoint=clip_checkpoint)
+    result = invoke("--bench", str(root), "--method", f"copy={edited('copy', None)}",
+                    "--method", f"inside={edited('inside', (0, 0, size // 2, size))}",
+                    "--method", f"outside={edited('outside', (size // 2, 0, size, size))}",
+                    "--dino-checkpoint", str(dino_folder), "--resolution", str(size), "--no-judge",
+                    "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["reference"] == "source" and report["references"]["clip_i"] == "source image"
+    assert report["references"]["bg_l1"] == "source image, outside the union of the boxes"
+    copy, inside, outside = (report["methods"][k]["metrics"] for k in ("copy", "inside", "outside"))
+    assert copy["l1"] == 0 and copy["bg_l1"] == 0 and copy["clip_i"] == pytest.approx(1.0, abs=1e-6)
+    assert copy["bg_dino_i"] == pytest.approx(1.0, abs=1e-6)
+    # an edit inside the regions changes the image but not its background
+    assert inside["l1"] > 0.05 and inside["bg_l1"] == 0 and inside["bg_l2"] == 0
+    assert inside["bg_dino_i"] > 0.9999  # not exactly 1: DINO's bicubic resize blurs the box edge by a pixel
+    # the same edit outside the regions shows up in every background metric
+    assert outside["bg_l1"] > 0.05 and outside["bg_dino_i"] < inside["bg_dino_i"] - 1e-3
+    assert report["methods"]["outside"]["counts"]["bg_l1"] == 2
+
+    result = invoke("--bench", str(root), "--method", f"copy={tmp_path / 'copy'}", "--resolution", str(size),
+                    "--no-judge")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "reference-free, against the source images" in result.stdout and "L1 ↓ (source)" in result.stdout
+
+    lines[1]["target"] = "images/0.png"  # a target on some items only: the bench must choose
+    (root / "bench.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = invoke("--bench", str(root), "--method", f"copy={tmp_path / 'copy'}", "--no-judge")
+    assert result.exit_code == 2
+    assert "item 's0': target: no ground-truth image" in result.stderr.replace("\n", " ")
+    result = invoke("--bench", str(root), "--method", f"copy={tmp_path / 'copy'}", "--no-judge",
+                    "--reference", "source", "--json", "--resolution", str(size))  # fmt: skip
+    assert result.exit_code == 0 and json.loads(result.stdout)["methods"]["copy"]["metrics"]["l1"] == 0
+
+
+def test_background_mask() -> None:
+    from model.evaluate import background_mask
+
+    mask = background_mask([(0.0, 0.0, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)], 4)
+    assert mask.tolist() == [[False, False, True, True], [False, False, True, True],
+                             [False, False, False, False], [False, False, False, False]]  # fmt: skip
+    assert not background_mask([None], 4).any() and background_mask([], 4).all()

@@ -8,6 +8,7 @@ import io
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,26 @@ def test_a_rejected_batch_is_retried_one_by_one_so_only_the_bad_request_fails() 
     assert backend.stats.failures == 1
     (single,) = backend.generate([MLLMRequest((user("too long"),))])
     assert not single.ok and engine.batches[-1] == 1
+
+
+def test_model_by_hub_id_reaches_vllm_as_the_cached_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mcie.hub import ModelNotAvailable
+    from tests.hf_cache import add_to_cache
+
+    _fake_vllm(monkeypatch, "StructuredOutputsParams")
+    started: list[dict[str, Any]] = []
+
+    class LLM:
+        def __init__(self, model: str, **options: Any) -> None:
+            started.append({"model": model, **options})
+
+    sys.modules["vllm"].LLM = LLM  # type: ignore[attr-defined]
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    snapshot = add_to_cache(tmp_path / "hf", "acme/tiny-vl", tmp_path / "model", ref="v1")
+    backend = VLLMBackend.from_settings(load_settings(mllm_backend="vllm", mllm_model_path="acme/tiny-vl@v1"))
+    assert started[0]["model"] == str(snapshot) and backend.model == "acme/tiny-vl"
+    with pytest.raises(ModelNotAvailable, match=r"MCIE_MLLM_MODEL: model 'Qwen/Qwen2\.5-VL-72B-Instruct'"):
+        VLLMBackend.from_settings(load_settings(mllm_backend="vllm"))  # the default MCIE_MLLM_MODEL, not cached
