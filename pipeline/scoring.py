@@ -33,7 +33,7 @@ from pipeline.boxes import Box, Candidate, ImageLike, to_rgb_array
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BoxScorer", "ClipScorer", "PixelScorer", "make_scorer", "select"]
+__all__ = ["BoxScorer", "ClipScorer", "PixelScorer", "choose", "make_scorer", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ def select(candidates: Sequence[object], scores: Sequence[float]) -> int:
     if not candidates:
         raise ValueError("select: expected at least one candidate")
     return int(np.argmax(np.asarray(scores, dtype=np.float64)))
+
+
+def choose(sources: Sequence[str], scores: Sequence[float]) -> int:
+    """The candidate a turn gets: the best score (the first on ties)."""
+    return select(sources, scores)
 
 
 def _boxes(pairs: Sequence[ImagePair], candidates: Sequence[Sequence[BoxLike]]) -> list[list[Box]]:
