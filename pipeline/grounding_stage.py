@@ -123,10 +123,11 @@ class GroundingWorker:
 
 def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: Any, *, k: int) -> list[TurnOutcome]:
     """Candidates from the MLLM (asked, or from the cache) and the pixel difference for each turn, added to the
-    turn's stored candidates, all scored in one batch and one chosen by :func:`pipeline.scoring.choose`."""
+    turn's stored candidates, all scored in one batch and one chosen by :class:`pipeline.scoring.SelectionRule`."""
     from pipeline.boxes import Box, diff_boxes
-    from pipeline.scoring import choose
+    from pipeline.scoring import SelectionRule
 
+    rule = SelectionRule()
     pairs = [(store.open(t.before_sha), store.open(t.after_sha)) for t in tasks]
     candidates: list[list[CandidateOut]] = [list(t.existing) for t in tasks]
     calls: list[GroundingCall | None] = [None] * len(tasks)
@@ -144,13 +145,19 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
             continue
         for cand in diff_boxes(before, after, k=k):
             candidates[i].append(CandidateOut(cand.box.as_tuple(), "diff", None, 0.0))
-    scores = scorer.score(pairs, [[Box(*c.box) for c in cands] for cands in candidates])
+    boxes = [[Box(*c.box) for c in cands] for cands in candidates]
+    scores = scorer.score(pairs, boxes)
+    gains = scorer.gains(pairs, boxes) if hasattr(scorer, "gains") else [None] * len(tasks)
     outcomes = []
-    for task, cands, task_scores, call in zip(tasks, candidates, scores, calls, strict=True):
+    for task, pair, cands, task_boxes, task_scores, task_gains, call in zip(tasks, pairs, candidates, boxes, scores,
+                                                                            gains, calls, strict=True):  # fmt: skip
         scored = tuple(
             CandidateOut(c.box, c.source, c.label, float(s)) for c, s in zip(cands, task_scores, strict=True)
         )
-        chosen = choose([c.source for c in scored], [c.score for c in scored]) if scored else None
+        chosen = None
+        if scored:
+            evidence = rule.evidence(pair, task_boxes, task_gains)
+            chosen = rule.choose([c.source for c in scored], task_boxes, [c.score for c in scored], evidence)
         if call is None and task.cached is not None:
             call = GroundingCall(model="", prompt_version="", cache_key=task.cache_key or "", verdict="boxes",
                                  raw=None, parsed=None, error=None, latency_ms=0.0, prompt_tokens=None,
