@@ -9,11 +9,12 @@ where M_i is the mask of the i-th candidate box. A :class:`BoxScorer` scores eve
 - :class:`PixelScorer`: the same criterion with a pixel difference, for runs without a CLIP checkpoint.
 
 Both similarities favour larger boxes: masking more leaves less to differ, and masking everything makes the
-two images identical (the CLIP score of two blank images is 1). The paper's candidates are k grounded boxes
-of similar size, so Eq. 1 is used as is there; with diff-derived candidates (unions, padded boxes) the pixel
-scorer adds an explicit price per covered pixel (see :class:`PixelScorer`), and :class:`ClipScorer` takes an
-optional ``area_penalty`` (default 0, the paper's criterion). :func:`make_scorer` picks one from settings;
-callers record ``scorer.name`` with every selection.
+two images identical (the CLIP score of two blank images is 1). The pixel scorer therefore charges a price per
+covered pixel (see :class:`PixelScorer`) and :class:`ClipScorer` takes an optional ``area_penalty``; but which
+candidate a turn gets is decided by :class:`SelectionRule`: the MLLM box, else the smallest box, that explains the
+edit (Eq. 1 normalised per pair), the scores deciding only when no box does. docs/grounding.md gives the rule, the
+reason for each change to Eq. 1 and its measurement (``bench/grounding_quality.py``). :func:`make_scorer` picks a
+scorer from settings; callers record ``scorer.name`` with every selection.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 
 from mcie.config import ConfigError, load_settings
 from pipeline.boxes import Box, Candidate, diff_boxes
-from pipeline.scoring import ClipScorer, PixelScorer, make_scorer, select
+from pipeline.scoring import ClipScorer, PixelScorer, SelectionRule, make_scorer, select
 from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
 from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
 
@@ -252,3 +252,78 @@ def test_make_scorer_reads_the_environment(monkeypatch, tmp_path: Path) -> None:
 
 def test_rect_constant_matches_truth() -> None:
     assert truth().to_pixels(320, 240) == RECT
+
+
+# --- the selection rule -------------------------------------------------------------------------------------
+
+
+def _object_edit() -> tuple[np.ndarray, np.ndarray, Box]:
+    """A pasted disc in the middle of its object box (a pasted object's box includes its transparent margins)."""
+    before = scene()
+    after = before.copy()
+    x0, y0, x1, y1 = RECT
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, 0.35 * min(x1 - x0, y1 - y0)
+    inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    after[y0:y1, x0:x1][inside] = (250, 40, 40)
+    return before, after, truth()
+
+
+def _choose(before, after, boxes: list[Box], sources: list[str], rule: SelectionRule | None = None) -> Box:
+    rule = rule or SelectionRule()
+    scores = PixelScorer().score([(before, after)], [boxes])[0]
+    return boxes[rule.choose(sources, boxes, scores, rule.evidence((before, after), boxes))]
+
+
+def test_selection_prefers_an_mllm_box_that_explains_the_edit_over_a_tighter_diff_box() -> None:
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    assert diff and max(d.iou(t) for d in diff) < 0.8  # the diff boxes bound the disc, not the object's box
+    boxes = [t.pad(0.25), t, t.pad(0.1), *diff]
+    sources = ["mllm"] * 3 + ["diff"] * len(diff)
+    assert _choose(before, after, boxes, sources) == t  # the smallest MLLM box that explains the edit
+    plain = PixelScorer().score([(before, after)], [boxes])[0]
+    assert boxes[select(boxes, plain)] != t  # the plain argmax of Eq. 1 with a price picks a tight diff box
+
+
+def test_selection_rejects_mllm_boxes_that_do_not_explain_the_edit() -> None:
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    beside = Box.clip(t.x0 + 0.35, t.y0, t.x1 + 0.35, t.y1)
+    shifted = Box.clip(t.x0 + 0.5 * t.width, t.y0 + 0.5 * t.height, t.x1 + 0.5 * t.width, t.y1 + 0.5 * t.height)
+    for wrong in (beside, shifted.pad(0.6), Box(0, 0, 1, 1), Box(0, 0, 0.2, 0.2)):
+        chosen = _choose(before, after, [wrong, *diff], ["mllm"] + ["diff"] * len(diff))
+        assert chosen in diff, wrong
+        assert chosen == min(diff, key=lambda b: b.area)  # the smallest diff box that explains the edit
+
+
+def test_selection_falls_back_to_the_scores_without_a_change_or_an_explaining_box() -> None:
+    image = scene()
+    boxes = [Box(0, 0, 0.5, 0.5), Box(0.5, 0.5, 1, 1)]
+    rule = SelectionRule()
+    assert rule.evidence((image, image.copy()), boxes) is None
+    assert rule.choose(["mllm", "diff"], boxes, [0.2, 0.7], None) == 1
+    before, after, t = _object_edit()
+    tiny = [Box(t.x0, t.y0, t.x0 + 0.02, t.y0 + 0.02), Box(0, 0, 0.1, 0.1)]  # neither explains the edit
+    evidence = rule.evidence((before, after), tiny)
+    assert evidence is not None and not any(rule.explains(e) for e in evidence)
+    assert rule.choose(["mllm", "mllm"], tiny, [0.1, 0.3], evidence) == 1
+    with pytest.raises(ValueError, match="as many sources, boxes and scores"):
+        rule.choose(["mllm"], tiny, [0.1, 0.3], evidence)
+    with pytest.raises(ValueError, match="explain"):
+        SelectionRule(explain=0)
+
+
+def test_clip_gains_are_the_normalised_eq1_share_and_feed_the_rule() -> None:
+    model, preprocess = build_tiny_clip(seed=0)
+    scorer = ClipScorer.from_model(model, preprocess, name="clip:tiny", area_penalty=0.1)
+    before, after, t = _object_edit()
+    boxes = [t, Box(0, 0, 1, 1), Box(0, 0, 0.1, 0.1)]
+    gains = scorer.gains([(before, after)], [boxes])[0]
+    assert len(gains) == 3 and all(0.0 <= g <= 1.0 for g in gains)
+    assert gains[1] == pytest.approx(1.0)  # everything masked: identical embeddings
+    rule = SelectionRule()
+    evidence = rule.evidence((before, after), boxes, gains)
+    assert evidence is not None and [e.explained for e in evidence] == pytest.approx(gains)
+    with pytest.raises(ValueError, match="gains"):
+        rule.evidence((before, after), boxes, gains[:2])
