@@ -147,7 +147,7 @@ def _print_summary(summary) -> None:
             console.print(f"  {stage['name']}: skipped ({stage['skipped_reason']})", highlight=False)
             continue
         counts = stage.get("counts", {})
-        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)) or "-"
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if not k.startswith("scorer:")) or "-"
         console.print(f"  {stage['name']}: {shown}", highlight=False, markup=False)
 
 

@@ -255,3 +255,16 @@ def test_grounding_cache_serves_the_same_images_and_instructions_ingested_again(
         for text, x0, y1 in rows:
             by_text.setdefault(text, set()).add((x0, y1))
         assert all(len(v) == 1 for v in by_text.values())
+
+
+def test_run_summary_fits_80_columns_with_whole_stage_names(demo: Path, db: str, monkeypatch) -> None:
+    assert cli("pipeline", "ingest", str(demo))[0] == 0
+    monkeypatch.setenv("MCIE_MLLM_BASE_URL", _free_port_url())
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["pipeline", "run"], env={"COLUMNS": "80"}, catch_exceptions=False)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines and max(len(line) for line in lines) <= 80, result.stdout
+    for name in ("expand", "conflict", "grounding", "load"):
+        assert any(line.split() and line.split()[0] == name for line in lines), (name, result.stdout)
+    assert "…" not in result.stdout
