@@ -134,6 +134,9 @@ def test_server_down_then_back_retries_every_failed_call(demo: Path, db: str, mo
     with chat_server(mllm) as server:
         monkeypatch.setenv("MCIE_MLLM_BASE_URL", server.base_url)
         get_settings.cache_clear()
+        code, out, err = cli("pipeline", "run", "--no-retry", "--json")
+        assert code == 0 and server.requests == []  # --no-retry: the failed calls are not asked again
+        assert all(s.get("pending", 0) == 0 for s in json.loads(out)["stages"] if s["name"] != "load")
         code, out, err = cli("pipeline", "run", "--json")
         assert code == 0, out + err
         summary = json.loads(out)
