@@ -8,6 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from mcie.cli import DEMO_PASSWORD, app
+from mcie.config import get_settings
 
 runner = CliRunner()
 
@@ -23,7 +24,9 @@ def test_demo_help_says_it_runs_the_pipeline() -> None:
     assert "run the pipeline itself" in text and "--no-pipeline" in text
 
 
-def test_demo_prints_only_the_accounts_it_created(tmp_path: Path) -> None:
+def test_demo_prints_only_the_accounts_it_created(tmp_path: Path, migrated_url: str, monkeypatch) -> None:
+    monkeypatch.setenv("MCIE_DATABASE_URL", migrated_url)
+    get_settings.cache_clear()
     out = tmp_path / "demo"
     first = runner.invoke(app, ["demo", "--out", str(out), "--instances", "2", "--no-pipeline"])
     assert first.exit_code == 0, first.stdout
