@@ -32,19 +32,23 @@ def upgrade() -> None:
     for row_id, stage, rationale, parsed in rows:
         if stage == "grounding":
             reason = (parsed or {}).get("reason") if isinstance(parsed, dict) else None
-            values = {"parse_error": reason, "parsed": None}
+            values = {"parse_error": reason, "parsed": sa.null()}
         else:
             values = {"parse_error": rationale, "rationale": None}
         bind.execute(sa.update(table).where(table.c.id == row_id).values(**values))
 
 
 def downgrade() -> None:
-    table = sa.table("mllm_judgements", sa.column("stage", sa.String()), sa.column("verdict", sa.String()),
-                     sa.column("rationale", sa.Text()), sa.column("parse_error", sa.Text()))  # fmt: skip
-    op.get_bind().execute(
-        sa.update(table)
-        .where(table.c.verdict == "unparseable", table.c.stage != "grounding")
-        .values(rationale=table.c.parse_error)
-    )
+    table = sa.table("mllm_judgements", sa.column("id", sa.Integer()), sa.column("stage", sa.String()),
+                     sa.column("verdict", sa.String()), sa.column("rationale", sa.Text()),
+                     sa.column("parsed", sa.JSON()), sa.column("parse_error", sa.Text()))  # fmt: skip
+    bind = op.get_bind()
+    rows = bind.execute(
+        sa.select(table.c.id, table.c.stage, table.c.parse_error)
+        .where(table.c.verdict == "unparseable", table.c.parse_error.is_not(None))
+    ).all()
+    for row_id, stage, reason in rows:
+        values = {"parsed": {"reason": reason}} if stage == "grounding" else {"rationale": reason}
+        bind.execute(sa.update(table).where(table.c.id == row_id).values(**values))
     with op.batch_alter_table("mllm_judgements", schema=None) as batch_op:
         batch_op.drop_column("parse_error")
