@@ -319,19 +319,19 @@ def _from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
 
 
 def _apply(session: Session, outcome: TurnOutcome) -> None:
-    stored = {
-        c.rank: c for c in session.scalars(select(BoxCandidate).where(BoxCandidate.turn_id == outcome.turn_id))
-    }
+    stored = session.scalars(
+        select(BoxCandidate).where(BoxCandidate.turn_id == outcome.turn_id).order_by(BoxCandidate.rank)
+    ).all()
     if len(stored) != outcome.n_existing:
         raise RuntimeError(
             f"grounding: turn {outcome.turn_id} has {len(stored)} candidate boxes, expected {outcome.n_existing} "
             "(another pipeline run is writing the same turns?)"
         )
-    next_rank = max(stored, default=0) + 1
+    next_rank = (stored[-1].rank if stored else 0) + 1
     for position, cand in enumerate(outcome.candidates):
         chosen = position == outcome.chosen
-        if position < outcome.n_existing:
-            row = sorted(stored.values(), key=lambda r: r.rank)[position]
+        if position < outcome.n_existing:  # a stored candidate: scored and chosen anew, never written twice
+            row = stored[position]
             row.score, row.scorer, row.chosen = cand.score, outcome.scorer, chosen
             continue
         x0, y0, x1, y1 = cand.box
