@@ -12,12 +12,15 @@ Candidates belong to turns, not samples: the before/after images of a turn are t
 
 Retries and the cache work like the conflict stage's. A turn whose MLLM call failed (server down after the backend's
 retries) or whose answer could not be parsed keeps its diff candidates and is asked again by the next run
-(``retry=False``, ``mcie pipeline run --no-retry``, asks only turns never asked); every call is stored in
+(``retry=False``, ``mcie pipeline run --no-retry``, asks only turns never asked); unparseable answers at most
+``MAX_UNPARSEABLE`` times in all, failed requests until they succeed. An explicit empty list ("nothing to ground",
+verdict ``empty``) is a valid answer: the turn keeps its diff candidates and is not asked again. Every call is stored in
 ``mllm_judgements``, the parser's reason in ``parse_error``. The new MLLM candidates are added after the stored ones
 (ranks continue, nothing is duplicated), every candidate is scored again and the choice is made anew. Retries reach
-the turns of samples not yet in review (``filtering`` or ``ready``); a box a human set is never overwritten. A
-successful grounding answer is reused for any turn with the same cache key (model, prompt version, both images'
-hashes, the instruction and k): its boxes are copied, and the copy's judgement says ``"cached": true``.
+the turns of samples not yet in review (``filtering`` or ``ready``); a box a human set is never overwritten, and
+the review priority and "no box" flag of a ``ready`` sample are recomputed. A valid grounding answer (boxes or empty)
+is reused for any turn with the same cache key (model, prompt version, both images' hashes, the instruction and k):
+its boxes are copied, and the copy's judgement says ``"cached": true``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -45,8 +48,11 @@ from db.session import session_scope
 from mcie.config import Settings
 from pipeline.conflict_stage import StageReport, _model_name
 from pipeline.engines import Engine
+from pipeline.load_stage import refresh_ready
 
 STAGE = "grounding"
+ANSWERED = ("boxes", "empty")  # verdicts of a valid answer: not asked again, reused from the cache
+MAX_UNPARSEABLE = 3  # a turn whose answers were unparseable this often is not asked again (server errors always are)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class GroundingCall:
     model: str
     prompt_version: str
     cache_key: str
-    verdict: str  # boxes | unparseable | error
+    verdict: str  # boxes | empty (a valid answer naming no box) | unparseable | error
     raw: str | None
     parsed: dict[str, Any] | None
     error: str | None
@@ -200,6 +206,9 @@ def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]]
         if isinstance(answer, ParseFailure):
             yield GroundingCall(**common, verdict="unparseable", parsed=None, error=None, parse_error=answer.reason), []
             continue
+        if not answer.boxes:  # "nothing to ground": a valid answer, cached like any other, never asked again
+            yield GroundingCall(**common, verdict="empty", parsed=answer.to_dict(), error=None), []
+            continue
         width, height = prompt.image_size
         boxes = []
         for box in answer.boxes:
@@ -218,27 +227,38 @@ OPEN_STATUSES = (SampleStatus.filtering, SampleStatus.ready)  # not yet in revie
 def _pending_tasks(session: Session, model: str | None, version: str | None, k: int, *, retry: bool) -> list[TurnTask]:
     """Turns to ground: those without candidates, and (with an MLLM) those it has not answered yet.
 
-    A turn counts as answered once a judgement of this model and prompt version has boxes (or, with
-    ``retry=False``, once it was asked at all). Only turns of instances with a sample not yet in review qualify.
+    A turn counts as answered once a judgement of this model and prompt version is a valid answer (boxes, or an
+    explicit empty list), once its answers were unparseable ``MAX_UNPARSEABLE`` times (a model that cannot follow
+    the format for this turn is not asked forever; failed requests are always asked again), or, with
+    ``retry=False``, once it was asked at all. Only turns of instances with a sample not yet in review qualify.
     """
     from pipeline.mllm.prompts import cache_key
 
     open_sample = exists().where(Sample.instance_id == Turn.instance_id, Sample.status.in_(OPEN_STATUSES))
     has_candidates = exists().where(BoxCandidate.turn_id == Turn.id)
-    needed = ~has_candidates
-    if model is not None:
-        answered = exists().where(
-            MllmJudgement.turn_id == Turn.id,
-            MllmJudgement.stage == MllmStage.grounding,
-            MllmJudgement.model == model,
-            MllmJudgement.prompt_version == version,
-            *(() if not retry else (MllmJudgement.verdict == "boxes",)),
-        )
-        needed = needed | ~answered
     filtering = exists().where(Sample.instance_id == Turn.instance_id, Sample.status == SampleStatus.filtering)
+    needed = ~has_candidates & filtering  # new turns; with an MLLM, also every open turn it has not answered yet
+    if model is not None:
+        judgements = (
+            select(func.count())
+            .where(
+                MllmJudgement.turn_id == Turn.id,
+                MllmJudgement.stage == MllmStage.grounding,
+                MllmJudgement.model == model,
+                MllmJudgement.prompt_version == version,
+            )
+            .correlate(Turn)
+        )
+        if retry:
+            answered = (judgements.where(MllmJudgement.verdict.in_(ANSWERED)).scalar_subquery() > 0) | (
+                judgements.where(MllmJudgement.verdict == "unparseable").scalar_subquery() >= MAX_UNPARSEABLE
+            )
+        else:
+            answered = judgements.scalar_subquery() > 0
+        needed = needed | ~answered
     rows = session.execute(
         select(Turn.id, Turn.instance_id, Turn.index, Turn.instruction, Turn.result_image)
-        .where(needed, open_sample, filtering | has_candidates)
+        .where(needed, open_sample)
         .order_by(Turn.instance_id, Turn.index)
     ).all()
     if not rows:
@@ -248,7 +268,7 @@ def _pending_tasks(session: Session, model: str | None, version: str | None, k: 
     sources: dict[int, str] = {}
     images: dict[tuple[int, int], str] = {}
     existing: dict[int, list[CandidateOut]] = {}
-    verdicts: dict[int, set[str]] = {}  # turn -> verdicts of its grounding calls by this model and version
+    verdicts: dict[int, list[str]] = {}  # turn -> verdicts of its grounding calls by this model and version
     for start in range(0, len(instance_ids), 5000):
         chunk = instance_ids[start : start + 5000]
         sources.update(session.execute(select(Instance.id, Instance.source_image).where(Instance.id.in_(chunk))).all())
@@ -272,13 +292,14 @@ def _pending_tasks(session: Session, model: str | None, version: str | None, k: 
                     MllmJudgement.turn_id.in_(chunk), MllmJudgement.stage == MllmStage.grounding,
                     MllmJudgement.model == model, MllmJudgement.prompt_version == version)
             ):  # fmt: skip
-                verdicts.setdefault(turn_id, set()).add(verdict or "")
+                verdicts.setdefault(turn_id, []).append(verdict or "")
     tasks = []
     for turn_id, instance_id, index, instruction, after in rows:
         before = sources[instance_id] if index == 1 else images[(instance_id, index - 1)]
         key = cache_key(model, version, before, after, instruction, k) if model and version else None
-        asked = verdicts.get(turn_id, set())
-        ask = model is not None and "boxes" not in asked and (retry or not asked)
+        asked = verdicts.get(turn_id, [])
+        settled = any(v in ANSWERED for v in asked) or asked.count("unparseable") >= MAX_UNPARSEABLE
+        ask = model is not None and not settled and (retry or not asked)
         tasks.append(TurnTask(turn_id, index, instruction, before, after, key, tuple(existing.get(turn_id, ())),
                               ask, None, ask and bool(asked)))  # fmt: skip
     return tasks
@@ -292,7 +313,7 @@ def _from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
         for key, turn_id in session.execute(
             select(MllmJudgement.cache_key, MllmJudgement.turn_id)
             .where(MllmJudgement.cache_key.in_(keys[start : start + 5000]),
-                   MllmJudgement.stage == MllmStage.grounding, MllmJudgement.verdict == "boxes",
+                   MllmJudgement.stage == MllmStage.grounding, MllmJudgement.verdict.in_(ANSWERED),
                    MllmJudgement.turn_id.is_not(None))
             .order_by(MllmJudgement.id)
         ):  # fmt: skip
@@ -318,7 +339,8 @@ def _from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
     return out
 
 
-def _apply(session: Session, outcome: TurnOutcome) -> None:
+def _apply(session: Session, outcome: TurnOutcome) -> list[int]:
+    """Store one turn's outcome; returns the ids of the ``ready`` samples whose boxes it may have changed."""
     stored = session.scalars(
         select(BoxCandidate).where(BoxCandidate.turn_id == outcome.turn_id).order_by(BoxCandidate.rank)
     ).all()
@@ -347,13 +369,13 @@ def _apply(session: Session, outcome: TurnOutcome) -> None:
             source = session.scalars(
                 select(MllmJudgement)
                 .where(MllmJudgement.cache_key == call.cache_key, MllmJudgement.stage == MllmStage.grounding,
-                       MllmJudgement.verdict == "boxes")
+                       MllmJudgement.verdict.in_(ANSWERED))
                 .order_by(MllmJudgement.id)
                 .limit(1)
             ).one()  # fmt: skip
             session.add(
                 MllmJudgement(turn_id=outcome.turn_id, stage=MllmStage.grounding, model=source.model,
-                              prompt_version=source.prompt_version, cache_key=source.cache_key, verdict="boxes",
+                              prompt_version=source.prompt_version, cache_key=source.cache_key, verdict=source.verdict,
                               raw_response=source.raw_response, parsed=(source.parsed or {}) | {"cached": True},
                               latency_ms=0.0)
             )  # fmt: skip
@@ -387,6 +409,7 @@ def _apply(session: Session, outcome: TurnOutcome) -> None:
                     box_score=best.score)
         )
     session.execute(update(Sample).where(Sample.id.in_(windows.scalar_subquery())).values(box_scorer=outcome.scorer))
+    return list(session.scalars(windows.where(Sample.status == SampleStatus.ready)))
 
 
 def grounding_stage(
@@ -414,8 +437,9 @@ def grounding_stage(
     worker = GroundingWorker(settings, mllm, scorer, k)
     for outcomes in engine.map_batches(worker, tasks, batch_size=batch_size, desc=STAGE):
         with session_scope(url) as session:
+            ready: list[int] = []
             for outcome in outcomes:
-                _apply(session, outcome)
+                ready.extend(_apply(session, outcome))
                 report.count("turns")
                 report.count("candidates", len(outcome.candidates) - outcome.n_existing)
                 if outcome.chosen is None:
@@ -425,8 +449,11 @@ def grounding_stage(
                 if outcome.call is not None and not outcome.call.cached:
                     report.add_call(outcome.call)
                     report.count(f"mllm_{outcome.call.verdict}")
-                    if outcome.call.verdict != "boxes":
+                    if outcome.call.verdict not in ANSWERED:
                         report.add_failure(outcome.call.verdict, outcome.call.error or outcome.call.parse_error)
                 report.counts[f"scorer:{outcome.scorer}"] = report.counts.get(f"scorer:{outcome.scorer}", 0) + 1
+            if ready:  # samples already loaded for review: their "no box" flag and priority follow the new boxes
+                session.flush()
+                report.count("ready_refreshed", refresh_ready(session, ready))
     report.seconds = round(time.perf_counter() - started, 3)
     return report

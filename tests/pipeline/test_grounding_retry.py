@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
@@ -65,7 +66,7 @@ class Mllm:
 
     def __init__(self, demo: Path) -> None:
         self.boxes = _truth(demo)
-        self.grounding = "ok"  # ok | 503 | prose
+        self.grounding = "ok"  # ok | 503 | prose | empty
         self.conflict = "ok"
 
     def __call__(self, request):
@@ -75,6 +76,8 @@ class Mllm:
             return Reply(status=503, body={"error": {"message": "model is loading"}})
         if mode == "prose":
             return "I think the edit is somewhere in the middle."
+        if mode == "empty":
+            return "[]"
         if task == "conflict":
             return json.dumps({"reason": "different objects", "conflict": False, "turns": []})
         text = "\n".join(request.texts())
@@ -271,3 +274,108 @@ def test_run_summary_fits_80_columns_with_whole_stage_names(demo: Path, db: str,
     for name in ("expand", "conflict", "grounding", "load"):
         assert any(line.split() and line.split()[0] == name for line in lines), (name, result.stdout)
     assert "…" not in result.stdout
+
+
+def test_retry_clears_the_no_box_flag_and_recomputes_the_priority_of_ready_samples(demo, db, monkeypatch) -> None:
+    # turn 1 of the first instance changes nothing (its result is the source image): no diff box, so while the
+    # grounding server fails its samples are loaded flagged "no box was found for turn(s) 1"
+    first = json.loads((demo / "annotations" / "split_0001.jsonl").read_text().splitlines()[0])
+    shutil.copyfile(demo / "images" / "data" / first["source_image"], demo / "images" / "data" / first["edit_image_1"])
+    assert cli("pipeline", "ingest", str(demo))[0] == 0
+    mllm = Mllm(demo)
+    mllm.grounding = "503"
+    with chat_server(mllm) as server:
+        monkeypatch.setenv("MCIE_MLLM_BASE_URL", server.base_url)
+        get_settings.cache_clear()
+        assert cli("pipeline", "run")[0] == 1  # every grounding call failed
+        with session_scope(db) as session:
+            assert set(session.scalars(select(Sample.status))) == {SampleStatus.ready}
+            flagged = {s.id: (s.flag_reason, s.priority) for s in session.scalars(select(Sample).where(Sample.flagged))}
+            assert flagged and all(r == "no box was found for turn(s) 1" for r, _ in flagged.values())
+            other = min(flagged)  # a reason of its own stays when the box is found
+            session.execute(update(Sample).where(Sample.id == other)
+                            .values(flag_reason="image looks broken; no box was found for turn(s) 1"))  # fmt: skip
+            before = {s.id: s.priority for s in session.scalars(select(Sample))}
+        mllm.grounding = "ok"
+        code, out, err = cli("pipeline", "run", "--json")
+        assert code == 0, out + err
+        grounding = next(s for s in json.loads(out)["stages"] if s["name"] == "grounding")
+        assert grounding["counts"]["retried"] > 0 and grounding["counts"]["ready_refreshed"] >= len(flagged)
+    with session_scope(db) as session:
+        samples = {s.id: s for s in session.scalars(select(Sample))}
+        no_box = select(func.count()).select_from(SubInstruction).where(SubInstruction.box_x0.is_(None))
+        assert session.scalar(no_box) == 0
+        for sample_id in flagged:
+            sample = samples[sample_id]
+            if sample_id == other:
+                assert sample.flagged and sample.flag_reason == "image looks broken"
+            else:
+                assert not sample.flagged and sample.flag_reason is None
+                assert sample.priority <= before[sample_id] - 0.2 + 1e-9  # the flag's 0.2 is gone
+        # every ready sample's priority is what the load stage would give it now (conflict answered: no MLLM doubt)
+        from pipeline.load_stage import box_doubt, priority
+
+        scores: dict[int, dict[int, list[float]]] = {}
+        for instance_id, index, score in session.execute(
+            select(Turn.instance_id, Turn.index, BoxCandidate.score).join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
+        ):
+            scores.setdefault(instance_id, {}).setdefault(index, []).append(score)
+        for sample in samples.values():
+            doubt = box_doubt(scores[sample.instance_id], range(sample.first_turn, sample.last_turn + 1))
+            assert sample.priority == priority(0.0, doubt, sample.flagged)
+
+
+def test_an_empty_grounding_answer_is_a_valid_answer_cached_and_not_asked_again(demo, db, monkeypatch) -> None:
+    settings_store = lambda: ImageStore.from_settings(get_settings())  # noqa: E731
+    mllm = Mllm(demo)
+    mllm.grounding = "empty"
+    with chat_server(mllm) as server:
+        monkeypatch.setenv("MCIE_MLLM_BASE_URL", server.base_url)
+        get_settings.cache_clear()
+        ingest(read_source(demo, "seed-data-edit", None), url=db, store=settings_store())
+        code, out, err = cli("pipeline", "run", "--json")
+        assert code == 0, out + err  # "nothing to ground" is an answer, not a failure
+        summary = json.loads(out)
+        grounding = next(s for s in summary["stages"] if s["name"] == "grounding")
+        assert grounding["counts"]["mllm_empty"] == grounding["calls"] > 0 and not grounding.get("errors")
+        judgements = _judgements(db, MllmStage.grounding)
+        assert {j.verdict for j in judgements} == {"empty"}
+        assert all(j.parse_error is None and j.error is None and j.parsed["boxes"] == [] for j in judgements)
+        assert {s for _, _, s in _candidates(db)} == {"diff"}  # the turns keep their pixel-difference boxes
+        status = json.loads(cli("pipeline", "status", "--json")[1])
+        assert status["mllm_failures"] == {} and status["rerun"]["would_ask"]["grounding_turns"] == 0
+        calls = len(server.requests)
+        assert cli("pipeline", "run")[0] == 0 and len(server.requests) == calls  # not asked again
+        copy = [replace(r, dataset="copy") if hasattr(r, "dataset") else r
+                for r in read_source(demo, "seed-data-edit", None)]  # fmt: skip
+        ingest(copy, url=db, store=settings_store())
+        code, out, _ = cli("pipeline", "run", "--json")
+        assert code == 0 and len(server.requests) == calls  # the copy's turns: served from the cache
+        stages = {s["name"]: s for s in json.loads(out)["stages"]}
+        assert stages["grounding"]["cached"] == stages["grounding"]["pending"] == grounding["calls"]
+    copies = [j for j in _judgements(db, MllmStage.grounding) if (j.parsed or {}).get("cached")]
+    assert len(copies) == grounding["calls"] and {j.verdict for j in copies} == {"empty"}
+
+
+def test_unparseable_grounding_is_asked_at_most_three_times_failed_requests_always(demo, db, monkeypatch) -> None:
+    from pipeline.grounding_stage import MAX_UNPARSEABLE
+
+    assert cli("pipeline", "ingest", str(demo))[0] == 0
+    mllm = Mllm(demo)
+    with chat_server(mllm) as server:
+        monkeypatch.setenv("MCIE_MLLM_BASE_URL", server.base_url)
+        get_settings.cache_clear()
+        mllm.grounding = "503"  # failed requests do not count toward the bound
+        assert cli("pipeline", "run")[0] == 1
+        n_turns = len(_judgements(db, MllmStage.grounding))
+        mllm.grounding = "prose"
+        for _ in range(MAX_UNPARSEABLE):
+            calls = len(server.requests)
+            assert cli("pipeline", "run")[0] == 1
+            assert len(server.requests) == calls + n_turns  # asked again (grounding only: the conflict check passed)
+        status = json.loads(cli("pipeline", "status", "--json")[1])
+        assert status["rerun"]["would_ask"]["grounding_retries"] == 0
+        calls = len(server.requests)
+        assert cli("pipeline", "run")[0] == 0 and len(server.requests) == calls  # given up: diff boxes stay
+    verdicts = [j.verdict for j in _judgements(db, MllmStage.grounding)]
+    assert verdicts.count("error") == n_turns and verdicts.count("unparseable") == MAX_UNPARSEABLE * n_turns
