@@ -8,7 +8,7 @@ per turn from a seeded mix of scenarios:
 - ``truth+pads``: the true box, then it padded by 10% and 25% (a competent MLLM, as in issue 11);
 - ``pads``: only the padded versions; ``shifted``: the true box moved by 25% of its size (and that padded by 10%);
 - ``wrong``: the box of another object of the picture; ``wrong+truth``: that one first, then the true box;
-- ``nothing``: an empty answer (the stage stores it as unparseable and keeps the diff candidates only).
+- ``nothing``: an empty list (a valid answer, verdict ``empty``: the turn keeps its diff candidates only).
 
 Every turn's stored candidates (MLLM and pixel-difference) are then scored by each scorer and one is chosen by
 :class:`pipeline.scoring.SelectionRule` (``pixel_argmax``: the plain argmax of the pixel scores, the rule before).

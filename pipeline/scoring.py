@@ -183,6 +183,7 @@ class Evidence:
 
     explained: float  # share of the pair's change (above the noise floor) inside the box, in [0, 1]
     offset: float  # distance of the change's centre of mass from the box centre, in box sizes (max of x and y)
+    from_gain: bool = False  # ``explained`` is a scorer's normalised Eq. 1 gain (CLIP), not the pixel share
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,29 +191,33 @@ class SelectionRule:
     """Which candidate a turn gets, given the scorer's Eq. 1 scores and the pixel evidence (docs/grounding.md).
 
     1. A candidate *explains* the edit when it holds at least ``explain`` of the change above the noise floor
-       (Eq. 1 in pixel form, normalised per pair: the share of the difference its masking removes) and the
-       change's centre of mass lies within ``centre`` box sizes of its centre (a shifted or oversized box can
-       hold the change without being about it).
+       (Eq. 1 in pixel form, normalised per pair: the share of the difference its masking removes; with CLIP
+       gains, ``explain_gain`` of the normalised CLIP gain) and the change's centre of mass lies within ``centre``
+       box sizes of its centre (a shifted or oversized box can hold the change without being about it).
     2. Among the MLLM boxes that explain it and are at most ``max_growth`` times the area of the smallest
        explaining box, the smallest wins: the MLLM bounds the object the instruction names, the pixel
        difference only what changed, and masking more must not win by itself (every larger box explains too).
     3. Else the smallest explaining box of any source (the tightest explanation of the change).
     4. Else (no box explains it, or nothing changed above the noise floor) the scorer's best Eq. 1 score.
 
-    The noise floor is ``3 x`` the median pixel difference (re-encoding noise), kept in
-    [``noise_floor``, ``max_noise_floor``]; the defaults are those measured by ``bench/grounding_quality.py``.
+    The change is measured at ``work_size`` pixels on the longest side (fine enough that a box shifted by a
+    quarter of a small object's size leaves more than ``1 - explain`` of its change outside); the noise floor is
+    ``3 x`` the median pixel difference (re-encoding noise), kept in [``noise_floor``, ``max_noise_floor``]. The
+    defaults are those measured by ``bench/grounding_quality.py`` (docs/grounding.md).
     """
 
-    explain: float = 0.95
+    explain: float = 0.98
+    explain_gain: float = 0.95
     centre: float = 0.3
     max_growth: float = 5.0
-    noise_floor: float = 0.02
+    noise_floor: float = 0.0
     max_noise_floor: float = 0.05
-    work_size: int = 128
+    work_size: int = 256
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.explain <= 1.0:
-            raise ValueError(f"SelectionRule.explain: expected a number in (0, 1], got {self.explain}")
+        for name in ("explain", "explain_gain"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"SelectionRule.{name}: expected a number in (0, 1], got {getattr(self, name)}")
         if self.centre <= 0 or self.max_growth < 1:
             raise ValueError("SelectionRule: expected centre > 0 and max_growth >= 1")
         if not 0.0 <= self.noise_floor <= self.max_noise_floor < 1.0:
@@ -246,12 +251,13 @@ class SelectionRule:
         if gains is not None:
             if len(gains) != len(out):
                 raise ValueError(f"evidence: got {len(gains)} gains for {len(out)} boxes")
-            out = [Evidence(float(g), e.offset) for g, e in zip(gains, out, strict=True)]
+            out = [Evidence(float(g), e.offset, True) for g, e in zip(gains, out, strict=True)]
         return out
 
     def explains(self, evidence: Evidence) -> bool:
         """Whether a box with this evidence explains the edit (step 1)."""
-        return evidence.explained >= self.explain and evidence.offset <= self.centre
+        threshold = self.explain_gain if evidence.from_gain else self.explain
+        return evidence.explained >= threshold and evidence.offset <= self.centre
 
     def choose(
         self, sources: Sequence[str], boxes: Sequence[Box], scores: Sequence[float], evidence: Sequence[Evidence] | None

@@ -10,7 +10,7 @@ import torch
 
 from mcie.config import ConfigError, load_settings
 from pipeline.boxes import Box, Candidate, diff_boxes
-from pipeline.scoring import ClipScorer, PixelScorer, SelectionRule, make_scorer, select
+from pipeline.scoring import ClipScorer, Evidence, PixelScorer, SelectionRule, make_scorer, select
 from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
 from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
 
@@ -297,6 +297,21 @@ def test_selection_rejects_mllm_boxes_that_do_not_explain_the_edit() -> None:
         assert chosen == min(diff, key=lambda b: b.area)  # the smallest diff box that explains the edit
 
 
+def test_selection_rejects_an_mllm_box_shifted_off_the_object_that_a_coarse_change_map_would_accept() -> None:
+    # the bench's "shifted" answers: at 128 px and 95% the box moved by a fifth of its size still "explains" the
+    # edit and wins as the smallest MLLM box; at 256 px and 98% (the defaults) the change it cuts off counts
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    shifted = Box.clip(t.x0 + 0.2 * t.width, t.y0 + 0.2 * t.height, t.x1 + 0.2 * t.width, t.y1 + 0.2 * t.height)
+    boxes, sources = [shifted, *diff], ["mllm"] + ["diff"] * len(diff)
+    coarse = SelectionRule(explain=0.95, noise_floor=0.02, work_size=128)  # the rule's first thresholds
+    assert _choose(before, after, boxes, sources, coarse) == shifted
+    chosen = _choose(before, after, boxes, sources)
+    assert chosen == min(diff, key=lambda b: b.area) and chosen.iou(t) > shifted.iou(t)
+    evidence = SelectionRule().evidence((before, after), [shifted, t])
+    assert evidence is not None and 0.9 < evidence[0].explained < 0.98 and evidence[1].explained == 1.0
+
+
 def test_selection_falls_back_to_the_scores_without_a_change_or_an_explaining_box() -> None:
     image = scene()
     boxes = [Box(0, 0, 0.5, 0.5), Box(0.5, 0.5, 1, 1)]
@@ -312,6 +327,8 @@ def test_selection_falls_back_to_the_scores_without_a_change_or_an_explaining_bo
         rule.choose(["mllm"], tiny, [0.1, 0.3], evidence)
     with pytest.raises(ValueError, match="explain"):
         SelectionRule(explain=0)
+    with pytest.raises(ValueError, match="explain_gain"):
+        SelectionRule(explain_gain=1.5)
 
 
 def test_clip_gains_are_the_normalised_eq1_share_and_feed_the_rule() -> None:
@@ -325,5 +342,7 @@ def test_clip_gains_are_the_normalised_eq1_share_and_feed_the_rule() -> None:
     rule = SelectionRule()
     evidence = rule.evidence((before, after), boxes, gains)
     assert evidence is not None and [e.explained for e in evidence] == pytest.approx(gains)
+    assert all(e.from_gain for e in evidence)  # judged against explain_gain, not the pixel share's threshold
+    assert rule.explains(Evidence(0.96, 0.0, True)) and not rule.explains(Evidence(0.96, 0.0))
     with pytest.raises(ValueError, match="gains"):
         rule.evidence((before, after), boxes, gains[:2])
