@@ -75,8 +75,8 @@ def run_command(
     ray_workers: Annotated[int, typer.Option(min=1, help="Ray actors per stage.")] = 2,
     retry_failed: Annotated[bool, typer.Option(
         "--retry-failed/--no-retry",
-        help="Ask the MLLM again where an earlier call failed (or, for grounding, could not be parsed); "
-        "--no-retry asks only what was never asked.")] = True,
+        help="Ask the MLLM again where an earlier call failed (or, for grounding, could not be parsed: at most "
+        "3 times); --no-retry asks only what was never asked.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Expand, filter with the MLLM, ground and load samples for review (resumable).

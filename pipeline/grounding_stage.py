@@ -239,22 +239,19 @@ def _pending_tasks(session: Session, model: str | None, version: str | None, k: 
     filtering = exists().where(Sample.instance_id == Turn.instance_id, Sample.status == SampleStatus.filtering)
     needed = ~has_candidates & filtering  # new turns; with an MLLM, also every open turn it has not answered yet
     if model is not None:
-        judgements = (
-            select(func.count())
-            .where(
-                MllmJudgement.turn_id == Turn.id,
-                MllmJudgement.stage == MllmStage.grounding,
-                MllmJudgement.model == model,
-                MllmJudgement.prompt_version == version,
-            )
-            .correlate(Turn)
+        this_model = (
+            MllmJudgement.turn_id == Turn.id,
+            MllmJudgement.stage == MllmStage.grounding,
+            MllmJudgement.model == model,
+            MllmJudgement.prompt_version == version,
         )
         if retry:
-            answered = (judgements.where(MllmJudgement.verdict.in_(ANSWERED)).scalar_subquery() > 0) | (
-                judgements.where(MllmJudgement.verdict == "unparseable").scalar_subquery() >= MAX_UNPARSEABLE
+            unparseable = select(func.count()).where(*this_model, MllmJudgement.verdict == "unparseable")
+            answered = exists().where(*this_model, MllmJudgement.verdict.in_(ANSWERED)) | (
+                unparseable.correlate(Turn).scalar_subquery() >= MAX_UNPARSEABLE
             )
         else:
-            answered = judgements.scalar_subquery() > 0
+            answered = exists().where(*this_model)
         needed = needed | ~answered
     rows = session.execute(
         select(Turn.id, Turn.instance_id, Turn.index, Turn.instruction, Turn.result_image)
