@@ -15,7 +15,9 @@ Every turn's stored candidates (MLLM and pixel-difference) are then scored by ea
 Reported per scorer: the mean IoU of the chosen box with the truth, the mean IoU of the best candidate offered (the
 ceiling), their gap, the share of turns where the best candidate was chosen, the share of MLLM boxes chosen, and the
 mean chosen IoU by operation and edit, the gap by scenario, and the share of turns the scorer decided
-(no candidate explains the edit; see SelectionRule). Goal for the pixel scorer (the
+(no candidate explains the edit; see SelectionRule), and ``gap_if_mllm_or_diff_chosen_perfectly``: the gap left if
+the choice between the smallest explaining MLLM box and the smallest explaining other box were always right (a
+bound on what deciding when to trust the MLLM can reach). Goal for the pixel scorer (the
 default without a CLIP checkpoint): a gap of at most 0.03.
 
 ``clip`` uses the tiny open_clip of the tests with *random* weights: its figure only proves that the plumbing runs.
@@ -165,7 +167,7 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
     scores = scorer.score(pairs, [[b for b, _ in it["candidates"]] for it in items])
     gains = (scorer.gains(pairs, [[b for b, _ in it["candidates"]] for it in items]) if hasattr(scorer, "gains")
              else [None] * len(items))  # fmt: skip
-    chosen_iou, best_iou, best_chosen, mllm_chosen, by_score = [], [], [], [], []
+    chosen_iou, best_iou, best_chosen, mllm_chosen, by_score, bound = [], [], [], [], [], []
     by_op: dict[str, list[float]] = defaultdict(list)
     by_scenario: dict[str, list[float]] = defaultdict(list)
     by_edit: dict[str, list[float]] = defaultdict(list)
@@ -179,6 +181,12 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
             evidence = rule.evidence((it["before"], it["after"]), boxes, row_gains)
             pick = rule.choose([s for _, s in it["candidates"]], boxes, row, evidence)
             by_score.append(evidence is None or not any(rule.explains(e) for e in evidence))
+            # the best of "smallest explaining MLLM box" and "smallest explaining other box": what a perfect
+            # decision between trusting the MLLM and the pixel difference would reach (diff boxes not reordered)
+            explaining = [i for i, e in enumerate(evidence or []) if rule.explains(e)]
+            options = [min((i for i in explaining if (it["candidates"][i][1] == "mllm") == m), default=None,
+                           key=lambda i: boxes[i].area) for m in (True, False)]  # fmt: skip
+            bound.append(max([ious[i] for i in options if i is not None] or [ious[pick]]))
         chosen_iou.append(ious[pick])
         best_iou.append(max(ious))
         best_chosen.append(ious[pick] >= max(ious) - 1e-9)
@@ -198,6 +206,8 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
         "mean_iou_by_operation": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_op.items())},
         "gap_by_scenario": {k: round(-float(np.mean(v)), 4) for k, v in sorted(by_scenario.items())},
         "decided_by_scorer_share": round(float(np.mean(by_score)), 4),
+        **({"gap_if_mllm_or_diff_chosen_perfectly": round(float(np.mean(best_iou) - np.mean(bound)), 4)}
+           if bound else {}),
         "mean_iou_by_edit": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_edit.items())},
         "seconds": round(time.perf_counter() - started, 2),
     }
