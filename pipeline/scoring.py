@@ -195,8 +195,10 @@ class SelectionRule:
        gains, ``explain_gain`` of the normalised CLIP gain) and the change's centre of mass lies within ``centre``
        box sizes of its centre (a shifted or oversized box can hold the change without being about it).
     2. Among the MLLM boxes that explain it and are at most ``max_growth`` times the area of the smallest
-       explaining box, the smallest wins: the MLLM bounds the object the instruction names, the pixel
-       difference only what changed, and masking more must not win by itself (every larger box explains too).
+       explaining box, the smallest wins: such a box bounds the same thing as the tightest explanation, and the
+       MLLM also sees parts of the object the edit left unchanged. A larger MLLM box is a padded one (10% on each
+       side is 1.44 times the area) and loses, since masking more must not win by itself (every larger box
+       explains too).
     3. Else the smallest explaining box of any source (the tightest explanation of the change).
     4. Else (no box explains it, or nothing changed above the noise floor) the scorer's best Eq. 1 score.
 
@@ -209,7 +211,7 @@ class SelectionRule:
     explain: float = 0.98
     explain_gain: float = 0.95
     centre: float = 0.3
-    max_growth: float = 5.0
+    max_growth: float = 1.1
     noise_floor: float = 0.0
     max_noise_floor: float = 0.05
     work_size: int = 256
