@@ -1,6 +1,7 @@
 """Benchmark of box selection quality: how close the chosen box is to the truth, per scorer; prints one JSON.
 
-Data: the demo generator's instances (real photographs, real region edits), whose true box per turn it knows. They
+Data: the demo generator's instances (real photographs, real region edits), whose true box per turn it knows (the
+visible extent of the edit, ``pipeline.demo.visible_box``). They
 go through the real pipeline (ingest, expand, the grounding stage with the ``openai`` backend) against the local test
 server (``tests/pipeline/chat_server.py``) answering each grounding prompt from the truth plus controlled noise, drawn
 per turn from a seeded mix of scenarios:
