@@ -2,7 +2,8 @@
 those frames, and the JSON-ready agreement figures that ``mcie agreement --json`` prints.
 
 Loaders (one query each): :func:`reviews_frame` (one row per review, the rater's username in ``rater``, times in UTC,
-``is_gold`` / ``is_calibration`` flags) and :func:`samples_frame`; :func:`status_counts` and
+``is_gold`` / ``is_calibration`` flags), :func:`samples_frame` and :func:`grounding_frames` (reviewers' box
+corrections and the pipeline's candidate boxes, for :func:`grounding_vs_corrections`); :func:`status_counts` and
 :func:`remaining_reviews` are single aggregate queries. Everything else is pure and takes a reviews frame.
 
 Conventions: days are UTC days; gold reviews count as work done (per-reviewer and throughput figures) but not
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -523,3 +525,118 @@ def review_budget(url: str) -> dict[str, Any]:
         "n_with_posterior": len(posteriors),
         "reliability_over_time": [h | {"rater": names.get(h["rater"], h["rater"])} for h in history],
     })  # fmt: skip
+
+
+# --- grounding measured against reviewers' box corrections ------------------------------------------------------
+
+GROUNDING_SOURCES = ("mllm", "diff", "chosen")
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two normalised (x0, y0, x1, y1) boxes."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(corrections, candidates): every reviewer's box correction with its turn's operation, and every candidate box.
+
+    corrections: ``instance_id, turn_index, operation, review_id, x0, y0, x1, y1`` (one row per corrected turn per
+    review); candidates: ``instance_id, turn_index, source, rank, chosen, x0, y0, x1, y1``.
+    """
+    from db.models import BoxCandidate, SubInstruction, Turn
+
+    corrections: list[dict[str, Any]] = []
+    with session_scope(url) as session:
+        operations = {
+            (sample_id, turn): str(op)
+            for sample_id, turn, op in session.execute(
+                select(SubInstruction.sample_id, SubInstruction.turn_index, SubInstruction.operation)
+                .join(Review, Review.sample_id == SubInstruction.sample_id)
+                .where(Review.box_corrections.is_not(None))
+            )
+        }
+        for review_id, sample_id, instance_id, boxes in session.execute(
+            select(Review.id, Review.sample_id, Sample.instance_id, Review.box_corrections)
+            .join(Sample, Sample.id == Review.sample_id)
+            .where(Review.box_corrections.is_not(None))
+        ):
+            for item in boxes or []:
+                x0, y0, x1, y1 = item["box"]
+                turn = int(item["turn_index"])
+                corrections.append({"instance_id": instance_id, "turn_index": turn,
+                                    "operation": operations.get((sample_id, turn)), "review_id": review_id,
+                                    "x0": x0, "y0": y0, "x1": x1, "y1": y1})  # fmt: skip
+        instance_ids = sorted({c["instance_id"] for c in corrections})
+        candidates = [
+            {"instance_id": instance_id, "turn_index": index, "source": str(c.source), "rank": c.rank,
+             "chosen": bool(c.chosen), "x0": c.box_x0, "y0": c.box_y0, "x1": c.box_x1, "y1": c.box_y1}
+            for start in range(0, len(instance_ids), 5000)
+            for instance_id, index, c in session.execute(
+                select(Turn.instance_id, Turn.index, BoxCandidate)
+                .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
+                .where(Turn.instance_id.in_(instance_ids[start : start + 5000]))
+            )
+        ]  # fmt: skip
+    columns = ["instance_id", "turn_index", "operation", "review_id", "x0", "y0", "x1", "y1"]
+    cand_columns = ["instance_id", "turn_index", "source", "rank", "chosen", "x0", "y0", "x1", "y1"]
+    return pd.DataFrame(corrections, columns=columns), pd.DataFrame(candidates, columns=cand_columns)
+
+
+def grounding_vs_corrections(corrections: pd.DataFrame, candidates: pd.DataFrame) -> pd.DataFrame:
+    """IoU of the pipeline's boxes with the reviewers' corrected boxes, by operation and box source.
+
+    The truth of a turn is the per-coordinate median of its corrections (several reviewers may correct it). For each
+    corrected turn with candidates: ``mllm`` and ``diff`` are that source's best candidate (``first_iou``: its first
+    one, the MLLM's own top answer), ``chosen`` the box the pipeline chose. One row per (operation, source), plus
+    ``all`` operations: ``turns``, ``mean_iou``, ``mean_first_iou``, ``share_iou_50`` (IoU >= 0.5).
+    """
+    _check_frame(corrections, ("instance_id", "turn_index", "operation", "x0", "y0", "x1", "y1"))
+    _check_frame(candidates, ("instance_id", "turn_index", "source", "rank", "chosen", "x0", "y0", "x1", "y1"))
+    out_columns = ["operation", "source", "turns", "mean_iou", "mean_first_iou", "share_iou_50"]
+    if corrections.empty or candidates.empty:
+        return pd.DataFrame(columns=out_columns)
+    keys = ["instance_id", "turn_index"]
+    truth = corrections.groupby(keys).agg(
+        operation=("operation", "first"), x0=("x0", "median"), y0=("y0", "median"), x1=("x1", "median"),
+        y1=("y1", "median"),
+    )  # fmt: skip
+    by_turn = {key: group.sort_values("rank") for key, group in candidates.groupby(keys)}
+    rows = []
+    for key, t in truth.iterrows():
+        group = by_turn.get(key)
+        if group is None:
+            continue
+        box = (t.x0, t.y0, t.x1, t.y1)
+        ious = [box_iou(box, (c.x0, c.y0, c.x1, c.y1)) for c in group.itertuples()]
+        group = group.assign(iou=ious)
+        operation = t.operation or "unknown"
+        for source in ("mllm", "diff"):
+            own = group[group["source"] == source]
+            if not own.empty:
+                rows.append((operation, source, float(own["iou"].max()), float(own["iou"].iloc[0])))
+        chosen = group[group["chosen"]]
+        if not chosen.empty:
+            rows.append((operation, "chosen", float(chosen["iou"].iloc[0]), float("nan")))
+    if not rows:
+        return pd.DataFrame(columns=out_columns)
+    frame = pd.DataFrame(rows, columns=["operation", "source", "iou", "first_iou"])
+    frame = pd.concat([frame, frame.assign(operation="all")])
+
+    def summary(group: pd.DataFrame) -> pd.Series:
+        first = group["first_iou"].dropna()
+        return pd.Series({"turns": len(group), "mean_iou": round(float(group["iou"].mean()), 4),
+                          "mean_first_iou": round(float(first.mean()), 4) if len(first) else None,
+                          "share_iou_50": round(float((group["iou"] >= 0.5).mean()), 4)})  # fmt: skip
+
+    result = frame.groupby(["operation", "source"]).apply(summary, include_groups=False).reset_index()
+    order = {s: i for i, s in enumerate(GROUNDING_SOURCES)}
+    result["_op"] = result["operation"].map(lambda op: (op == "all", op))
+    result["_src"] = result["source"].map(order)
+    result = result.sort_values(["_op", "_src"]).drop(columns=["_op", "_src"]).reset_index(drop=True)
+    result["turns"] = result["turns"].astype(int)
+    return result[out_columns]

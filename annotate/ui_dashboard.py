@@ -934,6 +934,49 @@ class Dashboard:
         return render_topbar(lead_of(self.url, request))
 
 
+# --- grounding vs reviewers' corrections (issue 11) -----------------------------------------------------------
+
+
+def grounding_figure(frame: pd.DataFrame) -> go.Figure:
+    """Mean IoU with the reviewers' corrected boxes, by operation, one bar per box source."""
+    if frame.empty:
+        return _empty_figure("No box corrections yet: reviewers' corrected boxes are the ground truth here.")
+    fig = go.Figure()
+    for source in dd.GROUNDING_SOURCES:
+        part = frame[frame["source"] == source]
+        if not part.empty:
+            fig.add_bar(x=part["operation"], y=part["mean_iou"], name=source,
+                        text=[f"{v:.2f} (n={n})" for v, n in zip(part["mean_iou"], part["turns"], strict=True)])
+    fig.update_yaxes(range=[0, 1], title="mean IoU with the corrected box")
+    return _layout(fig, "Grounding vs reviewers' corrections (mllm/diff: best box of that source)")
+
+
+def grounding_view(url: str, request: gr.Request | None) -> tuple[go.Figure, pd.DataFrame]:
+    """The tab's figure and table, for a lead or admin only."""
+    lead_of(url, request)
+    frame = dd.grounding_vs_corrections(*dd.grounding_frames(url))
+    return grounding_figure(frame), frame
+
+
+def grounding_tab(settings: Settings) -> Table:
+    """The leads' "Grounding" tab: IoU of MLLM, pixel-difference and chosen boxes with the reviewers' corrections,
+    by operation, so a lead sees whether the MLLM's grounding is worth its cost. Fills on its Refresh button."""
+    url = settings.database_url
+    with gr.Tab("Grounding", id="grounding", elem_id="tab-grounding"):
+        gr.Markdown("Reviewers' box corrections are the ground truth: for every corrected turn, the IoU of the best "
+                    "MLLM box, the best pixel-difference box and the box the pipeline chose (several corrections of "
+                    "one turn: their median). `mean_first_iou` is the MLLM's first answer (or the largest changed "
+                    "region). See docs/grounding.md for how boxes are chosen.")
+        refresh = gr.Button("Refresh", size="sm", elem_id="grounding-refresh")
+        block = _table_block("Grounding vs corrections", "grounding")
+
+    def on_grounding(request: gr.Request) -> dict[Any, Any]:
+        return block.fill(*grounding_view(url, request))
+
+    _on(refresh.click, on_grounding, [], block.outputs())
+    return block
+
+
 def _status(message: str, *, error: bool = False) -> str:
     return f'<div class="{"mcie-error" if error else "mcie-ok"}" role="status">{esc(message)}</div>'
 
@@ -1083,6 +1126,7 @@ def build(settings: Settings) -> gr.Blocks:
                 w["export_info"] = gr.HTML(elem_id="export-info", js_on_load=None)
                 w["export_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="export-table")
                 w["export_timer"] = gr.Timer(EXPORT_POLL_S, active=False)
+            grounding_tab(settings)
             __import__("annotate.ui_study", fromlist=["study_results_tab"]).study_results_tab(settings)
 
         progress_out = [w["kpis"]] + [o for t in d.progress.values() for o in t.outputs()]

@@ -371,7 +371,8 @@ class MllmJudgement(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)  # the request failed (after the backend's retries)
+    parse_error: Mapped[str | None] = mapped_column(Text)  # the answer came but could not be parsed: why
     created_at: Mapped[datetime] = _created()
 
 

@@ -357,10 +357,18 @@ def demo(
     out: Annotated[Path | None, typer.Option(help="Where to write the demo data (default <data_dir>/demo).")] = None,
     instances: Annotated[int, typer.Option(min=1, help="Number of multi-turn instances.")] = 30,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same files.")] = 0,
-    accounts: Annotated[bool, typer.Option(help="Create the demo accounts.")] = True,
-    pipeline: Annotated[bool, typer.Option(help="Ingest the demo data and run the pipeline (no MLLM).")] = True,
+    accounts: Annotated[bool, typer.Option(help="Create the demo accounts (those missing; existing ones are kept).")]
+    = True,
+    pipeline: Annotated[bool, typer.Option(help="Ingest the demo data and run the pipeline on it (no MLLM); "
+                                           "--no-pipeline only writes the data.")] = True,
 ) -> None:
-    """Build demo data in the SEED-Data-Edit layout, the database, demo accounts, and review-ready samples."""
+    """Build demo data in the SEED-Data-Edit layout, the database and demo accounts, then ingest the data and run
+    the pipeline itself (``mcie pipeline ingest`` + ``mcie pipeline run --mllm none``: pixel-difference boxes, no
+    conflict filter), so samples are ready for review.
+
+    Prints the password only of the accounts it created now; ``--no-pipeline`` stops after writing the data and
+    prints the commands that ingest and process it.
+    """
     from annotate.accounts import create_user
     from db import migrate
     from db.models import User
@@ -376,20 +384,24 @@ def demo(
     )
     migrate.upgrade(cfg.database_url)
     console.print(f"database: {cfg.database_url} at revision {migrate.current(cfg.database_url)}")
+    created: list[tuple[str, str]] = []
     if accounts:
-        created = []
         with session_scope(cfg.database_url) as session:
             for username, role in DEMO_ACCOUNTS:
                 if session.query(User.id).filter_by(username=username).first() is None:
                     create_user(session, username, role, DEMO_PASSWORD)
-                    created.append(username)
-        table = Table("username", "role", "password", title="demo accounts")
-        for username, role in DEMO_ACCOUNTS:
-            table.add_row(username, role, DEMO_PASSWORD)
-        console.print(table)
+                    created.append((username, role))
+        if created:
+            table = Table("username", "role", "password", title="demo accounts created")
+            for username, role in created:
+                table.add_row(username, role, DEMO_PASSWORD)
+            console.print(table)
+        kept = [name for name, _ in DEMO_ACCOUNTS if name not in {n for n, _ in created}]
+        if kept:
+            console.print(f"demo accounts kept as they were (passwords unchanged): {', '.join(kept)}")
     if pipeline:
         _demo_pipeline(cfg, out)
-    _demo_next_steps(out)
+    _demo_next_steps(out, pipeline=pipeline, created=[name for name, _ in created])
 
 
 def _demo_pipeline(cfg: Settings, out: Path) -> None:
@@ -408,10 +420,15 @@ def _demo_pipeline(cfg: Settings, out: Path) -> None:
                   f"(box scorer {summary.scorer})")  # fmt: skip
 
 
-def _demo_next_steps(out: Path) -> None:
+def _demo_next_steps(out: Path, *, pipeline: bool = True, created: list[str] | None = None) -> None:
     console.print("next:")
-    console.print("  mcie serve                  # the review app on http://127.0.0.1:7860 (rater1 / lead, mcie-demo)")
-    console.print("  mcie pipeline status        # samples by status")
+    if not pipeline:
+        console.print(f"  mcie pipeline ingest {out}   # read the demo data into the database", highlight=False)
+        console.print("  mcie pipeline run --mllm none   # expand, ground and load samples for review")
+    login = [name for name in ("rater1", "lead") if name in (created or [])]
+    who = f" ({' / '.join(login)}, {DEMO_PASSWORD})" if login else ""
+    console.print(f"  mcie serve                  # the review app on http://127.0.0.1:7860{who}", highlight=False)
+    console.print("  mcie pipeline status        # samples, flags, MLLM failures, what a rerun would do")
     console.print("  mcie agreement              # inter-rater agreement once reviews come in")
     console.print(f"  ls {out}/annotations        # the demo data (SEED-Data-Edit layout)")
 

@@ -78,12 +78,20 @@ def run_command(
     k: Annotated[int, typer.Option(min=1, max=10, help="Candidate boxes per source per turn.")] = 3,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
     ray_workers: Annotated[int, typer.Option(min=1, help="Ray actors per stage.")] = 2,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed/--no-retry",
+        help="Ask the MLLM again where an earlier call failed (or, for grounding, could not be parsed: at most "
+        "3 times); --no-retry asks only what was never asked.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Expand, filter with the MLLM, ground and load samples for review (resumable)."""
+    """Expand, filter with the MLLM, ground and load samples for review (resumable).
+
+    Exits 1 when every MLLM call of a stage failed (the first error and a hint go to stderr); failed calls are kept
+    and asked again by the next run.
+    """
     from db import migrate
     from mcie.config import ConfigError
-    from pipeline.run import run_pipeline
+    from pipeline.run import error_lines, failed_stages, run_pipeline
 
     cfg = _settings()
     if engine not in ("local", "ray"):
@@ -98,46 +106,83 @@ def run_command(
     migrate.upgrade(cfg.database_url)
     try:
         summary = run_pipeline(cfg, engine=engine, mllm=mllm, scorer=scorer, k=k, ray_address=ray_address,
-                               ray_workers=ray_workers, progress=not as_json)  # fmt: skip
+                               ray_workers=ray_workers, progress=not as_json, retry=retry_failed)  # fmt: skip
     except ConfigError as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(2) from None
+    fatal = failed_stages(summary)
     if as_json:
-        print(json.dumps(summary.as_dict(), indent=2))
-        return
+        print(json.dumps(summary.as_dict() | {"failed_stages": fatal}, indent=2))
+    else:
+        _print_summary(summary)
+        errors = error_lines(summary)
+        if errors:
+            err.print("MLLM failures (stored in mllm_judgements; "
+                      + ("a rerun asks again):" if retry_failed else "--no-retry: not asked again):"),
+                      highlight=False)  # fmt: skip
+            for line in errors:
+                err.print(f"  {line}", highlight=False, markup=False)
+    for message in fatal:
+        err.print(f"error: {message}", highlight=False, markup=False)
+    if fatal:
+        raise typer.Exit(1)
+
+
+def _print_summary(summary) -> None:
+    """The run's table (fits 80 columns) and each stage's counts below it."""
     for note in summary.notes:
-        console.print(f"note: {note}")
-    table = Table("stage", "pending", "counts", "MLLM calls", "cached", "failures", "tokens", "seconds",
-                  title=f"pipeline run (engine {summary.engine}, mllm {summary.mllm}, scorer {summary.scorer})")
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"pipeline run: engine {summary.engine}, mllm {summary.mllm}, scorer {summary.scorer}",
+                  highlight=False)  # fmt: skip
+    table = Table(box=None, pad_edge=False)
+    table.add_column("stage", no_wrap=True)
+    for name in ("pending", "calls", "cached", "failed", "unparsed", "tokens", "seconds"):
+        table.add_column(name, justify="right", no_wrap=True)
     for stage in summary.stages:
         if stage.get("skipped_reason"):
-            table.add_row(stage["name"], "-", f"skipped: {stage['skipped_reason']}", "-", "-", "-", "-", "-")
+            table.add_row(stage["name"], *["-"] * 7)
+            continue
+        tokens = stage.get("prompt_tokens", 0) + stage.get("completion_tokens", 0)
+        table.add_row(stage["name"], *(str(stage.get(key, "-")) for key in ("pending", "calls", "cached", "failures",
+                                                                           "unparseable")),
+                      str(tokens), str(stage.get("seconds", "-")))  # fmt: skip
+    console.print(table)
+    for stage in summary.stages:
+        if stage.get("skipped_reason"):
+            console.print(f"  {stage['name']}: skipped ({stage['skipped_reason']})", highlight=False)
             continue
         counts = stage.get("counts", {})
-        tokens = stage.get("prompt_tokens", 0) + stage.get("completion_tokens", 0)
-        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
-        table.add_row(stage["name"], str(stage.get("pending", "-")), shown, str(stage.get("calls", "-")),
-                      str(stage.get("cached", "-")), str(stage.get("failures", "-")), str(tokens),
-                      str(stage.get("seconds", "-")))  # fmt: skip
-    console.print(table)
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items() if not k.startswith("scorer:")) or "-"
+        console.print(f"  {stage['name']}: {shown}", highlight=False, markup=False)
 
 
 @app.command("status")
 def status_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Samples by status."""
-    from sqlalchemy import func, select
+    """Samples by status, flagged samples, unrecovered MLLM failures by stage and kind, and what a rerun retries."""
+    from pipeline.status import pipeline_status
 
-    from db.models import Instance, Sample
-    from db.session import session_scope
-
-    with session_scope(_settings().database_url) as session:
-        counts = {s: n for s, n in session.execute(select(Sample.status, func.count()).group_by(Sample.status))}
-        instances = session.scalar(select(func.count()).select_from(Instance))
-    out = {"instances": instances, **{str(k): v for k, v in sorted(counts.items())}}
+    out = pipeline_status(_settings())
     if as_json:
         print(json.dumps(out, indent=2))
+        return
+    samples = ", ".join(f"{k} {v}" for k, v in out["samples"].items()) or "none"
+    console.print(f"instances {out['instances']}; samples: {samples}", highlight=False)
+    flagged = out["flagged"]
+    console.print(f"flagged samples {flagged['count']}" + (":" if flagged["count"] else ""), highlight=False)
+    for reason, n in flagged["reasons"].items():
+        console.print(f"  {n} x {reason}", highlight=False, markup=False)
+    failures = out["mllm_failures"]
+    if failures:
+        console.print("MLLM calls that failed and have not been answered since:", highlight=False)
+        for stage, kinds in failures.items():
+            for kind, entry in kinds.items():
+                console.print(f"  {stage}: {entry['count']} x {kind}: {entry['first']}", highlight=False,
+                              markup=False)  # fmt: skip
     else:
-        console.print(", ".join(f"{k} {v}" for k, v in out.items()))
+        console.print("MLLM calls that failed and have not been answered since: none", highlight=False)
+    rerun = out["rerun"]
+    console.print(f"a rerun (mcie pipeline run, mllm {rerun['mllm']}) would ask: " + ", ".join(
+        f"{k} {v}" for k, v in rerun["would_ask"].items()), highlight=False)  # fmt: skip
 
 
 @app.command("decompose")

@@ -4,8 +4,9 @@ For every sample still ``filtering``, the MLLM gets the guideline, an in-context
 image before the window, each turn's instruction and the image after it; paper 3.1 "Data Filtering") and answers in
 JSON. Every call is stored whole in ``mllm_judgements`` (verdict, turns, reason, raw text, model, prompt version,
 latency, tokens). A sample with a conflict becomes ``filtered_out`` (never deleted); an answer that cannot be parsed
-is stored with its raw text and flags the sample for the reviewers; a request that failed (server down after the
-retries) is stored with its error and retried by the next run.
+is stored with its raw text and the parser's reason (``parse_error``) and flags the sample for the reviewers; a
+request that failed (server down after the retries) is stored with its error and retried by the next run (unless
+``retry=False``: ``mcie pipeline run --no-retry``).
 
 Results are cached by (model, prompt version, inputs): the cache key covers the model, the prompt version, the
 instructions and the images' content hashes, so a re-run, or another sample with the same inputs, costs no call.
@@ -44,13 +45,28 @@ class ConflictOutcome:
     model: str
     prompt_version: str
     verdict: str  # conflict | no_conflict | unparseable | error
-    reason: str | None
+    reason: str | None  # the MLLM's own reason for its verdict
     raw: str | None
     parsed: dict[str, Any] | None
     error: str | None
     latency_ms: float
     prompt_tokens: int | None
     completion_tokens: int | None
+    parse_error: str | None = None  # why the answer could not be parsed
+
+
+def failure_kind(verdict: str | None, error: str | None) -> str:
+    """A short class of a failed MLLM call, for summaries: unparseable, timeout, connection, HTTP 503, ..."""
+    if verdict == "unparseable":
+        return "unparseable"
+    text = error or ""
+    if text.startswith("HTTP "):
+        return " ".join(text.split()[:2])
+    for prefix, kind in (("timed out", "timeout"), ("connection error", "connection"),
+                         ("malformed response", "malformed response")):  # fmt: skip
+        if text.startswith(prefix):
+            return kind
+    return "error"
 
 
 @dataclass
@@ -59,11 +75,13 @@ class StageReport:
     pending: int = 0
     cached: int = 0
     calls: int = 0
-    failures: int = 0
+    failures: int = 0  # requests that failed (after the backend's retries)
+    unparseable: int = 0  # answers that could not be parsed
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {"count": n, "first": message}
     skipped_reason: str | None = None
 
     def add_call(self, outcome: Any) -> None:
@@ -73,6 +91,15 @@ class StageReport:
 
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
+
+    def add_failure(self, verdict: str, message: str | None) -> None:
+        """Count a failed or unparseable call by kind, keeping the first message of each kind."""
+        entry = self.errors.setdefault(failure_kind(verdict, message), {"count": 0, "first": message})
+        entry["count"] += 1
+        if verdict == "error":
+            self.failures += 1
+        else:
+            self.unparseable += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not (k == "skipped_reason" and v is None)}
@@ -123,7 +150,8 @@ def judge_conflicts(tasks: Sequence[ConflictTask], store: Any, backend: Any) -> 
         parsed = parse_conflict(response.text, n_turns=len(task.turns))
         if isinstance(parsed, ParseFailure):
             outcomes.append(
-                ConflictOutcome(**common, verdict="unparseable", reason=parsed.reason, parsed=None, error=None)
+                ConflictOutcome(**common, verdict="unparseable", reason=None, parsed=None, error=None,
+                                parse_error=parsed.reason)
             )
         else:
             verdict = "conflict" if parsed.conflict else "no_conflict"
@@ -139,7 +167,9 @@ def window_images(instance_source: str, turn_images: dict[int, str], first: int,
     return before, [turn_images[i] for i in range(first, last + 1)]
 
 
-def _pending_tasks(session: Session, model: str, version: str) -> list[ConflictTask]:
+def _pending_tasks(session: Session, model: str, version: str, *, retry: bool = True) -> list[ConflictTask]:
+    """Samples still ``filtering`` without an answer of this model and prompt version (with ``retry=False``:
+    never asked at all)."""
     from pipeline.mllm.prompts import cache_key
 
     judged = (
@@ -148,7 +178,7 @@ def _pending_tasks(session: Session, model: str, version: str) -> list[ConflictT
             MllmJudgement.stage == MllmStage.conflict,
             MllmJudgement.model == model,
             MllmJudgement.prompt_version == version,
-            MllmJudgement.error.is_(None),
+            *((MllmJudgement.error.is_(None),) if retry else ()),
             MllmJudgement.sample_id.is_not(None),
         )
         .scalar_subquery()
@@ -198,6 +228,7 @@ def _apply(session: Session, outcome: ConflictOutcome, *, copied_from_cache: boo
             prompt_tokens=None if copied_from_cache else outcome.prompt_tokens,
             completion_tokens=None if copied_from_cache else outcome.completion_tokens,
             error=outcome.error,
+            parse_error=outcome.parse_error,
         )
     )
     sample = session.get(Sample, outcome.sample_id)
@@ -206,7 +237,7 @@ def _apply(session: Session, outcome: ConflictOutcome, *, copied_from_cache: boo
         sample.status = SampleStatus.filtered_out
     elif outcome.verdict == "unparseable":
         sample.flagged = True
-        sample.flag_reason = f"the MLLM's conflict answer could not be parsed: {outcome.reason}"
+        sample.flag_reason = f"the MLLM's conflict answer could not be parsed: {outcome.parse_error}"
 
 
 def _from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[ConflictOutcome], list[ConflictTask]]:
@@ -231,7 +262,8 @@ def _from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[Confl
             continue
         parsed = {k: v for k, v in (row.parsed or {}).items() if k != "cached"} or None
         hits.append(ConflictOutcome(task.sample_id, task.cache_key, row.model, row.prompt_version, row.verdict or "",
-                                    row.rationale, row.raw_response, parsed, None, 0.0, None, None))  # fmt: skip
+                                    row.rationale, row.raw_response, parsed, None, 0.0, None, None,
+                                    row.parse_error))  # fmt: skip
     return hits, misses
 
 
@@ -242,6 +274,7 @@ def conflict_stage(
     *,
     mllm: str,
     batch_size: int | None = None,
+    retry: bool = True,
 ) -> StageReport:
     """Judge every pending sample; resumable (each batch is committed as it arrives)."""
     from pipeline.mllm.prompts import PROMPT_VERSION
@@ -251,7 +284,7 @@ def conflict_stage(
     model = _model_name(settings, mllm)
     version = PROMPT_VERSION["conflict"]
     with session_scope(url) as session:
-        tasks = _pending_tasks(session, model, version)
+        tasks = _pending_tasks(session, model, version, retry=retry)
         report.pending = len(tasks)
         hits, misses = _from_cache(session, tasks)
         for outcome in hits:
@@ -267,8 +300,8 @@ def conflict_stage(
                 _apply(session, outcome)
                 report.add_call(outcome)
                 report.count(outcome.verdict)
-                if outcome.verdict == "error":
-                    report.failures += 1
+                if outcome.verdict in ("error", "unparseable"):
+                    report.add_failure(outcome.verdict, outcome.error or outcome.parse_error)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 

@@ -711,6 +711,26 @@ def _mask_for(scene: _Scene, target: _Target) -> np.ndarray:
     return np.clip(mask, 0.0, 1.0) * inside
 
 
+def visible_box(alpha: np.ndarray, fallback: Box) -> Box:
+    """Normalised bounding box of the pixels a soft mask can visibly change; ``fallback`` if there are none.
+
+    This is the true box of a local edit. Every edit blends its result in through the object's mask, and a pixel
+    blended at weight ``a`` moves by at most ``255 * a``, so below ``CHANGE_THRESHOLD / 255`` (about 0.12) it can
+    never count as edited: the box of ``mask > CHANGE_THRESHOLD / 255`` bounds the object the edit changed. The
+    rectangle the edit was placed by is not: a pasted patch keeps transparent margins (a drawn ball a tenth of its
+    size on each side, a cut-out the part of its source box GrabCut left out), and the catalogue's hand-drawn
+    object boxes are loose around what the mask found (the rocket's sky on both sides, the fuel tank's frame). A
+    reviewer or an MLLM boxes the visible object, so that is the truth. (A removal inpaints the mask grown by a
+    few pixels to leave no outline; the truth stays the object's own mask.)
+    """
+    h, w = alpha.shape
+    ys, xs = np.nonzero(alpha > CHANGE_THRESHOLD / 255)
+    if len(xs) == 0:
+        return fallback
+    x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return (round(x0 / w, 4), round(y0 / h, 4), round(x1 / w, 4), round(y1 / h, 4))
+
+
 def _visible(before: np.ndarray, after: np.ndarray, mask: np.ndarray | None) -> bool:
     changed = changed_pixels(before, after)
     if mask is None:
@@ -853,7 +873,9 @@ def _instance(photo_name: str, n_turns: int, conflict: bool, rng: np.random.Gene
             colour = details.get("colour", "")
             text = instruction_text(edit, target.name, target.box, colour=colour, variant=variant)
         inverse = inverse_text(edit, target.name, target.box)
-        turns.append(TruthTurn(turn, OPERATION[edit], edit, target.name, target.box, text, inverse))
+        # the truth is the visible extent of what the edit changed, not the rectangle it was placed by (visible_box)
+        truth_box = target.box if edit == "global" else visible_box(_mask_for(scene, target), target.box)
+        turns.append(TruthTurn(turn, OPERATION[edit], edit, target.name, truth_box, text, inverse))
         if edit != "global":
             scene.used.append((turn, target.box))
             if edit != "remove":

@@ -3,7 +3,8 @@
 A stage hands an engine a list of picklable tasks and a *worker factory*: a picklable callable that, called once in
 each worker, builds what the work needs (the image store, an MLLM backend, a box scorer) and returns a function from
 a batch of tasks to a batch of results. The local engine calls it once and feeds it batches in order. The Ray engine
-runs the same factory in Ray actors over a Ray Dataset (``map_batches`` with a concurrency of actors), so a cluster
+runs the same factory in a fixed pool of Ray actors over a Ray Dataset (``map_batches`` with
+``compute=ActorPoolStrategy(size=workers)``, Ray's API since 2.51 replaced the ``concurrency`` argument), so a cluster
 with vLLM replicas or GPUs does the same work; results come back to the driver, which alone writes to the database.
 Both keep the input order, so both engines produce the same rows.
 """
@@ -122,7 +123,7 @@ class RayEngine:
         *,
         address: str | None = None,
         num_cpus: int | None = None,
-        concurrency: int = 2,
+        workers: int = 2,
         num_gpus_per_worker: float = 0.0,
         progress: bool = True,
     ) -> None:
@@ -140,7 +141,9 @@ class RayEngine:
                 configure_logging=False,
                 ignore_reinit_error=True,
             )
-        self.concurrency = concurrency
+        if workers < 1:
+            raise ValueError(f"--ray-workers: expected at least 1, got {workers}")
+        self.workers = workers
         self.num_gpus_per_worker = num_gpus_per_worker
         self.progress = progress
 
@@ -155,13 +158,13 @@ class RayEngine:
         context.execution_options.preserve_order = True
         context.enable_progress_bars = self.progress
         items = [{"index": i, "task": pickle.dumps(task)} for i, task in enumerate(tasks)]
-        blocks = max(1, min(len(items), max(self.concurrency, len(items) // batch_size), 64))
+        blocks = max(1, min(len(items), max(self.workers, len(items) // batch_size), 64))
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         mapped = dataset.map_batches(
             _RayWorker,
             fn_constructor_args=(factory,),
             batch_size=batch_size,
-            concurrency=self.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_gpus=self.num_gpus_per_worker or None,
             batch_format="numpy",
         )

@@ -14,10 +14,12 @@ counts as certain, a turn with none as doubtful).
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
 from db.session import session_scope
@@ -42,6 +44,91 @@ def priority(mllm_doubt: float, box_doubt_value: float, flagged: bool) -> float:
     return round(0.5 * mllm_doubt + 0.3 * box_doubt_value + 0.2 * float(flagged), 6)
 
 
+NO_BOX_REASON = re.compile(r"no box was found for turn\(s\) [0-9, ]+")
+
+
+def without_no_box_reason(reason: str | None) -> str | None:
+    """``flag_reason`` less its "no box was found for turn(s) ..." part (other reasons, e.g. a reviewer's, stay)."""
+    if not reason:
+        return None
+    parts = [p for p in reason.split("; ") if not NO_BOX_REASON.fullmatch(p)]
+    return "; ".join(parts) or None
+
+
+def _missing_boxes(session: Session, sample_ids: list[int]) -> dict[int, list[int]]:
+    """Turn indexes without a box, per sample."""
+    missing: dict[int, list[int]] = defaultdict(list)
+    for start in range(0, len(sample_ids), 5000):
+        chunk = sample_ids[start : start + 5000]
+        for sample_id, turn_index in session.execute(
+            select(SubInstruction.sample_id, SubInstruction.turn_index).where(
+                SubInstruction.sample_id.in_(chunk), SubInstruction.box_x0.is_(None)
+            )
+        ):
+            missing[sample_id].append(turn_index)
+    return missing
+
+
+def _box_scores(session: Session, instance_ids: set[int]) -> dict[int, dict[int, list[float]]]:
+    """Every candidate's score, per instance and turn index."""
+    scores: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ids = sorted(instance_ids)
+    for start in range(0, len(ids), 5000):
+        for instance_id, index, score in session.execute(
+            select(Turn.instance_id, Turn.index, BoxCandidate.score)
+            .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
+            .where(Turn.instance_id.in_(ids[start : start + 5000]))
+        ):
+            if score is not None:
+                scores[instance_id][index].append(score)
+    return scores
+
+
+def _flag_missing(sample: Sample, missing: list[int]) -> None:
+    """Set (or clear) the sample's "no box was found" flag from the turns still ``missing`` a box."""
+    other = without_no_box_reason(sample.flag_reason)
+    unexplained = bool(sample.flagged) and not sample.flag_reason  # flagged without a reason: leave it flagged
+    reason = other
+    if missing:
+        no_box = "no box was found for turn(s) " + ", ".join(str(i) for i in sorted(missing))
+        reason = f"{other}; {no_box}" if other else no_box
+    sample.flag_reason = reason
+    sample.flagged = reason is not None or unexplained
+
+
+def refresh_ready(session: Session, sample_ids: list[int]) -> int:
+    """Recompute the "no box" flag and the review priority of the ``ready`` samples among ``sample_ids``.
+
+    Called by the grounding stage after it re-grounded turns of samples already loaded (a retried MLLM call): the
+    new boxes may answer an earlier "no box was found" flag and change the box doubt. ``mllm_doubt`` comes from the
+    sample's latest conflict judgement that did not fail (none: 0.5, as when the MLLM stages were skipped). A flag
+    with another reason (the conflict answer, a reviewer) stays. Returns the number of samples refreshed.
+    """
+    samples = session.scalars(
+        select(Sample).where(Sample.id.in_(sorted(set(sample_ids))), Sample.status == SampleStatus.ready)
+    ).all()
+    if not samples:
+        return 0
+    ids = [s.id for s in samples]
+    missing = _missing_boxes(session, ids)
+    scores = _box_scores(session, {s.instance_id for s in samples})
+    verdicts: dict[int, str] = {}
+    for sample_id, verdict in session.execute(
+        select(MllmJudgement.sample_id, MllmJudgement.verdict)
+        .where(MllmJudgement.sample_id.in_(ids), MllmJudgement.stage == MllmStage.conflict,
+               MllmJudgement.error.is_(None))
+        .order_by(MllmJudgement.id)
+    ):  # fmt: skip
+        verdicts[sample_id] = verdict
+    for sample in samples:
+        _flag_missing(sample, missing.get(sample.id, []))
+        verdict = verdicts.get(sample.id)
+        mllm_doubt = 0.5 if verdict is None else (1.0 if verdict == "unparseable" else 0.0)
+        doubt = box_doubt(scores[sample.instance_id], range(sample.first_turn, sample.last_turn + 1))
+        sample.priority = priority(mllm_doubt, doubt, sample.flagged)
+    return len(samples)
+
+
 def load_stage(url: str, *, conflict_checked: bool, model: str | None, version: str | None) -> StageReport:
     report = StageReport("load")
     started = time.perf_counter()
@@ -63,36 +150,14 @@ def load_stage(url: str, *, conflict_checked: bool, model: str | None, version: 
                 .order_by(MllmJudgement.id)
             ):
                 verdicts[sample_id] = verdict
-        instance_ids = {s.instance_id for s in samples}
-        scores: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        missing_box: dict[int, list[int]] = defaultdict(list)
-        sample_ids = [s.id for s in samples]
-        for start in range(0, len(sample_ids), 5000):
-            chunk = sample_ids[start : start + 5000]
-            for sample_id, turn_index in session.execute(
-                select(SubInstruction.sample_id, SubInstruction.turn_index).where(
-                    SubInstruction.sample_id.in_(chunk), SubInstruction.box_x0.is_(None)
-                )
-            ):
-                missing_box[sample_id].append(turn_index)
-        ids = sorted(instance_ids)
-        for start in range(0, len(ids), 5000):
-            for instance_id, index, score in session.execute(
-                select(Turn.instance_id, Turn.index, BoxCandidate.score)
-                .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
-                .where(Turn.instance_id.in_(ids[start : start + 5000]))
-            ):
-                if score is not None:
-                    scores[instance_id][index].append(score)
+        missing_box = _missing_boxes(session, [s.id for s in samples])
+        scores = _box_scores(session, {s.instance_id for s in samples})
         for sample in samples:
             if conflict_checked and sample.id not in verdicts:
                 report.count("awaiting_conflict_check")
                 continue
             if missing_box.get(sample.id):
-                sample.flagged = True
-                turns = ", ".join(str(i) for i in sorted(missing_box[sample.id]))
-                reason = f"no box was found for turn(s) {turns}"
-                sample.flag_reason = f"{sample.flag_reason}; {reason}" if sample.flag_reason else reason
+                _flag_missing(sample, missing_box[sample.id])
                 report.count("flagged_no_box")
             verdict = verdicts.get(sample.id)
             mllm_doubt = 0.5 if not conflict_checked else (1.0 if verdict == "unparseable" else 0.0)

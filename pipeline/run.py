@@ -31,6 +31,52 @@ class RunSummary:
                 "notes": self.notes}  # fmt: skip
 
 
+HINTS = {
+    "connection": "is the MLLM server at MCIE_MLLM_BASE_URL running and reachable from here?",
+    "timeout": "the server is too slow: raise MCIE_MLLM_TIMEOUT_S or lower MCIE_MLLM_CONCURRENCY",
+    "HTTP 401": "the server refused the key: check MCIE_MLLM_API_KEY",
+    "HTTP 403": "the server refused the key: check MCIE_MLLM_API_KEY",
+    "HTTP 404": "check MCIE_MLLM_BASE_URL (it usually ends in /v1) and MCIE_MLLM_MODEL",
+    "HTTP 429": "the server is rate limiting: lower MCIE_MLLM_CONCURRENCY",
+    "unparseable": "the answers do not follow the prompt's JSON format: is MCIE_MLLM_MODEL a grounding-capable "
+    "model such as Qwen2.5-VL?",
+}
+DEFAULT_HINT = "see the server's log; the calls are stored in mllm_judgements with their errors"
+
+
+def hint(kind: str) -> str:
+    """What to check for a kind of MLLM failure (see :func:`pipeline.conflict_stage.failure_kind`)."""
+    if kind in HINTS:
+        return HINTS[kind]
+    if kind.startswith("HTTP 5"):
+        return "the server failed (overloaded or crashed?): see its log, or lower MCIE_MLLM_CONCURRENCY"
+    return DEFAULT_HINT
+
+
+def failed_stages(summary: RunSummary) -> list[str]:
+    """One message per stage whose MLLM calls all failed: which stage, the first error and a hint."""
+    out = []
+    for stage in summary.stages:
+        calls, errors = stage.get("calls", 0), stage.get("errors") or {}
+        if not calls or stage.get("failures", 0) + stage.get("unparseable", 0) < calls:
+            continue
+        kind, entry = max(errors.items(), key=lambda item: item[1]["count"])
+        out.append(f"all {calls} MLLM calls of the {stage['name']} stage failed; first error ({kind}): "
+                   f"{entry['first']}; hint: {hint(kind)}")  # fmt: skip
+    return out
+
+
+def error_lines(summary: RunSummary, width: int = 200) -> list[str]:
+    """A short summary of every stage's failed MLLM calls, by kind, with the first message of each kind."""
+    out = []
+    for stage in summary.stages:
+        for kind, entry in sorted((stage.get("errors") or {}).items(), key=lambda item: -item[1]["count"]):
+            first = str(entry["first"] or "")
+            first = first if len(first) <= width else first[: width - 1] + "…"
+            out.append(f"{stage['name']}: {entry['count']} x {kind}: {first}")
+    return out
+
+
 def resolve_scorer(kind: str, settings: Settings) -> str:
     if kind == "auto":
         return "clip" if settings.clip_checkpoint is not None else "pixel"
@@ -47,7 +93,10 @@ def run_pipeline(
     ray_address: str | None = None,
     ray_workers: int = 2,
     progress: bool = True,
+    retry: bool = True,
 ) -> RunSummary:
+    """Run every stage in order; ``retry=False`` asks the MLLM only what it was never asked (no retries of calls
+    that failed or answers that could not be parsed)."""
     from pipeline.mllm.prompts import PROMPT_VERSION
 
     mllm = mllm or settings.mllm_backend
@@ -58,7 +107,7 @@ def run_pipeline(
     summary.stages.append({"name": "expand", "pending": expand.instances, "counts": expand.as_dict()})
     options: dict[str, Any] = {"progress": progress}
     if engine == "ray":
-        options |= {"address": ray_address, "concurrency": ray_workers}
+        options |= {"address": ray_address, "workers": ray_workers}
         if ray_address is None:
             options["num_cpus"] = max(2, ray_workers)
     runner = make_engine(engine, **options)
@@ -68,8 +117,9 @@ def run_pipeline(
         )
         summary.stages.append(StageReport("conflict", skipped_reason="--mllm none").as_dict())
     else:
-        summary.stages.append(conflict_stage(url, runner, settings, mllm=mllm).as_dict())
-    summary.stages.append(grounding_stage(url, runner, settings, mllm=mllm, scorer=scorer, k=k).as_dict())
+        summary.stages.append(conflict_stage(url, runner, settings, mllm=mllm, retry=retry).as_dict())
+    summary.stages.append(grounding_stage(url, runner, settings, mllm=mllm, scorer=scorer, k=k,
+                                                  retry=retry).as_dict())
     model = _model_name(settings, mllm) if mllm != "none" else None
     load = load_stage(url, conflict_checked=mllm != "none", model=model,
                       version=PROMPT_VERSION["conflict"] if mllm != "none" else None)  # fmt: skip

@@ -9,11 +9,12 @@ where M_i is the mask of the i-th candidate box. A :class:`BoxScorer` scores eve
 - :class:`PixelScorer`: the same criterion with a pixel difference, for runs without a CLIP checkpoint.
 
 Both similarities favour larger boxes: masking more leaves less to differ, and masking everything makes the
-two images identical (the CLIP score of two blank images is 1). The paper's candidates are k grounded boxes
-of similar size, so Eq. 1 is used as is there; with diff-derived candidates (unions, padded boxes) the pixel
-scorer adds an explicit price per covered pixel (see :class:`PixelScorer`), and :class:`ClipScorer` takes an
-optional ``area_penalty`` (default 0, the paper's criterion). :func:`make_scorer` picks one from settings;
-callers record ``scorer.name`` with every selection.
+two images identical (the CLIP score of two blank images is 1). The pixel scorer therefore charges a price per
+covered pixel (see :class:`PixelScorer`) and :class:`ClipScorer` takes an optional ``area_penalty``; but which
+candidate a turn gets is decided by :class:`SelectionRule`: the MLLM box, else the smallest box, that explains the
+edit (Eq. 1 normalised per pair), the scores deciding only when no box does. docs/grounding.md gives the rule, the
+reason for each change to Eq. 1 and its measurement (``bench/grounding_quality.py``). :func:`make_scorer` picks a
+scorer from settings; callers record ``scorer.name`` with every selection.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pipeline.boxes import Box, Candidate, ImageLike, to_rgb_array
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BoxScorer", "ClipScorer", "PixelScorer", "make_scorer", "select"]
+__all__ = ["BoxScorer", "ClipScorer", "Evidence", "PixelScorer", "SelectionRule", "make_scorer", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,110 @@ class PixelScorer:
                 row.append(1.0 - (total - float(inside) + self.area_penalty * covered) / n)
             out.append(row)
         return out
+
+
+# --- the selection rule -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the pixel difference says about one candidate box."""
+
+    explained: float  # share of the pair's change (above the noise floor) inside the box, in [0, 1]
+    offset: float  # distance of the change's centre of mass from the box centre, in box sizes (max of x and y)
+    from_gain: bool = False  # ``explained`` is a scorer's normalised Eq. 1 gain (CLIP), not the pixel share
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionRule:
+    """Which candidate a turn gets, given the scorer's Eq. 1 scores and the pixel evidence (docs/grounding.md).
+
+    1. A candidate *explains* the edit when it holds at least ``explain`` of the change above the noise floor
+       (Eq. 1 in pixel form, normalised per pair: the share of the difference its masking removes; with CLIP
+       gains, ``explain_gain`` of the normalised CLIP gain) and the change's centre of mass lies within ``centre``
+       box sizes of its centre (a shifted or oversized box can hold the change without being about it).
+    2. Among the MLLM boxes that explain it and are at most ``max_growth`` times the area of the smallest
+       explaining box, the smallest wins: such a box bounds the same thing as the tightest explanation, and the
+       MLLM also sees parts of the object the edit left unchanged. A larger MLLM box is a padded one (10% on each
+       side is 1.44 times the area) and loses, since masking more must not win by itself (every larger box
+       explains too).
+    3. Else the smallest explaining box of any source (the tightest explanation of the change).
+    4. Else (no box explains it, or nothing changed above the noise floor) the scorer's best Eq. 1 score.
+
+    The change is measured at ``work_size`` pixels on the longest side (fine enough that a box shifted by a
+    quarter of a small object's size leaves more than ``1 - explain`` of its change outside); the noise floor is
+    ``3 x`` the median pixel difference (re-encoding noise), kept in [``noise_floor``, ``max_noise_floor``]. The
+    defaults are those measured by ``bench/grounding_quality.py`` (docs/grounding.md).
+    """
+
+    explain: float = 0.98
+    explain_gain: float = 0.95
+    centre: float = 0.3
+    max_growth: float = 1.1
+    noise_floor: float = 0.0
+    max_noise_floor: float = 0.05
+    work_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("explain", "explain_gain"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"SelectionRule.{name}: expected a number in (0, 1], got {getattr(self, name)}")
+        if self.centre <= 0 or self.max_growth < 1:
+            raise ValueError("SelectionRule: expected centre > 0 and max_growth >= 1")
+        if not 0.0 <= self.noise_floor <= self.max_noise_floor < 1.0:
+            raise ValueError("SelectionRule: expected 0 <= noise_floor <= max_noise_floor < 1")
+
+    def evidence(
+        self, pair: ImagePair, boxes: Sequence[Box], gains: Sequence[float] | None = None
+    ) -> list[Evidence] | None:
+        """The evidence for each box of one pair; None when nothing changed above the noise floor.
+
+        ``gains`` (from a scorer with a ``gains`` method, i.e. CLIP) replace the pixel share of the change as
+        ``explained``; the centre of the change always comes from the pixel difference.
+        """
+        d = PixelScorer(work_size=self.work_size).difference(*pair).astype(np.float64)
+        floor = min(self.max_noise_floor, max(self.noise_floor, 3.0 * float(np.median(d))))
+        change = np.maximum(d - floor, 0.0)
+        total = float(change.sum())
+        if total <= 0.0:
+            return None
+        h, w = change.shape
+        ys, xs = np.nonzero(change)
+        weights = change[ys, xs]
+        cx, cy = float((xs + 0.5) @ weights) / total, float((ys + 0.5) @ weights) / total
+        integral = cv2.integral(change, sdepth=cv2.CV_64F)
+        out = []
+        for box in boxes:
+            x0, y0, x1, y1 = box.to_pixels(w, h)
+            inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+            offset = max(abs((x0 + x1) / 2 - cx) / (x1 - x0), abs((y0 + y1) / 2 - cy) / (y1 - y0))
+            out.append(Evidence(min(1.0, float(inside) / total), offset))
+        if gains is not None:
+            if len(gains) != len(out):
+                raise ValueError(f"evidence: got {len(gains)} gains for {len(out)} boxes")
+            out = [Evidence(float(g), e.offset, True) for g, e in zip(gains, out, strict=True)]
+        return out
+
+    def explains(self, evidence: Evidence) -> bool:
+        """Whether a box with this evidence explains the edit (step 1)."""
+        threshold = self.explain_gain if evidence.from_gain else self.explain
+        return evidence.explained >= threshold and evidence.offset <= self.centre
+
+    def choose(
+        self, sources: Sequence[str], boxes: Sequence[Box], scores: Sequence[float], evidence: Sequence[Evidence] | None
+    ) -> int:
+        """Index of the chosen candidate (see the class docstring)."""
+        if not (len(sources) == len(boxes) == len(scores)) or not boxes:
+            raise ValueError(f"choose: expected as many sources, boxes and scores (>= 1), got "
+                             f"{len(sources)}, {len(boxes)}, {len(scores)}")  # fmt: skip
+        if evidence is None:
+            return select(boxes, scores)
+        explaining = [i for i, e in enumerate(evidence) if self.explains(e)]
+        if not explaining:
+            return select(boxes, scores)
+        smallest = min(boxes[i].area for i in explaining)
+        mllm = [i for i in explaining if sources[i] == "mllm" and boxes[i].area <= self.max_growth * smallest]
+        return min(mllm or explaining, key=lambda i: (boxes[i].area, -scores[i], i))
 
 
 # --- CLIP scorer --------------------------------------------------------------------------------------------
@@ -343,6 +448,29 @@ class ClipScorer:
                     for box, (a, b) in zip(items, pair_rows, strict=True)
                 ]
             )
+        return out
+
+    def gains(self, pairs: Sequence[ImagePair], candidates: Sequence[Sequence[BoxLike]]) -> list[list[float]]:
+        """Eq. 1 normalised per pair: (sim(B) - sim(nothing masked)) / (1 - sim(nothing masked)), clipped to [0, 1].
+
+        The share of the pair's CLIP dissimilarity that masking the box removes (1 = the masked images embed
+        alike); :class:`SelectionRule` uses it, where the pixel scorer's counterpart is the share of the change.
+        """
+        import torch
+
+        boxes = _boxes(pairs, candidates)
+        scores = self.score(pairs, boxes)
+        out: list[list[float]] = []
+        for i, (pair, items, row) in enumerate(zip(pairs, boxes, scores, strict=True)):
+            if not items:
+                out.append([])
+                continue
+            before, after = _pair_arrays(pair, i)
+            emb = self.embed(torch.stack([self.prepare(before), self.prepare(after)])).cpu()
+            base = float((emb[0] * emb[1]).sum())
+            span = max(1e-6, 1.0 - base)
+            out.append([min(1.0, max(0.0, (s + self.area_penalty * b.area - base) / span)) for s, b in zip(row, items,
+                                                                                                        strict=True)])
         return out
 
 

@@ -581,6 +581,17 @@ def _box_entries(value: Any, notes: list[str]) -> list[tuple[Any, str | None]] |
     return entries or None
 
 
+def _names_no_box(value: Any) -> bool:
+    """Whether a parsed answer is an explicit empty list of boxes: ``[]`` or ``{"boxes": []}`` (any box-list key)."""
+    if isinstance(value, list):
+        return not value
+    if not isinstance(value, dict):
+        return False
+    keyed = _keyed(value)
+    listed = _pick(keyed, _BOX_LIST_KEYS)
+    return listed is not None and listed[1] == [] and _pick(keyed, _BOX_KEYS) is None
+
+
 def _label(keyed: dict[str, Any]) -> str | None:
     found = _pick(keyed, _LABEL_KEYS)
     if found is None or found[1] is None or isinstance(found[1], dict | list):
@@ -600,7 +611,8 @@ def parse_grounding(
 
     Accepts Qwen2.5-VL lists ``[{"bbox_2d": [x0, y0, x1, y1], "label": ...}]``, ``{"boxes": [...]}``, a bare
     ``[x0, y0, x1, y1]``, lists of such lists and point pairs. Boxes are ordered, clipped, and dropped with a
-    note when degenerate; at most ``k`` are kept.
+    note when degenerate; at most ``k`` are kept. An empty list (``[]``, ``{"boxes": []}``) is a valid answer,
+    "nothing to ground": a :class:`GroundingAnswer` without boxes, not a failure (an empty or blank *text* is).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"parse_grounding: expected a positive frame size, got {width}x{height}")
@@ -608,6 +620,8 @@ def parse_grounding(
     if isinstance(extracted, ParseFailure):
         return extracted
     notes = list(extracted.notes)
+    if _names_no_box(extracted.value):
+        return GroundingAnswer((), (*notes, "the answer names no box"))
     entries = _box_entries(extracted.value, notes)
     if not entries:
         detail = f" ({'; '.join(notes)})" if notes else ""

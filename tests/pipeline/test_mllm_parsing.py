@@ -271,6 +271,18 @@ def test_parse_grounding_failures(text: str, reason: str) -> None:
     assert result.raw == text and reason in result.reason
 
 
+@pytest.mark.parametrize("text", ["[]", '{"boxes": []}', '```json\n{"Bounding boxes": []}\n```', " [ ] "])
+def test_parse_grounding_reads_an_empty_list_as_nothing_to_ground(text: str) -> None:
+    answer = parse_grounding(text, 640, 480)
+    assert isinstance(answer, GroundingAnswer) and answer.boxes == ()
+    assert "the answer names no box" in answer.notes
+
+
+@pytest.mark.parametrize("text", ["", "   ", '{"boxes": [], "bbox_2d": [1, 2]}', '{"label": []}', "[[]]"])
+def test_parse_grounding_blank_or_malformed_is_still_a_failure(text: str) -> None:
+    assert isinstance(parse_grounding(text, 640, 480), ParseFailure)
+
+
 def test_parse_grounding_rejects_a_bad_frame() -> None:
     with pytest.raises(ValueError, match="positive frame size"):
         parse_grounding("[1, 2, 3, 4]", 0, 10)

@@ -65,3 +65,36 @@ def test_ray_engine_gives_the_same_rows_as_local(tmp_path: Path) -> None:
     assert results["local"]["box_candidates"], "the pipeline produced candidates"
     for table in ("samples", "sub_instructions", "box_candidates"):
         assert results["ray"][table] == results["local"][table], table
+
+
+class _Double:
+    """A picklable worker factory for the engine test."""
+
+    def __call__(self):
+        return lambda batch: [2 * x for x in batch]
+
+
+def test_ray_engine_uses_an_actor_pool_not_the_deprecated_concurrency_argument(monkeypatch) -> None:
+    import ray.data
+
+    from pipeline.engines import RayEngine
+
+    seen: list[dict] = []
+    original = ray.data.Dataset.map_batches
+
+    def recording(self, fn, *args, **kwargs):
+        seen.append(kwargs)
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", recording)
+    engine = RayEngine(num_cpus=2, workers=2, progress=False)
+    try:
+        out = [x for batch in engine.map_batches(_Double(), list(range(10)), batch_size=4, desc="t") for x in batch]
+    finally:
+        engine.shutdown()
+    assert out == [2 * x for x in range(10)]
+    assert seen and "concurrency" not in seen[0]
+    compute = seen[0]["compute"]
+    assert isinstance(compute, ray.data.ActorPoolStrategy) and compute.min_size == compute.max_size == 2
+    with pytest.raises(ValueError, match="--ray-workers"):
+        RayEngine(workers=0, progress=False)

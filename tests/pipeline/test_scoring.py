@@ -10,7 +10,7 @@ import torch
 
 from mcie.config import ConfigError, load_settings
 from pipeline.boxes import Box, Candidate, diff_boxes
-from pipeline.scoring import ClipScorer, PixelScorer, make_scorer, select
+from pipeline.scoring import ClipScorer, Evidence, PixelScorer, SelectionRule, make_scorer, select
 from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
 from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
 
@@ -252,3 +252,104 @@ def test_make_scorer_reads_the_environment(monkeypatch, tmp_path: Path) -> None:
 
 def test_rect_constant_matches_truth() -> None:
     assert truth().to_pixels(320, 240) == RECT
+
+
+# --- the selection rule -------------------------------------------------------------------------------------
+
+
+def _object_edit() -> tuple[np.ndarray, np.ndarray, Box]:
+    """A disc pasted in the middle of RECT; the true box is the disc's visible extent, as the demo's truth is."""
+    before = scene()
+    after = before.copy()
+    x0, y0, x1, y1 = RECT
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, 0.35 * min(x1 - x0, y1 - y0)
+    inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    after[y0:y1, x0:x1][inside] = (250, 40, 40)
+    h, w = before.shape[:2]
+    ys, xs = np.nonzero((after != before).any(axis=2))
+    return before, after, Box(xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+
+
+def _choose(before, after, boxes: list[Box], sources: list[str], rule: SelectionRule | None = None) -> Box:
+    rule = rule or SelectionRule()
+    scores = PixelScorer().score([(before, after)], [boxes])[0]
+    return boxes[rule.choose(sources, boxes, scores, rule.evidence((before, after), boxes))]
+
+
+def test_selection_prefers_a_tight_mllm_box_and_rejects_padded_ones_for_a_tighter_diff_box() -> None:
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    grown = Box.clip(t.x0 - 0.01, t.y0 - 0.01, t.x1 + 0.01, t.y1 + 0.01)  # the object plus a pixel or two
+    boxes = [t.pad(0.25), grown, t.pad(0.1), *diff]
+    sources = ["mllm"] * 3 + ["diff"] * len(diff)
+    assert grown.area > min(d.area for d in diff)
+    assert _choose(before, after, boxes, sources) == grown  # within 1.1x of the tightest explanation: the MLLM's
+    padded = [t.pad(0.1), t.pad(0.25), *diff]  # the bench's "pads" answer: 1.44x and 2.25x the area
+    chosen = _choose(before, after, padded, ["mllm"] * 2 + ["diff"] * len(diff))
+    assert chosen in diff and chosen.iou(t) > t.pad(0.1).iou(t)
+    loose = SelectionRule(max_growth=5.0)  # the rule before the demo's truth was fixed: any explaining MLLM box
+    assert _choose(before, after, padded, ["mllm"] * 2 + ["diff"] * len(diff), loose) == t.pad(0.1)
+
+
+def test_selection_rejects_mllm_boxes_that_do_not_explain_the_edit() -> None:
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    beside = Box.clip(t.x0 + 0.35, t.y0, t.x1 + 0.35, t.y1)
+    shifted = Box.clip(t.x0 + 0.5 * t.width, t.y0 + 0.5 * t.height, t.x1 + 0.5 * t.width, t.y1 + 0.5 * t.height)
+    for wrong in (beside, shifted.pad(0.6), Box(0, 0, 1, 1), Box(0, 0, 0.2, 0.2)):
+        chosen = _choose(before, after, [wrong, *diff], ["mllm"] + ["diff"] * len(diff))
+        assert chosen in diff, wrong
+        assert chosen == min(diff, key=lambda b: b.area)  # the smallest diff box that explains the edit
+
+
+def test_selection_rejects_an_mllm_box_shifted_off_the_object_that_a_coarse_change_map_would_accept() -> None:
+    # the bench's "shifted" answers: at 128 px and 95% the box moved by a fifth of its size still "explains" the
+    # edit and wins as the smallest MLLM box; at 256 px and 98% (the defaults) the change it cuts off counts
+    before, after, t = _object_edit()
+    diff = [c.box for c in diff_boxes(before, after, k=3)]
+    r = truth()  # RECT, the disc's box padded by about a quarter: moved by a fifth of its size
+    shifted = Box.clip(r.x0 + 0.2 * r.width, r.y0 + 0.2 * r.height, r.x1 + 0.2 * r.width, r.y1 + 0.2 * r.height)
+    boxes, sources = [shifted, *diff], ["mllm"] + ["diff"] * len(diff)
+    coarse = SelectionRule(explain=0.95, noise_floor=0.02, work_size=128, max_growth=5.0)  # the first thresholds
+    assert _choose(before, after, boxes, sources, coarse) == shifted
+    chosen = _choose(before, after, boxes, sources)
+    assert chosen == min(diff, key=lambda b: b.area) and chosen.iou(t) > shifted.iou(t)
+    evidence = SelectionRule().evidence((before, after), [shifted, r])
+    assert evidence is not None and 0.9 < evidence[0].explained < 0.98 and evidence[1].explained == 1.0
+
+
+def test_selection_falls_back_to_the_scores_without_a_change_or_an_explaining_box() -> None:
+    image = scene()
+    boxes = [Box(0, 0, 0.5, 0.5), Box(0.5, 0.5, 1, 1)]
+    rule = SelectionRule()
+    assert rule.evidence((image, image.copy()), boxes) is None
+    assert rule.choose(["mllm", "diff"], boxes, [0.2, 0.7], None) == 1
+    before, after, t = _object_edit()
+    tiny = [Box(t.x0, t.y0, t.x0 + 0.02, t.y0 + 0.02), Box(0, 0, 0.1, 0.1)]  # neither explains the edit
+    evidence = rule.evidence((before, after), tiny)
+    assert evidence is not None and not any(rule.explains(e) for e in evidence)
+    assert rule.choose(["mllm", "mllm"], tiny, [0.1, 0.3], evidence) == 1
+    with pytest.raises(ValueError, match="as many sources, boxes and scores"):
+        rule.choose(["mllm"], tiny, [0.1, 0.3], evidence)
+    with pytest.raises(ValueError, match="explain"):
+        SelectionRule(explain=0)
+    with pytest.raises(ValueError, match="explain_gain"):
+        SelectionRule(explain_gain=1.5)
+
+
+def test_clip_gains_are_the_normalised_eq1_share_and_feed_the_rule() -> None:
+    model, preprocess = build_tiny_clip(seed=0)
+    scorer = ClipScorer.from_model(model, preprocess, name="clip:tiny", area_penalty=0.1)
+    before, after, t = _object_edit()
+    boxes = [t, Box(0, 0, 1, 1), Box(0, 0, 0.1, 0.1)]
+    gains = scorer.gains([(before, after)], [boxes])[0]
+    assert len(gains) == 3 and all(0.0 <= g <= 1.0 for g in gains)
+    assert gains[1] == pytest.approx(1.0)  # everything masked: identical embeddings
+    rule = SelectionRule()
+    evidence = rule.evidence((before, after), boxes, gains)
+    assert evidence is not None and [e.explained for e in evidence] == pytest.approx(gains)
+    assert all(e.from_gain for e in evidence)  # judged against explain_gain, not the pixel share's threshold
+    assert rule.explains(Evidence(0.96, 0.0, True)) and not rule.explains(Evidence(0.96, 0.0))
+    with pytest.raises(ValueError, match="gains"):
+        rule.evidence((before, after), boxes, gains[:2])
