@@ -1,4 +1,4 @@
-"""Migration 0003_grounding moves the parser's failure reasons into ``parse_error`` (and back on downgrade)."""
+"""Migration 0004 (grounding) moves the parser's failure reasons into ``parse_error`` (and back on downgrade)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def _rows(url: str, columns: str) -> list[tuple]:
 
 
 def test_parse_failures_move_to_parse_error_and_back(any_db_url: str) -> None:
-    migrate.upgrade(any_db_url, "0002")
+    migrate.upgrade(any_db_url, "0003")
     _insert(any_db_url, "conflict", "unparseable", "no JSON object found", None)
     _insert(any_db_url, "grounding", "unparseable", None, '{"reason": "no box found"}')
     _insert(any_db_url, "conflict", "no_conflict", "different objects", '{"conflict": false}')
-    migrate.upgrade(any_db_url, "0003_grounding")
+    migrate.upgrade(any_db_url, "0004")
     rows = _rows(any_db_url, "stage, rationale, parsed, parse_error")
     assert [(r[0], r[1], r[3]) for r in rows] == [
         ("conflict", None, "no JSON object found"),
@@ -37,7 +37,7 @@ def test_parse_failures_move_to_parse_error_and_back(any_db_url: str) -> None:
         ("conflict", "different objects", None),  # the MLLM's own reason stays where it was
     ]
     assert rows[1][2] is None and rows[2][2] is not None
-    migrate.downgrade(any_db_url, "0002")
+    migrate.downgrade(any_db_url, "0003")
     rows = _rows(any_db_url, "rationale, parsed")
     assert rows[0][0] == "no JSON object found"
     assert "no box found" in str(rows[1][1])

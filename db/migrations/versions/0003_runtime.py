@@ -1,6 +1,6 @@
 """Runtime for a team: server-side login sessions, login throttling shared by every replica, and the job queue.
 
-Revision ID: 0003_runtime
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-05
 
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_runtime"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -1,7 +1,7 @@
 """Rater reliability: fitted models over time, and the adaptive review policy's per-sample review target.
 
-Revision ID: 0003_reliability
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-05
 
 ``reliability_fits`` keeps every fit of ``annotate.reliability`` (the newest is used by the weighted decision rule
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_reliability"
-down_revision: str | None = "0002"
+revision: str = "0005"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,7 +1,7 @@
 """The parser's failure reason in its own column of ``mllm_judgements``, for every stage.
 
-Revision ID: 0003_grounding
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-05
 
 Before, the conflict stage kept why an answer could not be parsed in ``rationale`` (the MLLM's own reason) and the
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_grounding"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
