@@ -152,7 +152,7 @@ def create_app(
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and refit rater
     reliability when enough new reviews came in (``adaptive.refit_every``)."""
-    task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url))
+    task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url, app.state.throttle))
     try:
         yield
     finally:
@@ -161,7 +161,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await task
 
 
-async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> None:
+async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: float = LEASE_SWEEP_S) -> None:
     """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
     ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from annotate.queue import expire_leases
@@ -177,20 +177,20 @@ async def _expire_leases_forever(url: str, every_s: float = LEASE_SWEEP_S) -> No
             if fit_id is not None:
                 log.info("refitted rater reliability (fit %d)", fit_id)
             if sweeps % 60 == 0:
-                await anyio.to_thread.run_sync(_purge_runtime_tables, url)
+                await anyio.to_thread.run_sync(_purge_runtime_tables, url, throttle)
         except Exception:  # the sweep must outlive a database hiccup
             log.exception("the periodic sweep failed")
         sweeps += 1
         await asyncio.sleep(every_s)
 
 
-def _purge_runtime_tables(url: str) -> None:
+def _purge_runtime_tables(url: str, throttle: LoginThrottle) -> None:
+    """The app's own throttle purges its counts, so 'old' is measured on the clock that wrote them."""
     from annotate import sessions
-    from annotate.throttle import LoginThrottle
 
     with session_scope(url) as session:
         ended = sessions.purge(session)
-    forgotten = LoginThrottle(url).purge()
+    forgotten = throttle.purge()
     if ended or forgotten:
         log.info("deleted %d ended session(s) and %d old failed-login count(s)", ended, forgotten)
 
