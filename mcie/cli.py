@@ -373,7 +373,7 @@ def demo(
     from db import migrate
     from db.models import User
     from db.session import session_scope
-    from pipeline.demo import build_demo
+    from mcie.demo import build_demo
 
     cfg = settings()
     out = out or cfg.data_dir / "demo"

@@ -324,7 +324,7 @@ def eval_command(
     use_judge = judge if judge is not None else settings.mllm_backend != "none"
     if use_judge:
         from mcie.config import ConfigError
-        from pipeline.mllm.base import make_backend
+        from mcie.mllm.base import make_backend
 
         try:
             backend = make_backend(settings=settings)

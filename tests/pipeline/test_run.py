@@ -1,6 +1,6 @@
 """The pipeline end to end on the demo data: ingest -> expand -> (MLLM conflict filter) -> grounding -> load.
 
-The MLLM is a local OpenAI-compatible server (tests/pipeline/chat_server.py) that answers like a good grounding
+The MLLM is a local OpenAI-compatible server (tests/mcie/mllm/chat_server.py) that answers like a good grounding
 model from the demo's ground truth; everything else (database, image store, scorers, stages) is real.
 """
 
@@ -18,9 +18,9 @@ from db.models import BoxCandidate, Instance, MllmJudgement, Sample, SampleStatu
 from db.session import session_scope
 from mcie.cli import app
 from mcie.config import get_settings
+from mcie.demo import build_demo
 from pipeline.boxes import Box
-from pipeline.demo import build_demo
-from tests.pipeline.chat_server import chat_server
+from tests.mcie.mllm.chat_server import chat_server
 
 runner = CliRunner()
 

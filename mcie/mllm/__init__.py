@@ -12,7 +12,7 @@ Typical use::
 Backends import their heavy dependencies (httpx clients, torch, vllm) only when built.
 """
 
-from pipeline.mllm.base import (
+from mcie.mllm.base import (
     Backend,
     BackendStats,
     CallableBackend,
@@ -24,7 +24,7 @@ from pipeline.mllm.base import (
     system,
     user,
 )
-from pipeline.mllm.parsing import (
+from mcie.mllm.parsing import (
     ConflictVerdict,
     Decomposition,
     GroundingAnswer,
@@ -38,7 +38,7 @@ from pipeline.mllm.parsing import (
     parse_grounding,
     parse_judge,
 )
-from pipeline.mllm.prompts import (
+from mcie.mllm.prompts import (
     PROMPT_VERSION,
     Prompt,
     cache_key,
@@ -47,7 +47,7 @@ from pipeline.mllm.prompts import (
     grounding_prompt,
     judge_prompt,
 )
-from pipeline.mllm.qwen import box_to_original, qwen_frame, smart_resize
+from mcie.mllm.qwen import box_to_original, qwen_frame, smart_resize
 
 __all__ = [
     "PROMPT_VERSION",
