@@ -331,7 +331,7 @@ def mllm_decompose(settings: Settings) -> Callable[[Image.Image, str], Sequence[
     """A ``decompose(image, instruction)`` for :class:`MCIEPipeline` through the configured MLLM backend
     (raises :class:`mcie.config.ConfigError` naming ``MCIE_MLLM_BACKEND`` when none is configured)."""
     from mcie.mllm.base import make_backend
-    from pipeline.decompose import decompose
+    from mcie.mllm.decompose import decompose
 
     backend = make_backend(settings=settings)
 

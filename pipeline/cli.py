@@ -195,7 +195,7 @@ def decompose_command(
     from PIL import Image, UnidentifiedImageError
 
     from mcie.config import ConfigError
-    from pipeline.decompose import DecompositionError, decompose
+    from mcie.mllm.decompose import DecompositionError, decompose
     from pipeline.mllm.base import make_backend
 
     cfg = _settings()

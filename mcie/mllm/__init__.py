@@ -1,5 +1,8 @@
-"""The MLLM layer of the pipeline: backends (OpenAI-compatible server, vLLM, transformers), the four prompts
-(conflict, grounding, decomposition, judge) and robust parsers of their answers.
+"""The MLLM layer: backends (OpenAI-compatible server, vLLM, transformers), the four prompts (conflict, grounding,
+decomposition, judge), robust parsers of their answers, and inference-time decomposition (:mod:`.decompose`).
+
+It lives in ``mcie/``, beside the settings it reads, because two stages use it: the pipeline (conflict filter,
+grounding) and the model (decomposition at inference, the judge in evaluation); neither reaches into the other.
 
 Typical use::
 
