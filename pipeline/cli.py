@@ -195,8 +195,8 @@ def decompose_command(
     from PIL import Image, UnidentifiedImageError
 
     from mcie.config import ConfigError
+    from mcie.mllm.base import make_backend
     from mcie.mllm.decompose import DecompositionError, decompose
-    from pipeline.mllm.base import make_backend
 
     cfg = _settings()
     try:
