@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mcie.config import ConfigError, Settings, get_settings
+from mcie.config import Settings, settings_or_exit
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -61,13 +61,7 @@ DEMO_PASSWORD = "mcie-demo"
 DEMO_ACCOUNTS = (("lead", "lead"), ("admin", "admin"), ("rater1", "rater"), ("rater2", "rater"), ("rater3", "rater"))
 
 
-def settings() -> Settings:
-    """The settings, or exit 2 with the reason when they are invalid."""
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+settings = settings_or_exit
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -44,7 +44,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _settings() -> Any:
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     return settings()
 
