@@ -400,10 +400,12 @@ def demo(
 
 def _demo_pipeline(cfg: Settings, out: Path) -> None:
     from db.store import ImageStore
+    from mcie.demo import DEMO_LICENSE
     from pipeline.ingest import ingest, read_source
     from pipeline.run import run_pipeline
 
-    report = ingest(read_source(out, "seed-data-edit", None), url=cfg.database_url, store=ImageStore.from_settings(cfg))
+    records = read_source(out, "seed-data-edit", None, license=DEMO_LICENSE)
+    report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
     console.print(f"ingested {report.ingested} instances ({report.already_present} already present, "
                   f"{len(report.skipped)} skipped)")
     summary = run_pipeline(cfg, engine="local", mllm="none", scorer="auto", progress=False)
@@ -417,7 +419,8 @@ def _demo_pipeline(cfg: Settings, out: Path) -> None:
 def _demo_next_steps(out: Path, *, pipeline: bool = True, created: list[str] | None = None) -> None:
     console.print("next:")
     if not pipeline:
-        console.print(f"  mcie pipeline ingest {out}   # read the demo data into the database", highlight=False)
+        console.print(f"  mcie pipeline ingest {out} --license other   # read the demo data into the database",
+                      highlight=False)
         console.print("  mcie pipeline run --mllm none   # expand, ground and load samples for review")
     login = [name for name in ("rater1", "lead") if name in (created or [])]
     who = f" ({' / '.join(login)}, {DEMO_PASSWORD})" if login else ""
