@@ -113,7 +113,7 @@ def _checked(request: Request, work: Callable[[WebUser], Response], csrf: bool) 
     user = require_reviewer(request)
     if csrf and not check_csrf(request, request.headers.get(CSRF_HEADER)):
         return _error(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header: send the token of "
-                                                 f"GET {PREFIX}/csrf")
+                                                 f"GET {PREFIX}/csrf")  # fmt: skip
     return work(user)
 
 
@@ -322,7 +322,7 @@ def _preview_json(found: previews.PreviewStatus) -> dict[str, Any]:
         "preview_id": found.id, "sample_id": found.sample_id, "status": found.status, "cached": found.cached,
         "model_version": found.model_version, "seed": found.seed, "params": found.params, "ahead": found.ahead,
         "image": found.image, "image_url": f"/img/{found.image}" if found.image else None, "error": found.error,
-    }
+    }  # fmt: skip
 
 
 def _preview(url: str, user: WebUser, sample_id: int, raw: bytes | None) -> Response:

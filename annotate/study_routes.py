@@ -158,7 +158,7 @@ def join(request: Request, token: str) -> Response:
     ip = client_ip(request)
     if throttle.retry_after(ip, join=True) is not None:
         body = join_page("Too many attempts", "Too many invalid invitation links were opened from here. Please "
-                         "wait a few minutes and open your link again.")
+                         "wait a few minutes and open your link again.")  # fmt: skip
         return HTMLResponse(body, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=NO_STORE)
     token = token.strip()
     problem = study.invite_problem(url, token) if len(token) <= 200 else study.INVITE_UNKNOWN
@@ -280,7 +280,7 @@ def screen_payload(
     if screen is None:
         progress = study.participant_progress(url, study_id, user_id)
         body: dict[str, Any] = {"finished": True, "study_id": study_id, "completed": progress.completed,
-                                "total": progress.total}
+                                "total": progress.total}  # fmt: skip
     else:
         body = screen_json(screen)
     if render:
@@ -320,7 +320,7 @@ def api_vote(request: Request, study_id: int, vote: VoteBody) -> JSONResponse:
     except study.StudyError as exc:
         raise _study_error(exc) from None
     body = {"ok": True, "study_id": study_id, "item_id": vote.item_id, "criterion": vote.criterion,
-            "choice": vote.choice}
+            "choice": vote.choice}  # fmt: skip
     return JSONResponse(body, headers=NO_STORE)
 
 
@@ -333,7 +333,7 @@ def api_advance(request: Request, study_id: int, step: AdvanceBody) -> JSONRespo
             user = _participant(request, study_id, session, write=True)
             progress = study.advance(session, study_id, user.id, step.item_id)
         body: dict[str, Any] = {"ok": True, "completed": progress.completed, "total": progress.total,
-                                "finished": progress.finished}
+                                "finished": progress.finished}  # fmt: skip
         if step.render:
             body["next"] = screen_payload(url, study_id, user.id, render=True, csrf=request.session.get("csrf", ""))
     except study.StudyError as exc:
@@ -360,7 +360,7 @@ def api_studies(request: Request, user: WebUser = Depends(require_lead)) -> JSON
          "criteria": list(s.criteria), "items_per_participant": s.items_per_participant, "enrolled": s.enrolled,
          "finished": s.finished, "created_at": s.created_at.isoformat()}
         for s in study.list_studies(_url(request))
-    ]
+    ]  # fmt: skip
     return JSONResponse(rows, headers=NO_STORE)
 
 
@@ -371,7 +371,7 @@ def participants_json(url: str, study_id: int) -> list[dict[str, Any]]:
          "finished_at": p.finished_at.isoformat() if p.finished_at else None, "excluded": p.excluded,
          "exclusion_reason": p.exclusion_reason}
         for p in study.participants_status(url, study_id)
-    ]
+    ]  # fmt: skip
 
 
 @router.get(API_PREFIX + "/{key}/participants")
@@ -425,7 +425,7 @@ async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, 
         await send({"type": "websocket.close", "code": 4000 + code})
         return
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *extra]
+               (b"cache-control", b"no-store"), *extra]  # fmt: skip
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -498,7 +498,7 @@ class StudyGate:
                 "You are not signed in to a study (or your session has ended). Open the invitation link you were "
                 "sent again: you continue where you stopped.",
                 title="Open your invitation link",
-            )
+            )  # fmt: skip
         elif _under(path, RESULTS_PATH):
             if _wants_html(scope):
                 await _redirect(scope, send, "/login?next=" + RESULTS_PATH + "/")

@@ -552,7 +552,7 @@ class ExportJobs:
             active = self.running()
             if len(active) >= MAX_RUNNING_EXPORTS:
                 raise ExportRequestError(f"{len(active)} exports are queued or running; start another when one has "
-                                         "finished")
+                                         "finished")  # fmt: skip
             if any(j.payload.get("out") == str(destination) for j in active):
                 raise ExportRequestError(f"an export into {destination} is already queued or running")
             payload = {"format": fmt, "out": str(destination), "filter": flt, "val_fraction": fraction}
@@ -583,7 +583,7 @@ def render_jobs(rows: Sequence[jobs.JobView]) -> str:
         what = esc(str(job.payload.get("out") or job.payload.get("preview_id") or ""))
         error = f'<span class="mcie-error">{esc((job.error or "")[:200])}</span>' if job.error else ""
         body.append(f"<tr><td>{job.id}</td><td>{esc(job.kind)}</td><td>{esc(job.status)}</td><td>{progress}</td>"
-                    f"<td>{job.attempts}/{job.max_attempts}</td><td>{what}</td><td>{error}</td></tr>")
+                    f"<td>{job.attempts}/{job.max_attempts}</td><td>{what}</td><td>{error}</td></tr>")  # fmt: skip
     return ("<table class=mcie-jobs id=jobs-table><thead><tr><th>job</th><th>kind</th><th>status</th><th>progress"
             "</th><th>tries</th><th>what</th><th>error</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
@@ -864,7 +864,7 @@ class Dashboard:
     ) -> dict[Any, Any]:
         lead = lead_of(self.url, request)
         changes = {"review_policy": policy, "adaptive": {"band_low": float(band_low), "band_high": float(band_high),
-                                                         "max_reviews": int(max_reviews)}}
+                                                         "max_reviews": int(max_reviews)}}  # fmt: skip
         try:
             with session_scope(self.url, write=True) as session:
                 set_project_config(session, changes, actor_id=lead.id)
@@ -872,7 +872,7 @@ class Dashboard:
             return {self.w["policy_status"]: _status(str(exc), error=True)}
         return {self.w["policy_status"]: _status(f"Saved by {lead.username}: review policy {policy} (band "
                                                  f"{float(band_low):g}-{float(band_high):g}, cap {int(max_reviews)}); "
-                                                 "it applies to the next reviews.")}
+                                                 "it applies to the next reviews.")}  # fmt: skip
 
     # --- project setting ------------------------------------------------------------------------------------
     def on_show_mllm(self, show: bool, request: gr.Request) -> dict[Any, Any]:
@@ -897,7 +897,7 @@ class Dashboard:
         notes = [f"Exports are written into <code>{esc(self.exports.root)}</code>."]
         if running:
             names = ", ".join(f"<b>{esc(Path(str(j.payload.get('out', ''))).name)}</b> ({esc(j.status)})"
-                              for j in running)
+                              for j in running)  # fmt: skip
             notes.append(f"Exports waiting or running: {names}. This page refreshes until they finish.")
         recent = jobs.list_jobs(self.url, limit=JOB_LIST_LIMIT)
         return {

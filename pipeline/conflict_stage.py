@@ -63,7 +63,7 @@ def failure_kind(verdict: str | None, error: str | None) -> str:
     if text.startswith("HTTP "):
         return " ".join(text.split()[:2])
     for prefix, kind in (("timed out", "timeout"), ("connection error", "connection"),
-                         ("malformed response", "malformed response")):
+                         ("malformed response", "malformed response")):  # fmt: skip
         if text.startswith(prefix):
             return kind
     return "error"
@@ -263,7 +263,7 @@ def _from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[Confl
         parsed = {k: v for k, v in (row.parsed or {}).items() if k != "cached"} or None
         hits.append(ConflictOutcome(task.sample_id, task.cache_key, row.model, row.prompt_version, row.verdict or "",
                                     row.rationale, row.raw_response, parsed, None, 0.0, None, None,
-                                    row.parse_error))
+                                    row.parse_error))  # fmt: skip
     return hits, misses
 
 

@@ -28,7 +28,7 @@ class RunSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "mllm": self.mllm, "scorer": self.scorer, "stages": self.stages,
-                "notes": self.notes}
+                "notes": self.notes}  # fmt: skip
 
 
 HINTS = {
@@ -62,7 +62,7 @@ def failed_stages(summary: RunSummary) -> list[str]:
             continue
         kind, entry = max(errors.items(), key=lambda item: item[1]["count"])
         out.append(f"all {calls} MLLM calls of the {stage['name']} stage failed; first error ({kind}): "
-                   f"{entry['first']}; hint: {hint(kind)}")
+                   f"{entry['first']}; hint: {hint(kind)}")  # fmt: skip
     return out
 
 
@@ -122,6 +122,6 @@ def run_pipeline(
                                                   retry=retry).as_dict())
     model = _model_name(settings, mllm) if mllm != "none" else None
     load = load_stage(url, conflict_checked=mllm != "none", model=model,
-                      version=PROMPT_VERSION["conflict"] if mllm != "none" else None)
+                      version=PROMPT_VERSION["conflict"] if mllm != "none" else None)  # fmt: skip
     summary.stages.append(load.as_dict())
     return summary

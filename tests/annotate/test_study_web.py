@@ -55,7 +55,7 @@ def make_study_folder(
 def site_settings(folder: Path) -> Settings:
     """Settings of a throw-away site (every path given, so no developer setting leaks in)."""
     return load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/web.db", blob_url=str(folder / "blobs"),
-                         secret_key=None, thumbnail_size=384)
+                         secret_key=None, thumbnail_size=384)  # fmt: skip
 
 
 @dataclass
@@ -81,9 +81,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)
     main = st.create_study_from_folder(settings.database_url, store, make_study_folder(root / "a", 4, evil=True),
-                                       "web-study", items_per_participant=2, seed=1)
+                                       "web-study", items_per_participant=2, seed=1)  # fmt: skip
     other = st.create_study_from_folder(settings.database_url, store, make_study_folder(root / "b", 3, tag=50),
-                                        "other-study", items_per_participant=3)
+                                        "other-study", items_per_participant=3)  # fmt: skip
     with session_scope(settings.database_url) as session:
         make_user(session, "lead1", Role.lead, password=PASSWORD)
         make_user(session, "rater1", Role.rater, password=PASSWORD)
@@ -256,7 +256,7 @@ def test_participants_see_only_the_images_of_their_own_items(world: World, clien
     client.get(f"/api/study/{world.study_id}/current")
     with session_scope(world.url) as session:
         mine = list(session.scalars(select(StudyAssignment.item_id).where(
-            StudyAssignment.participant_id == user_id(world, "ann"))))
+            StudyAssignment.participant_id == user_id(world, "ann"))))  # fmt: skip
     own = item_images(world, world.study_id, mine)
     assert len(mine) == 2 and len(own) == 2 * 4
     for sha in own:
@@ -314,7 +314,7 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     assert vote(client, sid, csrf, first["item_id"], "instruction", "C").status_code == 200  # changed its mind
     with session_scope(world.url) as session:
         stored = session.scalar(select(Vote).where(Vote.item_id == first["item_id"], Vote.criterion == "instruction",
-                                                   Vote.participant_id == user_id(world, "bob")))
+                                                   Vote.participant_id == user_id(world, "bob")))  # fmt: skip
         assert stored is not None and (stored.shown_position, stored.latency_ms) == (3, 1234.5)
     needs = client.post(f"/api/study/{sid}/advance", json={"item_id": first["item_id"]}, headers={"x-csrf-token": csrf})
     assert needs.status_code == 409 and "background" in needs.json()["detail"]
@@ -332,7 +332,7 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     resumed = client.get(f"/api/study/{sid}/current").json()
     assert resumed["item_id"] == first["item_id"] and resumed["choices"] == {"instruction": "C", "background": None}
     step = client.post(f"/api/study/{sid}/advance", json={"item_id": first["item_id"], "render": True},
-                       headers={"x-csrf-token": csrf})
+                       headers={"x-csrf-token": csrf})  # fmt: skip
     assert step.status_code == 200
     body = step.json()
     assert (body["completed"], body["total"], body["finished"]) == (1, 2, False)
@@ -343,10 +343,10 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     for criterion in ("instruction", "background"):
         assert vote(client, sid, csrf, second, criterion, "B").status_code == 200
     done = client.post(f"/api/study/{sid}/advance", json={"item_id": second, "render": True},
-                       headers={"x-csrf-token": csrf}).json()
+                       headers={"x-csrf-token": csrf}).json()  # fmt: skip
     assert done["finished"] is True and done["next"]["finished"] is True and "Thank you" in done["next"]["html"]
     assert client.get(f"/api/study/{sid}/current").json() == {"finished": True, "study_id": sid, "completed": 2,
-                                                              "total": 2, "csrf": csrf}
+                                                              "total": 2, "csrf": csrf}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_the_results_tab_handlers_check_the_role_and_fill_everything(world: Worl
 
     tab = StudyResultsTab(world.url)
     names = ["kpis", "participants", "votes_csv", "status", "data", "summary", "criterion", "results_json", "who",
-             "reason", "study", "n_boot"]
+             "reason", "study", "n_boot"]  # fmt: skip
     tab.w = {name: name for name in names}
     tab.plots = [f"plot-{p}" for p in PLOTS]
     with pytest.raises(gr.Error):
@@ -469,7 +469,7 @@ def test_a_vote_racing_an_advance_never_changes_a_completed_screen(migrated_url:
 
     store = ImageStore(str(tmp_path / "blobs"), max_pixels=10_000, max_bytes=100_000)
     created = st.create_study_from_folder(migrated_url, store, make_study_folder(tmp_path / "s", 3), "race",
-                                          items_per_participant=2)
+                                          items_per_participant=2)  # fmt: skip
     user, _ = st.enrol(migrated_url, created.study_id, "racer")
     screen = st.current_item(migrated_url, created.study_id, user.id)
     assert screen is not None
@@ -494,5 +494,5 @@ def test_a_vote_racing_an_advance_never_changes_a_completed_screen(migrated_url:
     assert "completed" in outcome["result"]
     with session_scope(migrated_url) as session:
         kept = session.scalar(select(Vote.shown_position).where(Vote.participant_id == user.id,
-                                                                Vote.criterion == "instruction"))
+                                                                Vote.criterion == "instruction"))  # fmt: skip
     assert kept == 1
