@@ -19,7 +19,7 @@ err = Console(stderr=True)
 
 
 def _settings():
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     return settings()
 

@@ -37,7 +37,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 def _url() -> str:
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     return settings().database_url
 
@@ -99,7 +99,7 @@ def create(
     from annotate.study import StudyError, create_study_from_folder
     from db.models import StudyStatus
     from db.store import ImageStore
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     cfg = settings()
     try:

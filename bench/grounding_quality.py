@@ -1,9 +1,9 @@
 """Benchmark of box selection quality: how close the chosen box is to the truth, per scorer; prints one JSON.
 
 Data: the demo generator's instances (real photographs, real region edits), whose true box per turn it knows (the
-visible extent of the edit, ``pipeline.demo.visible_box``). They
+visible extent of the edit, ``mcie.demo.visible_box``). They
 go through the real pipeline (ingest, expand, the grounding stage with the ``openai`` backend) against the local test
-server (``tests/pipeline/chat_server.py``) answering each grounding prompt from the truth plus controlled noise, drawn
+server (``tests/mcie/mllm/chat_server.py``) answering each grounding prompt from the truth plus controlled noise, drawn
 per turn from a seeded mix of scenarios:
 
 - ``truth+pads``: the true box, then it padded by 10% and 25% (a competent MLLM, as in issue 11);
@@ -53,14 +53,14 @@ from db.models import BoxCandidate, Instance, Turn
 from db.session import session_scope
 from db.store import ImageStore
 from mcie.config import load_settings
+from mcie.demo import build_demo
 from pipeline.boxes import Box
-from pipeline.demo import build_demo
 from pipeline.engines import LocalEngine
 from pipeline.expand_stage import expand_stage
 from pipeline.grounding_stage import grounding_stage
 from pipeline.ingest import ingest, read_source
 from pipeline.scoring import PixelScorer, SelectionRule
-from tests.pipeline.chat_server import chat_server
+from tests.mcie.mllm.chat_server import chat_server
 
 SCENARIOS = {"truth+pads": 0.35, "pads": 0.15, "shifted": 0.15, "wrong": 0.1, "wrong+truth": 0.1, "nothing": 0.15}
 GOAL_GAP = 0.03

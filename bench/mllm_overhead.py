@@ -1,6 +1,6 @@
 """Benchmark: client overhead of the OpenAI-compatible MLLM backend.
 
-A local chat-completions server (tests/pipeline/chat_server.py, in its own process by default) answers every
+A local chat-completions server (tests/mcie/mllm/chat_server.py, in its own process by default) answers every
 request after a fixed delay, like a model with a constant latency. N requests go through
 ``OpenAIBackend.generate`` with concurrency C, after a warm-up call of C requests that pays the one-time
 imports. The ideal throughput is C / delay; the efficiency (measured / ideal) shows how well the client keeps
@@ -29,9 +29,9 @@ if str(ROOT) not in sys.path:
 
 from PIL import Image
 
-from pipeline.mllm.base import MLLMRequest, user
-from pipeline.mllm.openai_backend import OpenAIBackend, RetryPolicy, chat_payload
-from tests.pipeline.chat_server import chat_server
+from mcie.mllm.base import MLLMRequest, user
+from mcie.mllm.openai_backend import OpenAIBackend, RetryPolicy, chat_payload
+from tests.mcie.mllm.chat_server import chat_server
 
 
 def _serve(delay_s: float, to_parent: Any, stop: Any) -> None:

@@ -2,7 +2,7 @@
 
 The demo data (real photographs, 3-5 images per prompt) is ingested and expanded into samples; then the pipeline's
 conflict stage (prompt building, the openai backend's bounded concurrency, parsing, and the database writes) runs
-against ``tests/pipeline/chat_server.py`` answering every request after ``BENCH_DELAY_S``. Throughput is compared to
+against ``tests/mcie/mllm/chat_server.py`` answering every request after ``BENCH_DELAY_S``. Throughput is compared to
 the ideal ``concurrency / delay``. Goal: at least 90% of the ideal. Prints one JSON object.
 """
 
@@ -24,12 +24,12 @@ if str(ROOT) not in sys.path:
 from db import migrate
 from db.store import ImageStore
 from mcie.config import load_settings
+from mcie.demo import build_demo
 from pipeline.conflict_stage import conflict_stage
-from pipeline.demo import build_demo
 from pipeline.engines import LocalEngine
 from pipeline.expand_stage import expand_stage
 from pipeline.ingest import ingest, read_source
-from tests.pipeline.chat_server import chat_server
+from tests.mcie.mllm.chat_server import chat_server
 
 ANSWER = json.dumps({"conflict": False, "turns": [], "reason": "different objects"})
 DELAY_S = float(os.environ.get("BENCH_DELAY_S", "0.5"))

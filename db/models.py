@@ -211,6 +211,8 @@ class Instance(Base):
     source_image: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
     n_turns: Mapped[int] = mapped_column(Integer)
     source_file: Mapped[str | None] = mapped_column(Text)
+    # the source dataset's licence as recorded at ingest (an SPDX id such as CC-BY-NC-4.0, or "other"; NULL: not stated)
+    license: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = _created()
 

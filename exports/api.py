@@ -20,17 +20,17 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from db.migrate import current
-from db.models import AuditLog, Export, ExportItem, JobStatus, Split, utcnow
+from db.models import AuditLog, Export, ExportItem, Instance, JobStatus, Split, utcnow
 from db.session import session_scope
 from exports.card import CardStats, agreement_figures, plots, render_readme
 from exports.manifest import build_manifest, resolve_hashes, write_manifest
@@ -133,6 +133,17 @@ def _spooled_items(spool: IO[bytes], export_id: int) -> Iterator[list[dict[str, 
         ]
 
 
+def source_licenses(session: Session, datasets: Iterable[str]) -> dict[str, set[str | None]]:
+    """Each exported source dataset's licences as recorded at ingest (one per dataset unless ingested twice with
+    different ``--license``; then the card lists every one)."""
+    found: dict[str, set[str | None]] = {name: set() for name in datasets}
+    if found:
+        rows = session.execute(select(Instance.dataset, Instance.license).where(Instance.dataset.in_(found)).distinct())
+        for dataset, license in rows:
+            found[dataset].add(license)
+    return found
+
+
 def _split_files(entries: list[FileEntry]) -> dict[str, list[str]]:
     data = [e.path for e in entries if e.path.endswith((".jsonl", ".parquet", ".tar"))]
     return {split: [p for p in data if p.startswith(f"{split}.") or p.startswith(f"{split}-")] for split in SPLITS}
@@ -230,6 +241,7 @@ def run_export(
                         if on_record is not None:
                             on_record()
                     entries = writer.close()
+                stats.licenses = source_licenses(session, stats.datasets)
             entries += _write_card(tmp, stats, fmt, flt, options, revision, entries)
             entries = resolve_hashes(tmp, entries)
             counts = {split: stats.splits.get(split, 0) for split in SPLITS}

@@ -49,6 +49,9 @@ class CardStats:
     median_complexity: Counter[float] = field(default_factory=Counter)
     decisions: Counter[str] = field(default_factory=Counter)
     mllm: Counter[str] = field(default_factory=Counter)
+    # source dataset -> the licences recorded at ingest for its instances (None: not stated); filled from the
+    # database once the records are written (a licence belongs to the source dataset, not to a record)
+    licenses: dict[str, set[str | None]] = field(default_factory=dict)
     multi_reviews: list[tuple[int, str, bool, int, int]] = field(default_factory=list)
 
     def add(self, record: ExportRecord) -> None:
@@ -226,6 +229,31 @@ def _share(count: int, total: int) -> str:
     return f"{100 * count / total:.1f}%" if total else "n/a"
 
 
+def describe_filter(filter_json: Mapping[str, Any]) -> str:
+    """The export filter (``ExportFilter.model_dump(mode="json")``) in words, for the card's opening paragraph."""
+    statuses = list(filter_json.get("statuses") or ["accepted"])
+    words = [f"with status {' or '.join(f'`{s}`' for s in statuses)}"]
+    if filter_json.get("min_quality") is not None:
+        words.append(f"median review quality at least {filter_json['min_quality']:g}")
+    if filter_json.get("min_complexity") is not None:
+        words.append(f"median review complexity at least {filter_json['min_complexity']:g}")
+    if filter_json.get("reviewers"):
+        words.append(f"reviewed by {', '.join(f'`{r}`' for r in filter_json['reviewers'])}")
+    if filter_json.get("decided_after"):
+        words.append(f"decided at or after {filter_json['decided_after']}")
+    if filter_json.get("decided_before"):
+        words.append(f"decided before {filter_json['decided_before']}")
+    if filter_json.get("datasets"):
+        words.append(f"from {', '.join(f'`{d}`' for d in filter_json['datasets'])}")
+    return ", ".join(words)
+
+
+def card_licenses(licenses: Mapping[str, set[str | None]]) -> list[str]:
+    """The card's YAML ``license`` values (Hugging Face ids: lower-case SPDX, ``other``, ``unknown``)."""
+    found = {(value or "unknown").lower() for values in licenses.values() for value in values}
+    return sorted(found) or ["unknown"]
+
+
 def render_readme(
     stats: CardStats,
     *,
@@ -251,13 +279,15 @@ def render_readme(
         f'    path: "{val_files}"',
         "task_categories:",
         "- image-to-image",
+        "license:",
+        *[f"- {value}" for value in card_licenses(stats.licenses)],
         "---",
         "",
         "# MCIE complex-instruction editing export",
         "",
         "Complex-instruction image editing samples (source image, complex instruction, sub-instructions with boxes, "
-        "target image) accepted by expert review, exported by `mcie export`. See `manifest.json` for the checksums "
-        "of every file.",
+        f"target image) {describe_filter(filter_json)}, exported by `mcie export`. See `manifest.json` for the "
+        "checksums of every file.",
         "",
         f"- format: `{fmt}`, record schema version {schema_version}",
         f"- database revision: `{db_revision or 'unknown'}`",
@@ -274,6 +304,16 @@ def render_readme(
         "## Source datasets",
         "",
         _table(["dataset", "samples"], _sorted_items(stats.datasets)),
+        "",
+        "## Licence",
+        "",
+        "The samples are derived from the source datasets' images and instructions and carry their terms (as "
+        "recorded at ingest); a non-commercial licence such as CC-BY-NC-4.0 (SEED-Data-Edit's) binds the whole "
+        "export.",
+        "",
+        _table(["dataset", "licence"],
+               [(d, ", ".join(sorted(v or "not stated" for v in stats.licenses.get(d, {None}))))
+                for d, _ in _sorted_items(stats.datasets)]),
         "",
         "## Sub-instructions",
         "",

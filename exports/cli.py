@@ -37,7 +37,7 @@ def _export(
     from db.store import ImageStore
     from exports.api import ExportError, run_export
     from exports.select import ExportFilter
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     cfg = settings()
     raw = {"statuses": status, "min_quality": min_quality, "min_complexity": min_complexity, "reviewers": reviewer,
@@ -115,7 +115,7 @@ def reviews_command(
 ) -> None:
     """Every raw review and decision, for analysis (includes usernames and comments)."""
     from exports.reviews import export_reviews
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     try:
         result = export_reviews(settings().database_url, path)

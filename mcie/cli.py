@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mcie.config import ConfigError, Settings, get_settings
+from mcie.config import Settings, settings_or_exit
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -61,13 +61,7 @@ DEMO_PASSWORD = "mcie-demo"
 DEMO_ACCOUNTS = (("lead", "lead"), ("admin", "admin"), ("rater1", "rater"), ("rater2", "rater"), ("rater3", "rater"))
 
 
-def settings() -> Settings:
-    """The settings, or exit 2 with the reason when they are invalid."""
-    try:
-        return get_settings()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+settings = settings_or_exit
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -373,7 +367,7 @@ def demo(
     from db import migrate
     from db.models import User
     from db.session import session_scope
-    from pipeline.demo import build_demo
+    from mcie.demo import build_demo
 
     cfg = settings()
     out = out or cfg.data_dir / "demo"
@@ -406,10 +400,12 @@ def demo(
 
 def _demo_pipeline(cfg: Settings, out: Path) -> None:
     from db.store import ImageStore
+    from mcie.demo import DEMO_LICENSE
     from pipeline.ingest import ingest, read_source
     from pipeline.run import run_pipeline
 
-    report = ingest(read_source(out, "seed-data-edit", None), url=cfg.database_url, store=ImageStore.from_settings(cfg))
+    records = read_source(out, "seed-data-edit", None, license=DEMO_LICENSE)
+    report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
     console.print(f"ingested {report.ingested} instances ({report.already_present} already present, "
                   f"{len(report.skipped)} skipped)")  # fmt: skip
     summary = run_pipeline(cfg, engine="local", mllm="none", scorer="auto", progress=False)
@@ -423,7 +419,8 @@ def _demo_pipeline(cfg: Settings, out: Path) -> None:
 def _demo_next_steps(out: Path, *, pipeline: bool = True, created: list[str] | None = None) -> None:
     console.print("next:")
     if not pipeline:
-        console.print(f"  mcie pipeline ingest {out}   # read the demo data into the database", highlight=False)
+        console.print(f"  mcie pipeline ingest {out} --license other   # read the demo data into the database",
+                      highlight=False)
         console.print("  mcie pipeline run --mllm none   # expand, ground and load samples for review")
     login = [name for name in ("rater1", "lead") if name in (created or [])]
     who = f" ({' / '.join(login)}, {DEMO_PASSWORD})" if login else ""

@@ -316,3 +316,16 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings (read once). Tests call ``get_settings.cache_clear()`` after changing env."""
     return load_settings()
+
+
+def settings_or_exit() -> Settings:
+    """The settings for a command: on an invalid value, the reason on stderr and exit status 2 (every ``cli.py`` of
+    every package uses this, so none of them imports the ``mcie`` command tree)."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        import typer
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None

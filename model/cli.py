@@ -44,7 +44,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _settings() -> Any:
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     return settings()
 
@@ -324,7 +324,7 @@ def eval_command(
     use_judge = judge if judge is not None else settings.mllm_backend != "none"
     if use_judge:
         from mcie.config import ConfigError
-        from pipeline.mllm.base import make_backend
+        from mcie.mllm.base import make_backend
 
         try:
             backend = make_backend(settings=settings)

@@ -37,8 +37,8 @@ target image, or the source image in the reference-free mode, and the report nam
   source image (the background should not change). An item whose boxes cover the whole image (a sub-instruction
   without a box is a global edit) has no background and is left out of these;
 - ``ic`` / ``bc``: the MLLM judge's Instruction Compliance (1-10) and Background Consistency (1-5) of the output
-  against the source and the instruction (:func:`pipeline.mllm.prompts.judge_prompt`,
-  :func:`pipeline.mllm.parsing.parse_judge`), normalised to [0, 1] (divided by 10 and 5). A request or answer
+  against the source and the instruction (:func:`mcie.mllm.prompts.judge_prompt`,
+  :func:`mcie.mllm.parsing.parse_judge`), normalised to [0, 1] (divided by 10 and 5). A request or answer
   that fails is reported per item and left out of the means.
 
 The metric functions (:func:`l1_distance`, :func:`l2_distance`, :func:`cosine_similarity`) are pure.
@@ -330,8 +330,8 @@ def resolve_device(name: str | None) -> str:
 def mllm_decompose(settings: Settings) -> Callable[[Image.Image, str], Sequence[Any]]:
     """A ``decompose(image, instruction)`` for :class:`MCIEPipeline` through the configured MLLM backend
     (raises :class:`mcie.config.ConfigError` naming ``MCIE_MLLM_BACKEND`` when none is configured)."""
-    from pipeline.decompose import decompose
-    from pipeline.mllm.base import make_backend
+    from mcie.mllm.base import make_backend
+    from mcie.mllm.decompose import decompose
 
     backend = make_backend(settings=settings)
 
@@ -577,8 +577,8 @@ class DinoImageEncoder:
 def judge_edits(backend: Any, edits: Sequence[tuple[Image.Image, Image.Image, str]]) -> list[tuple[float, float] | str]:
     """The normalised (IC, BC) of each ``(source, edited, instruction)``, or the error text where the request or
     its answer failed. Requests go to ``backend.generate`` in one batch (the backend bounds the concurrency)."""
-    from pipeline.mllm.parsing import ParseFailure, parse_judge
-    from pipeline.mllm.prompts import judge_prompt
+    from mcie.mllm.parsing import ParseFailure, parse_judge
+    from mcie.mllm.prompts import judge_prompt
 
     prompts = [judge_prompt(source, edited, instruction) for source, edited, instruction in edits]
     responses = backend.generate([prompt.request for prompt in prompts])

@@ -13,7 +13,7 @@ sub-instructions and the source's BCCA tokens; ``[neither]`` has no sub-instruct
 image. Sub-instructions and BCCA tokens are encoded once per call, not per step.
 
 Sub-instructions per image are ``(text, box)``, ``(text, operation, box)``, dicts with ``text``/``instruction`` and
-``box``, or objects with ``instruction``/``text`` and ``box`` attributes (e.g. :class:`pipeline.decompose.SubEdit`);
+``box``, or objects with ``instruction``/``text`` and ``box`` attributes (e.g. :class:`mcie.mllm.decompose.SubEdit`);
 a box is normalised ``(x0, y0, x1, y1)`` or ``None`` (whole image). Without them, a model with SACA calls
 ``decompose(image, instruction)`` (the MLLM step, passed in) for each image; with neither, it is an error (pass
 ``sub_instructions=[]`` to run without spatial guidance). Without an instruction, the base text is the

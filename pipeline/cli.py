@@ -16,7 +16,7 @@ err = Console(stderr=True)
 
 
 def _settings():
-    from mcie.cli import settings
+    from mcie.config import settings_or_exit as settings
 
     return settings()
 
@@ -30,6 +30,11 @@ def ingest_command(
     allow_outside_root: Annotated[
         bool, typer.Option("--allow-outside-root", help="Accept image paths that resolve outside the images root.")
     ] = False,
+    license: Annotated[
+        str | None,
+        typer.Option("--license", help="The source's licence (SPDX id, e.g. CC-BY-4.0) where a record states none "
+                     "(default: CC-BY-NC-4.0 for seed-data-edit, none for jsonl)."),
+    ] = None,
 ) -> None:
     """Ingest multi-turn instances into the database and the image store (re-ingesting adds nothing).
 
@@ -50,7 +55,7 @@ def ingest_command(
     migrate.upgrade(cfg.database_url)
     try:
         records = read_source(path, fmt, images_root,
-                              IngestLimits.from_settings(cfg, allow_outside_root=allow_outside_root))
+                              IngestLimits.from_settings(cfg, allow_outside_root=allow_outside_root), license)
         report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         err.print(f"error: {exc}")
@@ -195,8 +200,8 @@ def decompose_command(
     from PIL import Image, UnidentifiedImageError
 
     from mcie.config import ConfigError
-    from pipeline.decompose import DecompositionError, decompose
-    from pipeline.mllm.base import make_backend
+    from mcie.mllm.base import make_backend
+    from mcie.mllm.decompose import DecompositionError, decompose
 
     cfg = _settings()
     try:

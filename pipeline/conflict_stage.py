@@ -114,7 +114,7 @@ class ConflictWorker:
 
     def __call__(self):
         from db.store import ImageStore
-        from pipeline.mllm.base import make_backend
+        from mcie.mllm.base import make_backend
 
         store = ImageStore.from_settings(self.settings)
         backend = make_backend(self.mllm, self.settings)
@@ -123,8 +123,8 @@ class ConflictWorker:
 
 def judge_conflicts(tasks: Sequence[ConflictTask], store: Any, backend: Any) -> list[ConflictOutcome]:
     """Ask the MLLM about every task (one batch, the backend keeps the server busy) and parse the answers."""
-    from pipeline.mllm.parsing import ParseFailure, parse_conflict
-    from pipeline.mllm.prompts import PROMPT_VERSION, conflict_prompt
+    from mcie.mllm.parsing import ParseFailure, parse_conflict
+    from mcie.mllm.prompts import PROMPT_VERSION, conflict_prompt
 
     def lazy(task: ConflictTask):
         return lambda: conflict_prompt(
@@ -170,7 +170,7 @@ def window_images(instance_source: str, turn_images: dict[int, str], first: int,
 def _pending_tasks(session: Session, model: str, version: str, *, retry: bool = True) -> list[ConflictTask]:
     """Samples still ``filtering`` without an answer of this model and prompt version (with ``retry=False``:
     never asked at all)."""
-    from pipeline.mllm.prompts import cache_key
+    from mcie.mllm.prompts import cache_key
 
     judged = (
         select(MllmJudgement.sample_id)
@@ -277,7 +277,7 @@ def conflict_stage(
     retry: bool = True,
 ) -> StageReport:
     """Judge every pending sample; resumable (each batch is committed as it arrives)."""
-    from pipeline.mllm.prompts import PROMPT_VERSION
+    from mcie.mllm.prompts import PROMPT_VERSION
 
     report = StageReport("conflict")
     started = time.perf_counter()

@@ -121,7 +121,7 @@ class GroundingWorker:
         scorer = make_scorer(self.scorer, self.settings)  # type: ignore[arg-type]
         backend = None
         if self.mllm != "none":
-            from pipeline.mllm.base import make_backend
+            from mcie.mllm.base import make_backend
 
             backend = make_backend(self.mllm, self.settings)
         return lambda tasks: ground_turns(tasks, store, scorer, backend, k=self.k)
@@ -173,9 +173,9 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
 
 
 def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]], backend: Any, k: int):
+    from mcie.mllm.parsing import ParseFailure, parse_grounding
+    from mcie.mllm.prompts import PROMPT_VERSION, grounding_prompt
     from pipeline.boxes import Box
-    from pipeline.mllm.parsing import ParseFailure, parse_grounding
-    from pipeline.mllm.prompts import PROMPT_VERSION, grounding_prompt
 
     prompts: list[Any] = [None] * len(tasks)
 
@@ -232,7 +232,7 @@ def _pending_tasks(session: Session, model: str | None, version: str | None, k: 
     the format for this turn is not asked forever; failed requests are always asked again), or, with
     ``retry=False``, once it was asked at all. Only turns of instances with a sample not yet in review qualify.
     """
-    from pipeline.mllm.prompts import cache_key
+    from mcie.mllm.prompts import cache_key
 
     open_sample = exists().where(Sample.instance_id == Turn.instance_id, Sample.status.in_(OPEN_STATUSES))
     has_candidates = exists().where(BoxCandidate.turn_id == Turn.id)
@@ -421,7 +421,7 @@ def grounding_stage(
     retry: bool = True,
 ) -> StageReport:
     """Ground every pending turn; resumable (each batch is committed as it arrives)."""
-    from pipeline.mllm.prompts import PROMPT_VERSION
+    from mcie.mllm.prompts import PROMPT_VERSION
 
     report = StageReport(STAGE)
     started = time.perf_counter()

@@ -154,6 +154,7 @@ def _instance_row(prepared: _Prepared) -> Instance:
         source_image=prepared.source.sha256,
         n_turns=len(record.turns),
         source_file=f"{record.source_file}:{record.line}",
+        license=record.license,
         meta=dict(record.meta),
     )
     instance.turns = [
@@ -169,14 +170,17 @@ def _instance_row(prepared: _Prepared) -> Instance:
 
 
 def read_source(
-    path: Path, fmt: str, images_root: Path | None, limits: IngestLimits | None = None
+    path: Path, fmt: str, images_root: Path | None, limits: IngestLimits | None = None, license: str | None = None
 ) -> Iterator[RawInstance | RecordError]:
     """The reader for ``fmt`` (``seed-data-edit`` or ``jsonl``) over ``path``, with ``limits`` (default
-    :class:`pipeline.sources.IngestLimits`: images inside the root, instructions and meta of bounded size)."""
+    :class:`pipeline.sources.IngestLimits`: images inside the root, instructions and meta of bounded size).
+    ``license`` is the source's licence where the data does not state one (SEED-Data-Edit's CC-BY-NC-4.0 by
+    default for its layout; none for a manifest)."""
+    from pipeline.seed_format import DATASET_LICENSE
     from pipeline.sources import read_jsonl_manifest, read_seed_data_edit
 
     if fmt == "seed-data-edit":
-        return read_seed_data_edit(path, images_root, limits)
+        return read_seed_data_edit(path, images_root, limits, license or DATASET_LICENSE)
     if fmt == "jsonl":
-        return read_jsonl_manifest(path, images_root, limits)
+        return read_jsonl_manifest(path, images_root, limits, license)
     raise ValueError(f"--format: expected seed-data-edit or jsonl, got {fmt!r}")

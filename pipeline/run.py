@@ -97,7 +97,7 @@ def run_pipeline(
 ) -> RunSummary:
     """Run every stage in order; ``retry=False`` asks the MLLM only what it was never asked (no retries of calls
     that failed or answers that could not be parsed)."""
-    from pipeline.mllm.prompts import PROMPT_VERSION
+    from mcie.mllm.prompts import PROMPT_VERSION
 
     mllm = mllm or settings.mllm_backend
     scorer = resolve_scorer(scorer, settings)

@@ -63,6 +63,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 DATASET_NAME = "seed-data-edit"
+DATASET_LICENSE = "CC-BY-NC-4.0"  # SEED-Data-Edit's licence (SPDX id), recorded on every instance
 ANNOTATIONS_DIR = "annotations"
 IMAGES_DIR = "images"
 IMAGES_DATA_DIR = "data"  # top folder inside multi_turn.tar.gz

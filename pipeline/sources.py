@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class RawInstance:
     source_file: Path
     line: int
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
+    license: str | None = None  # the source dataset's licence (SPDX id), None when nobody stated one
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _size_problems(instructions: list[tuple[str, str]], meta: Mapping[str, Any],
     return problems
 
 
-MANIFEST_KEYS = frozenset({"id", "dataset", "source_image", "turns", "meta"})
+MANIFEST_KEYS = frozenset({"id", "dataset", "license", "source_image", "turns", "meta"})
 MANIFEST_TURN_KEYS = frozenset({"instruction", "image"})
 
 
@@ -178,13 +179,16 @@ def seed_annotation_files(annotations: Path) -> tuple[list[Path], Path]:
 
 
 def read_seed_data_edit(
-    annotations: Path, images_root: Path | None = None, limits: IngestLimits | None = None
+    annotations: Path, images_root: Path | None = None, limits: IngestLimits | None = None,
+    license: str | None = sf.DATASET_LICENSE,
 ) -> Iterator[RawInstance | RecordError]:
     """Read SEED-Data-Edit Part-3 (multi-turn) annotation lines.
 
     ``annotations``: the ``multi_turn_editing`` folder, its ``annotations`` folder, or one ``.jsonl`` file.
     ``images_root``: folder the image paths are relative to; by default ``<root>/images/data`` when the
-    archive has been extracted there, else ``<root>/images``. Files are read in name order.
+    archive has been extracted there, else ``<root>/images``. Files are read in name order. ``license``: recorded
+    on every instance (SEED-Data-Edit's own by default; data in its layout but under other terms, like the demo's,
+    states theirs).
     """
     files, layout_root = seed_annotation_files(Path(annotations))
     root = Path(images_root) if images_root is not None else sf.default_images_root(layout_root)
@@ -194,7 +198,8 @@ def read_seed_data_edit(
             if isinstance(value, RecordError):
                 yield value
                 continue
-            yield _seed_instance(value, path, number, root, registry, limits or IngestLimits())
+            item = _seed_instance(value, path, number, root, registry, limits or IngestLimits())
+            yield replace(item, license=license) if isinstance(item, RawInstance) else item
 
 
 def _seed_instance(
@@ -239,12 +244,13 @@ def _seed_instance(
 
 
 def read_jsonl_manifest(
-    path: Path, images_root: Path | None = None, limits: IngestLimits | None = None
+    path: Path, images_root: Path | None = None, limits: IngestLimits | None = None, license: str | None = None
 ) -> Iterator[RawInstance | RecordError]:
     """Read a generic JSONL manifest (one instance per line, see ``docs/input-formats.md``).
 
     Relative image paths are resolved against ``images_root``, by default the manifest's folder. The dataset
-    name defaults to the manifest's file name without extension.
+    name defaults to the manifest's file name without extension, the licence to ``license`` (a line's own
+    ``license`` wins).
     """
     path = Path(path)
     if not path.is_file():
@@ -255,7 +261,10 @@ def read_jsonl_manifest(
         if isinstance(value, RecordError):
             yield value
             continue
-        yield _manifest_instance(value, path, number, root, registry, limits or IngestLimits())
+        item = _manifest_instance(value, path, number, root, registry, limits or IngestLimits())
+        if isinstance(item, RawInstance) and item.license is None:
+            item = replace(item, license=license)
+        yield item
 
 
 def _manifest_text(
@@ -291,6 +300,7 @@ def _manifest_instance(
     dataset = path.stem
     if obj.get("dataset") is not None:
         dataset = _manifest_text(obj, "dataset", problems) or dataset
+    stated_license = _manifest_text(obj, "license", problems) if obj.get("license") is not None else None
     meta = obj.get("meta", {})
     if meta is None:
         meta = {}
@@ -341,4 +351,5 @@ def _manifest_instance(
         source_file=path,
         line=line,
         meta=dict(meta),
+        license=stated_license,
     )

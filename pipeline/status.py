@@ -61,8 +61,8 @@ def unrecovered_failures(session: Session) -> dict[str, dict[str, dict[str, Any]
 
 def rerun_plan(session: Session, settings: Settings, mllm: str, k: int = 3) -> dict[str, int]:
     """How many samples / turns the next run would ask the MLLM about (and how many of those are retries)."""
+    from mcie.mllm.prompts import PROMPT_VERSION
     from pipeline import conflict_stage, grounding_stage
-    from pipeline.mllm.prompts import PROMPT_VERSION
 
     if mllm == "none":
         turns = grounding_stage._pending_tasks(session, None, None, k, retry=True)

@@ -65,9 +65,10 @@ class Builder:
         self.users[username] = user.id
         return user.id
 
-    def instance(self, dataset: str, external_id: str, n_turns: int, source: str | None = None) -> Instance:
+    def instance(self, dataset: str, external_id: str, n_turns: int, source: str | None = None,
+                 license: str | None = None) -> Instance:
         instance = Instance(dataset=dataset, external_id=external_id, source_image=source or self.image(),
-                            n_turns=n_turns)
+                            n_turns=n_turns, license=license)
         self.session.add(instance)
         self.session.flush()
         for index in range(1, n_turns + 1):
@@ -136,7 +137,7 @@ def build_small_db(url: str, store: ImageStore) -> SmallDb:
     """Three instances over two datasets; accepted, rejected and undecided samples with 0-3 reviews each.
 
     ``by_name`` keys: a12, a23, a13 (instance demo/a1, 3 turns), b12 (demo/b1, shares a1's source image),
-    c12, c34, c24, c14 (seed/c1, 4 turns).
+    c12, c34, c24, c14 (seed/c1, 4 turns). "seed" is recorded as CC-BY-NC-4.0, "demo" states no licence.
     """
     with session_scope(url) as session:
         b = Builder(session, store)
@@ -153,7 +154,7 @@ def build_small_db(url: str, store: ImageStore) -> SmallDb:
         bi = b.instance("demo", "b1", 2, source=a.source_image)
         names["b12"] = b.sample(bi, 1, 2, reviews=(("alice", True, 4, 4), ("bob", False, 4, 5), ("carol", True, 5, 4)),
                                 decision=("accepted", "lead"), verdict="conflict", decided_at=T0 + timedelta(days=3))
-        c = b.instance("seed", "c1", 4)
+        c = b.instance("seed", "c1", 4, license="CC-BY-NC-4.0")
         names["c12"] = b.sample(c, 1, 2, reviews=(("bob", True, 5, 5),), decided_at=T0 + timedelta(days=4))
         names["c34"] = b.sample(c, 3, 4, reviews=(("carol", True, 4, 4), ("alice", True, 4, 3)),
                                 decided_at=T0 + timedelta(days=5))

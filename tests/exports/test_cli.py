@@ -24,6 +24,9 @@ def test_export_commands(tmp_path: Path) -> None:
     assert summary["samples"] > 0 and sum(summary["counts"].values()) == summary["samples"]
     manifest = json.loads((tmp_path / "ready" / "manifest.json").read_text())
     assert manifest["filter"]["statuses"] == ["ready"]
+    card = (tmp_path / "ready" / "README.md").read_text()  # the demo's pictures' terms and the actual filter
+    assert "license:\n- other\n---" in card and "| seed-data-edit | other |" in card
+    assert "with status `ready`, exported by" in card
     for fmt in ("parquet", "webdataset"):
         result = invoke("export", fmt, str(tmp_path / fmt), "--status", "ready")
         assert result.exit_code == 0 and "samples" in result.stdout

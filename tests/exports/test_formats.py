@@ -101,6 +101,11 @@ def test_jsonl_round_trip(migrated_url, store, small, tmp_path) -> None:
     # every image once (a1 and b1 share their source image), nothing else in images/
     assert sorted(f"images/{p.name}" for p in (result.path / "images").iterdir()) == sorted(used)
     assert (result.path / "README.md").is_file() and len(list((result.path / "plots").glob("*.png"))) == 4
+    card = (result.path / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "license:\n- cc-by-nc-4.0\n- unknown\n" in header  # seed's licence as ingested; demo stated none
+    assert "| seed | CC-BY-NC-4.0 |" in card and "| demo | not stated |" in card
+    assert "target image) with status `accepted`, exported by" in card
     _check_recorded(migrated_url, result, records)
 
 

@@ -130,6 +130,22 @@ def test_plots_are_deterministic_pngs_without_metadata() -> None:
                          n_images=None, agreement=None)
     assert card.startswith("---\nconfigs:") and "| train | 1 | 100.0% |" in card
     assert "No exported sample has two" in card
+    assert "license:\n- unknown\n---" in card and "accepted" in card
+
+
+def test_the_card_describes_the_actual_filter_and_each_sources_licence() -> None:
+    stats = CardStats()
+    stats.add(build_record(_rows(reviews=(ReviewRow(True, 4, 5, 1, "a"),)), IMAGES, "train"))
+    dataset = next(iter(stats.datasets))
+    stats.licenses = {dataset: {"CC-BY-NC-4.0"}}
+    flt = ExportFilter(statuses=("accepted", "needs_adjudication"), min_quality=3.5, datasets=(dataset,))
+    card = render_readme(stats, fmt="jsonl", schema_version=1, filter_json=flt.model_dump(mode="json"), options={},
+                         db_revision=None, n_images=None, agreement=None)
+    assert "license:\n- cc-by-nc-4.0\n---" in card
+    assert f"| {dataset} | CC-BY-NC-4.0 |" in card
+    assert ("with status `accepted` or `needs_adjudication`, median review quality at least 3.5, "
+            f"from `{dataset}`, exported by") in card
+    assert "accepted by expert review" not in card
 
 
 def test_tar_members_have_fixed_headers_and_sorted_names() -> None:

@@ -16,6 +16,7 @@ from mcie.cli import app
 from model.evaluate import EvalError, SubSpec, parse_sub
 from model.pipeline import MCIEPipeline
 from model.weights import save_weights
+from tests.mcie.mllm.chat_server import RecordedRequest, chat_server
 from tests.model.tiny import (
     TINY_IMAGE,
     TinyFiles,
@@ -25,7 +26,6 @@ from tests.model.tiny import (
     tiny_config,
     tiny_images,
 )
-from tests.pipeline.chat_server import RecordedRequest, chat_server
 
 # diffusers' Euler schedulers call np.array(tensor, copy=False) internally (numpy 2 deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -26,8 +26,8 @@ from model.evaluate import (
     load_bench,
     to_unit_array,
 )
+from tests.mcie.mllm.chat_server import RecordedRequest, chat_server
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config, tiny_images
-from tests.pipeline.chat_server import RecordedRequest, chat_server
 from tests.tiny_clip import TINY_CLIP_NAME, register_tiny_clip, save_tiny_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -150,7 +150,7 @@ def test_clip_and_dino_embeddings_from_saved_checkpoints(clip_checkpoint: Path, 
 
 
 def test_judge_through_the_chat_server() -> None:
-    from pipeline.mllm.openai_backend import OpenAIBackend
+    from mcie.mllm.openai_backend import OpenAIBackend
 
     source, edited = tiny_images(2, seed=4)
 

@@ -92,8 +92,8 @@ def test_eval_encoders_and_box_scorer_by_hub_id(hf_home: Path, tmp_path: Path, m
 
 def test_transformers_mllm_backend_by_hub_id(hf_home: Path, tmp_path: Path) -> None:
     from mcie.config import ConfigError, load_settings
-    from pipeline.mllm.base import MLLMRequest, make_backend, user
-    from tests.pipeline.tiny_qwen import build_tiny_qwen25_vl
+    from mcie.mllm.base import MLLMRequest, make_backend, user
+    from tests.mcie.mllm.tiny_qwen import build_tiny_qwen25_vl
 
     folder = build_tiny_qwen25_vl(tmp_path / "tiny-qwen")
     add_to_cache(hf_home, "acme/tiny-qwen25-vl", folder)

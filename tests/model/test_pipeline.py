@@ -134,7 +134,7 @@ def test_saved_weights_give_the_same_edit(pipe: MCIEPipeline, files: TinyFiles, 
 
 def test_sub_instruction_forms() -> None:
     @dataclass
-    class SubEdit:  # the shape of pipeline.decompose.SubEdit
+    class SubEdit:  # the shape of mcie.mllm.decompose.SubEdit
         instruction: str
         operation: str
         box: tuple[float, float, float, float] | None

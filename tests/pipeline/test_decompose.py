@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mcie.cli import app
 from mcie.config import get_settings
-from tests.pipeline.chat_server import chat_server
+from tests.mcie.mllm.chat_server import chat_server
 
 runner = CliRunner()
 

@@ -1,6 +1,6 @@
 """Grounding and the conflict filter recover from MLLM failures, reuse cached answers, and say when a run went wrong.
 
-The MLLM is the local OpenAI-compatible test server (tests/pipeline/chat_server.py) answering from the demo's ground
+The MLLM is the local OpenAI-compatible test server (tests/mcie/mllm/chat_server.py) answering from the demo's ground
 truth; a mode switch makes it fail (HTTP 503), answer prose, or vanish. Database (SQLite and PostgreSQL), image store,
 scorers, stages and the ``mcie`` CLI are real.
 """
@@ -23,9 +23,9 @@ from db.session import session_scope
 from db.store import ImageStore
 from mcie.cli import app
 from mcie.config import get_settings
-from pipeline.demo import build_demo
+from mcie.demo import build_demo
 from pipeline.ingest import ingest, read_source
-from tests.pipeline.chat_server import Reply, chat_server
+from tests.mcie.mllm.chat_server import Reply, chat_server
 
 runner = CliRunner()
 

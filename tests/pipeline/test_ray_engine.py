@@ -12,7 +12,7 @@ from db.models import BoxCandidate, Instance, Sample, SubInstruction, Turn
 from db.session import session_scope
 from db.store import ImageStore
 from mcie.config import load_settings
-from pipeline.demo import build_demo
+from mcie.demo import build_demo
 from pipeline.ingest import ingest, read_source
 from pipeline.run import run_pipeline
 

@@ -1,6 +1,6 @@
 """The pipeline end to end on the demo data: ingest -> expand -> (MLLM conflict filter) -> grounding -> load.
 
-The MLLM is a local OpenAI-compatible server (tests/pipeline/chat_server.py) that answers like a good grounding
+The MLLM is a local OpenAI-compatible server (tests/mcie/mllm/chat_server.py) that answers like a good grounding
 model from the demo's ground truth; everything else (database, image store, scorers, stages) is real.
 """
 
@@ -18,9 +18,9 @@ from db.models import BoxCandidate, Instance, MllmJudgement, Sample, SampleStatu
 from db.session import session_scope
 from mcie.cli import app
 from mcie.config import get_settings
+from mcie.demo import build_demo
 from pipeline.boxes import Box
-from pipeline.demo import build_demo
-from tests.pipeline.chat_server import chat_server
+from tests.mcie.mllm.chat_server import chat_server
 
 runner = CliRunner()
 
@@ -71,6 +71,8 @@ def test_demo_without_mllm_gives_review_ready_samples_with_boxes(demo: Path) -> 
     code, out, _ = cli("pipeline", "ingest", str(demo), "--format", "seed-data-edit")
     assert code == 0, out
     assert "ingested 8 instances" in out
+    with session_scope(url) as session:  # the SEED layout's licence unless --license says otherwise
+        assert set(session.scalars(select(Instance.license))) == {"CC-BY-NC-4.0"}
     code, out, _ = cli("pipeline", "run", "--mllm", "none", "--json")
     assert code == 0, out
     summary = json.loads(out)
@@ -239,8 +241,11 @@ def test_ingest_generic_jsonl_manifest(tmp_path: Path) -> None:
         {"id": "two", "dataset": "mine", "source_image": "a.png", "turns": [{"instruction": "", "image": "b.png"}]},
     ]  # fmt: skip
     (folder / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    code, out, _ = cli("pipeline", "ingest", str(folder / "edits.jsonl"), "--format", "jsonl", "--json")
+    code, out, _ = cli("pipeline", "ingest", str(folder / "edits.jsonl"), "--format", "jsonl", "--json",
+                       "--license", "CC-BY-4.0")
     assert code == 0, out
+    with session_scope(get_settings().database_url) as session:
+        assert list(session.scalars(select(Instance.license))) == ["CC-BY-4.0"]
     report = json.loads(out)
     assert report["ingested"] == 1 and report["skipped"] == 1
     assert report["skipped_records"][0]["line"] == 2

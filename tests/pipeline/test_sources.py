@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mcie.demo import build_demo
 from pipeline import seed_format as sf
-from pipeline.demo import build_demo
 from pipeline.sources import RawInstance, RecordError, read_jsonl_manifest, read_seed_data_edit
 
 
@@ -78,6 +78,7 @@ def test_reads_the_exact_seed_layout_in_file_order(tmp_path: Path) -> None:
     ]
     first = good[0]
     assert first.dataset == sf.DATASET_NAME
+    assert {r.license for r in good} == {"CC-BY-NC-4.0"}  # SEED-Data-Edit's own licence, recorded at ingest
     assert first.source_file == root / "annotations" / "split_0001.jsonl" and first.line == 1
     assert first.source_image == root / "images" / "data" / five["source_image"]
     assert [t.index for t in first.turns] == [1, 2, 3, 4, 5]
@@ -105,6 +106,8 @@ def test_id_key_wins_over_the_derived_id(tmp_path: Path) -> None:
     root = _layout(tmp_path / "mt", {"split_0001.jsonl": [_seed_line("b/Data/1/x.jpg", 2, extra={"id": 77})]})
     (record,) = read_seed_data_edit(root)
     assert isinstance(record, RawInstance) and record.external_id == "77"
+    (record,) = read_seed_data_edit(root, license="other")  # the demo's pictures are under other terms
+    assert isinstance(record, RawInstance) and record.license == "other"
     assert sf.external_id_from_source(".\\b\\Data\\1\\x.jpg") == "b/Data/1/x.jpg"
 
 
@@ -215,6 +218,7 @@ def test_reads_a_generic_manifest(tmp_path: Path) -> None:
         {
             "id": 7,
             "dataset": "mine",
+            "license": "CC-BY-4.0",
             "source_image": str(absolute),
             "turns": [{"instruction": "y", "image": "imgs/b1.png"}],
         },
@@ -233,6 +237,12 @@ def test_reads_a_generic_manifest(tmp_path: Path) -> None:
         (2, "x", "a2.png"),
     ]
     assert (b.dataset, b.external_id, b.source_image) == ("mine", "7", absolute)
+    assert (a.license, b.license) == (None, "CC-BY-4.0")  # a manifest states a licence or has none
+    a, b = _split(list(read_jsonl_manifest(manifest, license="CC0-1.0")))[0]
+    assert (a.license, b.license) == ("CC0-1.0", "CC-BY-4.0")  # --license fills in; the line's own wins
+    (manifest.parent / "bad.jsonl").write_text(json.dumps({**lines[1], "license": 4}) + "\n")
+    (error,) = read_jsonl_manifest(manifest.parent / "bad.jsonl")
+    assert isinstance(error, RecordError) and "license must be a string, got int" in error.reason
     # An explicit images root replaces the manifest's folder.
     good, bad = _split(list(read_jsonl_manifest(manifest, images_root=tmp_path / "nowhere")))
     assert good == [] and all("image not found: imgs/" in e.reason for e in bad)

@@ -12,6 +12,9 @@ under ``images/data/``). The ground truth - per-turn box (normalised ``x0, y0, x
 remove / change) and which turns edit the same region twice (about one instance in six has such a conflict)
 - goes to a sidecar ``demo_truth.jsonl``, never into the SEED files. Everything is drawn from one seed: the
 same seed gives byte-identical files.
+
+It lives beside the ``mcie`` shell, not in ``pipeline/``: it is no stage but the input the stages are tried on
+(``mcie demo``, the tests, the benchmarks); it only writes the layout :mod:`pipeline.seed_format` reads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 PixelBox = tuple[int, int, int, int]
 
 TRUTH_FILE = "demo_truth.jsonl"
+# The pictures' terms, recorded at ingest instead of SEED-Data-Edit's: scikit-image's astronaut and rocket are public
+# domain, cat, coffee and cameraman CC0, the motorcycle is from the Middlebury 2014 stereo benchmark (research use);
+# no single SPDX id covers them, hence Hugging Face's "other".
+DEMO_LICENSE = "other"
 LINES_PER_SPLIT = 20
 JPEG_QUALITY = 92
 CONFLICT_SHARE = 0.17
@@ -224,13 +231,6 @@ def intersects(a: Box, b: Box, margin: float = 0.0) -> bool:
     return not (
         a[2] + margin <= b[0] or b[2] <= a[0] - margin or a[3] + margin <= b[1] or b[3] <= a[1] - margin
     )
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes."""
-    inter = box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 _PLACES = {

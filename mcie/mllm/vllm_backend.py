@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.mllm.base import Backend, MLLMRequest, MLLMResponse
-from pipeline.mllm.openai_backend import to_openai_messages
+from mcie.mllm.base import Backend, MLLMRequest, MLLMResponse
+from mcie.mllm.openai_backend import to_openai_messages
 
 if TYPE_CHECKING:
     from mcie.config import Settings

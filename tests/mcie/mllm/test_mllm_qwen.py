@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipeline.mllm.qwen import (
+from mcie.mllm.qwen import (
     box_to_original,
     boxes_to_original,
     qwen_frame,

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mcie.config import ConfigError, load_settings
-from pipeline.mllm.base import (
+from mcie.mllm.base import (
     Backend,
     BackendStats,
     CallableBackend,

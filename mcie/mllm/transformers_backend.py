@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.mllm.base import Backend, MLLMRequest, MLLMResponse
+from mcie.mllm.base import Backend, MLLMRequest, MLLMResponse
 
 if TYPE_CHECKING:
     from mcie.config import Settings

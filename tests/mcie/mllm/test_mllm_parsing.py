@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.mllm.parsing import (
+from mcie.mllm.parsing import (
     ConflictVerdict,
     Decomposition,
     GroundingAnswer,

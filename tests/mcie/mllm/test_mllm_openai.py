@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from mcie.config import load_settings
-from pipeline.mllm.base import MLLMRequest, make_backend, system, user
-from pipeline.mllm.openai_backend import OpenAIBackend, RetryPolicy, chat_payload, parse_completion
-from tests.pipeline.chat_server import RecordedRequest, Reply, chat_server
+from mcie.mllm.base import MLLMRequest, make_backend, system, user
+from mcie.mllm.openai_backend import OpenAIBackend, RetryPolicy, chat_payload, parse_completion
+from tests.mcie.mllm.chat_server import RecordedRequest, Reply, chat_server
 
 FAST_RETRY = RetryPolicy(max_retries=2, base_delay_s=0.01, max_delay_s=0.05)
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

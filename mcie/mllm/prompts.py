@@ -10,7 +10,7 @@ instructions). Tasks:
 - ``decompose``: split a complex instruction on an image into (sub-instruction, add/remove/change, box).
 - ``judge``: Instruction Compliance 1-10 and Background Consistency 1-5 of an edit (paper section 4.1).
 
-Images are resized on the client to the Qwen2.5-VL processor size (:func:`pipeline.mllm.qwen.smart_resize`)
+Images are resized on the client to the Qwen2.5-VL processor size (:func:`mcie.mllm.qwen.smart_resize`)
 with a per-task pixel budget, so the server leaves them as they are and the boxes of an answer are in a known
 pixel frame (``Prompt.frame``); ``Prompt.to_original`` maps them back. The budgets must not exceed the
 server's ``max_pixels`` (Qwen2.5-VL's default is far larger). Bump a task's ``PROMPT_VERSION`` whenever its
@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from pipeline.mllm.base import ImageLike, ImagePart, MLLMRequest, as_part, system, user
-from pipeline.mllm.parsing import PixelBox
-from pipeline.mllm.qwen import PROCESSOR_MIN_PIXELS, Box4, box_to_original, qwen_frame, resize_for_qwen
+from mcie.mllm.base import ImageLike, ImagePart, MLLMRequest, as_part, system, user
+from mcie.mllm.parsing import PixelBox
+from mcie.mllm.qwen import PROCESSOR_MIN_PIXELS, Box4, box_to_original, qwen_frame, resize_for_qwen
 
 Task = Literal["conflict", "grounding", "decompose", "judge"]
 TASKS: tuple[Task, ...] = ("conflict", "grounding", "decompose", "judge")

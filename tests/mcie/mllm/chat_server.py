@@ -7,7 +7,7 @@ many requests were in flight at once.
 
 Usage::
 
-    from tests.pipeline.chat_server import Reply, chat_server
+    from tests.mcie.mllm.chat_server import Reply, chat_server
 
     with chat_server(lambda req: '{"conflict": false}', delay_s=0.05) as server:
         backend = OpenAIBackend(server.base_url, "test-model")

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from mcie.config import ConfigError, load_settings
-from pipeline.mllm.base import MLLMRequest, make_backend, system, user
-from pipeline.mllm.prompts import conflict_prompt
-from pipeline.mllm.qwen import HUB_MAX_PIXELS, PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, smart_resize
-from pipeline.mllm.transformers_backend import TransformersBackend, to_hf_messages
-from tests.pipeline.tiny_qwen import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_qwen25_vl
+from mcie.mllm.base import MLLMRequest, make_backend, system, user
+from mcie.mllm.prompts import conflict_prompt
+from mcie.mllm.qwen import HUB_MAX_PIXELS, PROCESSOR_MAX_PIXELS, PROCESSOR_MIN_PIXELS, smart_resize
+from mcie.mllm.transformers_backend import TransformersBackend, to_hf_messages
+from tests.mcie.mllm.tiny_qwen import TINY_MAX_PIXELS, TINY_MIN_PIXELS, build_tiny_qwen25_vl
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
-"""The MLLM layer of the pipeline: backends (OpenAI-compatible server, vLLM, transformers), the four prompts
-(conflict, grounding, decomposition, judge) and robust parsers of their answers.
+"""The MLLM layer: backends (OpenAI-compatible server, vLLM, transformers), the four prompts (conflict, grounding,
+decomposition, judge), robust parsers of their answers, and inference-time decomposition (:mod:`.decompose`).
+
+It lives in ``mcie/``, beside the settings it reads, because two stages use it: the pipeline (conflict filter,
+grounding) and the model (decomposition at inference, the judge in evaluation); neither reaches into the other.
 
 Typical use::
 
@@ -12,7 +15,7 @@ Typical use::
 Backends import their heavy dependencies (httpx clients, torch, vllm) only when built.
 """
 
-from pipeline.mllm.base import (
+from mcie.mllm.base import (
     Backend,
     BackendStats,
     CallableBackend,
@@ -24,7 +27,7 @@ from pipeline.mllm.base import (
     system,
     user,
 )
-from pipeline.mllm.parsing import (
+from mcie.mllm.parsing import (
     ConflictVerdict,
     Decomposition,
     GroundingAnswer,
@@ -38,7 +41,7 @@ from pipeline.mllm.parsing import (
     parse_grounding,
     parse_judge,
 )
-from pipeline.mllm.prompts import (
+from mcie.mllm.prompts import (
     PROMPT_VERSION,
     Prompt,
     cache_key,
@@ -47,7 +50,7 @@ from pipeline.mllm.prompts import (
     grounding_prompt,
     judge_prompt,
 )
-from pipeline.mllm.qwen import box_to_original, qwen_frame, smart_resize
+from mcie.mllm.qwen import box_to_original, qwen_frame, smart_resize
 
 __all__ = [
     "PROMPT_VERSION",

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from mcie.config import load_settings
-from pipeline.mllm.base import MLLMRequest, make_backend, system, user
-from pipeline.mllm.vllm_backend import VLLMBackend, import_vllm, sampling_factory, to_vllm_conversation
+from mcie.mllm.base import MLLMRequest, make_backend, system, user
+from mcie.mllm.vllm_backend import VLLMBackend, import_vllm, sampling_factory, to_vllm_conversation
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Qwen2-VL template that puts ``<|vision_start|><|image_pad|><|vision_end|>`` wher
 
 Usage::
 
-    from tests.pipeline.tiny_qwen import build_tiny_qwen25_vl
+    from tests.mcie.mllm.tiny_qwen import build_tiny_qwen25_vl
     path = build_tiny_qwen25_vl(tmp_path / "tiny-qwen")
 """
 

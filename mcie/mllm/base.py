@@ -413,15 +413,15 @@ def make_backend(kind: str | None = None, settings: Settings | None = None) -> B
             "set it to one of " + ", ".join(BACKEND_KINDS)
         )
     if kind == "openai":
-        from pipeline.mllm.openai_backend import OpenAIBackend
+        from mcie.mllm.openai_backend import OpenAIBackend
 
         return OpenAIBackend.from_settings(settings)
     if kind == "vllm":
-        from pipeline.mllm.vllm_backend import VLLMBackend
+        from mcie.mllm.vllm_backend import VLLMBackend
 
         return VLLMBackend.from_settings(settings)
     if kind == "transformers":
-        from pipeline.mllm.transformers_backend import TransformersBackend
+        from mcie.mllm.transformers_backend import TransformersBackend
 
         return TransformersBackend.from_settings(settings)
     raise ConfigError(f"MCIE_MLLM_BACKEND: expected one of none, {', '.join(BACKEND_KINDS)}, got {kind!r}")

@@ -10,7 +10,7 @@ each attempt has a hard deadline of ``timeout_s``.
 Structured output: with ``structured="auto"`` a request with a JSON schema is sent with ``response_format``
 (type ``json_schema``); if the server rejects that (400/422/501), it is sent again with vLLM's ``guided_json``
 and then with no constraint, and the first mode that works is kept for later requests. The parsers in
-:mod:`pipeline.mllm.parsing` read unconstrained answers too.
+:mod:`mcie.mllm.parsing` read unconstrained answers too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import httpx
 
-from pipeline.mllm.base import (
+from mcie.mllm.base import (
     Backend,
     ImageFormat,
     ImagePart,

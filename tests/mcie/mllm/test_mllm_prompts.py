@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.mllm.base import ImagePart, MLLMRequest
-from pipeline.mllm.openai_backend import OpenAIBackend, RetryPolicy
-from pipeline.mllm.parsing import (
+from mcie.mllm.base import ImagePart, MLLMRequest
+from mcie.mllm.openai_backend import OpenAIBackend, RetryPolicy
+from mcie.mllm.parsing import (
     ConflictVerdict,
     Decomposition,
     GroundingAnswer,
@@ -25,7 +25,7 @@ from pipeline.mllm.parsing import (
     parse_grounding,
     parse_judge,
 )
-from pipeline.mllm.prompts import (
+from mcie.mllm.prompts import (
     CONFLICT_EXAMPLE,
     CONFLICT_MAX_PIXELS,
     CONFLICT_SCHEMA,
@@ -44,8 +44,8 @@ from pipeline.mllm.prompts import (
     grounding_schema,
     judge_prompt,
 )
-from pipeline.mllm.qwen import qwen_frame
-from tests.pipeline.chat_server import RecordedRequest, chat_server
+from mcie.mllm.qwen import qwen_frame
+from tests.mcie.mllm.chat_server import RecordedRequest, chat_server
 
 
 def _scene(size: tuple[int, int], square: tuple[int, int, int, int] | None = None) -> Image.Image:

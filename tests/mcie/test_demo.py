@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import demo
+from mcie import demo
 from pipeline import seed_format as sf
+from pipeline.boxes import Box
 from pipeline.sources import RawInstance, read_seed_data_edit
 
 INSTANCES = 30
@@ -52,7 +53,7 @@ def test_same_seed_gives_byte_identical_files_even_in_a_fresh_process(
     built: demo.DemoSummary, tmp_path: Path
 ) -> None:
     again = tmp_path / "again"
-    code = f"from pipeline.demo import build_demo; build_demo({str(again)!r}, instances={INSTANCES}, seed=0)"
+    code = f"from mcie.demo import build_demo; build_demo({str(again)!r}, instances={INSTANCES}, seed=0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
     assert _digests(again) == _digests(built.out_dir)
 
@@ -142,7 +143,7 @@ def test_truth_box_is_the_visible_extent_of_the_change_not_the_placement_rectang
             if turn["edit"] in ("global", "blur") or len(xs) == 0:  # a blur changes only textured pixels
                 continue
             changed_box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
-            fit["add" if turn["edit"] == "add" else "other"].append(demo.iou(changed_box, tuple(turn["box"])))
+            fit["add" if turn["edit"] == "add" else "other"].append(Box(*changed_box).iou(Box(*turn["box"])))
     assert len(fit["add"]) >= 10 and len(fit["other"]) >= 10
     assert float(np.mean(fit["add"])) >= 0.85, fit["add"]
     assert float(np.mean(fit["other"])) >= 0.8, fit["other"]
@@ -172,7 +173,7 @@ def test_conflicts_edit_the_same_region_twice_and_other_turns_do_not_overlap(bui
         pairs = {tuple(p) for p in item["conflicts"]}
         for first, second in pairs:
             assert first < second
-            assert demo.iou(boxes[first], boxes[second]) > 0.9
+            assert Box(*boxes[first]).iou(Box(*boxes[second])) > 0.9
         for a in boxes:
             for b in boxes:
                 if a < b and (a, b) not in pairs:
