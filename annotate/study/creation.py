@@ -242,41 +242,22 @@ def create_study_from_folder(
         if session.scalar(select(Study.id).where(Study.name == name)) is not None:
             raise StudyError(f"a study named {name!r} already exists")
         register_images(session, stored.values())
-        study = Study(
-            name=name,
-            description=description,
-            status=status,
-            items_per_participant=items_per_participant,
-            criteria=list(criteria),
-            seed=seed,
-            created_by=actor_id,
-        )
-        session.add(study)
-        session.flush()
+        study = _insert_study(session, name, description, status, items_per_participant, criteria, seed, actor_id)
         for item in items:
-            row = StudyItem(
-                study_id=study.id,
-                external_id=item.id,
-                source_image=stored[folder / item.source_image].sha256,
-                instruction=item.instruction,
-                is_attention_check=item.attention_check is not None,
-                attention_answer=item.attention_check,
+            _insert_item(
+                session,
+                StudyItem(
+                    study_id=study.id,
+                    external_id=item.id,
+                    source_image=stored[folder / item.source_image].sha256,
+                    instruction=item.instruction,
+                    is_attention_check=item.attention_check is not None,
+                    attention_answer=item.attention_check,
+                ),
+                {m: stored[folder / m / f"{item.id}{OUTPUT_SUFFIX}"].sha256 for m in found},
             )
-            session.add(row)
-            session.flush()
-            session.add_all(
-                StudyOutput(item_id=row.id, method=m, image=stored[folder / m / f"{item.id}{OUTPUT_SUFFIX}"].sha256)
-                for m in found
-            )
-        session.add(
-            AuditLog(
-                user_id=actor_id,
-                action="study.create",
-                entity="study",
-                entity_id=str(study.id),
-                details={"name": name, "folder": str(folder), "items": len(items), "methods": found},
-            )
-        )
+        details = {"name": name, "folder": str(folder), "items": len(items), "methods": found}
+        _audit_create(session, actor_id, study.id, details)
         return StudyReport(
             study.id,
             name,
@@ -289,6 +270,42 @@ def create_study_from_folder(
             len({s.sha256 for s in stored.values()}),
             tuple(warnings),
         )
+
+
+def _insert_study(
+    session: Session,
+    name: str,
+    description: str | None,
+    status: StudyStatus,
+    items_per_participant: int,
+    criteria: Sequence[str],
+    seed: int,
+    actor_id: int | None,
+) -> Study:
+    study = Study(
+        name=name,
+        description=description,
+        status=status,
+        items_per_participant=items_per_participant,
+        criteria=list(criteria),
+        seed=seed,
+        created_by=actor_id,
+    )
+    session.add(study)
+    session.flush()
+    return study
+
+
+def _insert_item(session: Session, item: StudyItem, outputs: Mapping[str, str]) -> None:
+    """Add ``item`` and its outputs (method -> image sha256)."""
+    session.add(item)
+    session.flush()
+    session.add_all(StudyOutput(item_id=item.id, method=m, image=image) for m, image in outputs.items())
+
+
+def _audit_create(session: Session, actor_id: int | None, study_id: int, details: dict[str, Any]) -> None:
+    audit = AuditLog(user_id=actor_id, action="study.create", entity="study", entity_id=str(study_id), details=details)
+    session.add(audit)
 
 
 @dataclass(frozen=True)
@@ -305,14 +322,10 @@ def _window_images(session: Session, samples: Sequence[Sample]) -> dict[int, tup
     sources = dict(
         session.execute(select(Instance.id, Instance.source_image).where(Instance.id.in_(instance_ids))).all()
     )
-    results = {
-        (instance_id, index): image
-        for instance_id, index, image in session.execute(
-            select(Turn.instance_id, Turn.index, Turn.result_image).where(Turn.instance_id.in_(instance_ids))
-        )
-    }
     by_instance: dict[int, dict[int, str]] = {}
-    for (instance_id, index), image in results.items():
+    for instance_id, index, image in session.execute(
+        select(Turn.instance_id, Turn.index, Turn.result_image).where(Turn.instance_id.in_(instance_ids))
+    ):
         by_instance.setdefault(instance_id, {})[index] = image
     windows = {
         s.id: window_images(sources.get(s.instance_id), by_instance.get(s.instance_id, {}), s.first_turn, s.last_turn)
@@ -461,23 +474,13 @@ def create_study_from_previews(
             problems.append(f"a study named {name!r} already exists")
         if problems:
             raise StudyPreviewsError(problems)
-        study = Study(
-            name=name,
-            description=description,
-            status=status,
-            items_per_participant=items_per_participant,
-            criteria=list(criteria),
-            seed=seed,
-            created_by=actor_id,
-        )
-        session.add(study)
-        session.flush()
+        study = _insert_study(session, name, description, status, items_per_participant, criteria, seed, actor_id)
         images: set[str] = set()
         for sample_id in order:
             sample = samples[sample_id]
             source = windows[sample_id][0]
             assert source is not None
-            row = StudyItem(
+            item = StudyItem(
                 study_id=study.id,
                 external_id=f"sample-{sample_id}",
                 source_image=source,
@@ -486,25 +489,16 @@ def create_study_from_previews(
                 is_attention_check=sample_id in attention,
                 attention_answer=attention.get(sample_id),
             )
-            session.add(row)
-            session.flush()
-            session.add_all(StudyOutput(item_id=row.id, method=m, image=img) for m, img in outputs[sample_id].items())
+            _insert_item(session, item, outputs[sample_id])
             images |= {source, *outputs[sample_id].values()}
-        session.add(
-            AuditLog(
-                user_id=actor_id,
-                action="study.create",
-                entity="study",
-                entity_id=str(study.id),
-                details={
-                    "name": name,
-                    "from": "previews",
-                    "samples": order,
-                    "methods": versions,
-                    "reference": reference_name if reference else None,
-                },
-            )
-        )
+        details = {
+            "name": name,
+            "from": "previews",
+            "samples": order,
+            "methods": versions,
+            "reference": reference_name if reference else None,
+        }
+        _audit_create(session, actor_id, study.id, details)
         return StudyReport(
             study.id,
             name,
