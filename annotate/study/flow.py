@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
@@ -75,6 +75,23 @@ def current_item(db: str | Session, study_id: int, user_id: int) -> ItemScreen |
         return _screen(session, study, user_id, assignment_count(session, study_id, user_id))
 
 
+_ENROLMENT = (StudyParticipant.study_id == StudyAssignment.study_id) & (
+    StudyParticipant.user_id == StudyAssignment.participant_id
+)
+
+
+def _live_screens(study_id: int, user_id: int) -> tuple[ColumnElement[bool], ...]:
+    """The participant's screens not yet completed, of an open study, while their invitation stands (over
+    ``study_assignments`` joined to ``studies`` and the enrolment, :data:`_ENROLMENT`)."""
+    return (
+        StudyAssignment.study_id == study_id,
+        StudyAssignment.participant_id == user_id,
+        StudyAssignment.completed_at.is_(None),
+        Study.status == StudyStatus.open,
+        StudyParticipant.revoked_at.is_(None),
+    )
+
+
 def quick_current_item(session: Session, study_id: int, user_id: int) -> ItemScreen | None:
     """The current screen in three reads when the study is open, the invitation stands and a screen is left; None
     otherwise (:func:`current_item` then assigns the sequence, says the participant is done, or why they cannot go
@@ -98,18 +115,8 @@ def quick_current_item(session: Session, study_id: int, user_id: int) -> ItemScr
         )
         .join(StudyItem, StudyItem.id == StudyAssignment.item_id)
         .join(Study, Study.id == StudyAssignment.study_id)
-        .join(
-            StudyParticipant,
-            (StudyParticipant.study_id == StudyAssignment.study_id)
-            & (StudyParticipant.user_id == StudyAssignment.participant_id),
-        )
-        .where(
-            StudyAssignment.study_id == study_id,
-            StudyAssignment.participant_id == user_id,
-            StudyAssignment.completed_at.is_(None),
-            Study.status == StudyStatus.open,
-            StudyParticipant.revoked_at.is_(None),
-        )
+        .join(StudyParticipant, _ENROLMENT)
+        .where(*_live_screens(study_id, user_id))
         .order_by(StudyAssignment.position)
         .limit(1)
     ).first()
@@ -225,20 +232,8 @@ def _open_screen(session: Session, study_id: int, user_id: int, item_id: int) ->
     row = session.execute(
         select(StudyAssignment.id, StudyAssignment.position, StudyAssignment.shown_order, Study.criteria)
         .join(Study, Study.id == StudyAssignment.study_id)
-        .join(
-            StudyParticipant,
-            (StudyParticipant.study_id == StudyAssignment.study_id)
-            & (StudyParticipant.user_id == StudyAssignment.participant_id),
-        )
-        .where(
-            StudyAssignment.study_id == study_id,
-            StudyAssignment.participant_id == user_id,
-            StudyAssignment.item_id == item_id,
-            StudyAssignment.completed_at.is_(None),
-            Study.status == StudyStatus.open,
-            StudyParticipant.revoked_at.is_(None),
-            ~open_before,
-        )
+        .join(StudyParticipant, _ENROLMENT)
+        .where(*_live_screens(study_id, user_id), StudyAssignment.item_id == item_id, ~open_before)
         .with_for_update(of=StudyAssignment)
     ).first()
     if row is None:
