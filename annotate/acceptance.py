@@ -4,9 +4,9 @@ MCIE section 3.1 keeps a sample when the experts find its complex instruction co
 quality and editing-scenario complexity (1-5) above 3. :class:`annotate.project.AcceptanceRule` holds the thresholds;
 this module turns a sample's reviews into ``accepted``, ``rejected`` or ``needs_adjudication``.
 
-Aggregation (:func:`aggregate`, using :mod:`annotate.agreement`): consistency is the majority verdict (None on a tie),
-quality and complexity are medians (3 and 4 give 3.5), spreads are max - min. Gold reviews are never passed in: gold
-samples are never settled.
+Aggregation (:func:`annotate.aggregation.aggregate`): consistency is the majority verdict (None on a tie), quality
+and complexity are medians (3 and 4 give 3.5), spreads are max - min; "above" is :func:`annotate.aggregation.above`.
+Gold reviews are never passed in: gold samples are never settled.
 
 The rule (:func:`evaluate`, :func:`rule_outcome`), criterion by criterion. Each of consistency (only when
 ``require_consistent``), quality and complexity is *pass*, *fail* or *disputed*:
@@ -65,7 +65,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from annotate import reliability_service
-from annotate.agreement import aggregate_consistency, aggregate_score
+from annotate.aggregation import Aggregate, AggregationError, above, aggregate, answers
 from annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
 from annotate.queue import OPEN_STATUSES, is_calibration, is_gold_clause, reviews_wanted, utc, wanted_clause
 from annotate.reliability import (
@@ -107,25 +107,12 @@ LEAD_ROLES: tuple[Role, ...] = (Role.lead, Role.admin)
 NEEDS_ADJUDICATION_ACTION = "sample.needs_adjudication"
 
 
-class AcceptanceError(ValueError):
+class AcceptanceError(AggregationError):
     """A request the acceptance rule cannot serve (no reviews, unknown sample, a gold sample ...)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
 # pure rule
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """A sample's reviews in one line: count, majority consistency (None on a tie), median scores and their spreads."""
-
-    n: int
-    consistent: bool | None
-    quality: float
-    complexity: float
-    spread_quality: int
-    spread_complexity: int
-    n_consistent: int = 0  # reviewers who answered "yes"
 
 
 @dataclass(frozen=True)
@@ -140,48 +127,12 @@ class RuleResult:
         return "; ".join(self.reasons)
 
 
-def _field(review: Any, name: str) -> Any:
-    return review[name] if isinstance(review, Mapping) else getattr(review, name)
-
-
-def _answers(reviews: Sequence[Any]) -> tuple[list[bool], list[int], list[int]]:
-    consistent, quality, complexity = [], [], []
-    for k, review in enumerate(reviews):
-        c, q, x = _field(review, "consistent"), _field(review, "quality"), _field(review, "complexity")
-        if not isinstance(c, bool):
-            raise AcceptanceError(f"review {k}: consistent must be True or False; got {c!r}")
-        for name, v in (("quality", q), ("complexity", x)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 5:
-                raise AcceptanceError(f"review {k}: {name} must be an integer 1-5; got {v!r}")
-        consistent.append(c)
-        quality.append(q)
-        complexity.append(x)
-    return consistent, quality, complexity
-
-
-def aggregate(reviews: Sequence[Any]) -> Aggregate:
-    """Aggregate reviews (objects or mappings with ``consistent``, ``quality``, ``complexity``).
-
-    No reviews gives n = 0, consistency None and NaN medians.
-    """
-    consistent, quality, complexity = _answers(reviews)
-    return Aggregate(
-        n=len(consistent),
-        consistent=aggregate_consistency(consistent) if consistent else None,
-        quality=aggregate_score(quality),
-        complexity=aggregate_score(complexity),
-        spread_quality=max(quality) - min(quality) if quality else 0,
-        spread_complexity=max(complexity) - min(complexity) if complexity else 0,
-        n_consistent=sum(consistent),
-    )
-
-
 def _score_criterion(name: str, scores: list[int], median: float, spread: int, threshold: float, max_spread: int):
     if spread > max_spread:
         return "disputed", f"{name} scores {sorted(scores)} differ by {spread} > {max_spread}"
     if median == threshold and any(s > threshold for s in scores) and any(s < threshold for s in scores):
         return "disputed", f"median {name} {median:g} sits on the threshold with scores {sorted(scores)} on both sides"
-    if median > threshold:
+    if above(median, threshold):
         return "pass", f"median {name} {median:g} > {threshold:g}"
     return "fail", f"median {name} {median:g} <= {threshold:g}"
 
@@ -192,16 +143,19 @@ def evaluate(reviews: Sequence[Any], rule: AcceptanceRule) -> RuleResult:
     The result depends only on the multiset of answers, so it is memoized on the sorted answers (re-settling a whole
     project evaluates a few hundred distinct cases, not 100,000); treat it as read-only.
     """
-    consistent, quality, complexity = _answers(reviews)
+    try:
+        consistent, quality, complexity = answers(reviews)
+    except AggregationError as exc:
+        raise AcceptanceError(str(exc)) from exc
     if not consistent:
         raise AcceptanceError("the acceptance rule needs at least one review")
     return _evaluate_answers(tuple(sorted(zip(consistent, quality, complexity, strict=True))), rule)
 
 
 @functools.lru_cache(maxsize=8192)
-def _evaluate_answers(answers: tuple[tuple[bool, int, int], ...], rule: AcceptanceRule) -> RuleResult:
-    reviews = [{"consistent": c, "quality": q, "complexity": x} for c, q, x in answers]
-    quality, complexity = [q for _, q, _ in answers], [x for _, _, x in answers]
+def _evaluate_answers(triples: tuple[tuple[bool, int, int], ...], rule: AcceptanceRule) -> RuleResult:
+    reviews = [{"consistent": c, "quality": q, "complexity": x} for c, q, x in triples]
+    quality, complexity = [q for _, q, _ in triples], [x for _, _, x in triples]
     agg = aggregate(reviews)
     criteria: dict[str, Criterion] = {}
     reasons: list[str] = []
@@ -743,7 +697,7 @@ def adjudicate(url: str, sample_id: int, outcome: str | Outcome, lead_id: int, r
 
 
 @dataclass(frozen=True)
-class DecisionRow:
+class DecisionEntry:
     """One step of a sample's history: a decision (``decision_id`` set) or a move to adjudication (None)."""
 
     decision_id: int | None
@@ -755,17 +709,17 @@ class DecisionRow:
     created_at: datetime
 
 
-def decision_history(url: str, sample_id: int) -> list[DecisionRow]:
+def decision_history(url: str, sample_id: int) -> list[DecisionEntry]:
     """A sample's decisions and moves to adjudication, oldest first."""
     with session_scope(url) as session:
-        rows: list[DecisionRow] = []
+        rows: list[DecisionEntry] = []
         for decision, username in session.execute(
             select(Decision, User.username)
             .outerjoin(User, User.id == Decision.decided_by)
             .where(Decision.sample_id == sample_id)
         ):
             rows.append(
-                DecisionRow(
+                DecisionEntry(
                     decision.id,
                     decision.outcome.value,
                     decision.source.value,
@@ -786,7 +740,7 @@ def decision_history(url: str, sample_id: int) -> list[DecisionRow]:
         ):
             details = entry.details or {}
             rows.append(
-                DecisionRow(
+                DecisionEntry(
                     None,
                     SampleStatus.needs_adjudication.value,
                     DecisionSource.rule.value,

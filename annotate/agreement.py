@@ -5,8 +5,8 @@ quality (1-5) and editing-scenario complexity (1-5); a calibration share of samp
 independent reviews. This module turns those reviews into the reliability figures the leads report:
 Krippendorff's alpha (with a unit-bootstrap confidence interval), Fleiss' and Cohen's kappa, per-rater
 diagnostics (pairwise kappa, leave-one-out agreement, gold accuracy, score distributions), the
-MLLM-vs-human conflict confusion table, the aggregation rules used by the acceptance rule, and a
-JSON-ready summary (``agreement_report``) for the dashboard and ``mcie agreement --json``.
+MLLM-vs-human conflict confusion table, and a JSON-ready summary (``agreement_report``) for the
+dashboard and ``mcie agreement --json``. How one sample's reviews aggregate lives in :mod:`annotate.aggregation`.
 
 Everything here is pure: numpy/pandas in, floats or DataFrames out, no I/O and no database.
 
@@ -686,37 +686,6 @@ def mllm_human_agreement(
         "agreement": float(np.mean(mllm_consistent == consistent)) if n else math.nan,
         "kappa": cohen_kappa(mllm_consistent.tolist(), consistent.tolist()),
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# Aggregation used by the acceptance rule
-# --------------------------------------------------------------------------------------------------
-
-
-def aggregate_consistency(values: Sequence[bool | None] | ArrayLike) -> bool | None:
-    """Majority verdict of the consistency answers of one sample.
-
-    Missing answers (None/NaN) are ignored. Returns None when there is no answer or the answers tie
-    (e.g. one yes and one no): the sample is undecided and needs another review.
-    """
-    answers = _bools(values, "values")
-    answers = answers[~np.isnan(answers)]
-    yes, no = int((answers == 1.0).sum()), int((answers == 0.0).sum())
-    if yes == no:
-        return None
-    return yes > no
-
-
-def aggregate_score(values: Sequence[float | None] | ArrayLike) -> float:
-    """Median of one sample's scores (missing ignored); NaN if there is none.
-
-    With an even number of scores the median can fall between levels (3 and 4 -> 3.5).
-    """
-    arr = _numeric_matrix(np.asarray(values, dtype=object).reshape(1, -1), "values")
-    if arr is None:
-        raise ValueError("values must be numeric scores (None/NaN for missing)")
-    present = arr[~np.isnan(arr)]
-    return float(np.median(present)) if present.size else math.nan
 
 
 # --------------------------------------------------------------------------------------------------

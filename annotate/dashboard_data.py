@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import case, func, select
 
+from annotate.aggregation import majority
 from annotate.agreement import (
     agreement_report,
     confusion,
@@ -364,14 +365,14 @@ def _gold_accuracy(gold_reviews: pd.DataFrame, gold: pd.DataFrame) -> list[dict[
 
 
 def human_majority(reviews: pd.DataFrame) -> dict[int, bool | None]:
-    """Each sample's majority consistency verdict (None on a tie), as
-    :func:`annotate.agreement.aggregate_consistency` gives it, computed for all samples at once."""
+    """Each sample's majority consistency verdict (:func:`annotate.aggregation.majority`: None on a tie), counted
+    for all samples at once."""
     if reviews.empty:
         return {}
     grouped = reviews.groupby("sample_id")["consistent"]
     yes = grouped.sum().astype(int)
     no = grouped.size() - yes
-    return {int(s): (None if y == n else bool(y > n)) for s, y, n in zip(yes.index, yes, no, strict=True)}
+    return {int(s): majority(int(y), int(n)) for s, y, n in zip(yes.index, yes, no, strict=True)}
 
 
 def _mllm_vs_human(work: pd.DataFrame, verdicts: dict[int, str | None]) -> dict[str, Any]:

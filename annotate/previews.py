@@ -51,6 +51,7 @@ from db.models import AuditLog, JobStatus, Preview, Role, Sample, User, utcnow
 from db.session import session_scope
 from db.store import ImageStore, register_images
 from mcie.config import Settings
+from mcie.device import resolve_device
 
 __all__ = [
     "DEFAULT_PARAMS",
@@ -61,7 +62,7 @@ __all__ = [
     "current_version",
     "enqueue_orphans",
     "find_preview",
-    "load_pipeline",
+    "load_preview_pipeline",
     "model_version",
     "normalize_params",
     "params_hash",
@@ -400,16 +401,7 @@ def find_preview(
 # the model
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_pipeline(settings: Settings) -> Any:
+def load_preview_pipeline(settings: Settings) -> Any:
     """MCIE-E1 (or plain InstructPix2Pix without weights) from the settings, on the configured device (fp16 on CUDA).
 
     BCCA's open_clip tower comes from ``MCIE_EDITING_VISION_CHECKPOINT`` when set, else from the
@@ -474,8 +466,8 @@ def _running_worker(url: str) -> PreviewWorker | None:
 class PreviewWorker:
     """One background thread that runs the preview jobs of one database, one at a time, with one model.
 
-    ``loader(settings)`` builds the pipeline (default :func:`load_pipeline`); it is called once, on the first job
-    (again after a failed load). ``poll_s``: how often an idle worker looks for rows queued by other processes.
+    ``loader(settings)`` builds the pipeline (default :func:`load_preview_pipeline`); it is called once, on the first
+    job (again after a failed load). ``poll_s``: how often an idle worker looks for rows queued by other processes.
     ``calls`` counts the model's runs and ``loads`` its loads (monitoring, tests).
     """
 
@@ -488,7 +480,7 @@ class PreviewWorker:
         self.version: str | None = None
         self.calls = 0
         self.loads = 0
-        self._loader = loader or load_pipeline
+        self._loader = loader or load_preview_pipeline
         self._pipe: Any = None
         self._store: ImageStore | None = None
         self._queue: queue.Queue[int | None] = queue.Queue()

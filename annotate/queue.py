@@ -216,15 +216,6 @@ def is_gold_clause(id_column: IdColumn) -> ColumnElement[bool]:
     return exists().where(GoldAnswer.sample_id == id_column)
 
 
-def count_active(session: Session, sample_id: int, now: datetime, *, except_user: int | None = None) -> int:
-    """Active assignments of a sample at ``now`` (a fresh statement: on PostgreSQL it sees every committed lease)."""
-    query = select(func.count()).select_from(Assignment).where(Assignment.sample_id == sample_id)
-    query = query.where(active_clause(Assignment, now))
-    if except_user is not None:
-        query = query.where(Assignment.user_id != except_user)
-    return int(session.scalar(query) or 0)
-
-
 def count_submitted(session: Session, sample_id: int, *, except_user: int | None = None) -> int:
     query = (
         select(func.count())

@@ -65,6 +65,8 @@ from scipy import optimize
 from scipy.special import expit, ndtr
 from scipy.stats import beta as beta_dist
 
+from annotate.aggregation import above
+
 Question = Literal["consistency", "quality", "complexity"]
 QUESTIONS: tuple[Question, ...] = ("consistency", "quality", "complexity")
 COLUMN: dict[str, str] = {"consistency": "consistent", "quality": "quality", "complexity": "complexity"}
@@ -591,8 +593,8 @@ def posterior_accept(
     q = _question_posterior(fit, "quality", [(r["rater"], int(r["quality"]) - 1) for r in reviews])
     x = _question_posterior(fit, "complexity", [(r["rater"], int(r["complexity"]) - 1) for r in reviews])
     p_c = float(c[1])
-    p_q = float(q[levels > quality_above].sum())
-    p_x = float(x[levels > complexity_above].sum())
+    p_q = float(q[[above(float(level), quality_above) for level in levels]].sum())
+    p_x = float(x[[above(float(level), complexity_above) for level in levels]].sum())
     p = (p_c if require_consistent else 1.0) * p_q * p_x
     return Posterior(p, p_c, p_q, p_x)
 

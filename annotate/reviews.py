@@ -60,6 +60,7 @@ from db.models import (
     Turn,
 )
 from db.session import session_scope
+from db.windows import window_images
 
 MAX_COMMENT_CHARS = 5000
 MAX_HISTORY_PAGE = 500
@@ -557,10 +558,9 @@ def load_sample_view(session: Session, sample_id: int) -> SampleView:
         .order_by(Turn.index)
     ).all()
     results = {index: image for index, image, _ in turns}
-    before = source_image if sample.first_turn == 1 else results.get(sample.first_turn - 1)
-    steps = [("source", before)]
-    for k in range(sample.first_turn, sample.last_turn + 1):
-        steps.append(("target" if k == sample.last_turn else f"after turn {k}", results.get(k)))
+    window = window_images(source_image, results, sample.first_turn, sample.last_turn)
+    steps = [("source", window.source[1])]
+    steps += [("target" if k == sample.last_turn else f"after turn {k}", image) for k, image in window.steps]
     missing = [label for label, image in steps if image is None]
     if missing:
         raise ReviewError(f"sample {sample_id}: the instance lacks the images for {', '.join(missing)}")

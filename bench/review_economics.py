@@ -155,7 +155,8 @@ def run_policy(
     from sqlalchemy import select
 
     from annotate import reliability_service
-    from annotate.acceptance import aggregate, apply_rule
+    from annotate.acceptance import apply_rule
+    from annotate.aggregation import aggregate
     from annotate.project import get_project_config, set_project_config
     from annotate.queue import next_sample
     from annotate.reliability import expected_wrong

@@ -46,7 +46,3 @@ def head() -> str:
     head_rev = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
     assert head_rev is not None
     return head_rev
-
-
-def is_current(url: str) -> bool:
-    return current(url) == head()

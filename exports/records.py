@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from annotate.agreement import aggregate_consistency, aggregate_score
+from annotate.aggregation import aggregate
+from db.windows import window_images
 from exports.splits import SplitName
 
 SCHEMA_VERSION = 1
@@ -203,40 +204,28 @@ def image_extension(fmt: str) -> str:
         raise ValueError(f"unknown image format {fmt!r} (expected one of {', '.join(FORMAT_EXTENSIONS)})") from None
 
 
-def window_images(rows: SampleRows) -> tuple[tuple[int, str], tuple[tuple[int, str], ...], tuple[int, str]]:
-    """``(after_turn, sha)`` of the source, the intermediates and the target of the window."""
-
-    def result(turn: int) -> str:
-        if turn == 0:
-            return rows.instance_source
-        try:
-            return rows.turn_results[turn]
-        except KeyError:
-            raise RecordError(
-                f"sample {rows.sample_id}: instance {rows.instance_id} has no turn {turn} "
-                f"(window {rows.first_turn}..{rows.last_turn})"
-            ) from None
-
-    before = rows.first_turn - 1
-    source = (before, result(before))
-    middle = tuple((t, result(t)) for t in range(rows.first_turn, rows.last_turn))
-    target = (rows.last_turn, result(rows.last_turn))
-    return source, middle, target
+def record_window(rows: SampleRows) -> tuple[tuple[int, str], tuple[tuple[int, str], ...], tuple[int, str]]:
+    """``(after_turn, sha)`` of the source, the intermediates and the target of the window
+    (:func:`db.windows.window_images`); :class:`RecordError` naming the first missing turn."""
+    images = window_images(rows.instance_source, rows.turn_results, rows.first_turn, rows.last_turn)
+    if images.missing:
+        raise RecordError(
+            f"sample {rows.sample_id}: instance {rows.instance_id} has no turn {images.missing[0]} "
+            f"(window {rows.first_turn}..{rows.last_turn})"
+        )
+    (before, source), (last, target) = images.source, images.target
+    middle = tuple((t, str(sha)) for t, sha in images.intermediates)
+    return (before, str(source)), middle, (last, str(target))
 
 
 def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def aggregate(reviews: Sequence[ReviewRow]) -> AggregatedScores:
-    """The acceptance rule's aggregation: majority consistency, median quality and complexity."""
-    if not reviews:
-        return AggregatedScores(consistent=None, quality=None, complexity=None)
-    return AggregatedScores(
-        consistent=aggregate_consistency([r.consistent for r in reviews]),
-        quality=_finite(aggregate_score([r.quality for r in reviews])),
-        complexity=_finite(aggregate_score([r.complexity for r in reviews])),
-    )
+def aggregated_scores(reviews: Sequence[ReviewRow]) -> AggregatedScores:
+    """The acceptance rule's aggregation (:func:`annotate.aggregation.aggregate`) as the record's scores."""
+    agg = aggregate(reviews)
+    return AggregatedScores(consistent=agg.consistent, quality=_finite(agg.quality), complexity=_finite(agg.complexity))
 
 
 def build_record(
@@ -255,7 +244,7 @@ def build_record(
             raise RecordError(f"sample {rows.sample_id}: image {sha} has no row in the images table") from None
         return ImageRef(sha256=sha, format=fmt, width=width, height=height, after_turn=after_turn)
 
-    source, middle, target = window_images(rows)
+    source, middle, target = record_window(rows)
     reviews = tuple(
         ReviewScores(
             consistent=r.consistent,
@@ -294,7 +283,7 @@ def build_record(
         ),
         provenance=Provenance(
             n_reviews=len(reviews),
-            aggregated=aggregate(rows.reviews),
+            aggregated=aggregated_scores(rows.reviews),
             reviews=reviews,
             mllm_conflict=None
             if judgement is None

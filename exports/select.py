@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import Select, and_, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
+from annotate.aggregation import at_least
 from db.models import (
     Decision,
     Export,
@@ -38,6 +39,7 @@ from db.models import (
     Turn,
     User,
 )
+from db.windows import window_images
 from exports.records import (
     DecisionRow,
     ExportRecord,
@@ -88,10 +90,9 @@ class ExportFilter(BaseModel):
         return self
 
     def keeps_scores(self, quality: float | None, complexity: float | None) -> bool:
-        """Whether aggregated scores pass the thresholds (a sample without reviews fails any threshold)."""
-        if self.min_quality is not None and (quality is None or quality < self.min_quality):
-            return False
-        return self.min_complexity is None or (complexity is not None and complexity >= self.min_complexity)
+        """Whether aggregated scores are :func:`~annotate.aggregation.at_least` the minimums (a sample without reviews
+        fails any minimum)."""
+        return at_least(quality, self.min_quality) and at_least(complexity, self.min_complexity)
 
 
 def _naive_utc(value: datetime) -> datetime:
@@ -238,10 +239,7 @@ def _image_meta(session: Session, shas: set[str]) -> dict[str, tuple[str, int, i
 
 
 def _shas_of(rows: SampleRows) -> set[str]:
-    first = rows.first_turn - 1
-    shas = {rows.instance_source} if first == 0 else set()
-    shas.update(sha for turn, sha in rows.turn_results.items() if first <= turn <= rows.last_turn)
-    return shas
+    return window_images(rows.instance_source, rows.turn_results, rows.first_turn, rows.last_turn).shas()
 
 
 def iter_records(

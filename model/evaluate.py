@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from mcie.device import resolve_device
+
 if TYPE_CHECKING:
     import torch
 
@@ -317,14 +319,6 @@ def prepare_image(image: Image.Image, resolution: int | None) -> Image.Image:
     if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     return image
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(name)
 
 
 def mllm_decompose(settings: Settings) -> Callable[[Image.Image, str], Sequence[Any]]:

@@ -30,7 +30,6 @@ Relative paths are taken from the current working directory (run ``mcie train`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from pathlib import Path
@@ -162,16 +161,8 @@ class TrainConfig(_Strict):
     def total_steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
 
-    def stage_start(self, index: int) -> int:
-        """The global step at which stage ``index`` begins."""
-        return sum(stage.steps for stage in self.stages[:index])
-
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
-
-    def fingerprint(self) -> str:
-        """sha256 of the config without the keys in :data:`RESUMABLE_CHANGES`."""
-        return hashlib.sha256(json.dumps(_comparable(self), sort_keys=True).encode()).hexdigest()
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Dotted keys (``stages[0].learning_rate``) whose values differ, ignoring :data:`RESUMABLE_CHANGES`."""

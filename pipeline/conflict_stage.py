@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
@@ -24,8 +24,10 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, MllmJudgement, MllmStage, Sample, SampleStatus, Turn
 from db.session import session_scope
+from db.windows import window_images
 from mcie.config import Settings
 from pipeline.engines import Engine
+from pipeline.report import StageReport, recorded_model_name
 
 STAGE = "conflict"
 
@@ -53,56 +55,6 @@ class ConflictOutcome:
     prompt_tokens: int | None
     completion_tokens: int | None
     parse_error: str | None = None  # why the answer could not be parsed
-
-
-def failure_kind(verdict: str | None, error: str | None) -> str:
-    """A short class of a failed MLLM call, for summaries: unparseable, timeout, connection, HTTP 503, ..."""
-    if verdict == "unparseable":
-        return "unparseable"
-    text = error or ""
-    if text.startswith("HTTP "):
-        return " ".join(text.split()[:2])
-    for prefix, kind in (("timed out", "timeout"), ("connection error", "connection"),
-                         ("malformed response", "malformed response")):  # fmt: skip
-        if text.startswith(prefix):
-            return kind
-    return "error"
-
-
-@dataclass
-class StageReport:
-    name: str
-    pending: int = 0
-    cached: int = 0
-    calls: int = 0
-    failures: int = 0  # requests that failed (after the backend's retries)
-    unparseable: int = 0  # answers that could not be parsed
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    counts: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind -> {"count": n, "first": message}
-    skipped_reason: str | None = None
-
-    def add_call(self, outcome: Any) -> None:
-        self.calls += 1
-        self.prompt_tokens += outcome.prompt_tokens or 0
-        self.completion_tokens += outcome.completion_tokens or 0
-
-    def count(self, key: str, n: int = 1) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
-
-    def add_failure(self, verdict: str, message: str | None) -> None:
-        """Count a failed or unparseable call by kind, keeping the first message of each kind."""
-        entry = self.errors.setdefault(failure_kind(verdict, message), {"count": 0, "first": message})
-        entry["count"] += 1
-        if verdict == "error":
-            self.failures += 1
-        else:
-            self.unparseable += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not (k == "skipped_reason" and v is None)}
 
 
 @dataclass(frozen=True)
@@ -161,13 +113,7 @@ def judge_conflicts(tasks: Sequence[ConflictTask], store: Any, backend: Any) -> 
     return outcomes
 
 
-def window_images(instance_source: str, turn_images: dict[int, str], first: int, last: int) -> tuple[str, list[str]]:
-    """The image before turn ``first`` and the images after each turn of the window."""
-    before = instance_source if first == 1 else turn_images[first - 1]
-    return before, [turn_images[i] for i in range(first, last + 1)]
-
-
-def _pending_tasks(session: Session, model: str, version: str, *, retry: bool = True) -> list[ConflictTask]:
+def pending_tasks(session: Session, model: str, version: str, *, retry: bool = True) -> list[ConflictTask]:
     """Samples still ``filtering`` without an answer of this model and prompt version (with ``retry=False``:
     never asked at all)."""
     from mcie.mllm.prompts import cache_key
@@ -205,7 +151,10 @@ def _pending_tasks(session: Session, model: str, version: str, *, retry: bool = 
     tasks = []
     for sample_id, instance_id, first, last in samples:
         by_index = turns[instance_id]
-        before, _ = window_images(sources[instance_id], {i: v[1] for i, v in by_index.items()}, first, last)
+        images = window_images(sources[instance_id], {i: v[1] for i, v in by_index.items()}, first, last)
+        before = images.source[1]
+        if before is None or images.missing:
+            raise KeyError(f"sample {sample_id}: instance {instance_id} has no image for turn(s) {images.missing}")
         window = tuple(by_index[i] for i in range(first, last + 1))
         key = cache_key(model, version, before, [text for text, _ in window], [sha for _, sha in window])
         tasks.append(ConflictTask(sample_id, key, before, window))
@@ -240,7 +189,7 @@ def _apply(session: Session, outcome: ConflictOutcome, *, copied_from_cache: boo
         sample.flag_reason = f"the MLLM's conflict answer could not be parsed: {outcome.parse_error}"
 
 
-def _from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[ConflictOutcome], list[ConflictTask]]:
+def from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[ConflictOutcome], list[ConflictTask]]:
     """Outcomes already known for the tasks' cache keys (from any sample), and the tasks still to ask."""
     known: dict[str, MllmJudgement] = {}
     keys = sorted({t.cache_key for t in tasks})
@@ -281,12 +230,12 @@ def conflict_stage(
 
     report = StageReport("conflict")
     started = time.perf_counter()
-    model = _model_name(settings, mllm)
+    model = recorded_model_name(settings, mllm)
     version = PROMPT_VERSION["conflict"]
     with session_scope(url) as session:
-        tasks = _pending_tasks(session, model, version, retry=retry)
+        tasks = pending_tasks(session, model, version, retry=retry)
         report.pending = len(tasks)
-        hits, misses = _from_cache(session, tasks)
+        hits, misses = from_cache(session, tasks)
         for outcome in hits:
             _apply(session, outcome, copied_from_cache=True)
             report.count(outcome.verdict)
@@ -304,10 +253,3 @@ def conflict_stage(
                     report.add_failure(outcome.verdict, outcome.error or outcome.parse_error)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
-
-
-def _model_name(settings: Settings, mllm: str) -> str:
-    """The model name recorded with judgements (the server's model, or the local model folder)."""
-    if mllm == "openai":
-        return settings.mllm_model
-    return str(settings.mllm_model_path or settings.mllm_model)

@@ -190,7 +190,7 @@ class RayEngine:
         self.ray.shutdown()
 
 
-def make_engine(kind: str, **options: Any) -> Engine:
+def make_stage_engine(kind: str, **options: Any) -> Engine:
     if kind == "local":
         return LocalEngine(progress=options.get("progress", True))
     if kind == "ray":

@@ -46,9 +46,9 @@ from db.models import (
 )
 from db.session import session_scope
 from mcie.config import Settings
-from pipeline.conflict_stage import StageReport, _model_name
 from pipeline.engines import Engine
 from pipeline.load_stage import refresh_ready
+from pipeline.report import StageReport, recorded_model_name
 
 STAGE = "grounding"
 ANSWERED = ("boxes", "empty")  # verdicts of a valid answer: not asked again, reused from the cache
@@ -224,7 +224,7 @@ def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]]
 OPEN_STATUSES = (SampleStatus.filtering, SampleStatus.ready)  # not yet in review: boxes may still change
 
 
-def _pending_tasks(session: Session, model: str | None, version: str | None, k: int, *, retry: bool) -> list[TurnTask]:
+def pending_tasks(session: Session, model: str | None, version: str | None, k: int, *, retry: bool) -> list[TurnTask]:
     """Turns to ground: those without candidates, and (with an MLLM) those it has not answered yet.
 
     A turn counts as answered once a judgement of this model and prompt version is a valid answer (boxes, or an
@@ -302,7 +302,7 @@ def _pending_tasks(session: Session, model: str | None, version: str | None, k: 
     return tasks
 
 
-def _from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
+def from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
     """``tasks`` with the MLLM candidates of a successful answer already stored under the same cache key."""
     keys = sorted({t.cache_key for t in tasks if t.ask and t.cache_key})
     answers: dict[str, int] = {}  # cache key -> turn whose answer had boxes
@@ -425,10 +425,10 @@ def grounding_stage(
 
     report = StageReport(STAGE)
     started = time.perf_counter()
-    model = _model_name(settings, mllm) if mllm != "none" else None
+    model = recorded_model_name(settings, mllm) if mllm != "none" else None
     version = PROMPT_VERSION["grounding"] if mllm != "none" else None
     with session_scope(url) as session:
-        tasks = _from_cache(session, _pending_tasks(session, model, version, k, retry=retry))
+        tasks = from_cache(session, pending_tasks(session, model, version, k, retry=retry))
     report.pending = len(tasks)
     report.cached = sum(t.cached is not None for t in tasks)
     worker = GroundingWorker(settings, mllm, scorer, k)

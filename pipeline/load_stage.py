@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
 from db.session import session_scope
-from pipeline.conflict_stage import StageReport
+from pipeline.report import StageReport
 
 CERTAIN_MARGIN = 0.05
 

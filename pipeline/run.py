@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcie.config import Settings
-from pipeline.conflict_stage import StageReport, _model_name, conflict_stage
-from pipeline.engines import make_engine
+from pipeline.conflict_stage import conflict_stage
+from pipeline.engines import make_stage_engine
 from pipeline.expand_stage import expand_stage
 from pipeline.grounding_stage import grounding_stage
 from pipeline.load_stage import load_stage
+from pipeline.report import StageReport, recorded_model_name
 
 
 @dataclass
@@ -45,7 +46,7 @@ DEFAULT_HINT = "see the server's log; the calls are stored in mllm_judgements wi
 
 
 def hint(kind: str) -> str:
-    """What to check for a kind of MLLM failure (see :func:`pipeline.conflict_stage.failure_kind`)."""
+    """What to check for a kind of MLLM failure (see :func:`pipeline.report.failure_kind`)."""
     if kind in HINTS:
         return HINTS[kind]
     if kind.startswith("HTTP 5"):
@@ -110,7 +111,7 @@ def run_pipeline(
         options |= {"address": ray_address, "workers": ray_workers}
         if ray_address is None:
             options["num_cpus"] = max(2, ray_workers)
-    runner = make_engine(engine, **options)
+    runner = make_stage_engine(engine, **options)
     if mllm == "none":
         summary.notes.append(
             "MLLM stages skipped (--mllm none): no conflict filter; boxes from pixel differences only"
@@ -120,7 +121,7 @@ def run_pipeline(
         summary.stages.append(conflict_stage(url, runner, settings, mllm=mllm, retry=retry).as_dict())
     summary.stages.append(grounding_stage(url, runner, settings, mllm=mllm, scorer=scorer, k=k,
                                                   retry=retry).as_dict())
-    model = _model_name(settings, mllm) if mllm != "none" else None
+    model = recorded_model_name(settings, mllm) if mllm != "none" else None
     load = load_stage(url, conflict_checked=mllm != "none", model=model,
                       version=PROMPT_VERSION["conflict"] if mllm != "none" else None)  # fmt: skip
     summary.stages.append(load.as_dict())

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from db.models import Instance, MllmJudgement, MllmStage, Sample
 from db.session import session_scope
 from mcie.config import Settings
-from pipeline.conflict_stage import failure_kind
+from pipeline.report import failure_kind, recorded_model_name
 
 _NUMBERS = re.compile(r"\d+(?:, \d+)*")
 
@@ -65,11 +65,11 @@ def rerun_plan(session: Session, settings: Settings, mllm: str, k: int = 3) -> d
     from pipeline import conflict_stage, grounding_stage
 
     if mllm == "none":
-        turns = grounding_stage._pending_tasks(session, None, None, k, retry=True)
+        turns = grounding_stage.pending_tasks(session, None, None, k, retry=True)
         return {"grounding_turns_without_boxes": len(turns)}
-    model = conflict_stage._model_name(settings, mllm)
-    samples = conflict_stage._pending_tasks(session, model, PROMPT_VERSION["conflict"])
-    hits, misses = conflict_stage._from_cache(session, samples)
+    model = recorded_model_name(settings, mllm)
+    samples = conflict_stage.pending_tasks(session, model, PROMPT_VERSION["conflict"])
+    hits, misses = conflict_stage.from_cache(session, samples)
     asked_before = set(
         session.scalars(
             select(MllmJudgement.sample_id).where(MllmJudgement.stage == MllmStage.conflict,
@@ -77,8 +77,8 @@ def rerun_plan(session: Session, settings: Settings, mllm: str, k: int = 3) -> d
                                                   MllmJudgement.sample_id.in_([t.sample_id for t in misses]))
         )
     )  # fmt: skip
-    turns = grounding_stage._from_cache(
-        session, grounding_stage._pending_tasks(session, model, PROMPT_VERSION["grounding"], k, retry=True)
+    turns = grounding_stage.from_cache(
+        session, grounding_stage.pending_tasks(session, model, PROMPT_VERSION["grounding"], k, retry=True)
     )
     asks = [t for t in turns if t.ask and t.cached is None]
     return {

@@ -78,7 +78,7 @@ class GroundingAnswer(_Result):
 
 
 @dataclass(frozen=True)
-class SubEdit(_Result):
+class ParsedEdit(_Result):
     """One sub-instruction of a decomposed complex instruction; ``box`` is None when the answer had none."""
 
     instruction: str
@@ -90,7 +90,7 @@ class SubEdit(_Result):
 class Decomposition(_Result):
     """A complex instruction split into sub-edits, in the instruction's order."""
 
-    edits: tuple[SubEdit, ...]
+    edits: tuple[ParsedEdit, ...]
     notes: tuple[str, ...] = ()
 
 
@@ -700,7 +700,7 @@ def parse_decomposition(
             return ParseFailure(text, f"expected {{\"edits\": [...]}}, got keys {', '.join(keyed) or 'none'}")
     if not isinstance(value, list):
         return ParseFailure(text, f"expected a list of edits, got {type(value).__name__}")
-    edits: list[SubEdit] = []
+    edits: list[ParsedEdit] = []
     for index, item in enumerate(value, start=1):
         edit = _sub_edit(item, index, width, height, min_size, notes)
         if edit is not None:
@@ -712,7 +712,7 @@ def parse_decomposition(
 
 def _sub_edit(
     item: Any, index: int, width: float, height: float, min_size: float, notes: list[str]
-) -> SubEdit | None:
+) -> ParsedEdit | None:
     keyed = _keyed(item) if isinstance(item, dict) else {"instruction": item}
     found = _pick(keyed, _INSTRUCTION_KEYS)
     instruction = str(found[1]).strip() if found and isinstance(found[1], str | int | float) else ""
@@ -736,7 +736,7 @@ def _sub_edit(
     else:
         box, box_notes = clean_box(coords, width, height, min_size=min_size, name=f"edit {index} box")
         notes.extend(box_notes)
-    return SubEdit(instruction, operation, box)
+    return ParsedEdit(instruction, operation, box)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -456,8 +456,3 @@ def judge_prompt(
         schema_name="judgement",
     )
     return Prompt("judge", PROMPT_VERSION["judge"], request)
-
-
-def prompt_versions(tasks: Iterable[str] = TASKS) -> dict[str, str]:
-    """The current version of each task's prompt (for run manifests)."""
-    return {task: PROMPT_VERSION[task] for task in tasks}

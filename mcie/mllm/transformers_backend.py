@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mcie.device import resolve_device
 from mcie.mllm.base import Backend, MLLMRequest, MLLMResponse
 
 if TYPE_CHECKING:
@@ -34,15 +35,6 @@ def to_hf_messages(request: MLLMRequest) -> tuple[list[dict[str, Any]], list[Any
                 images.append(part.to_pil())
         messages.append({"role": message.role, "content": content})
     return messages, images
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class TransformersBackend(Backend):

@@ -3,8 +3,6 @@ re-applying a rule without touching lead decisions, and adjudication by leads on
 
 from __future__ import annotations
 
-import math
-
 import pytest
 from sqlalchemy import func, select
 
@@ -12,7 +10,6 @@ from annotate.acceptance import (
     AcceptanceError,
     adjudicate,
     adjudication_queue,
-    aggregate,
     apply_rule,
     decision_history,
     evaluate,
@@ -78,14 +75,7 @@ def test_rule_outcomes(answers, rule: AcceptanceRule, expected: str) -> None:
     assert rule_outcome(_reviews(*answers), rule) == expected
 
 
-def test_aggregate_and_reasons() -> None:
-    agg = aggregate(_reviews((True, 2, 4), (False, 3, 5), (True, 5, 5), (True, 4, 1)))
-    assert (agg.n, agg.consistent, agg.n_consistent) == (4, True, 3)
-    assert (agg.quality, agg.complexity, agg.spread_quality, agg.spread_complexity) == (3.5, 4.5, 3, 4)
-    assert aggregate(_reviews((True, 4, 4), (False, 4, 4))).consistent is None  # a tie
-    empty = aggregate([])
-    assert empty.n == 0 and empty.consistent is None and math.isnan(empty.quality)
-
+def test_reasons() -> None:
     result = evaluate(_reviews((True, 4, 4), (True, 5, 4), (False, 4, 5)), PAPER)
     assert result.criteria == {"consistency": "disputed", "quality": "pass", "complexity": "pass"}
     assert result.reason == (

@@ -16,8 +16,6 @@ from statsmodels.stats import inter_rater
 
 from annotate.agreement import (
     AlphaStatistic,
-    aggregate_consistency,
-    aggregate_score,
     agreement_report,
     bootstrap_ci,
     cohen_kappa,
@@ -472,20 +470,6 @@ def test_confusion_and_mllm_agreement() -> None:
         confusion([True], [True, False])
     with pytest.raises(ValueError, match="booleans"):
         confusion(["yes"], [True])
-
-
-def test_aggregation_rules() -> None:
-    assert aggregate_consistency([True, True, False]) is True
-    assert aggregate_consistency([None, False]) is False
-    assert aggregate_consistency([True, False]) is None  # tie: undecided
-    assert aggregate_consistency([]) is None
-    assert aggregate_score([3, 4]) == 3.5
-    assert aggregate_score([None, 2, 4, 5]) == 4.0
-    assert math.isnan(aggregate_score([None]))
-    with pytest.raises(ValueError, match="booleans"):
-        aggregate_consistency(["yes"])
-    with pytest.raises(ValueError, match="numeric"):
-        aggregate_score(["high"])
 
 
 # --- Report --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from annotate.agreement import aggregate_consistency, cohen_kappa, krippendorff_alpha, mllm_human_agreement
+from annotate.aggregation import aggregate_consistency
+from annotate.agreement import cohen_kappa, krippendorff_alpha, mllm_human_agreement
 from annotate.dashboard_data import (
     REVIEW_COLUMNS,
     DashboardError,

@@ -120,7 +120,7 @@ class Counted:
         self.calls: list[dict[str, Any]] = []
 
     def load(self, settings: Settings) -> Counted:
-        self.pipe = previews.load_pipeline(settings)
+        self.pipe = previews.load_preview_pipeline(settings)
         return self
 
     def __call__(self, image: Any, instruction: str, **kwargs: Any) -> Any:

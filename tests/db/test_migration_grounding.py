@@ -43,4 +43,4 @@ def test_parse_failures_move_to_parse_error_and_back(any_db_url: str) -> None:
     assert "no box found" in str(rows[1][1])
     assert rows[2][0] == "different objects"
     migrate.upgrade(any_db_url)
-    assert migrate.is_current(any_db_url)
+    assert migrate.current(any_db_url) == migrate.head()

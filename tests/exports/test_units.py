@@ -19,10 +19,10 @@ from exports.records import (
     ReviewRow,
     SampleRows,
     SubRow,
-    aggregate,
+    aggregated_scores,
     build_record,
     record_dict,
-    window_images,
+    record_window,
 )
 from exports.select import ExportFilter
 from exports.splits import instance_unit, split_for
@@ -60,12 +60,12 @@ def test_split_is_by_instance_deterministic_and_near_the_fraction() -> None:
 
 
 def test_window_source_is_the_image_before_the_first_turn() -> None:
-    assert window_images(_rows(1, 3)) == ((0, SHA["src"]), ((1, SHA["t1"]), (2, SHA["t2"])), (3, SHA["t3"]))
-    assert window_images(_rows(2, 3)) == ((1, SHA["t1"]), ((2, SHA["t2"]),), (3, SHA["t3"]))
+    assert record_window(_rows(1, 3)) == ((0, SHA["src"]), ((1, SHA["t1"]), (2, SHA["t2"])), (3, SHA["t3"]))
+    assert record_window(_rows(2, 3)) == ((1, SHA["t1"]), ((2, SHA["t2"]),), (3, SHA["t3"]))
     broken = _rows(2, 3)
     broken = SampleRows(**{**broken.__dict__, "turn_results": {2: SHA["t2"], 3: SHA["t3"]}})
     with pytest.raises(RecordError, match="sample 7: instance 3 has no turn 1"):
-        window_images(broken)
+        record_window(broken)
 
 
 def test_record_hides_identities_unless_asked() -> None:
@@ -85,9 +85,9 @@ def test_record_hides_identities_unless_asked() -> None:
 
 
 def test_aggregation_ties_and_no_reviews() -> None:
-    tie = aggregate([ReviewRow(True, 3, 4, 1, "a"), ReviewRow(False, 4, 5, 1, "b")])
+    tie = aggregated_scores([ReviewRow(True, 3, 4, 1, "a"), ReviewRow(False, 4, 5, 1, "b")])
     assert tie.model_dump() == {"consistent": None, "quality": 3.5, "complexity": 4.5}
-    assert aggregate([]).model_dump() == {"consistent": None, "quality": None, "complexity": None}
+    assert aggregated_scores([]).model_dump() == {"consistent": None, "quality": None, "complexity": None}
 
 
 def test_record_dict_sets_every_image_path() -> None:
