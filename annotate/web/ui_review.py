@@ -22,14 +22,12 @@ own controls.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -42,18 +40,19 @@ from annotate.reviews import (
     flag_sample,
     reviewer_history,
     reviewer_progress,
+    reviewer_review,
     revise_review,
     sample_view,
     skip_sample,
     submit_review,
 )
-from annotate.web_auth import WebUser, user_for_username
+from annotate.web.auth import WebUser
+from annotate.web.common import esc, render_topbar, review_page_assets, reviewer_of
 from db.session import session_scope
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), strongest first.
 PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442", "#000000")
 STRIP_SIZE = 384
@@ -90,11 +89,6 @@ QUICK_SKIP_REASONS = ("Cannot judge: images too small or unclear", "Not my exper
 QUICK_FLAG_REASONS = ("Broken or missing image", "Offensive or unsafe content", "Instruction does not match images")
 HISTORY_COLUMNS = ["review", "sample", "updated (UTC)", "consistent", "quality", "complexity", "revision",
                    "instruction", "comment"]
-
-
-def esc(value: Any) -> str:
-    """Text from data, safe inside HTML text and quoted attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,17 +365,6 @@ def render_last(sample_id: int, answer: Any, mllm: tuple[str | None, str | None]
     return f'<div class="mcie-last">Saved sample {int(sample_id)}{rev}: {said}. {mllm_text}</div>'
 
 
-def render_topbar(user: WebUser) -> str:
-    links = ['<a href="/review/">Review</a>']
-    if user.is_lead:
-        links.append('<a href="/dashboard/">Dashboard</a>')
-    return (
-        '<div class="mcie-topbar"><span class="mcie-brand">MCIE review</span>'
-        f'<nav>{"".join(links)}</nav><span class="mcie-user">{esc(user.shown_name)} · {esc(user.role.value)}</span>'
-        '<form method="post" action="/logout"><button type="submit" id="logout">Log out</button></form></div>'
-    )
-
-
 def _rubric(rows: Sequence[tuple[Any, str, str]], keys: str) -> str:
     """The rubric of one question: every level with its meaning, in a block the reviewer can fold away."""
     items = "".join(f"<li><b>{esc(v)} {esc(name)}</b>: {esc(text)}</li>" for v, name, text in rows)
@@ -451,14 +434,6 @@ def build_answer(
 # talking to the service layer
 
 
-def reviewer_of(url: str, request: gr.Request | None) -> WebUser:
-    """The logged-in reviewer behind a Gradio event, checked again on every event (not only at page load)."""
-    user = user_for_username(url, getattr(request, "username", None))
-    if user is None or not user.is_reviewer:
-        raise gr.Error("Your session has ended or you may not review samples; please log in again.")
-    return user
-
-
 def _show_mllm(url: str) -> bool:
     with session_scope(url) as session:
         return get_project_config(session).show_mllm_verdict_before_submit
@@ -506,16 +481,11 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _history_row(url: str, user_id: int, review_id: int) -> Any:
-    offset = 0
-    while True:  # the history is short per reviewer; pages of the service's maximum size
-        rows = reviewer_history(url, user_id, limit=500, offset=offset)
-        for row in rows:
-            if row.review_id == review_id:
-                return row
-        if len(rows) < 500:
-            raise gr.Error(f"Review {review_id} is not one of yours.")
-        offset += 500
+def _own_review(url: str, user_id: int, review_id: int) -> Any:
+    row = reviewer_review(url, user_id, review_id)
+    if row is None:
+        raise gr.Error(f"Review {review_id} is not one of yours.")
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,6 +517,8 @@ class Widgets:
     preview: Any = None
     preview_job: Any = None
     preview_timer: Any = None
+    form: Any = None  # the questions, rubrics and buttons: hidden while there is no sample to answer
+    preview_box: Any = None
 
     def answers(self) -> list[Any]:
         return [self.consistent, self.quality, self.complexity, self.comment, self.boxes]
@@ -556,7 +528,7 @@ class Widgets:
         return [
             self.screen, self.topbar, self.sample, self.prefetch, self.progress, self.status, self.last,
             self.consistent, self.quality, self.complexity, self.comment, self.boxes, self.reason,
-            self.cancel_revise, *self.preview_outputs(),
+            self.cancel_revise, self.form, self.preview_box, *self.preview_outputs(),
         ]
 
     def preview_outputs(self) -> list[Any]:
@@ -564,6 +536,12 @@ class Widgets:
 
     def history_outputs(self) -> list[Any]:
         return [self.hist, self.history, self.history_info]
+
+
+def _answerable(w: Widgets, shown: bool) -> dict[Any, Any]:
+    """Show the answer form and the preview box only while a sample is on screen (an empty queue shows its message
+    and nothing to click)."""
+    return {w.form: gr.update(visible=shown), w.preview_box: gr.update(visible=shown)}
 
 
 def _cleared(w: Widgets) -> dict[Any, Any]:
@@ -598,10 +576,13 @@ class ReviewApp:
         if card is None:
             screen["current"] = None
             return {w.sample: render_empty("Your queue is empty - thank you! New samples appear here when they are "
-                                           "ready; reload the page later."), w.prefetch: ""} | self._preview_of(None)
+                                           "ready; reload the page later."), w.prefetch: ""} | self._preview_of(
+                None
+            ) | _answerable(w, False)
         card.shown_at = time.time()
         screen["current"] = asdict(card)
-        return {w.sample: card.html} | self._preview_of(card.sample_id, card.images[-1] if card.images else None)
+        shown = {w.sample: card.html} | _answerable(w, True)
+        return shown | self._preview_of(card.sample_id, card.images[-1] if card.images else None)
 
     def _prefetch(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
         """Lease and render the sample after the current one; its thumbnails warm the browser cache."""
@@ -644,7 +625,7 @@ class ReviewApp:
             out |= self._show(screen, lease_card(self.url, user.id)) | self._prefetch(screen, user)
         except Exception as exc:
             log.exception("could not lease a sample for user %s", user.id)
-            out |= {w.sample: render_empty(f"Could not get a sample: {exc}")}
+            out |= {w.sample: render_empty(f"Could not get a sample: {exc}")} | _answerable(w, False)
         return out | _cleared(w) | {w.screen: screen, w.progress: _progress_html(self.url, user.id, screen)}
 
     def on_submit(
@@ -746,7 +727,7 @@ class ReviewApp:
         w = self.w
         if screen.get("revise"):  # reopening another review while revising: keep the first stash
             stash = screen["revise"].get("stash")
-        row = _history_row(self.url, user.id, review_id)
+        row = _own_review(self.url, user.id, review_id)
         view = sample_view(self.url, row.sample_id)
         banner = (f"Revising your review {row.review_id} of sample {row.sample_id} (now revision {row.revision}; "
                   f"saving makes revision {row.revision + 1}). Enter saves, Esc cancels.")
@@ -757,6 +738,7 @@ class ReviewApp:
         return {
             w.screen: screen,
             w.sample: html_text,
+            **_answerable(w, True),
             w.consistent: _yes_no(row.consistent),
             w.quality: row.quality,
             w.complexity: row.complexity,
@@ -798,6 +780,7 @@ class ReviewApp:
             current["shown_at"] = time.time()  # the time spent revising is not counted for the current sample
         body = current["html"] if current else render_empty("Your queue is empty - thank you!")
         out = {w.screen: screen, w.sample: body, w.cancel_revise: gr.update(visible=False)} | _cleared(w)
+        out |= _answerable(w, current is not None)
         out |= self._preview_of(*_on_screen(screen))
         if stash and current is not None:
             out |= dict(zip(w.answers(), stash, strict=True))
@@ -895,7 +878,7 @@ def build(settings: Settings) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, min_width=520):
                         sample = gr.HTML(render_empty("Loading..."), elem_id="sample-view", js_on_load=None)
-                        with gr.Group(elem_id="preview-box"):
+                        with gr.Group(elem_id="preview-box") as preview_box:
                             preview_btn = gr.Button(
                                 "Preview edit (p)" if not app.preview_off else "Preview edit: no model configured",
                                 interactive=not app.preview_off, size="sm", elem_id="preview-btn",
@@ -904,36 +887,37 @@ def build(settings: Settings) -> gr.Blocks:
                                               js_on_load=None)
                     with gr.Column(scale=2, min_width=340):
                         progress = gr.HTML(elem_id="progress", js_on_load=None)
-                        gr.HTML(KEYS_HTML, js_on_load=None)
                         status = gr.HTML(elem_id="status", js_on_load=None)
                         last = gr.HTML(elem_id="last-review", js_on_load=None)
-                        consistent = gr.Radio(CONSISTENCY_CHOICES, label="1. Instruction consistency (y / n)",
-                                              elem_id="q-consistent")
-                        gr.HTML(_rubric(CONSISTENCY_RUBRIC, "y/n"), js_on_load=None)
-                        quality = gr.Radio([(f"{v} {n}", v) for v, n, _ in QUALITY_RUBRIC],
-                                           label="2. Image quality (1-5)", elem_id="q-quality")
-                        gr.HTML(_rubric(QUALITY_RUBRIC, "1-5"), js_on_load=None)
-                        complexity = gr.Radio([(f"{v} {n}", v) for v, n, _ in COMPLEXITY_RUBRIC],
-                                              label="3. Editing-scenario complexity (1-5)", elem_id="q-complexity")
-                        gr.HTML(_rubric(COMPLEXITY_RUBRIC, "1-5"), js_on_load=None)
-                        comment = gr.Textbox(label="Comment (optional; c to type, Esc to leave)", lines=2,
-                                             max_length=5000, elem_id="comment")
-                        boxes = gr.Textbox(
-                            label="Box corrections (optional): use 'redraw box' on a sub-instruction and drag on the "
-                            'target, or type JSON like [{"turn_index": 2, "box": [0.1, 0.2, 0.5, 0.6]}]',
-                            lines=1, max_length=5000, elem_id="box-corrections",
-                        )
-                        with gr.Row():
-                            submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
-                            skip = gr.Button("Skip (s)", elem_id="skip-btn")
-                            flag = gr.Button("Flag (f)", elem_id="flag-btn")
-                            cancel_revise = gr.Button("Cancel revision (Esc)", visible=False,
-                                                      elem_id="cancel-revise-btn")
-                        with gr.Group(elem_id="reason-panel"):
-                            gr.HTML(_reason_panel_html(), js_on_load=None)
-                            reason = gr.Textbox(label="Reason", lines=1, max_length=1000, elem_id="reason-box")
-                            skip_confirm = gr.Button("Skip this sample", variant="stop", elem_id="skip-confirm")
-                            flag_confirm = gr.Button("Flag this sample", variant="stop", elem_id="flag-confirm")
+                        with gr.Column(elem_id="answer-form") as form:
+                            gr.HTML(KEYS_HTML, js_on_load=None)
+                            consistent = gr.Radio(CONSISTENCY_CHOICES, label="1. Instruction consistency (y / n)",
+                                                  elem_id="q-consistent")
+                            gr.HTML(_rubric(CONSISTENCY_RUBRIC, "y/n"), js_on_load=None)
+                            quality = gr.Radio([(f"{v} {n}", v) for v, n, _ in QUALITY_RUBRIC],
+                                               label="2. Image quality (1-5)", elem_id="q-quality")
+                            gr.HTML(_rubric(QUALITY_RUBRIC, "1-5"), js_on_load=None)
+                            complexity = gr.Radio([(f"{v} {n}", v) for v, n, _ in COMPLEXITY_RUBRIC],
+                                                  label="3. Editing-scenario complexity (1-5)", elem_id="q-complexity")
+                            gr.HTML(_rubric(COMPLEXITY_RUBRIC, "1-5"), js_on_load=None)
+                            comment = gr.Textbox(label="Comment (optional; c to type, Esc to leave)", lines=2,
+                                                 max_length=5000, elem_id="comment")
+                            boxes = gr.Textbox(
+                                label="Box corrections (optional): use 'redraw box' on a sub-instruction and drag on "
+                                'the target, or type JSON like [{"turn_index": 2, "box": [0.1, 0.2, 0.5, 0.6]}]',
+                                lines=1, max_length=5000, elem_id="box-corrections",
+                            )
+                            with gr.Row():
+                                submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
+                                skip = gr.Button("Skip (s)", elem_id="skip-btn")
+                                flag = gr.Button("Flag (f)", elem_id="flag-btn")
+                                cancel_revise = gr.Button("Cancel revision (Esc)", visible=False,
+                                                          elem_id="cancel-revise-btn")
+                            with gr.Group(elem_id="reason-panel"):
+                                gr.HTML(_reason_panel_html(), js_on_load=None)
+                                reason = gr.Textbox(label="Reason", lines=1, max_length=1000, elem_id="reason-box")
+                                skip_confirm = gr.Button("Skip this sample", variant="stop", elem_id="skip-confirm")
+                                flag_confirm = gr.Button("Flag this sample", variant="stop", elem_id="flag-confirm")
                 prefetch = gr.HTML(elem_id="prefetch", js_on_load=None)
             with gr.Tab("My reviews", id="history", elem_id="tab-history") as history_tab:
                 history_info = gr.Markdown(elem_id="history-info")
@@ -943,7 +927,8 @@ def build(settings: Settings) -> gr.Blocks:
                     older = gr.Button("Older", elem_id="history-older")
         app.w = w = Widgets(screen, hist, topbar, sample, prefetch, progress, status, last, consistent, quality,
                             complexity, comment, boxes, reason, cancel_revise, history, history_info, tabs,
-                            preview=preview, preview_job=preview_job, preview_timer=preview_timer)
+                            preview=preview, preview_job=preview_job, preview_timer=preview_timer, form=form,
+                            preview_box=preview_box)
         outputs = w.screen_outputs()
         quiet = {"show_progress": "hidden"}
         demo.load(app.on_load, inputs=None, outputs=outputs, **quiet)
@@ -970,5 +955,4 @@ def build(settings: Settings) -> gr.Blocks:
 
 def page_assets() -> dict[str, str]:
     """``head`` (the page script) and ``css`` for ``gr.mount_gradio_app`` (Gradio 6 takes them there)."""
-    script = (STATIC / "review.js").read_text(encoding="utf-8")
-    return {"head": f"<script>{script}</script>", "css": (STATIC / "review.css").read_text(encoding="utf-8")}
+    return review_page_assets()
