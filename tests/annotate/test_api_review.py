@@ -479,3 +479,16 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     assert Path(row.path).parent == (settings.data_dir / "exports").resolve()
     listed = dashboard.on_exports(lead)
     assert listed["export_table"]["status"].tolist() == ["done"]
+
+
+def test_the_server_times_reviews_the_client_does_not(site: Site, client: TestClient) -> None:
+    from annotate.dashboard_data import median_seconds_per_review, reviews_frame
+
+    headers = reviewer(client, "rater1")
+    sample_id = client.get("/api/review/next").json()["sample_id"]
+    time.sleep(0.2)
+    assert client.post(f"/api/review/{sample_id}", json=YES, headers=headers).status_code == 201  # no time_spent_s
+    frame = reviews_frame(site.url)
+    assert frame["time_spent_s"].isna().all() and median_seconds_per_review(frame) is None
+    assert 0.2 <= frame["server_s"].iloc[0] < 60
+    assert median_seconds_per_review(frame, "server_s") == frame["server_s"].iloc[0]

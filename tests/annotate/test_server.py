@@ -4,6 +4,7 @@ mounted Gradio apps and their event handlers), images by content hash only, and 
 from __future__ import annotations
 
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,8 +199,11 @@ def test_a_password_change_or_disabling_ends_existing_sessions(world: World, cli
 
 
 class FakeClock:
+    """Starts at the real time: the app's periodic sweep purges failure counts older than the window by the real
+    clock, and would forget counts dated 1970 whenever it happened to run during a test."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.time()
 
     def __call__(self) -> float:
         return self.now
@@ -588,3 +592,38 @@ def test_serve_migrates_the_database_then_serves(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the review screen without work, the dashboard's throughput axis
+
+
+def test_an_empty_queue_shows_only_its_message_and_the_form_returns_with_a_sample(world: World) -> None:
+    from annotate.web.ui_review import ReviewApp, Widgets
+
+    app = ReviewApp(world.settings)
+    app.w = named_widgets(Widgets)
+    empty = app._show({"current": None, "next": None, "revise": None}, None)
+    assert "Your queue is empty" in empty["sample"]
+    assert empty["form"]["visible"] is False and empty["preview_box"]["visible"] is False
+    shown = app.on_load(_request("admin1"))  # the admin's queue still has a sample
+    assert 'data-sample-id="' in shown["sample"]
+    assert shown["form"]["visible"] is True and shown["preview_box"]["visible"] is True
+
+
+def test_the_throughput_axis_of_a_first_day_is_labelled_in_hours() -> None:
+    import pandas as pd
+
+    from annotate.dashboard_data import throughput, throughput_freq
+    from annotate.web.ui_dashboard import throughput_figure
+
+    start = pd.Timestamp("2025-03-03 09:10", tz="UTC")
+    frame = pd.DataFrame({"created_at": [start, start + pd.Timedelta(minutes=5), start + pd.Timedelta(hours=2)]})
+    freq = throughput_freq(frame)
+    fig = throughput_figure(throughput(frame, freq=freq), freq)
+    assert freq == "h"
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.title.text == "hour (UTC)"
+    assert list(fig.data[0].x) == ["2025-03-03 09:00", "2025-03-03 10:00", "2025-03-03 11:00"]
+    assert list(fig.data[0].y) == [2, 0, 1]
+    one_bar = throughput_figure(throughput(frame.iloc[:1]), "D")  # one day: one labelled bar, no time ticks
+    assert list(one_bar.data[0].x) == ["2025-03-03"] and one_bar.layout.xaxis.type == "category"
