@@ -53,7 +53,7 @@ from annotate.export_jobs import EXPORT_FORMATS, ExportJobs, ExportRequestError,
 from annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
 from annotate.reviews import sample_view
 from annotate.web.common import esc, lead_of, render_kpis, render_topbar, review_page_assets, status_line
-from annotate.web.ui_review import render_sample
+from annotate.web.sample_html import render_sample
 from annotate.web.ui_study import study_results_tab
 from db.models import SampleStatus
 from db.session import session_scope

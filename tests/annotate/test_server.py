@@ -454,8 +454,9 @@ def test_dashboard_and_history_renderers_escape_data() -> None:
 
     from annotate.acceptance import AdjudicationItem, ReviewSide
     from annotate.web.auth import WebUser
+    from annotate.web.common import render_topbar
     from annotate.web.ui_dashboard import render_reviews
-    from annotate.web.ui_review import render_last, render_topbar
+    from annotate.web.ui_review import render_last
 
     side = ReviewSide(1, "<i>rater</i>", False, 2, 3, EVIL, [{"turn_index": 1, "box": "<b>"}], 1, datetime.now(UTC))
     item = AdjudicationItem(5, EVIL, 0.0, [side], "<u>conflict</u>", EVIL, "<why>")
@@ -512,7 +513,7 @@ def test_a_refused_submit_keeps_the_answers_and_says_why(world: World) -> None:
 def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: World) -> None:
     from annotate.project import set_project_config
     from annotate.reviews import sample_view
-    from annotate.web.ui_review import render_sample
+    from annotate.web.sample_html import render_sample
 
     view = sample_view(world.url, world.sample_id)
     hidden = render_sample(view, show_mllm=False)
@@ -532,7 +533,7 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
 
 def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: World) -> None:
     from annotate.reviews import sample_view
-    from annotate.web.ui_review import PALETTE, render_sample
+    from annotate.web.sample_html import PALETTE, render_sample
 
     view = sample_view(world.url, world.sample_id)
     page = render_sample(view, show_mllm=False)
@@ -606,7 +607,10 @@ def test_an_empty_queue_shows_only_its_message_and_the_form_returns_with_a_sampl
     empty = app._show({"current": None, "next": None, "revise": None}, None)
     assert "Your queue is empty" in empty["sample"]
     assert empty["form"]["visible"] is False and empty["preview_box"]["visible"] is False
-    shown = app.on_load(_request("admin1"))  # the admin's queue still has a sample
+    with session_scope(world.url) as session:  # earlier tests used up the shared samples: a new one, a new rater
+        make_user(session, "fresh1", Role.rater, password=PASSWORD)
+        make_sample(session, priority=100.0)
+    shown = app.on_load(_request("fresh1"))
     assert 'data-sample-id="' in shown["sample"]
     assert shown["form"]["visible"] is True and shown["preview_box"]["visible"] is True
 
