@@ -280,8 +280,8 @@ def test_an_empty_queue_shows_its_message_and_nothing_to_answer(tmp_path: Path) 
         configure(session, gold_rate=0.0, calibration_share=0.0)
     with live_server(settings) as base, chromium_page() as page:
         login(page, base, "ida", PASSWORD)
-        page.wait_for_selector("#sample-view .mcie-empty")
-        assert "Your queue is empty" in page.inner_text("#sample-view")
+        page.wait_for_selector("#sample-view .mcie-empty:has-text('Your queue is empty')")  # not "Loading..."
+        page.wait_for_selector("#submit-btn", state="hidden")
         for hidden in ("#submit-btn", "#skip-btn", "#flag-btn", "#q-quality", "#preview-btn", ".mcie-rubric-box"):
             assert not page.locator(hidden).first.is_visible(), hidden
         assert page.get_by_role("tab", name="My reviews").is_visible()
