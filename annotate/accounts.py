@@ -104,7 +104,7 @@ def set_active(session: Session, username: str, active: bool, *, actor_id: int |
 
 def revoke_sessions(session: Session, username: str, *, reason: str = "revoked", actor_id: int | None = None) -> int:
     """End every live web session of the account at once (every replica refuses them on the next request)."""
-    from annotate import sessions
+    from annotate.web import sessions
 
     user = get_user(session, username)
     ended = sessions.revoke_user(session, user.id, reason)

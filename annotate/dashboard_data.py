@@ -63,7 +63,7 @@ from db.models import (
 from db.session import session_scope
 
 REVIEW_COLUMNS: tuple[str, ...] = (
-    "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "created_at", "is_gold",
+    "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "server_s", "created_at", "is_gold",
     "is_calibration",
 )  # fmt: skip
 SAMPLE_COLUMNS: tuple[str, ...] = (
@@ -94,8 +94,8 @@ def calibration_mask(sample_ids: pd.Series | np.ndarray, share: float) -> np.nda
 
 
 def reviews_frame(url: str) -> pd.DataFrame:
-    """One row per review: ``sample_id, rater (username), consistent, quality, complexity, time_spent_s,
-    created_at (UTC), is_gold, is_calibration``."""
+    """One row per review: ``sample_id, rater (username), consistent, quality, complexity, time_spent_s (the
+    client's figure), server_s (:func:`server_seconds`), created_at (UTC), is_gold, is_calibration``."""
     with session_scope(url) as session:
         share = get_project_config(session).calibration_share
         rows = session.execute(
@@ -108,11 +108,23 @@ def reviews_frame(url: str) -> pd.DataFrame:
                 Review.time_spent_s,
                 Review.created_at,
                 is_gold_clause(Review.sample_id),
+                Assignment.leased_at,
+                Assignment.finished_at,
             )
             .join(User, User.id == Review.user_id)
+            .outerjoin(  # one assignment per user and sample (queue.lease); reviews imported without one get NaN
+                Assignment,
+                (Assignment.sample_id == Review.sample_id)
+                & (Assignment.user_id == Review.user_id)
+                & (Assignment.state == AssignmentState.submitted),
+            )
             .order_by(Review.id)
         ).all()
-    frame = pd.DataFrame([tuple(r) for r in rows], columns=list(REVIEW_COLUMNS[:-1]))
+    columns = [c for c in REVIEW_COLUMNS[:-1] if c != "server_s"] + ["leased_at", "submitted_at"]
+    frame = pd.DataFrame([tuple(r) for r in rows], columns=columns)
+    server = server_seconds(frame["rater"], frame["leased_at"], frame["submitted_at"])
+    frame.insert(REVIEW_COLUMNS.index("server_s"), "server_s", server.to_numpy(dtype="float64"))
+    frame = frame.drop(columns=["leased_at", "submitted_at"])
     frame = frame.astype(
         {"sample_id": "int64", "rater": "object", "consistent": "bool", "quality": "int64", "complexity": "int64",
          "time_spent_s": "float64", "is_gold": "bool"}
@@ -244,10 +256,37 @@ def throughput(df: pd.DataFrame, freq: str = "D") -> pd.DataFrame:
     return out
 
 
-def median_seconds_per_review(df: pd.DataFrame) -> float | None:
-    """Median ``time_spent_s`` over the reviews that recorded it; None when none did."""
-    _check_frame(df, ("time_spent_s",))
-    times = pd.to_numeric(df["time_spent_s"], errors="coerce").dropna()
+def throughput_freq(df: pd.DataFrame) -> str:
+    """The bin of the throughput plot: hours ("h") while the reviews span less than two days, else days ("D");
+    a project's first day then shows its hours instead of a single bar."""
+    _check_frame(df, ("created_at",))
+    if df.empty:
+        return "D"
+    times = _utc_times(df)
+    return "h" if times.max() - times.min() < pd.Timedelta(days=2) else "D"
+
+
+def server_seconds(rater: pd.Series, leased_at: pd.Series, submitted_at: pd.Series) -> pd.Series:
+    """Seconds each review took as the server saw it: from the later of the sample's lease and the same rater's
+    previous submit, to this submit (NaN without a lease record).
+
+    Lease to submit alone would count twice the time of a sample the review screen leased ahead (it prefetches the
+    next sample while the current one is answered), and it does not depend on what a client reports - the JSON API's
+    clients often send no ``time_spent_s`` at all.
+    """
+    leased = pd.to_datetime(leased_at, utc=True)
+    done = pd.to_datetime(submitted_at, utc=True)
+    order = done.sort_values(kind="stable").index
+    previous = done.loc[order].groupby(rater.loc[order].to_numpy()).shift(1).reindex(done.index)
+    start = leased.where(previous.isna() | (leased >= previous), previous)
+    return (done - start).dt.total_seconds()
+
+
+def median_seconds_per_review(df: pd.DataFrame, column: str = "time_spent_s") -> float | None:
+    """Median of ``column`` (the client's ``time_spent_s`` or the server's ``server_s``) over the reviews that
+    have it; None when none does."""
+    _check_frame(df, (column,))
+    times = pd.to_numeric(df[column], errors="coerce").dropna()
     return float(times.median()) if len(times) else None
 
 

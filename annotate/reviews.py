@@ -490,21 +490,33 @@ def reviewer_history(url: str, user_id: int, *, limit: int = 50, offset: int = 0
             .limit(limit)
             .offset(offset)
         )
-        return [
-            HistoryRow(
-                review_id=r.id,
-                sample_id=r.sample_id,
-                instruction=instruction,
-                consistent=r.consistent,
-                quality=r.quality,
-                complexity=r.complexity,
-                comment=r.comment,
-                box_corrections=r.box_corrections,
-                revision=r.revision,
-                updated_at=utc(r.updated_at),
-            )
-            for r, instruction in rows
-        ]
+        return [_history_row(r, instruction) for r, instruction in rows]
+
+
+def reviewer_review(url: str, user_id: int, review_id: int) -> HistoryRow | None:
+    """One of the user's reviews as a history row (None when ``review_id`` is not theirs): one indexed read."""
+    with session_scope(url) as session:
+        found = session.execute(
+            select(Review, Sample.instruction)
+            .join(Sample, Sample.id == Review.sample_id)
+            .where(Review.id == review_id, Review.user_id == user_id)
+        ).first()
+        return None if found is None else _history_row(*found)
+
+
+def _history_row(r: Review, instruction: str) -> HistoryRow:
+    return HistoryRow(
+        review_id=r.id,
+        sample_id=r.sample_id,
+        instruction=instruction,
+        consistent=r.consistent,
+        quality=r.quality,
+        complexity=r.complexity,
+        comment=r.comment,
+        box_corrections=r.box_corrections,
+        revision=r.revision,
+        updated_at=utc(r.updated_at),
+    )
 
 
 def conflict_of(verdict: str | None) -> bool | None:

@@ -249,11 +249,11 @@ def revoke(study: StudyArg, user: UserArg) -> None:
 @app.command("status")
 def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
     """Every participant's progress: screens completed, finished, revoked, excluded."""
-    from annotate.study_routes import participants_json
+    from annotate.web.study_routes import participants_json
 
     url = _url()
     study_id = _study_id(url, study)
-    rows = participants_json(url, study_id)
+    rows = [row.model_dump() for row in participants_json(url, study_id)]
     if as_json:
         _print_json(rows)
         return

@@ -10,7 +10,7 @@ accounts sharing one argon2 hash, and a handful of real tiny PNGs in an image st
 Then ``--servers`` ``mcie serve --no-worker`` processes are started (the real app, Gradio mounted, server-side
 sessions in the database: the web tier of a deployment, whose jobs run in ``mcie worker`` processes elsewhere) and
 ``--reviewers`` threads (reviewer k on server k mod n), each with its own ``httpx`` client and login, loop
-``GET /api/review/next`` -> ``POST /api/review/{id}`` (:mod:`annotate.api_review`) for ``--seconds`` after
+``GET /api/review/next`` -> ``POST /api/review/{id}`` (:mod:`annotate.web.api_review`) for ``--seconds`` after
 ``--warmup`` seconds that are not counted, optionally pausing ``--think-ms`` between a lease and its submit (a
 reviewer looking at the sample; 0 = back to back, the server saturated). Reported: p50/p95/p99/max latency of
 next-sample and submit as the client sees it, reviews/s, errors by kind, the server processes' CPU use, and a check

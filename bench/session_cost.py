@@ -4,10 +4,10 @@ On a fresh PostgreSQL database (``MCIE_TEST_POSTGRES_URL``'s server, as ``bench/
 rater asks ``GET /api/whoami`` ``--requests`` times, in process through httpx's ASGI transport (no network, so the
 difference is the session handling itself), from two apps:
 
-- ``server_side``: the app of :func:`annotate.server.create_app` (``web_sessions`` row read with its user in one
+- ``server_side``: the app of :func:`annotate.web.server.create_app` (``web_sessions`` row read with its user in one
   query; the user read is then shared by the route; ``last_seen_at`` written at most once a minute);
 - ``signed_cookie``: the same app with the previous design's session - Starlette's ``SessionMiddleware`` (signed
-  cookie) in its place, so the route reads the user by the id in the cookie (:func:`annotate.web_auth.load_user`),
+  cookie) in its place, so the route reads the user by the id in the cookie (:func:`annotate.web.auth.load_user`),
   as ``whoami`` did before. Every other layer (body limit, CORS, headers, the study and role gates) is the same.
 
 The two are measured in alternating blocks so that drift (other processes on the box) hits both alike. Reported:
@@ -47,8 +47,8 @@ def signed_cookie_app(settings: Any, secret: str) -> Any:
     from starlette.middleware import Middleware
     from starlette.middleware.sessions import SessionMiddleware
 
-    from annotate.server import create_app
-    from annotate.sessions import ServerSessionMiddleware
+    from annotate.web.server import create_app
+    from annotate.web.sessions import ServerSessionMiddleware
 
     app = create_app(settings, mount_ui=False, worker=False)
     swapped = [
@@ -104,7 +104,7 @@ def main() -> None:
     import review_load
 
     from annotate.accounts import hash_password
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from db.migrate import upgrade
     from db.models import Role, User
     from db.session import session_scope

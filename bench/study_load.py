@@ -3,7 +3,7 @@
 Setup (not timed): a fresh PostgreSQL database (created here, dropped at the end unless ``--keep``) migrated to the
 newest schema; a study of ``--items`` items with ``--methods`` methods made from a folder of tiny PNGs
 (:func:`annotate.study.create_study_from_folder`), ``--items-per-participant`` screens each, and ``--participants``
-participants enrolled with invite links. The app (``annotate.server.create_app``, Gradio pages mounted, as ``mcie
+participants enrolled with invite links. The app (``annotate.web.server.create_app``, Gradio pages mounted, as ``mcie
 serve`` runs it: uvicorn, one process) is served from a subprocess on a free port.
 
 Each participant is an asyncio task with its own cookie jar (httpx): it opens its invite link, loads its first
@@ -120,7 +120,7 @@ def serve(config: str) -> None:
     """The server subprocess: the whole app (UI mounted) under uvicorn, one process, like ``mcie serve``."""
     import uvicorn
 
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from mcie.config import load_settings
 
     options = json.loads(config)

@@ -233,8 +233,8 @@ def users_sessions(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List an account's web sessions (where and when), or end them all with --revoke-all."""
-    from annotate import sessions
     from annotate.accounts import AccountError, get_user, revoke_sessions
+    from annotate.web import sessions
     from db.session import session_scope
 
     cfg = settings()
@@ -287,7 +287,7 @@ def serve_command(
     ] = True,
 ) -> None:
     """Upgrade the database, then serve the review app (/review) and the leads' dashboard (/dashboard)."""
-    from annotate.server import serve
+    from annotate.web.server import serve
 
     serve(host, port, settings(), secure_cookies=secure_cookies, worker=worker)
 

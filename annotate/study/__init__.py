@@ -37,7 +37,7 @@ criterion and marks the participant finished after the last screen.
 A study can also be made from review samples and the model's finished ``previews`` rows
 (:func:`create_study_from_previews`: the window source and the sample's instruction per item, one model version per
 method, optionally the ground truth as ``reference``), checked as thoroughly as a folder. For the web app
-(:mod:`annotate.study_routes`): :func:`invite_problem` says why a link does not work, :func:`participant_study` finds
+(:mod:`annotate.web`): :func:`invite_problem` says why a link does not work, :func:`participant_study` finds
 the study of a participant who logs in with a password, :func:`may_see_image` limits a participant to the images of
 their own items, :func:`upcoming_images` lets the screen warm the browser's cache, and :func:`list_studies`,
 :func:`resolve_study` and :func:`resolve_participant` serve the CLI and the leads' pages. A vote on the current screen

@@ -95,7 +95,7 @@ def revoke_invite(db: str | Session, study_id: int, user_id: int, *, actor_id: i
         row = get_enrolment(session, study_id, user_id, active=False)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
-            from annotate.sessions import revoke_user
+            from annotate.web.sessions import revoke_user
 
             revoke_user(session, user_id, "invitation revoked", study_id=study_id)  # the link's session ends now
             session.add(

@@ -72,7 +72,7 @@ def live_server(settings: Settings, **app_kwargs: Any) -> Iterator[str]:
     """The app of ``settings`` served by uvicorn in a thread on a free port; yields its base URL, stops it after."""
     import uvicorn
 
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     app = create_app(settings, **app_kwargs)
     port = free_port()

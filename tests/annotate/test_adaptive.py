@@ -207,27 +207,21 @@ def test_seeded_review_economics(tmp_path: Path) -> None:
 
 
 def _dashboard(tmp_path: Path, url: str):
-    from annotate.ui_dashboard import Dashboard
+    from annotate.web.ui_dashboard import Dashboard
     from mcie.config import load_settings
 
     settings = load_settings(data_dir=tmp_path, database_url=url, blob_url=str(tmp_path / "blobs"), secret_key=None)
-    from annotate.ui_dashboard import Table
+    from annotate.web.ui_dashboard import DashboardWidgets, Table
+    from tests.annotate.web_fixtures import named_widgets
 
     dashboard = Dashboard(settings)
-    dashboard.w = _Keys()
+    dashboard.w = named_widgets(DashboardWidgets)
     for group, names in ((dashboard.budget, ("by_policy", "decided_after", "over_time")),
                          (dashboard.agreement, ("alpha", "pairwise", "loo", "distribution", "gold", "confusion",
                                                 "reliability"))):  # fmt: skip
         for name in names:
             group[name] = Table(f"{name}-plot", f"{name}-table", f"{name}-csv", f"test-{name}")
     return dashboard
-
-
-class _Keys(dict):
-    """Widgets stand-in: every widget is its own name, so handler outputs read as {name: value}."""
-
-    def __missing__(self, key: str) -> str:
-        return key
 
 
 def _as(username: str | None):
@@ -290,7 +284,7 @@ def test_dashboard_reliability_handlers_refuse_non_leads(sqlite_url: str, tmp_pa
 
 
 def test_dashboard_reliability_parts_render_flags_escaped() -> None:
-    from annotate.ui_dashboard import budget_parts, reliability_parts, render_flags
+    from annotate.web.ui_dashboard import budget_parts, reliability_parts, render_flags
 
     figures = {"reliability": {"fit_id": None, "n_reviews": 10, "n_informative": 5, "raters": [
         {"rank": 1, "rater": "<b>eve</b>", "skill": 0.1, "flags": [

@@ -21,12 +21,13 @@ from sqlalchemy import select
 from annotate.accounts import hash_password
 from db.models import Assignment, AssignmentState, Export, JobStatus, Review, ReviewRevision, Role, Sample, User
 from db.session import session_scope
-from mcie.config import Settings, load_settings
+from mcie.config import Settings
 from tests.annotate.factories import add_conflict_judgement, add_review, configure, make_sample, make_user
+from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings
+from tests.annotate.web_fixtures import user_id as uid
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's own queue code
 
-PASSWORD = "correct-horse-9"
 YES = {"consistent": True, "quality": 4, "complexity": 5}
 
 
@@ -45,10 +46,6 @@ class Site:
         return self.settings.database_url
 
 
-def _settings(folder: Path, url: str) -> Settings:
-    return load_settings(data_dir=folder, database_url=url, blob_url=str(folder / "blobs"), secret_key=None)
-
-
 def _accounts(session, password_hash: str) -> None:
     for name, role, active in (("rater1", Role.rater, True), ("rater2", Role.rater, True), ("lead1", Role.lead, True),
                                ("guest1", Role.participant, True), ("gone1", Role.rater, False)):
@@ -64,33 +61,26 @@ def site(migrated_url: str, tmp_path: Path, password_hash: str) -> Site:
         samples = [make_sample(session, n_turns=3, first_turn=2, priority=3.0 - k) for k in range(3)]
         add_conflict_judgement(session, samples[0], "conflict", reason="turn 3 undoes turn 2")
         ids = [s.id for s in samples]
-    return Site(_settings(tmp_path / "site", migrated_url), ids)
+    return Site(site_settings(tmp_path / "site", migrated_url), ids)
 
 
 @pytest.fixture
 def app(site: Site):
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     return create_app(site.settings, mount_ui=False)
 
 
 @pytest.fixture
 def client(app) -> Iterator[TestClient]:
-    with TestClient(app, follow_redirects=False) as c:
+    with open_client(app) as c:
         yield c
-
-
-def log_in(client: TestClient, username: str) -> None:
-    page = client.get("/login")
-    token = re.search(r"name=csrf value='([^']+)'", page.text)
-    assert token, page.text
-    response = client.post("/login", data={"username": username, "password": PASSWORD, "csrf": token.group(1)})
-    assert response.status_code == 303, response.text
 
 
 def reviewer(client: TestClient, username: str) -> dict[str, str]:
     """Log ``client`` in; returns the headers its POSTs need (the session's token)."""
-    log_in(client, username)
+    response = log_in(client, username)
+    assert response.status_code == 303, response.text
     response = client.get("/api/review/csrf")
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
     body = response.json()
@@ -101,11 +91,6 @@ def reviewer(client: TestClient, username: str) -> dict[str, str]:
 def reviews_of(url: str) -> list[tuple[int, int, int]]:
     with session_scope(url) as session:
         return [tuple(r) for r in session.execute(select(Review.user_id, Review.sample_id, Review.revision))]
-
-
-def uid(url: str, username: str) -> int:
-    with session_scope(url) as session:
-        return int(session.scalar(select(User.id).where(User.username == username)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +109,7 @@ def test_every_route_needs_a_login(client: TestClient, method: str, path: str) -
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 def test_participants_are_refused(site: Site, client: TestClient, method: str, path: str) -> None:
-    log_in(client, "guest1")
+    assert log_in(client, "guest1").status_code == 303
     response = client.request(method, path, json=YES)
     assert response.status_code == 403
     with session_scope(site.url) as session:
@@ -299,7 +284,7 @@ def test_a_body_that_is_not_a_json_object_is_422(client: TestClient) -> None:
 
 
 def test_an_oversized_body_is_413_and_not_stored(site: Site, client: TestClient) -> None:
-    from annotate.api_review import MAX_BODY_BYTES
+    from annotate.web.api_review import MAX_BODY_BYTES
 
     headers = reviewer(client, "rater1")
     sample_id = client.get("/api/review/next").json()["sample_id"]
@@ -375,7 +360,7 @@ def _export_site(tmp_path: Path, password_hash: str) -> Settings:
     from db.store import ImageStore
     from tests.annotate.browser import make_image_instance
 
-    settings = _settings(tmp_path / "exporting", f"sqlite:///{tmp_path}/exporting.db")
+    settings = site_settings(tmp_path / "exporting", f"sqlite:///{tmp_path}/exporting.db")
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)
     with session_scope(settings.database_url) as session:
@@ -411,11 +396,11 @@ def _wait_for_export(url: str, deadline_s: float = 120.0) -> Export:
 
 
 def test_a_lead_starts_an_export_over_http_and_it_completes(tmp_path: Path, password_hash: str) -> None:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     settings = _export_site(tmp_path, password_hash)
     with TestClient(create_app(settings), follow_redirects=False) as client:
-        log_in(client, "lead1")
+        assert log_in(client, "lead1").status_code == 303
         code, outputs = _gradio_call(client, "export_start", ["jsonl", "first", 0.0, ["accepted"], 0, 0])
         assert code == 200, outputs
         assert "started into" in outputs[3] and "first" in outputs[3]  # the status line
@@ -437,7 +422,7 @@ def test_a_lead_starts_an_export_over_http_and_it_completes(tmp_path: Path, pass
 
         # a rater cannot reach the dashboard's API at all (the role gate), let alone start an export
         client.cookies.clear()
-        log_in(client, "rater1")
+        assert log_in(client, "rater1").status_code == 303
         code, _ = _gradio_call(client, "export_start", ["jsonl", "second", 0.0, ["accepted"], 0, 0])
         assert code == 403
     with session_scope(settings.database_url) as session:
@@ -448,11 +433,11 @@ def test_a_lead_starts_an_export_over_http_and_it_completes(tmp_path: Path, pass
 def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     tmp_path: Path, password_hash: str
 ) -> None:
-    from annotate.ui_dashboard import Dashboard
+    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     settings = _export_site(tmp_path, password_hash)
     dashboard = Dashboard(settings)
-    dashboard.w = {k: k for k in ("export_table", "export_info", "export_timer", "export_status", "export_name")}
+    dashboard.w = named_widgets(DashboardWidgets)
     for who in ("rater1", "guest1", "gone1", None):
         with pytest.raises(gr.Error, match="Only leads and admins"):
             dashboard.on_export_start("jsonl", "x", 0.05, ["accepted"], None, None, SimpleNamespace(username=who))
@@ -494,3 +479,16 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     assert Path(row.path).parent == (settings.data_dir / "exports").resolve()
     listed = dashboard.on_exports(lead)
     assert listed["export_table"]["status"].tolist() == ["done"]
+
+
+def test_the_server_times_reviews_the_client_does_not(site: Site, client: TestClient) -> None:
+    from annotate.dashboard_data import median_seconds_per_review, reviews_frame
+
+    headers = reviewer(client, "rater1")
+    sample_id = client.get("/api/review/next").json()["sample_id"]
+    time.sleep(0.2)
+    assert client.post(f"/api/review/{sample_id}", json=YES, headers=headers).status_code == 201  # no time_spent_s
+    frame = reviews_frame(site.url)
+    assert frame["time_spent_s"].isna().all() and median_seconds_per_review(frame) is None
+    assert 0.2 <= frame["server_s"].iloc[0] < 60
+    assert median_seconds_per_review(frame, "server_s") == frame["server_s"].iloc[0]

@@ -266,3 +266,23 @@ def test_a_lead_adjudicates_a_sample_on_the_dashboard(site: Site) -> None:
             assert decision.reason.startswith("The cat is there")
             assert session.get(Sample, site.adjudicate_id).status.value == "accepted"
         assert errors == []
+
+
+def test_an_empty_queue_shows_its_message_and_nothing_to_answer(tmp_path: Path) -> None:
+    require_chromium()
+    from db.migrate import upgrade
+
+    settings = load_settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/empty.db",
+                             blob_url=str(tmp_path / "blobs"), secret_key=None)  # fmt: skip
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        make_user(session, "ida", Role.rater, password=PASSWORD)
+        configure(session, gold_rate=0.0, calibration_share=0.0)
+    with live_server(settings) as base, chromium_page() as page:
+        login(page, base, "ida", PASSWORD)
+        page.wait_for_selector("#sample-view .mcie-empty:has-text('Your queue is empty')")  # not "Loading..."
+        page.wait_for_selector("#submit-btn", state="hidden")
+        for hidden in ("#submit-btn", "#skip-btn", "#flag-btn", "#q-quality", "#preview-btn", ".mcie-rubric-box"):
+            assert not page.locator(hidden).first.is_visible(), hidden
+        assert page.get_by_role("tab", name="My reviews").is_visible()
+        shot(page, "review-00-empty-queue")

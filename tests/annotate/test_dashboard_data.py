@@ -23,8 +23,10 @@ from annotate.dashboard_data import (
     reviews_frame,
     reviews_per_reviewer_per_day,
     samples_frame,
+    server_seconds,
     status_counts,
     throughput,
+    throughput_freq,
 )
 from annotate.project import ProjectConfig
 from annotate.queue import is_calibration, reviews_wanted
@@ -145,6 +147,11 @@ def test_work_figures(project) -> None:
         throughput(frame, freq="fortnightly")
 
     assert median_seconds_per_review(frame) == 85.0  # 10, 20, ..., 160
+    assert (frame["server_s"] == 0).all()  # the factory leases and submits each review in the same instant
+    assert median_seconds_per_review(frame, "server_s") == 0.0
+    assert throughput_freq(frame) == "D"  # two and a half days of reviews
+    assert throughput_freq(frame[frame["created_at"] < DAY1 + timedelta(days=1)]) == "h"
+    assert throughput_freq(frame.iloc[:0]) == "D"
     assert median_seconds_per_review(frame.assign(time_spent_s=np.nan)) is None
 
     now = DAY3 + timedelta(hours=8)
@@ -225,3 +232,18 @@ def test_human_majority_agrees_with_the_validated_aggregate() -> None:
     expected = {int(s): aggregate_consistency(g.tolist()) for s, g in frame.groupby("sample_id")["consistent"]}
     assert majority == expected and None in majority.values()
     assert human_majority(frame.iloc[0:0]) == {}
+
+
+def test_server_seconds_run_from_the_later_of_the_lease_and_the_previous_submit() -> None:
+    t0 = datetime(2025, 3, 3, 10, 0, tzinfo=UTC)
+    at = [t0 + timedelta(seconds=s) for s in (0, 5, 40, 100, 0, 60)]
+    rater = pd.Series(["ann", "ann", "ann", "bob", "bob", "cy"])
+    # ann leases sample 1 at 0 s and sample 2 at 5 s (prefetched while she answers sample 1), submits 1 at 40 s and
+    # 2 at 100 s; bob leases at 0 s and submits at 100 s; cy's review has no lease record
+    leased = pd.Series([at[0], at[1], pd.NaT, at[4], pd.NaT, pd.NaT])
+    submitted = pd.Series([at[2], at[3], pd.NaT, at[3], pd.NaT, pd.NaT])
+    leased[2], submitted[2] = at[0], at[0] + timedelta(seconds=200)  # a third one of ann's, leased first
+    got = server_seconds(rater, leased, submitted)
+    assert got.tolist()[:2] == [40.0, 60.0]  # sample 2 counts from the submit of sample 1, not from its lease
+    assert got[2] == 100.0  # after her submit at 100 s
+    assert got[3] == 100.0 and np.isnan(got[4]) and np.isnan(got[5])

@@ -56,7 +56,7 @@ def test_grounding_vs_corrections_by_operation_and_source() -> None:
 
 
 def test_grounding_frames_read_corrections_and_candidates(migrated_url: str) -> None:
-    from annotate.ui_dashboard import grounding_view
+    from annotate.web.ui_dashboard import grounding_view
 
     with session_scope(migrated_url) as session:
         instance = make_instance(session, 3)

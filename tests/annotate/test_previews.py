@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +23,7 @@ from db.session import session_scope
 from db.store import ImageStore, register_images
 from mcie.config import Settings, load_settings
 from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.web_fixtures import named_widgets
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
 # diffusers' Euler schedulers call np.array(tensor, copy=False) internally (numpy 2 deprecation, not ours)
@@ -240,7 +241,7 @@ def test_a_model_that_cannot_load_fails_the_job_with_the_error(model: Model, tmp
 
 
 def test_no_model_configured_is_a_clear_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from annotate.ui_review import ReviewApp, Widgets, build
+    from annotate.web.ui_review import ReviewApp, Widgets, build
 
     site = _site(monkeypatch, None, None)
     reason = previews.unavailable_reason(site.settings)
@@ -254,7 +255,7 @@ def test_no_model_configured_is_a_clear_refusal(tmp_path: Path, monkeypatch: pyt
     worker.stop()
 
     app = ReviewApp(site.settings)
-    app.w = Widgets(*(f.name for f in fields(Widgets)))
+    app.w = named_widgets(Widgets)
     out = app.on_preview(_screen(site), _request("rater1"))
     assert "MCIE_EDITING_BASE_MODEL_PATH" in out["preview"] and out["preview_job"] is None
     assert count_previews(site.url) == 0
@@ -282,11 +283,11 @@ def _screen(site: Site) -> dict[str, Any]:
 
 
 def test_the_review_handlers_show_the_preview_beside_the_target(site: Site, worker_of) -> None:
-    from annotate.ui_review import ReviewApp, Widgets
+    from annotate.web.ui_review import ReviewApp, Widgets
 
     worker, pipe = worker_of(site.settings)
     app = ReviewApp(site.settings)
-    app.w = Widgets(*(f.name for f in fields(Widgets)))
+    app.w = named_widgets(Widgets)
     app.preview_params = FAST
     screen = _screen(site)
     with pytest.raises(gr.Error):
@@ -342,7 +343,7 @@ def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
     from fastapi.testclient import TestClient
 
     from annotate import jobs
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from annotate.worker import Worker
 
     app = create_app(site.settings, mount_ui=False)

@@ -4,7 +4,6 @@ origins, hostile ingest paths), plus the server-side sessions' lifetimes and the
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,21 +14,20 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from annotate.sessions import hash_id
+from annotate.web.sessions import hash_id
 from db.models import AuditLog, Role, User, WebSession, utcnow
 from db.session import session_scope
-from mcie.config import Settings, load_settings
+from mcie.config import Settings
 from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.web_fixtures import PASSWORD, log_in, open_client, site_settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
-PASSWORD = "correct-horse-9"
 MB = 1024 * 1024
 
 
 def _settings(folder: Path, **extra) -> Settings:
-    return load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/sec.db", blob_url=str(folder / "blobs"),
-                         secret_key=None, **extra)  # fmt: skip
+    return site_settings(folder, f"sqlite:///{folder}/sec.db", **extra)
 
 
 def _site(folder: Path, **extra) -> Settings:
@@ -48,23 +46,15 @@ def _site(folder: Path, **extra) -> Settings:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     return create_app(_site(tmp_path_factory.mktemp("security")))
 
 
 @pytest.fixture
 def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app, follow_redirects=False) as c:
+    with open_client(app) as c:
         yield c
-
-
-def log_in(client: TestClient, username: str, password: str = PASSWORD, headers: dict | None = None):
-    page = client.get("/login")
-    csrf = re.search(r"name=csrf value='([^']+)'", page.text)
-    assert csrf, page.text
-    return client.post("/login", data={"username": username, "password": password, "csrf": csrf.group(1)},
-                       headers=headers or {})  # fmt: skip
 
 
 def url_of(client: TestClient) -> str:
@@ -252,7 +242,7 @@ def test_failed_passwords_elsewhere_never_lock_the_right_user_out(app: FastAPI) 
 
 
 def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(tmp_path: Path) -> None:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     untrusted = create_app(_site(tmp_path / "a"), mount_ui=False)
     with TestClient(untrusted, follow_redirects=False, client=("127.0.0.1", 1)) as c:
@@ -272,7 +262,7 @@ def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(tmp_path: P
 
 
 def test_an_expired_block_is_audited_as_an_unblock(tmp_path: Path) -> None:
-    from annotate.throttle import LoginThrottle, ThrottlePolicy
+    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
 
     settings = _site(tmp_path)
     clock = [1000.0]
@@ -303,7 +293,7 @@ def test_no_foreign_origin_is_reflected(client: TestClient) -> None:
 
 
 def test_an_allow_listed_origin_is_allowed(tmp_path: Path) -> None:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     app = create_app(_site(tmp_path, cors_origins="https://tools.example.org"), mount_ui=False)
     with TestClient(app) as c:
@@ -314,8 +304,8 @@ def test_an_allow_listed_origin_is_allowed(tmp_path: Path) -> None:
 
 
 def test_cookies_are_secure_by_default_except_on_loopback_or_an_http_public_url(tmp_path: Path) -> None:
-    from annotate.edges import secure_cookies_for
-    from annotate.server import create_app
+    from annotate.web.edges import secure_cookies_for
+    from annotate.web.server import create_app
 
     assert secure_cookies_for(None, "0.0.0.0") is True
     assert secure_cookies_for(None, "review.example.org") is True
@@ -403,8 +393,8 @@ def test_the_ingest_command_names_each_refused_record(tmp_path: Path, monkeypatc
 
 
 def test_ended_sessions_and_old_failure_counts_are_purged(tmp_path: Path) -> None:
-    from annotate import sessions
-    from annotate.throttle import LoginThrottle, ThrottlePolicy
+    from annotate.web import sessions
+    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
     from db.models import LoginThrottleKey
 
     settings = _site(tmp_path)

@@ -3,8 +3,8 @@ mounted Gradio apps and their event handlers), images by content hash only, and 
 
 from __future__ import annotations
 
-import re
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,16 +17,16 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from annotate.web_auth import load_secret_key
+from annotate.web.auth import load_secret_key
 from db.models import Assignment, AssignmentState, Role
 from db.session import session_scope
 from db.store import ImageStore, register_images
 from mcie.config import Settings, load_settings
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user
+from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings, user_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's own queue code
 
-PASSWORD = "correct-horse-9"
 EVIL = '<script>alert("x")</script><img src=x onerror="window.__pwn=1">'
 
 
@@ -45,19 +45,12 @@ class World:
         return self.settings.database_url
 
 
-def _settings(folder: Path) -> Settings:
-    """Settings of a throw-away site; every path is given, so a developer's MCIE_* variables cannot leak in (module
-    fixtures are set up before the per-test isolation of tests/conftest.py)."""
-    return load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/web.db", blob_url=str(folder / "blobs"),
-                         secret_key=None, thumbnail_size=384)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from db.migrate import upgrade
 
-    settings = _settings(tmp_path_factory.mktemp("web"))
+    settings = site_settings(tmp_path_factory.mktemp("web"), thumbnail_size=384)
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)
     stored = store.put_pil(PILImage.new("RGB", (40, 30), (200, 30, 30)))
@@ -80,27 +73,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture
 def client(world: World) -> Iterator[TestClient]:
-    with TestClient(world.app, follow_redirects=False) as c:
+    with open_client(world.app) as c:
         yield c
-
-
-def csrf_of(client: TestClient) -> str:
-    page = client.get("/login")
-    match = re.search(r"name=csrf value='([^']+)'", page.text)
-    assert match, page.text
-    return match.group(1)
-
-
-def log_in(client: TestClient, username: str, password: str = PASSWORD, next_path: str = ""):
-    form = {"username": username, "password": password, "csrf": csrf_of(client), "next": next_path}
-    return client.post("/login", data=form)
-
-
-def user_id(url: str, username: str) -> int:
-    from db.models import User
-
-    with session_scope(url) as session:
-        return int(session.scalar(select(User.id).where(User.username == username)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,7 +92,7 @@ def test_healthz_reports_database_and_schema(client: TestClient) -> None:
 
 
 def test_healthz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
 
     settings = load_settings(data_dir=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
                              blob_url=str(tmp_path / "blobs"))
@@ -225,26 +199,29 @@ def test_a_password_change_or_disabling_ends_existing_sessions(world: World, cli
 
 
 class FakeClock:
+    """Starts at the real time: the app's periodic sweep purges failure counts older than the window by the real
+    clock, and would forget counts dated 1970 whenever it happened to run during a test."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = time.time()
 
     def __call__(self) -> float:
         return self.now
 
 
 def test_pair_delays_grow_from_the_free_failures_and_are_capped() -> None:
-    from annotate.throttle import ThrottlePolicy, pair_delay
+    from annotate.web.throttle import ThrottlePolicy, pair_delay
 
     policy = ThrottlePolicy(free_failures=3, delay_base_s=2, max_delay_s=60)
     assert [pair_delay(n, policy) for n in range(1, 9)] == [0, 0, 2, 4, 8, 16, 32, 60]
 
 
 def _limited_app(tmp_path: Path, clock: FakeClock) -> FastAPI:
-    from annotate.server import create_app
-    from annotate.throttle import LoginThrottle, ThrottlePolicy
+    from annotate.web.server import create_app
+    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
     from db.migrate import upgrade
 
-    settings = _settings(tmp_path)
+    settings = site_settings(tmp_path, thumbnail_size=384)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         make_user(session, "victim", Role.rater, password=PASSWORD)
@@ -351,7 +328,7 @@ def _request(username: str | None) -> Any:
 
 
 def test_lead_only_gradio_handlers_refuse_a_rater(world: World) -> None:
-    from annotate.ui_dashboard import Dashboard
+    from annotate.web.ui_dashboard import Dashboard
 
     dashboard = Dashboard(world.settings)
     calls = [
@@ -377,13 +354,13 @@ def test_lead_only_gradio_handlers_refuse_a_rater(world: World) -> None:
 
 def test_a_lead_changes_the_mllm_setting_through_the_handler(world: World) -> None:
     from annotate.project import get_project_config
-    from annotate.ui_dashboard import Dashboard
+    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     dashboard = Dashboard(world.settings)
-    dashboard.w = {"settings_status": "status"}
+    dashboard.w = named_widgets(DashboardWidgets)
     try:
         out = dashboard.on_show_mllm(True, _request("lead1"))
-        assert "Saved" in out["status"]
+        assert "Saved" in out["settings_status"]
         with session_scope(world.url) as session:
             assert get_project_config(session).show_mllm_verdict_before_submit is True
     finally:
@@ -391,7 +368,7 @@ def test_a_lead_changes_the_mllm_setting_through_the_handler(world: World) -> No
 
 
 def test_review_handlers_refuse_users_who_may_not_review(world: World) -> None:
-    from annotate.ui_review import ReviewApp
+    from annotate.web.ui_review import ReviewApp
 
     app = ReviewApp(world.settings)
     for who in ("guest1", "gone1", None):
@@ -461,10 +438,10 @@ def test_images_need_a_login(world: World, client: TestClient) -> None:
 
 
 def test_the_review_screen_escapes_a_malicious_instruction(world: World) -> None:
-    from annotate.ui_review import ReviewApp, Widgets
+    from annotate.web.ui_review import ReviewApp, Widgets
 
     app = ReviewApp(world.settings)
-    app.w = Widgets(*(f.name for f in Widgets.__dataclass_fields__.values()))
+    app.w = named_widgets(Widgets)
     page = app.on_load(_request("rater1"))["sample"]
     assert f'data-sample-id="{world.sample_id}"' in page
     assert "<script" not in page and "<svg onload" not in page and "<img src=x" not in page
@@ -476,9 +453,10 @@ def test_dashboard_and_history_renderers_escape_data() -> None:
     from datetime import UTC, datetime
 
     from annotate.acceptance import AdjudicationItem, ReviewSide
-    from annotate.ui_dashboard import render_reviews
-    from annotate.ui_review import render_last, render_topbar
-    from annotate.web_auth import WebUser
+    from annotate.web.auth import WebUser
+    from annotate.web.common import render_topbar
+    from annotate.web.ui_dashboard import render_reviews
+    from annotate.web.ui_review import render_last
 
     side = ReviewSide(1, "<i>rater</i>", False, 2, 3, EVIL, [{"turn_index": 1, "box": "<b>"}], 1, datetime.now(UTC))
     item = AdjudicationItem(5, EVIL, 0.0, [side], "<u>conflict</u>", EVIL, "<why>")
@@ -501,7 +479,7 @@ def test_the_login_page_escapes_what_was_typed(client: TestClient) -> None:
 
 
 def test_answers_are_built_from_the_form_with_clear_errors() -> None:
-    from annotate.ui_review import build_answer, parse_corrections
+    from annotate.web.ui_review import build_answer, parse_corrections
 
     answer = build_answer("no", 4, "3", "  fine  ", '[{"turn_index": 2, "box": [0.1, 0.2, 0.3, 0.4]}]')
     assert (answer.consistent, answer.quality, answer.complexity, answer.comment) == (False, 4, 3, "fine")
@@ -516,10 +494,10 @@ def test_answers_are_built_from_the_form_with_clear_errors() -> None:
 
 
 def test_a_refused_submit_keeps_the_answers_and_says_why(world: World) -> None:
-    from annotate.ui_review import ReviewApp, Widgets
+    from annotate.web.ui_review import ReviewApp, Widgets
 
     app = ReviewApp(world.settings)
-    app.w = Widgets(*(f.name for f in Widgets.__dataclass_fields__.values()))
+    app.w = named_widgets(Widgets)
     screen = {"current": {"sample_id": world.sample_id, "shown_at": 0.0, "mllm": [None, None]}, "next": None,
               "revise": None}
     for answers in (("yes", None, 3, "", ""), ("yes", 4, 3, "", '[{"turn_index": 99, "box": [0, 0, 1, 1]}]')):
@@ -535,7 +513,7 @@ def test_a_refused_submit_keeps_the_answers_and_says_why(world: World) -> None:
 def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: World) -> None:
     from annotate.project import set_project_config
     from annotate.reviews import sample_view
-    from annotate.ui_review import render_sample
+    from annotate.web.sample_html import render_sample
 
     view = sample_view(world.url, world.sample_id)
     hidden = render_sample(view, show_mllm=False)
@@ -545,7 +523,7 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
     with session_scope(world.url) as session:
         set_project_config(session, {"show_mllm_verdict_before_submit": True}, actor_id=None)
     try:
-        from annotate.ui_review import _show_mllm
+        from annotate.web.ui_review import _show_mllm
 
         assert _show_mllm(world.url) is True
     finally:
@@ -555,7 +533,7 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
 
 def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: World) -> None:
     from annotate.reviews import sample_view
-    from annotate.ui_review import PALETTE, render_sample
+    from annotate.web.sample_html import PALETTE, render_sample
 
     view = sample_view(world.url, world.sample_id)
     page = render_sample(view, show_mllm=False)
@@ -567,10 +545,10 @@ def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: Worl
 
 def test_the_acceptance_rule_is_applied_only_after_a_preview(world: World) -> None:
     from annotate.project import get_project_config
-    from annotate.ui_dashboard import Dashboard
+    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     dashboard = Dashboard(world.settings)
-    dashboard.w = {k: k for k in ("rule_status", "rule_preview", "rule_previewed")}
+    dashboard.w = named_widgets(DashboardWidgets)
     lead = _request("lead1")
     refused = dashboard.on_apply(True, 2, 2, 2, None, lead)
     assert "Preview these thresholds first" in refused["rule_status"]
@@ -599,7 +577,7 @@ def test_serve_migrates_the_database_then_serves(tmp_path: Path) -> None:
     env = {**os.environ, "MCIE_DATA_DIR": str(tmp_path), "MCIE_DATABASE_URL": f"sqlite:///{tmp_path}/served.db",
            "MCIE_CONFIG": str(tmp_path / "absent.toml")}
     (tmp_path / "absent.toml").write_text("")
-    code = f"from annotate.server import serve; serve('127.0.0.1', {port})"
+    code = f"from annotate.web.server import serve; serve('127.0.0.1', {port})"
     process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 60
@@ -615,3 +593,41 @@ def test_serve_migrates_the_database_then_serves(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the review screen without work, the dashboard's throughput axis
+
+
+def test_an_empty_queue_shows_only_its_message_and_the_form_returns_with_a_sample(world: World) -> None:
+    from annotate.web.ui_review import ReviewApp, Widgets
+
+    app = ReviewApp(world.settings)
+    app.w = named_widgets(Widgets)
+    empty = app._show({"current": None, "next": None, "revise": None}, None)
+    assert "Your queue is empty" in empty["sample"]
+    assert empty["form"]["visible"] is False and empty["preview_box"]["visible"] is False
+    with session_scope(world.url) as session:  # earlier tests used up the shared samples: a new one, a new rater
+        make_user(session, "fresh1", Role.rater, password=PASSWORD)
+        make_sample(session, priority=100.0)
+    shown = app.on_load(_request("fresh1"))
+    assert 'data-sample-id="' in shown["sample"]
+    assert shown["form"]["visible"] is True and shown["preview_box"]["visible"] is True
+
+
+def test_the_throughput_axis_of_a_first_day_is_labelled_in_hours() -> None:
+    import pandas as pd
+
+    from annotate.dashboard_data import throughput, throughput_freq
+    from annotate.web.ui_dashboard import throughput_figure
+
+    start = pd.Timestamp("2025-03-03 09:10", tz="UTC")
+    frame = pd.DataFrame({"created_at": [start, start + pd.Timedelta(minutes=5), start + pd.Timedelta(hours=2)]})
+    freq = throughput_freq(frame)
+    fig = throughput_figure(throughput(frame, freq=freq), freq)
+    assert freq == "h"
+    assert fig.layout.xaxis.type == "category" and fig.layout.xaxis.title.text == "hour (UTC)"
+    assert list(fig.data[0].x) == ["2025-03-03 09:00", "2025-03-03 10:00", "2025-03-03 11:00"]
+    assert list(fig.data[0].y) == [2, 0, 1]
+    one_bar = throughput_figure(throughput(frame.iloc[:1]), "D")  # one day: one labelled bar, no time ticks
+    assert list(one_bar.data[0].x) == ["2025-03-03"] and one_bar.layout.xaxis.type == "category"

@@ -6,7 +6,6 @@ HTML (labels only, escaped text, progress, thank-you screen)."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,14 @@ from annotate import study as st
 from db.models import Role, StudyAssignment, StudyItem, StudyOutput, Vote
 from db.session import session_scope
 from db.store import ImageStore
-from mcie.config import Settings, load_settings
+from mcie.config import Settings
+from tests.annotate import web_fixtures
 from tests.annotate.factories import make_user
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's own queue code
 
 METHODS = ("ip2p", "mcie-e1", "smartedit")
-PASSWORD = "study-pass-12"
+PASSWORD = "study-pass-12"  # not web_fixtures.PASSWORD: accounts of this module only
 EVIL = 'Make it <b>red</b> <img src=x onerror="window.__pwn=1"> & "quoted"'
 HTML = {"accept": "text/html"}
 
@@ -53,9 +53,7 @@ def make_study_folder(
 
 
 def site_settings(folder: Path) -> Settings:
-    """Settings of a throw-away site (every path given, so no developer setting leaks in)."""
-    return load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/web.db", blob_url=str(folder / "blobs"),
-                         secret_key=None, thumbnail_size=384)  # fmt: skip
+    return web_fixtures.site_settings(folder, thumbnail_size=384)
 
 
 @dataclass
@@ -73,7 +71,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from db.migrate import upgrade
 
     root = tmp_path_factory.mktemp("study-web")
@@ -98,7 +96,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture
 def client(world: World) -> Iterator[TestClient]:
-    with TestClient(world.app, follow_redirects=False) as c:
+    with web_fixtures.open_client(world.app) as c:
         yield c
 
 
@@ -112,7 +110,7 @@ def join(client: TestClient, world: World, name: str) -> str:
 
 def session_of(client: TestClient) -> dict[str, Any]:
     """The data of the client's server-side session (the cookie holds only a random id; the table its hash)."""
-    from annotate.sessions import hash_id
+    from annotate.web.sessions import hash_id
     from db.models import WebSession
 
     raw = client.cookies.get("mcie_session") or ""
@@ -124,17 +122,11 @@ def session_of(client: TestClient) -> dict[str, Any]:
 
 
 def log_in(client: TestClient, username: str) -> Any:
-    page = client.get("/login")
-    csrf = re.search(r"name=csrf value='([^']+)'", page.text)
-    assert csrf
-    return client.post("/login", data={"username": username, "password": PASSWORD, "csrf": csrf.group(1)})
+    return web_fixtures.log_in(client, username, PASSWORD)
 
 
 def user_id(world: World, username: str) -> int:
-    from db.models import User
-
-    with session_scope(world.url) as session:
-        return int(session.scalar(select(User.id).where(User.username == username)))
+    return web_fixtures.user_id(world.url, username)
 
 
 def item_images(world: World, study_id: int, item_ids: list[int] | None = None) -> set[str]:
@@ -200,7 +192,7 @@ def test_a_withdrawn_invitation_stops_a_running_session(world: World, client: Te
 
 
 def test_guessing_invite_tokens_is_rate_limited(tmp_path: Path) -> None:
-    from annotate.server import create_app
+    from annotate.web.server import create_app
     from db.migrate import upgrade
 
     settings = site_settings(tmp_path)
@@ -375,12 +367,10 @@ def test_leads_get_the_study_list_participants_results_and_votes(world: World, c
 
 
 def test_the_results_tab_handlers_check_the_role_and_fill_everything(world: World) -> None:
-    from annotate.ui_study import PLOTS, StudyResultsTab
+    from annotate.web.ui_study import PLOTS, ResultsWidgets, StudyResultsTab
 
     tab = StudyResultsTab(world.url)
-    names = ["kpis", "participants", "votes_csv", "status", "data", "summary", "criterion", "results_json", "who",
-             "reason", "study", "n_boot"]  # fmt: skip
-    tab.w = {name: name for name in names}
+    tab.w = web_fixtures.named_widgets(ResultsWidgets)
     tab.plots = [f"plot-{p}" for p in PLOTS]
     with pytest.raises(gr.Error):
         tab.compute(world.study_id, 0, SimpleNamespace(username="rater1"))
@@ -411,7 +401,7 @@ def _gradio_request(username: str, session: dict[str, Any]) -> Any:
 
 
 def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
-    from annotate.ui_study import StudyScreen
+    from annotate.web.ui_study import StudyScreen
 
     uid = user_id(world, "dee")
     st.enrol(world.url, world.study_id, "dee")  # a fresh invitation (another test withdraws the first one)
@@ -440,7 +430,7 @@ def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
 
 
 def test_render_screen_marks_the_choices_already_made() -> None:
-    from annotate.ui_study import render_screen
+    from annotate.web.ui_study import render_screen
 
     screen = st.ItemScreen(
         study_id=1,

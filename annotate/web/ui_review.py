@@ -22,14 +22,12 @@ own controls.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -42,22 +40,21 @@ from annotate.reviews import (
     flag_sample,
     reviewer_history,
     reviewer_progress,
+    reviewer_review,
     revise_review,
     sample_view,
     skip_sample,
     submit_review,
 )
-from annotate.web_auth import WebUser, user_for_username
+from annotate.web.auth import WebUser
+from annotate.web.common import esc, render_topbar, review_page_assets, reviewer_of
+from annotate.web.sample_html import PANEL_SIZE, STRIP_SIZE, framed_image, render_sample, thumb_url
 from db.session import session_scope
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies), strongest first.
-PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#CC79A7", "#0072B2", "#F0E442", "#000000")
-STRIP_SIZE = 384
-PANEL_SIZE = 768
 HISTORY_PAGE = 25
 PREVIEW_POLL_S = 2.0
 
@@ -92,11 +89,6 @@ HISTORY_COLUMNS = ["review", "sample", "updated (UTC)", "consistent", "quality",
                    "instruction", "comment"]
 
 
-def esc(value: Any) -> str:
-    """Text from data, safe inside HTML text and quoted attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the sample on screen (what the gr.State holds)
 
@@ -121,161 +113,7 @@ def _new_screen() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rendering (pure: a SampleView in, HTML out)
-
-
-def _colour(k: int) -> str:
-    return PALETTE[k % len(PALETTE)]
-
-
-def _thumb(sha: str, size: int) -> str:
-    return f"/thumb/{esc(sha)}?size={size}"
-
-
-def _full(sha: str) -> str:
-    return f"/img/{esc(sha)}"
-
-
-def _box_rects(boxes: Sequence[tuple[int, Sequence[float], str]], css: str = "mcie-box") -> str:
-    """SVG rects for (turn, normalized box, colour); a dark halo under each keeps it visible on any image."""
-    out = []
-    for turn, (x0, y0, x1, y1), colour in boxes:
-        geometry = f'x="{x0:.4f}" y="{y0:.4f}" width="{x1 - x0:.4f}" height="{y1 - y0:.4f}"'
-        out.append(
-            f'<rect {geometry} class="mcie-halo" vector-effect="non-scaling-stroke" '
-            'style="stroke:rgb(0 0 0 / 55%);stroke-width:5px"/>'
-            f'<rect {geometry} class="{css}" data-turn="{int(turn)}" vector-effect="non-scaling-stroke" '
-            f'style="stroke:{colour}"><title>sub-instruction {int(turn)}</title></rect>'
-        )
-    return "".join(out)
-
-
-def _framed(sha: str, size: int, alt: str, boxes: Sequence[tuple[int, Sequence[float], str]], extra: str = "") -> str:
-    svg = f'<svg viewBox="0 0 1 1" preserveAspectRatio="none" aria-hidden="true">{_box_rects(boxes)}{extra}</svg>'
-    return (
-        f'<div class="mcie-frame"><img src="{_thumb(sha, size)}" data-full="{_full(sha)}" alt="{esc(alt)}" '
-        f'loading="eager" decoding="async" draggable="false">{svg}</div>'
-    )
-
-
-def _sub_boxes(view: Any) -> list[tuple[int, Sequence[float], str]]:
-    return [(s.turn_index, s.box, _colour(k)) for k, s in enumerate(view.sub_instructions) if s.box is not None]
-
-
-def _legend(view: Any, corrections: dict[int, list[float]]) -> str:
-    rows = []
-    for k, sub in enumerate(view.sub_instructions):
-        colour = _colour(k)
-        if sub.box is None:
-            note = "no box"
-        else:
-            note = "box [" + ", ".join(f"{v:.2f}" for v in sub.box) + "]" + (f" from {esc(sub.box_source)}"
-                                                                            if sub.box_source else "")
-        corrected = corrections.get(sub.turn_index)
-        corr_text = ("corrected box: [" + ", ".join(f"{v:.3f}" for v in corrected) + "]") if corrected else ""
-        rows.append(
-            f'<li class="mcie-sub" data-turn="{int(sub.turn_index)}" data-color="{colour}">'
-            f'<span class="mcie-swatch" style="border-color:{colour}" title="colour of its box"></span>'
-            f'<span><span class="mcie-op">{esc(sub.operation)}</span>'
-            f'<span class="mcie-sub-text">{esc(sub.text)}</span>'
-            f'<span class="mcie-box-note">turn {int(sub.turn_index)} · {note}</span>'
-            f'<span class="mcie-corr-text" data-turn="{int(sub.turn_index)}">{corr_text}</span></span>'
-            f'<span class="mcie-sub-actions"><button type="button" data-mcie-redraw="{int(sub.turn_index)}" '
-            f'title="drag a rectangle on the target to correct this box">redraw box</button>'
-            f'<button type="button" data-mcie-clear="{int(sub.turn_index)}" title="drop the correction">reset</button>'
-            "</span></li>"
-        )
-    return f'<ol class="mcie-subs" aria-label="sub-instructions">{"".join(rows)}</ol>'
-
-
-def _step_boxes(view: Any, index: int) -> list[tuple[int, Sequence[float], str]]:
-    """Boxes drawn on step ``index``: all of them on the source and the target, the turn's own on an intermediate."""
-    boxes = _sub_boxes(view)
-    if index == 0 or index == len(view.steps) - 1:
-        return boxes
-    turn = view.first_turn + index - 1
-    return [b for b in boxes if b[0] == turn]
-
-
-def _strip(view: Any) -> str:
-    figures = []
-    for index, (label, sha) in enumerate(view.steps):
-        figures.append(
-            f'<figure class="mcie-step">{_framed(sha, STRIP_SIZE, label, _step_boxes(view, index))}'
-            f"<figcaption>{esc(label)}</figcaption></figure>"
-        )
-    return f'<div class="mcie-strip">{"".join(figures)}</div>'
-
-
-def _compare(view: Any) -> str:
-    source, target = view.steps[0][1], view.steps[-1][1]
-    return (
-        '<div class="mcie-panel"><h3>Before / after (drag the slider, or press t)</h3>'
-        '<div class="mcie-compare" style="--pos:50%"><div class="mcie-compare-stage">'
-        f'<img src="{_thumb(source, PANEL_SIZE)}" data-full="{_full(source)}" alt="source" draggable="false">'
-        f'<img class="mcie-after" src="{_thumb(target, PANEL_SIZE)}" data-full="{_full(target)}" alt="target" '
-        'draggable="false"><span class="mcie-divider"></span>'
-        '<span class="mcie-tag mcie-tag-before">source</span><span class="mcie-tag mcie-tag-after">target</span></div>'
-        '<input type="range" min="0" max="100" value="50" aria-label="before/after position"></div></div>'
-    )
-
-
-def _draw_panel(view: Any, corrections: dict[int, list[float]]) -> str:
-    colours = {s.turn_index: _colour(k) for k, s in enumerate(view.sub_instructions)}
-    corrected = [(t, b, colours.get(t, "#000")) for t, b in corrections.items()]
-    extra = "".join(
-        f'<rect x="{b[0]:.4f}" y="{b[1]:.4f}" width="{b[2] - b[0]:.4f}" height="{b[3] - b[1]:.4f}" class="mcie-corr" '
-        f'data-turn="{int(t)}" vector-effect="non-scaling-stroke" style="stroke:{c}"/>'
-        for t, b, c in corrected
-    )
-    target = view.steps[-1][1]
-    return (
-        '<div class="mcie-panel"><h3>Target with the boxes (click for full size)</h3>'
-        '<span id="mcie-draw-label"></span>'
-        f'<div class="mcie-draw">{_framed(target, PANEL_SIZE, "target with boxes", _sub_boxes(view), extra)}</div>'
-        "</div>"
-    )
-
-
-def render_verdict(view: Any, *, visible: bool) -> str:
-    if not visible:
-        return (
-            '<div class="mcie-verdict mcie-verdict-hidden">The MLLM\'s verdict is shown after you submit, so that it '
-            "does not steer your answer.</div>"
-        )
-    if view.mllm_verdict is None:
-        return '<div class="mcie-verdict">MLLM verdict: none recorded for this sample.</div>'
-    reason = f" - {esc(view.mllm_reason)}" if view.mllm_reason else ""
-    return f'<div class="mcie-verdict">MLLM verdict: <b>{esc(view.mllm_verdict)}</b>{reason}</div>'
-
-
-def render_sample(
-    view: Any,
-    *,
-    show_mllm: bool,
-    mode: str = "review",
-    banner: str | None = None,
-    corrections: Sequence[dict[str, Any]] | None = None,
-) -> str:
-    """The whole sample view; ``mode`` is ``review`` (a leased sample) or ``revise`` (a past review reopened)."""
-    corr = {int(c["turn_index"]): [float(v) for v in c["box"]] for c in (corrections or [])}
-    key = f"{mode}-{int(view.sample_id)}-{secrets.token_hex(4)}"
-    flagged = ""
-    if view.flagged:
-        flagged = f'<div class="mcie-flagged">Flagged for a lead: {esc(view.flag_reason or "")}</div>'
-    top = f'<div class="mcie-revise-banner">{esc(banner)}</div>' if banner else ""
-    n = len(view.sub_instructions)
-    return (
-        f'<div class="mcie-sample" data-sample-key="{esc(key)}" data-mode="{esc(mode)}" '
-        f'data-sample-id="{int(view.sample_id)}">{top}'
-        f"<h2>Sample {int(view.sample_id)}</h2>"
-        f'<div class="mcie-meta">{n} sub-instruction{"s" if n != 1 else ""} · turns {int(view.first_turn)}-'
-        f"{int(view.last_turn)} of {esc(view.dataset)} / {esc(view.external_id)}</div>{flagged}"
-        f'<div class="mcie-instruction" id="mcie-instruction">{esc(view.instruction)}</div>'
-        f"{_legend(view, corr)}{_strip(view)}"
-        f'<div class="mcie-panels">{_compare(view)}{_draw_panel(view, corr)}</div>'
-        f"{render_verdict(view, visible=show_mllm)}</div>"
-    )
+# rendering the screen's other parts (the sample itself: annotate.web.sample_html)
 
 
 def render_empty(message: str) -> str:
@@ -285,9 +123,9 @@ def render_empty(message: str) -> str:
 
 def render_prefetch(images: Sequence[str]) -> str:
     """Hidden images that warm the browser cache with the next sample's thumbnails."""
-    tags = [f'<img src="{_thumb(sha, STRIP_SIZE)}" alt="" loading="eager">' for sha in images]
+    tags = [f'<img src="{thumb_url(sha, STRIP_SIZE)}" alt="" loading="eager">' for sha in images]
     if images:
-        tags += [f'<img src="{_thumb(sha, PANEL_SIZE)}" alt="" loading="eager">' for sha in (images[0], images[-1])]
+        tags += [f'<img src="{thumb_url(sha, PANEL_SIZE)}" alt="" loading="eager">' for sha in (images[0], images[-1])]
     return f'<div aria-hidden="true">{"".join(tags)}</div>'
 
 
@@ -330,7 +168,7 @@ def render_preview(
         slot = ('<div class="mcie-preview-wait">No preview yet: press <kbd>p</kbd> (or "Preview edit") to see what '
                 "the model makes of this sample.</div>")
     elif state == "done" and status.image:
-        slot = _framed(status.image, STRIP_SIZE, "model preview", [])
+        slot = framed_image(status.image, STRIP_SIZE, "model preview", [])
     elif state == "queued":
         ahead = f" ({int(status.ahead)} job{'s' if status.ahead != 1 else ''} ahead)" if status.ahead else ""
         slot = f'<div class="mcie-preview-wait" role="status">Queued{esc(ahead)}…</div>'
@@ -347,7 +185,7 @@ def render_preview(
                    + (f" · {int(steps)} steps" if steps else "") + (" · from the cache" if status.cached else ""))
     target_fig = ""
     if target:
-        target_fig = f'<figure>{_framed(target, STRIP_SIZE, "target", [])}<figcaption>target</figcaption></figure>'
+        target_fig = f'<figure>{framed_image(target, STRIP_SIZE, "target", [])}<figcaption>target</figcaption></figure>'
     notice = render_status(note, error=error) if note else ""
     return (
         f'<div class="mcie-preview" data-sample-id="{int(sample_id)}" data-state="{esc(state)}">{notice}'
@@ -369,17 +207,6 @@ def render_last(sample_id: int, answer: Any, mllm: tuple[str | None, str | None]
         f" - {esc(reason)}" if reason else "")
     rev = f" (revision {int(revision)})" if revision > 1 else ""
     return f'<div class="mcie-last">Saved sample {int(sample_id)}{rev}: {said}. {mllm_text}</div>'
-
-
-def render_topbar(user: WebUser) -> str:
-    links = ['<a href="/review/">Review</a>']
-    if user.is_lead:
-        links.append('<a href="/dashboard/">Dashboard</a>')
-    return (
-        '<div class="mcie-topbar"><span class="mcie-brand">MCIE review</span>'
-        f'<nav>{"".join(links)}</nav><span class="mcie-user">{esc(user.shown_name)} · {esc(user.role.value)}</span>'
-        '<form method="post" action="/logout"><button type="submit" id="logout">Log out</button></form></div>'
-    )
 
 
 def _rubric(rows: Sequence[tuple[Any, str, str]], keys: str) -> str:
@@ -451,14 +278,6 @@ def build_answer(
 # talking to the service layer
 
 
-def reviewer_of(url: str, request: gr.Request | None) -> WebUser:
-    """The logged-in reviewer behind a Gradio event, checked again on every event (not only at page load)."""
-    user = user_for_username(url, getattr(request, "username", None))
-    if user is None or not user.is_reviewer:
-        raise gr.Error("Your session has ended or you may not review samples; please log in again.")
-    return user
-
-
 def _show_mllm(url: str) -> bool:
     with session_scope(url) as session:
         return get_project_config(session).show_mllm_verdict_before_submit
@@ -506,16 +325,11 @@ def _clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _history_row(url: str, user_id: int, review_id: int) -> Any:
-    offset = 0
-    while True:  # the history is short per reviewer; pages of the service's maximum size
-        rows = reviewer_history(url, user_id, limit=500, offset=offset)
-        for row in rows:
-            if row.review_id == review_id:
-                return row
-        if len(rows) < 500:
-            raise gr.Error(f"Review {review_id} is not one of yours.")
-        offset += 500
+def _own_review(url: str, user_id: int, review_id: int) -> Any:
+    row = reviewer_review(url, user_id, review_id)
+    if row is None:
+        raise gr.Error(f"Review {review_id} is not one of yours.")
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,6 +361,8 @@ class Widgets:
     preview: Any = None
     preview_job: Any = None
     preview_timer: Any = None
+    form: Any = None  # the questions, rubrics and buttons: hidden while there is no sample to answer
+    preview_box: Any = None
 
     def answers(self) -> list[Any]:
         return [self.consistent, self.quality, self.complexity, self.comment, self.boxes]
@@ -556,7 +372,7 @@ class Widgets:
         return [
             self.screen, self.topbar, self.sample, self.prefetch, self.progress, self.status, self.last,
             self.consistent, self.quality, self.complexity, self.comment, self.boxes, self.reason,
-            self.cancel_revise, *self.preview_outputs(),
+            self.cancel_revise, self.form, self.preview_box, *self.preview_outputs(),
         ]
 
     def preview_outputs(self) -> list[Any]:
@@ -564,6 +380,12 @@ class Widgets:
 
     def history_outputs(self) -> list[Any]:
         return [self.hist, self.history, self.history_info]
+
+
+def _answerable(w: Widgets, shown: bool) -> dict[Any, Any]:
+    """Show the answer form and the preview box only while a sample is on screen (an empty queue shows its message
+    and nothing to click)."""
+    return {w.form: gr.update(visible=shown), w.preview_box: gr.update(visible=shown)}
 
 
 def _cleared(w: Widgets) -> dict[Any, Any]:
@@ -598,10 +420,13 @@ class ReviewApp:
         if card is None:
             screen["current"] = None
             return {w.sample: render_empty("Your queue is empty - thank you! New samples appear here when they are "
-                                           "ready; reload the page later."), w.prefetch: ""} | self._preview_of(None)
+                                           "ready; reload the page later."), w.prefetch: ""} | self._preview_of(
+                None
+            ) | _answerable(w, False)
         card.shown_at = time.time()
         screen["current"] = asdict(card)
-        return {w.sample: card.html} | self._preview_of(card.sample_id, card.images[-1] if card.images else None)
+        shown = {w.sample: card.html} | _answerable(w, True)
+        return shown | self._preview_of(card.sample_id, card.images[-1] if card.images else None)
 
     def _prefetch(self, screen: dict[str, Any], user: WebUser) -> dict[Any, Any]:
         """Lease and render the sample after the current one; its thumbnails warm the browser cache."""
@@ -644,7 +469,7 @@ class ReviewApp:
             out |= self._show(screen, lease_card(self.url, user.id)) | self._prefetch(screen, user)
         except Exception as exc:
             log.exception("could not lease a sample for user %s", user.id)
-            out |= {w.sample: render_empty(f"Could not get a sample: {exc}")}
+            out |= {w.sample: render_empty(f"Could not get a sample: {exc}")} | _answerable(w, False)
         return out | _cleared(w) | {w.screen: screen, w.progress: _progress_html(self.url, user.id, screen)}
 
     def on_submit(
@@ -746,7 +571,7 @@ class ReviewApp:
         w = self.w
         if screen.get("revise"):  # reopening another review while revising: keep the first stash
             stash = screen["revise"].get("stash")
-        row = _history_row(self.url, user.id, review_id)
+        row = _own_review(self.url, user.id, review_id)
         view = sample_view(self.url, row.sample_id)
         banner = (f"Revising your review {row.review_id} of sample {row.sample_id} (now revision {row.revision}; "
                   f"saving makes revision {row.revision + 1}). Enter saves, Esc cancels.")
@@ -757,6 +582,7 @@ class ReviewApp:
         return {
             w.screen: screen,
             w.sample: html_text,
+            **_answerable(w, True),
             w.consistent: _yes_no(row.consistent),
             w.quality: row.quality,
             w.complexity: row.complexity,
@@ -798,6 +624,7 @@ class ReviewApp:
             current["shown_at"] = time.time()  # the time spent revising is not counted for the current sample
         body = current["html"] if current else render_empty("Your queue is empty - thank you!")
         out = {w.screen: screen, w.sample: body, w.cancel_revise: gr.update(visible=False)} | _cleared(w)
+        out |= _answerable(w, current is not None)
         out |= self._preview_of(*_on_screen(screen))
         if stash and current is not None:
             out |= dict(zip(w.answers(), stash, strict=True))
@@ -895,7 +722,7 @@ def build(settings: Settings) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, min_width=520):
                         sample = gr.HTML(render_empty("Loading..."), elem_id="sample-view", js_on_load=None)
-                        with gr.Group(elem_id="preview-box"):
+                        with gr.Group(elem_id="preview-box") as preview_box:
                             preview_btn = gr.Button(
                                 "Preview edit (p)" if not app.preview_off else "Preview edit: no model configured",
                                 interactive=not app.preview_off, size="sm", elem_id="preview-btn",
@@ -904,36 +731,37 @@ def build(settings: Settings) -> gr.Blocks:
                                               js_on_load=None)
                     with gr.Column(scale=2, min_width=340):
                         progress = gr.HTML(elem_id="progress", js_on_load=None)
-                        gr.HTML(KEYS_HTML, js_on_load=None)
                         status = gr.HTML(elem_id="status", js_on_load=None)
                         last = gr.HTML(elem_id="last-review", js_on_load=None)
-                        consistent = gr.Radio(CONSISTENCY_CHOICES, label="1. Instruction consistency (y / n)",
-                                              elem_id="q-consistent")
-                        gr.HTML(_rubric(CONSISTENCY_RUBRIC, "y/n"), js_on_load=None)
-                        quality = gr.Radio([(f"{v} {n}", v) for v, n, _ in QUALITY_RUBRIC],
-                                           label="2. Image quality (1-5)", elem_id="q-quality")
-                        gr.HTML(_rubric(QUALITY_RUBRIC, "1-5"), js_on_load=None)
-                        complexity = gr.Radio([(f"{v} {n}", v) for v, n, _ in COMPLEXITY_RUBRIC],
-                                              label="3. Editing-scenario complexity (1-5)", elem_id="q-complexity")
-                        gr.HTML(_rubric(COMPLEXITY_RUBRIC, "1-5"), js_on_load=None)
-                        comment = gr.Textbox(label="Comment (optional; c to type, Esc to leave)", lines=2,
-                                             max_length=5000, elem_id="comment")
-                        boxes = gr.Textbox(
-                            label="Box corrections (optional): use 'redraw box' on a sub-instruction and drag on the "
-                            'target, or type JSON like [{"turn_index": 2, "box": [0.1, 0.2, 0.5, 0.6]}]',
-                            lines=1, max_length=5000, elem_id="box-corrections",
-                        )
-                        with gr.Row():
-                            submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
-                            skip = gr.Button("Skip (s)", elem_id="skip-btn")
-                            flag = gr.Button("Flag (f)", elem_id="flag-btn")
-                            cancel_revise = gr.Button("Cancel revision (Esc)", visible=False,
-                                                      elem_id="cancel-revise-btn")
-                        with gr.Group(elem_id="reason-panel"):
-                            gr.HTML(_reason_panel_html(), js_on_load=None)
-                            reason = gr.Textbox(label="Reason", lines=1, max_length=1000, elem_id="reason-box")
-                            skip_confirm = gr.Button("Skip this sample", variant="stop", elem_id="skip-confirm")
-                            flag_confirm = gr.Button("Flag this sample", variant="stop", elem_id="flag-confirm")
+                        with gr.Column(elem_id="answer-form") as form:
+                            gr.HTML(KEYS_HTML, js_on_load=None)
+                            consistent = gr.Radio(CONSISTENCY_CHOICES, label="1. Instruction consistency (y / n)",
+                                                  elem_id="q-consistent")
+                            gr.HTML(_rubric(CONSISTENCY_RUBRIC, "y/n"), js_on_load=None)
+                            quality = gr.Radio([(f"{v} {n}", v) for v, n, _ in QUALITY_RUBRIC],
+                                               label="2. Image quality (1-5)", elem_id="q-quality")
+                            gr.HTML(_rubric(QUALITY_RUBRIC, "1-5"), js_on_load=None)
+                            complexity = gr.Radio([(f"{v} {n}", v) for v, n, _ in COMPLEXITY_RUBRIC],
+                                                  label="3. Editing-scenario complexity (1-5)", elem_id="q-complexity")
+                            gr.HTML(_rubric(COMPLEXITY_RUBRIC, "1-5"), js_on_load=None)
+                            comment = gr.Textbox(label="Comment (optional; c to type, Esc to leave)", lines=2,
+                                                 max_length=5000, elem_id="comment")
+                            boxes = gr.Textbox(
+                                label="Box corrections (optional): use 'redraw box' on a sub-instruction and drag on "
+                                'the target, or type JSON like [{"turn_index": 2, "box": [0.1, 0.2, 0.5, 0.6]}]',
+                                lines=1, max_length=5000, elem_id="box-corrections",
+                            )
+                            with gr.Row():
+                                submit = gr.Button("Submit (Enter)", variant="primary", elem_id="submit-btn")
+                                skip = gr.Button("Skip (s)", elem_id="skip-btn")
+                                flag = gr.Button("Flag (f)", elem_id="flag-btn")
+                                cancel_revise = gr.Button("Cancel revision (Esc)", visible=False,
+                                                          elem_id="cancel-revise-btn")
+                            with gr.Group(elem_id="reason-panel"):
+                                gr.HTML(_reason_panel_html(), js_on_load=None)
+                                reason = gr.Textbox(label="Reason", lines=1, max_length=1000, elem_id="reason-box")
+                                skip_confirm = gr.Button("Skip this sample", variant="stop", elem_id="skip-confirm")
+                                flag_confirm = gr.Button("Flag this sample", variant="stop", elem_id="flag-confirm")
                 prefetch = gr.HTML(elem_id="prefetch", js_on_load=None)
             with gr.Tab("My reviews", id="history", elem_id="tab-history") as history_tab:
                 history_info = gr.Markdown(elem_id="history-info")
@@ -943,7 +771,8 @@ def build(settings: Settings) -> gr.Blocks:
                     older = gr.Button("Older", elem_id="history-older")
         app.w = w = Widgets(screen, hist, topbar, sample, prefetch, progress, status, last, consistent, quality,
                             complexity, comment, boxes, reason, cancel_revise, history, history_info, tabs,
-                            preview=preview, preview_job=preview_job, preview_timer=preview_timer)
+                            preview=preview, preview_job=preview_job, preview_timer=preview_timer, form=form,
+                            preview_box=preview_box)
         outputs = w.screen_outputs()
         quiet = {"show_progress": "hidden"}
         demo.load(app.on_load, inputs=None, outputs=outputs, **quiet)
@@ -970,5 +799,4 @@ def build(settings: Settings) -> gr.Blocks:
 
 def page_assets() -> dict[str, str]:
     """``head`` (the page script) and ``css`` for ``gr.mount_gradio_app`` (Gradio 6 takes them there)."""
-    script = (STATIC / "review.js").read_text(encoding="utf-8")
-    return {"head": f"<script>{script}</script>", "css": (STATIC / "review.css").read_text(encoding="utf-8")}
+    return review_page_assets()

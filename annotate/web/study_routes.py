@@ -1,13 +1,13 @@
 """The user study's web side: invite links, the participants' JSON API, the leads' study API, and the gate that keeps
-participants inside their study. :func:`register_study` adds all of it to the app (``annotate.server.create_app``).
+participants inside their study. :func:`register_study` adds all of it to the app (``annotate.web.server.create_app``).
 
 Routes:
 
 - ``GET /study/join/{token}`` - an invite link: checks the token (:func:`annotate.study.invite_problem`), starts a
   session for the participant that is limited to that study (``session["study"]``) and sends them to ``/study/``;
   an unknown, withdrawn or closed-study link gets a page that says so (404 / 403), and unknown tokens count as
-  failures for the login throttle (per IP address, :mod:`annotate.throttle`);
-- ``/study/`` - the participant's screen (Gradio, :mod:`annotate.ui_study`), for any logged-in user; it shows the
+  failures for the login throttle (per IP address, :mod:`annotate.web.throttle`);
+- ``/study/`` - the participant's screen (Gradio, :mod:`annotate.web.ui_study`), for any logged-in user; it shows the
   study of the session's invite link, or else the user's first open study;
 - ``GET /api/study/{id}/current``, ``POST /api/study/{id}/vote``, ``POST /api/study/{id}/advance`` - the
   participant's flow as JSON (:func:`annotate.study.current_item`, ``cast_vote``, ``advance``), used by the study
@@ -17,7 +17,7 @@ Routes:
   closed study) or 422 (bad body);
 - ``GET /api/study`` (every study), ``GET /api/study/{id}/participants``, ``GET /api/study/{id}/results`` and
   ``GET /api/study/{id}/votes.csv`` - for leads and admins;
-- ``/studies/`` - the leads' study results page (Gradio: :func:`annotate.ui_study.study_results_tab` on its own).
+- ``/studies/`` - the leads' study results page (Gradio: :func:`annotate.web.ui_study.study_results_tab` on its own).
 
 :class:`StudyGate` (ASGI middleware, inside the session middleware) confines a *limited* session - one opened by an
 invite link, whatever the account's role, or any session of a ``participant`` account - to ``/study/``, the
@@ -31,7 +31,6 @@ tells them to open their invitation link again.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import re
@@ -41,24 +40,28 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from annotate import study
-from annotate.web_auth import (
+from annotate.web.auth import (
     LEAD_ROLES,
+    SESSION_STUDY_KEY,
     WebUser,
     _session_matches,
     client_ip,
     csrf_token,
     require_lead,
+    session_study,
     session_user,
     snapshot,
     start_session,
 )
+from annotate.web.common import esc, mount_gradio
+from annotate.web.deps import get_session, get_write_session
 from db.models import AuditLog, Role, User
 from db.session import session_scope
 from mcie.config import Settings
@@ -70,7 +73,6 @@ RESULTS_PATH = "/studies"
 JOIN_PREFIX = "/study/join/"
 API_PREFIX = "/api/study"
 CSRF_HEADER = "x-csrf-token"
-SESSION_STUDY_KEY = "study"
 ALL_ROLES: frozenset[Role] = frozenset(Role)
 PARTICIPANT_API_RE = re.compile(r"^/api/study/(\d+)/(current|vote|advance)$")
 IMAGE_RE = re.compile(r"^/(?:img|thumb)/([0-9a-f]{64})$")
@@ -100,30 +102,11 @@ def register_study(app: FastAPI, settings: Settings, *, mount_ui: bool = True) -
 
 
 def _mount_pages(app: FastAPI, settings: Settings) -> None:
-    import gradio as gr
+    from annotate.web import ui_study  # Gradio loads only when the screens are mounted
 
-    from annotate import ui_study
-    from annotate.web_auth import gradio_auth_dependency
-
-    for path, blocks, roles, assets in (
-        (STUDY_PATH, ui_study.build(settings), ALL_ROLES, ui_study.page_assets()),
-        (RESULTS_PATH, ui_study.build_results(settings), LEAD_ROLES, ui_study.results_page_assets()),
-    ):
-        gr.mount_gradio_app(
-            app,
-            blocks,
-            path=path,
-            auth_dependency=gradio_auth_dependency(settings.database_url, roles),
-            footer_links=[],
-            run_history=False,
-            max_file_size="1mb",  # nothing is uploaded
-            blocked_paths=[str(settings.data_dir.resolve())],
-            show_error=True,
-            ssr_mode=False,
-            mcp_server=False,
-            **assets,
-        )
-        blocks.config = blocks.get_config_file()  # mount sets head/js/css after building the config
+    mount_gradio(app, settings, STUDY_PATH, ui_study.build(settings), ALL_ROLES, ui_study.page_assets())
+    mount_gradio(app, settings, RESULTS_PATH, ui_study.build_results(settings), LEAD_ROLES,
+                 ui_study.results_page_assets())  # fmt: skip
 
 
 router = APIRouter()
@@ -139,7 +122,6 @@ def _url(request: Request) -> str:
 
 def join_page(title: str, message: str, *, link: tuple[str, str] | None = None) -> str:
     """A small HTML page for the participant (everything escaped)."""
-    esc = html.escape
     extra = f"<p><a href='{esc(link[0])}'>{esc(link[1])}</a></p>" if link else ""
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -215,17 +197,8 @@ class AdvanceBody(BaseModel):
     render: bool = False
 
 
-def session_study(request: Request | Any) -> int | None:
-    """The study an invite-link session is limited to, or None (a password session); ``request`` is a Starlette
-    request, a Gradio request (its underlying request is used) or an ASGI scope."""
-    scope = request if isinstance(request, dict) else getattr(getattr(request, "request", request), "scope", None)
-    session = (scope or {}).get("session")
-    value = session.get(SESSION_STUDY_KEY) if isinstance(session, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _session_user(request: Request, session: Session) -> WebUser | None:
-    """:func:`annotate.web_auth.session_user`, read in the caller's transaction (one round trip less per vote)."""
+    """:func:`annotate.web.auth.session_user`, read in the caller's transaction (one round trip less per vote)."""
     cookie = request.scope.get("session") or {}
     uid = cookie.get("uid")
     if not isinstance(uid, int) or isinstance(uid, bool):
@@ -233,112 +206,178 @@ def _session_user(request: Request, session: Session) -> WebUser | None:
     return _session_matches(snapshot(session.get(User, uid)), cookie)
 
 
-def _participant(request: Request, study_id: int, session: Session, *, write: bool) -> WebUser:
-    """The session's user, allowed to act in ``study_id`` (401/403 otherwise); POSTs must carry the CSRF token."""
+def _in_study(request: Request, study_id: int, session: Session) -> WebUser:
     user = _session_user(request, session)
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "your session has ended: open your invitation link again")
     limited = session_study(request)
     if limited is not None and limited != study_id:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this session belongs to another study")
-    if write:
-        expected = request.session.get("csrf")
-        given = request.headers.get(CSRF_HEADER)
-        if not expected or not given or not secrets.compare_digest(str(expected), given):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header; reload the page")
     return user
+
+
+ReadDB = Annotated[Session, Depends(get_session, scope="function")]
+WriteDB = Annotated[Session, Depends(get_write_session, scope="function")]
+
+
+def participant(request: Request, study_id: int, session: ReadDB) -> WebUser:
+    """The session's user, allowed to act in ``study_id`` (401/403 otherwise), read in the route's transaction."""
+    return _in_study(request, study_id, session)
+
+
+def voter(
+    request: Request,
+    study_id: int,
+    session: WriteDB,
+    token: Annotated[str | None, Header(alias=CSRF_HEADER)] = None,
+) -> WebUser:
+    """:func:`participant` for a POST, in the route's write transaction; the POST must carry the CSRF token."""
+    user = _in_study(request, study_id, session)
+    expected = request.session.get("csrf")
+    if not expected or not token or not secrets.compare_digest(str(expected), token):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header; reload the page")
+    return user
+
+
+Participant = Annotated[WebUser, Depends(participant)]
+Voter = Annotated[WebUser, Depends(voter)]
 
 
 def _study_error(exc: study.StudyError) -> HTTPException:
     code = status.HTTP_403_FORBIDDEN if isinstance(exc, study.StudyAccessError) else status.HTTP_409_CONFLICT
-    return HTTPException(code, str(exc))
+    return HTTPException(code, str(exc), headers=NO_STORE)
 
 
-def screen_json(screen: study.ItemScreen) -> dict[str, Any]:
-    """An :class:`~annotate.study.ItemScreen` as JSON: labels and image hashes, never method names."""
-    return {
-        "finished": False,
-        "study_id": screen.study_id,
-        "item_id": screen.item_id,
-        "position": screen.position,
-        "total": screen.total,
-        "progress": screen.progress,
-        "instruction": screen.instruction,
-        "source_image": screen.source_image,
-        "outputs": [{"label": o.label, "image": o.image} for o in screen.outputs],
-        "criteria": list(screen.criteria),
-        "choices": dict(screen.choices),
-    }
+class OutputOut(BaseModel):
+    label: str
+    image: str
+
+
+class ScreenOut(BaseModel):
+    """The participant's current screen (labels and image hashes, never method names), or ``finished`` with their
+    progress; ``html`` when the page asked for it rendered, ``csrf`` on ``/current``."""
+
+    finished: bool
+    study_id: int
+    item_id: int | None = None
+    position: int | None = None
+    total: int
+    progress: str | None = None
+    instruction: str | None = None
+    source_image: str | None = None
+    outputs: list[OutputOut] | None = None
+    criteria: list[str] | None = None
+    choices: dict[str, str | None] | None = None
+    completed: int | None = None
+    html: str | None = None
+    csrf: str | None = None
+
+
+class VoteOut(BaseModel):
+    ok: bool
+    study_id: int
+    item_id: int
+    criterion: str
+    choice: str | None
+
+
+class AdvanceOut(BaseModel):
+    ok: bool
+    completed: int
+    total: int
+    finished: bool
+    next: ScreenOut | None = None
+
+
+def screen_json(screen: study.ItemScreen) -> ScreenOut:
+    """An :class:`~annotate.study.ItemScreen` for the API."""
+    return ScreenOut(
+        finished=False,
+        study_id=screen.study_id,
+        item_id=screen.item_id,
+        position=screen.position,
+        total=screen.total,
+        progress=screen.progress,
+        instruction=screen.instruction,
+        source_image=screen.source_image,
+        outputs=[OutputOut(label=o.label, image=o.image) for o in screen.outputs],
+        criteria=list(screen.criteria),
+        choices=dict(screen.choices),
+    )
 
 
 def screen_payload(
-    url: str, study_id: int, user_id: int, *, render: bool, csrf: str = "", screen: study.ItemScreen | None = None
-) -> dict[str, Any]:
-    """The participant's current screen as JSON (or ``finished`` with their progress), with its HTML if asked;
-    ``screen`` when it was read already."""
-    screen = screen or study.current_item(url, study_id, user_id)
+    db: str | Session,
+    study_id: int,
+    user_id: int,
+    *,
+    render: bool,
+    csrf: str = "",
+    screen: study.ItemScreen | None = None,
+) -> ScreenOut:
+    """The participant's current screen (or ``finished`` with their progress), with its HTML if asked; ``screen``
+    when it was read already. ``db``: a URL, or the route's session (to see its own uncommitted writes)."""
+    screen = screen or study.current_item(db, study_id, user_id)
     if screen is None:
-        progress = study.participant_progress(url, study_id, user_id)
-        body: dict[str, Any] = {"finished": True, "study_id": study_id, "completed": progress.completed,
-                                "total": progress.total}  # fmt: skip
+        progress = study.participant_progress(db, study_id, user_id)
+        body = ScreenOut(finished=True, study_id=study_id, completed=progress.completed, total=progress.total)
     else:
         body = screen_json(screen)
     if render:
-        from annotate import ui_study
+        from annotate.web import ui_study  # Gradio's modules load only when a page is rendered
 
         if screen is None:
-            body["html"] = ui_study.render_finished(body["total"])
+            body.html = ui_study.render_finished(body.total)
         else:
-            upcoming = study.upcoming_images(url, study_id, user_id, screen.position)
-            body["html"] = ui_study.render_screen(screen, csrf=csrf, prefetch=upcoming)
+            upcoming = study.upcoming_images(db, study_id, user_id, screen.position)
+            body.html = ui_study.render_screen(screen, csrf=csrf, prefetch=upcoming)
     return body
 
 
-@router.get(API_PREFIX + "/{study_id}/current")
-def api_current(request: Request, study_id: int, render: Annotated[bool, Query()] = False) -> JSONResponse:
+def _no_store(response: Response) -> None:
+    response.headers.update(NO_STORE)
+
+
+SCREEN = {"response_model_exclude_unset": True, "dependencies": [Depends(_no_store)]}
+
+
+@router.get(API_PREFIX + "/{study_id}/current", **SCREEN)
+def api_current(
+    request: Request, study_id: int, user: Participant, session: ReadDB, render: Annotated[bool, Query()] = False
+) -> ScreenOut:
     """The participant's current screen (their sequence is assigned on the first call), with the session's CSRF
     token for the POSTs (a same-origin read: other sites cannot read it)."""
-    url = _url(request)
     try:
-        with session_scope(url) as session:  # the usual case: the user and the screen in one transaction
-            user = _participant(request, study_id, session, write=False)
-            screen = study.quick_current_item(session, study_id, user.id)
+        screen = study.quick_current_item(session, study_id, user.id)  # the usual case: one transaction
         csrf = csrf_token(request)
-        body = screen_payload(url, study_id, user.id, render=render, csrf=csrf, screen=screen)
+        body = screen_payload(session, study_id, user.id, render=render, csrf=csrf, screen=screen)
     except study.StudyError as exc:
         raise _study_error(exc) from None
-    return JSONResponse({**body, "csrf": csrf}, headers=NO_STORE)
+    body.csrf = csrf
+    return body
 
 
-@router.post(API_PREFIX + "/{study_id}/vote")
-def api_vote(request: Request, study_id: int, vote: VoteBody) -> JSONResponse:
+@router.post(API_PREFIX + "/{study_id}/vote", **SCREEN)
+def api_vote(study_id: int, vote: VoteBody, user: Voter, session: WriteDB) -> VoteOut:
     """Store (or change) a choice on the current screen at once."""
     try:
-        with session_scope(_url(request), write=True) as session:  # one transaction: the user, then the vote
-            user = _participant(request, study_id, session, write=True)
-            study.cast_vote(session, study_id, user.id, vote.item_id, vote.criterion, vote.choice, vote.latency_ms)
+        study.cast_vote(session, study_id, user.id, vote.item_id, vote.criterion, vote.choice, vote.latency_ms)
     except study.StudyError as exc:
         raise _study_error(exc) from None
-    body = {"ok": True, "study_id": study_id, "item_id": vote.item_id, "criterion": vote.criterion,
-            "choice": vote.choice}  # fmt: skip
-    return JSONResponse(body, headers=NO_STORE)
+    return VoteOut(ok=True, study_id=study_id, item_id=vote.item_id, criterion=vote.criterion, choice=vote.choice)
 
 
-@router.post(API_PREFIX + "/{study_id}/advance")
-def api_advance(request: Request, study_id: int, step: AdvanceBody) -> JSONResponse:
+@router.post(API_PREFIX + "/{study_id}/advance", **SCREEN)
+def api_advance(request: Request, study_id: int, step: AdvanceBody, user: Voter, session: WriteDB) -> AdvanceOut:
     """Complete the current screen (every criterion needs a vote) and move on; ``render`` adds the next screen."""
-    url = _url(request)
     try:
-        with session_scope(url, write=True) as session:
-            user = _participant(request, study_id, session, write=True)
-            progress = study.advance(session, study_id, user.id, step.item_id)
-        body: dict[str, Any] = {"ok": True, "completed": progress.completed, "total": progress.total,
-                                "finished": progress.finished}  # fmt: skip
+        progress = study.advance(session, study_id, user.id, step.item_id)
+        body = AdvanceOut(ok=True, completed=progress.completed, total=progress.total, finished=progress.finished)
         if step.render:
-            body["next"] = screen_payload(url, study_id, user.id, render=True, csrf=request.session.get("csrf", ""))
+            body.next = screen_payload(session, study_id, user.id, render=True, csrf=request.session.get("csrf", ""))
     except study.StudyError as exc:
         raise _study_error(exc) from None
-    return JSONResponse(body, headers=NO_STORE)
+    return body
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,51 +388,77 @@ def _lead_study(request: Request, key: str) -> int:
     try:
         return study.resolve_study(_url(request), key)
     except study.StudyError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc), headers=NO_STORE) from None
 
 
-@router.get(API_PREFIX)
-def api_studies(request: Request, user: WebUser = Depends(require_lead)) -> JSONResponse:
+Lead = Annotated[WebUser, Depends(require_lead)]
+LEADS = {"dependencies": [Depends(_no_store)]}
+
+
+class StudyOut(BaseModel):
+    id: int
+    name: str
+    status: str
+    items: int
+    methods: list[str]
+    criteria: list[str]
+    items_per_participant: int | None
+    enrolled: int
+    finished: int
+    created_at: str
+
+
+class ParticipantOut(BaseModel):
+    user_id: int
+    username: str
+    invited_at: str
+    revoked: bool
+    assigned: int
+    completed: int
+    finished_at: str | None
+    excluded: bool
+    exclusion_reason: str | None
+
+
+@router.get(API_PREFIX, **LEADS)
+def api_studies(request: Request, user: Lead) -> list[StudyOut]:
     """Every study with its counts (leads and admins)."""
-    rows = [
-        {"id": s.id, "name": s.name, "status": s.status, "items": s.n_items, "methods": list(s.methods),
-         "criteria": list(s.criteria), "items_per_participant": s.items_per_participant, "enrolled": s.enrolled,
-         "finished": s.finished, "created_at": s.created_at.isoformat()}
+    return [
+        StudyOut(id=s.id, name=s.name, status=s.status, items=s.n_items, methods=list(s.methods),
+                 criteria=list(s.criteria), items_per_participant=s.items_per_participant, enrolled=s.enrolled,
+                 finished=s.finished, created_at=s.created_at.isoformat())
         for s in study.list_studies(_url(request))
     ]  # fmt: skip
-    return JSONResponse(rows, headers=NO_STORE)
 
 
-def participants_json(url: str, study_id: int) -> list[dict[str, Any]]:
+def participants_json(url: str, study_id: int) -> list[ParticipantOut]:
+    """Every participant of a study with their progress (the API's and ``mcie study participants --json``'s)."""
     return [
-        {"user_id": p.user_id, "username": p.username, "invited_at": p.invited_at.isoformat(), "revoked": p.revoked,
-         "assigned": p.n_assigned, "completed": p.n_completed,
-         "finished_at": p.finished_at.isoformat() if p.finished_at else None, "excluded": p.excluded,
-         "exclusion_reason": p.exclusion_reason}
+        ParticipantOut(user_id=p.user_id, username=p.username, invited_at=p.invited_at.isoformat(),
+                       revoked=p.revoked, assigned=p.n_assigned, completed=p.n_completed,
+                       finished_at=p.finished_at.isoformat() if p.finished_at else None, excluded=p.excluded,
+                       exclusion_reason=p.exclusion_reason)
         for p in study.participants_status(url, study_id)
     ]  # fmt: skip
 
 
-@router.get(API_PREFIX + "/{key}/participants")
-def api_participants(request: Request, key: str, user: WebUser = Depends(require_lead)) -> JSONResponse:
+@router.get(API_PREFIX + "/{key}/participants", **LEADS)
+def api_participants(request: Request, key: str, user: Lead) -> list[ParticipantOut]:
     """Every participant of the study with their progress (leads and admins)."""
-    return JSONResponse(participants_json(_url(request), _lead_study(request, key)), headers=NO_STORE)
+    return participants_json(_url(request), _lead_study(request, key))
 
 
-@router.get(API_PREFIX + "/{key}/results")
+@router.get(API_PREFIX + "/{key}/results", **LEADS)
 def api_results(
-    request: Request,
-    key: str,
-    n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000,
-    user: WebUser = Depends(require_lead),
-) -> JSONResponse:
+    request: Request, key: str, user: Lead, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000
+) -> dict[str, Any]:
     """The study's results (:func:`annotate.study.study_results`; what ``mcie study results --json`` prints)."""
     body = study.study_results(_url(request), _lead_study(request, key), n_boot=n_boot)
-    return JSONResponse(json.loads(json.dumps(body, default=str)), headers=NO_STORE)
+    return json.loads(json.dumps(body, default=str))
 
 
 @router.get(API_PREFIX + "/{key}/votes.csv")
-def api_votes_csv(request: Request, key: str, user: WebUser = Depends(require_lead)) -> Response:
+def api_votes_csv(request: Request, key: str, user: Lead) -> Response:
     """Every stored vote as CSV (:func:`annotate.study.export_votes`)."""
     study_id = _lead_study(request, key)
     with tempfile.TemporaryDirectory(prefix="mcie-votes-") as folder:
@@ -431,7 +496,7 @@ async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, 
 
 
 async def _refuse(scope: Scope, send: Send, code: int, message: str, *, title: str | None = None) -> None:
-    from annotate.web_auth import refusal_page
+    from annotate.web.auth import refusal_page
 
     if _wants_html(scope):
         page = join_page(title, message) if title else refusal_page(code, message)

@@ -1,6 +1,6 @@
 """Who is asking: login sessions, roles, the client's address and the key that signs the pre-login cookie.
 
-A login starts a server-side session (:mod:`annotate.sessions`: a ``web_sessions`` row, a random id in an HttpOnly,
+A login starts a server-side session (:mod:`annotate.web.sessions`: a ``web_sessions`` row, a random id in an HttpOnly,
 SameSite=Lax cookie) holding the user's id. Every request reads that row joined with the user again, so disabling an
 account or changing its role takes effect on the next request, not at the next login. Roles are checked on the server:
 
@@ -11,7 +11,7 @@ account or changing its role takes effect on the next request, not at the next l
   username to event handlers as ``request.username``, and :func:`user_for_username` turns it back into a user whose
   role the handler checks again.
 
-Failed logins are counted by :mod:`annotate.throttle`. The key that signs the anonymous (pre-login) cookie is
+Failed logins are counted by :mod:`annotate.web.throttle`. The key that signs the anonymous (pre-login) cookie is
 ``MCIE_SECRET_KEY`` or, when unset, one generated once into
 ``<data_dir>/secret_key`` (mode 0600) by :func:`load_secret_key`.
 """
@@ -35,12 +35,13 @@ from fastapi import HTTPException, Request, status
 from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from annotate import sessions
+from annotate.web import sessions
 from db.models import Role, User
 from db.session import session_scope
 
 SESSION_COOKIE = sessions.COOKIE
 SECRET_KEY_FILE = "secret_key"
+SESSION_STUDY_KEY = "study"  # an invite-link session is limited to this study id
 REVIEWER_ROLES: frozenset[Role] = frozenset({Role.admin, Role.lead, Role.rater})
 LEAD_ROLES: frozenset[Role] = frozenset({Role.admin, Role.lead})
 
@@ -173,6 +174,15 @@ def scope_user(scope: Scope, database_url: str) -> WebUser | None:
         user = scope[sessions.USER_KEY]
         return user if user is not None and user.id == session.get("uid") else None
     return load_user(database_url, session.get("uid"))
+
+
+def session_study(request: Request | Any) -> int | None:
+    """The study an invite-link session is limited to, or None (a password session); ``request`` is a Starlette
+    request, a Gradio request (its underlying request is used) or an ASGI scope."""
+    scope = request if isinstance(request, dict) else getattr(getattr(request, "request", request), "scope", None)
+    session = (scope or {}).get("session")
+    value = session.get(SESSION_STUDY_KEY) if isinstance(session, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def start_session(request: Request, user: WebUser) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 KIB = 1024
@@ -108,9 +109,23 @@ class BodyLimit:
         await self.app(scope, counted_receive, guarded_send)
 
 
+USER_MESSAGE = "user_message"
+
+
+def user_message(text: str) -> PydanticCustomError:
+    """An error for a request model's validator to raise: the 422 answer is ``{"detail": text}``, a sentence for the
+    person who sent the request (the review API's bodies say what the review screen says)."""
+    return PydanticCustomError(USER_MESSAGE, "{text}", {"text": text})
+
+
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """422 naming each bad field and what was expected, never echoing the submitted values."""
+    """422 naming each bad field and what was expected, never echoing the submitted values; a request model's own
+    message (:func:`user_message`) is answered as it is."""
     assert isinstance(exc, RequestValidationError)
+    for err in exc.errors():
+        if err.get("type") == USER_MESSAGE:
+            return JSONResponse({"detail": str(err.get("msg", ""))[:1000]}, status_code=422,
+                                headers={"cache-control": "no-store"})  # fmt: skip
     errors: list[dict[str, Any]] = [
         {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))[:300], "type": err.get("type", "")}
         for err in exc.errors()[:20]

@@ -20,24 +20,21 @@ Tabs:
 - **Settings**: whether reviewers see the MLLM's verdict before they submit;
 - **Export**: a dataset export (JSONL + images, Parquet or WebDataset) of the accepted samples, or of the statuses
   and score thresholds chosen, into ``<data_dir>/exports/<name>`` (a single folder name: nothing outside that folder
-  can be written), queued as a job (:class:`ExportJobs`, :mod:`annotate.jobs`) that a worker runs through
-  :func:`exports.api.run_export`, so the dashboard stays usable; the table lists the recorded exports (``exports``
-  table) with their status, sample count, path, manifest hash and error, and below it the newest jobs (exports and
-  previews) with their progress.
+  can be written), queued as a job (:class:`annotate.export_jobs.ExportJobs`, :mod:`annotate.jobs`) that a worker
+  runs through :func:`exports.api.run_export`, so the dashboard stays usable; the table lists the recorded exports
+  (``exports`` table) with their status, sample count, path, manifest hash and error, and below it the newest jobs
+  (exports and previews) with their progress.
 
-The server refuses every route under ``/dashboard`` to non-leads (:class:`annotate.web_auth.RoleGate`); each event
+The server refuses every route under ``/dashboard`` to non-leads (:class:`annotate.web.auth.RoleGate`); each event
 handler checks the role again from the request (:func:`lead_of`) before it reads or changes anything.
 """
 
 from __future__ import annotations
 
-import html
 import logging
 import math
-import re
 import secrets
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,43 +45,27 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
-from sqlalchemy import select
 
 from annotate import dashboard_data as dd
 from annotate import jobs
 from annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
+from annotate.export_jobs import EXPORT_FORMATS, ExportJobs, ExportRequestError, export_filter, exports_frame
 from annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
 from annotate.reviews import sample_view
-from annotate.ui_review import render_sample, render_topbar
-from annotate.web_auth import WebUser, user_for_username
-from db.models import Export, SampleStatus, User
+from annotate.web.common import esc, lead_of, render_kpis, render_topbar, review_page_assets, status_line
+from annotate.web.sample_html import render_sample
+from annotate.web.ui_study import study_results_tab
+from db.models import SampleStatus
 from db.session import session_scope
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
 CSV_DIR = Path(tempfile.gettempdir()) / "mcie-dashboard-csv"
 CSV_MAX_AGE_S = 3600
 QUESTIONS = ("consistency", "quality", "complexity")
-EXPORT_FORMATS = ("jsonl", "parquet", "webdataset")
-EXPORT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-MAX_RUNNING_EXPORTS = 2
-EXPORT_LIST_LIMIT = 50
 JOB_LIST_LIMIT = 10
 EXPORT_POLL_S = 2.0
-
-
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def lead_of(url: str, request: gr.Request | None) -> WebUser:
-    """The lead or admin behind a dashboard event; anybody else is refused (checked on every event)."""
-    user = user_for_username(url, getattr(request, "username", None))
-    if user is None or not user.is_lead:
-        raise gr.Error("Only leads and admins may use the dashboard.")
-    return user
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,16 +137,24 @@ def per_day_figure(frame: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Reviews per reviewer per day")
 
 
-def throughput_figure(frame: pd.DataFrame) -> go.Figure:
-    """Reviews per day (bars) and the running total (line, right axis)."""
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
+
+
+def throughput_figure(frame: pd.DataFrame, freq: str = "D") -> go.Figure:
+    """Reviews per day or hour (bars) and the running total (line, right axis). The x axis is categorical with
+    one label per bin, so a single bin is labelled by its day or hour, not by plotly's zoomed time ticks."""
     if frame.empty:
         return _empty_figure("No reviews yet")
-    x = [str(p.date()) if hasattr(p, "date") else str(p) for p in frame["period"]]
+    hourly = freq.lower() in ("h", "1h")
+    unit = "hour" if hourly else "day"
+    x = [pd.Timestamp(p).strftime("%Y-%m-%d %H:00" if hourly else "%Y-%m-%d") for p in frame["period"]]
     fig = go.Figure([
-        go.Bar(x=x, y=frame["n_reviews"], name="reviews per day"),
+        go.Bar(x=x, y=frame["n_reviews"], name=f"reviews per {unit}"),
         go.Scatter(x=x, y=frame["cumulative"], name="total", mode="lines+markers", yaxis="y2"),
     ])
-    fig.update_layout(yaxis={"title": "per day"}, yaxis2={"title": "total", "overlaying": "y", "side": "right"})
+    fig.update_layout(xaxis={"title": f"{unit} (UTC)", "type": "category"}, yaxis={"title": f"per {unit}"},
+                      yaxis2={"title": "total", "overlaying": "y", "side": "right"})  # fmt: skip
     return _layout(fig, "Throughput over time")
 
 
@@ -422,155 +411,8 @@ def render_preview(counts: Mapping[str, int], current: Mapping[str, int] | None 
     return f'<div class="mcie-kpis">{cells}</div>'
 
 
-def render_kpis(values: Sequence[tuple[str, str, str]]) -> str:
-    cells = "".join(f'<div class="mcie-kpi" id="{esc(i)}"><b>{esc(v)}</b><span>{esc(t)}</span></div>'
-                    for i, v, t in values)
-    return f'<div class="mcie-kpis">{cells}</div>'
-
-
 # ----------------------------------------------------------------------------------------------------------
 # exports
-
-
-class ExportRequestError(ValueError):
-    """An export request from the dashboard that cannot be started; the message says why, for the lead."""
-
-
-def exports_root(data_dir: Path) -> Path:
-    """The only folder dashboard exports are written into: ``<data_dir>/exports`` (resolved)."""
-    return (Path(data_dir) / "exports").resolve()
-
-
-def export_destination(root: Path, name: str | None) -> Path:
-    """``root / name`` for a plain folder name (letters, digits, ``.``, ``_``, ``-``; not hidden); anything that
-    could lead elsewhere (``..``, ``/``, an absolute path, a symlink out of ``root``) is refused."""
-    name = (name or "").strip()
-    if not EXPORT_NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise ExportRequestError(
-            f"the folder name must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit, and "
-            f"is created under {root}; got {name!r}"
-        )
-    root = root.resolve()
-    destination = (root / name).resolve()
-    if destination.parent != root:
-        raise ExportRequestError(f"{name!r} would leave the exports folder {root}")
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise ExportRequestError(f"{destination} already exists: choose another name")
-    return destination
-
-
-def export_filter(
-    statuses: Sequence[str] | None, min_quality: float | None, min_complexity: float | None
-) -> dict[str, Any]:
-    """The :class:`exports.select.ExportFilter` fields of the form: the accepted samples when no status is chosen; a
-    median-score threshold of 0 (or none) does not filter."""
-    flt: dict[str, Any] = {"statuses": list(statuses or [SampleStatus.accepted.value])}
-    for key, value in (("min_quality", min_quality), ("min_complexity", min_complexity)):
-        if value is not None and not math.isnan(float(value)) and float(value) != 0:
-            flt[key] = float(value)
-    return flt
-
-
-def exports_frame(url: str, limit: int = EXPORT_LIST_LIMIT) -> pd.DataFrame:
-    """The newest recorded exports (whoever started them: dashboard or ``mcie export``), newest first."""
-    columns = ["id", "format", "status", "samples", "path", "manifest_sha256", "started_by", "created_at",
-               "finished_at", "error"]
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Export.id, Export.format, Export.status, Export.n_samples, Export.path, Export.manifest_sha256,
-                   User.username, Export.created_at, Export.finished_at, Export.error)
-            .outerjoin(User, User.id == Export.created_by)
-            .order_by(Export.id.desc())
-            .limit(limit)
-        ).all()
-    frame = pd.DataFrame([list(r) for r in rows], columns=columns)
-    if not frame.empty:
-        frame["status"] = frame["status"].map(str)
-        for column in ("created_at", "finished_at"):
-            frame[column] = frame[column].map(lambda t: "" if t is None or pd.isna(t) else str(t)[:19])
-        frame = frame.fillna("")
-    return frame
-
-
-@dataclass
-class ExportJob:
-    """One export started from this dashboard: a job of the job queue (:mod:`annotate.jobs`)."""
-
-    name: str
-    destination: Path
-    fmt: str
-    lead: str
-    job_id: int
-
-
-class ExportJobs:
-    """Exports started from the dashboard become ``export`` jobs of the job queue, run by a worker (the server's
-    in-process one, or ``mcie worker`` processes when it is served with ``--no-worker``), so no Gradio worker - and
-    no web process - waits for an export. At most :data:`MAX_RUNNING_EXPORTS` export jobs are queued or running at
-    once, and one per destination, over every replica (the check reads the ``jobs`` table).
-
-    The ``exports`` table is the record of every run (run_export writes it, errors included); the ``jobs`` table
-    holds what a worker did with each request, such as an error raised before the export had a row. A worker
-    killed during an export leaves its row ``running`` and a hidden ``.partial`` folder, never a half-written
-    destination; the job is run again by another worker once its lease lapses.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.url = settings.database_url
-        self.root = exports_root(settings.data_dir)
-        self.max_attempts = settings.job_max_attempts
-        self.jobs: list[ExportJob] = []  # started from this dashboard object (newest last)
-        self._lock = threading.Lock()
-
-    def running(self) -> list[jobs.JobView]:
-        """Export jobs queued or running now (any replica's)."""
-        return [j for j in jobs.list_jobs(self.url, kind="export", limit=200) if j.status in ("queued", "running")]
-
-    def start(
-        self, lead: WebUser, fmt: str | None, name: str | None, val_fraction: float | None, flt: dict[str, Any]
-    ) -> ExportJob:
-        """Check the request and queue the export; raises ExportRequestError when it cannot be started."""
-        from pydantic import ValidationError
-
-        from exports.api import ExportOptions
-        from exports.select import ExportFilter
-
-        if not lead.is_lead:  # the handlers check first; this keeps the runner safe on its own
-            raise PermissionError("only leads and admins may export the dataset")
-        if fmt not in EXPORT_FORMATS:
-            raise ExportRequestError(f"choose a format: {', '.join(EXPORT_FORMATS)}")
-        fraction = 0.05 if val_fraction is None else float(val_fraction)
-        try:
-            ExportOptions(val_fraction=fraction)
-            ExportFilter.model_validate(flt)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
-            raise ExportRequestError(f"invalid export settings: {problems}") from None
-        name = (name or "").strip() or f"export-{time.strftime('%Y%m%d-%H%M%S')}-{fmt}"
-        with self._lock:
-            destination = export_destination(self.root, name)
-            active = self.running()
-            if len(active) >= MAX_RUNNING_EXPORTS:
-                raise ExportRequestError(f"{len(active)} exports are queued or running; start another when one has "
-                                         "finished")  # fmt: skip
-            if any(j.payload.get("out") == str(destination) for j in active):
-                raise ExportRequestError(f"an export into {destination} is already queued or running")
-            payload = {"format": fmt, "out": str(destination), "filter": flt, "val_fraction": fraction}
-            queued = jobs.submit(self.url, "export", payload, requested_by=lead.id, max_attempts=self.max_attempts)
-            job = ExportJob(name, destination, fmt, lead.username, queued.id)
-            self.jobs = [*self.jobs[-(EXPORT_LIST_LIMIT - 1) :], job]
-        log.info("export %r (%s) queued by %s into %s as job %d", name, fmt, lead.username, destination, queued.id)
-        return job
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until this dashboard's export jobs have ended (tests, shutdown); True when none is left active."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        ids = {job.job_id for job in self.jobs}
-        while any(j.id in ids for j in self.running()):
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
 
 
 def render_jobs(rows: Sequence[jobs.JobView]) -> str:
@@ -623,6 +465,55 @@ def _table_block(label: str, name: str) -> Table:
     return Table(plot, table, download, name)
 
 
+@dataclass
+class DashboardWidgets:
+    """The dashboard's components that event handlers read and write (filled by :func:`build`)."""
+
+    kpis: Any = None
+    agreement_data: Any = None
+    agreement_summary: Any = None
+    reliability_flags: Any = None
+    adj_table: Any = None
+    adj_info: Any = None
+    adj_ids: Any = None
+    adj_status: Any = None
+    adj_sample: Any = None
+    adj_reviews: Any = None
+    adj_selected: Any = None
+    adj_reason: Any = None
+    adj_outcome: Any = None
+    rule_consistent: Any = None
+    rule_quality: Any = None
+    rule_complexity: Any = None
+    rule_spread: Any = None
+    rule_preview: Any = None
+    show_mllm: Any = None
+    rule_status: Any = None
+    rule_previewed: Any = None
+    decision_status: Any = None
+    decision_preview: Any = None
+    decision_previewed: Any = None
+    decision_rule: Any = None
+    accept_at: Any = None
+    budget_kpis: Any = None
+    policy: Any = None
+    band_low: Any = None
+    band_high: Any = None
+    max_reviews: Any = None
+    policy_status: Any = None
+    settings_status: Any = None
+    export_table: Any = None
+    export_info: Any = None
+    export_timer: Any = None
+    export_status: Any = None
+    export_name: Any = None
+    export_format: Any = None
+    export_val: Any = None
+    export_statuses: Any = None
+    export_min_quality: Any = None
+    export_min_complexity: Any = None
+
+
 class Dashboard:
     """Event handlers of the dashboard, bound to one database."""
 
@@ -631,7 +522,7 @@ class Dashboard:
         self.progress: dict[str, Table] = {}
         self.agreement: dict[str, Table] = {}
         self.budget: dict[str, Table] = {}
-        self.w: dict[str, Any] = {}
+        self.w = DashboardWidgets()
         self.exports = ExportJobs(settings)
 
     # --- progress -------------------------------------------------------------------------------------------
@@ -640,21 +531,24 @@ class Dashboard:
         counts = status_frame(dd.status_counts(self.url))
         reviews = dd.reviews_frame(self.url)
         per_day = dd.reviews_per_reviewer_per_day(reviews)
-        through = dd.throughput(reviews)
-        median = dd.median_seconds_per_review(reviews)
+        freq = dd.throughput_freq(reviews)
+        through = dd.throughput(reviews, freq=freq)
+        median = dd.median_seconds_per_review(reviews, "server_s")
+        client = dd.median_seconds_per_review(reviews)
         remaining = dd.remaining_reviews(self.url)
         finish = dd.forecast_finish(remaining, reviews, datetime.now(UTC))
         kpis = render_kpis([
             ("kpi-samples", str(int(counts["samples"].sum())), "samples"),
             ("kpi-reviews", str(len(reviews)), "reviews"),
             ("kpi-remaining", str(remaining), "reviews still wanted"),
-            ("kpi-median", "-" if median is None else f"{median:.0f} s", "median time per review"),
+            ("kpi-median", _seconds(median), "median time per review (server: lease to submit)"),
+            ("kpi-median-client", _seconds(client), "median time per review (reported by the client)"),
             ("kpi-forecast", finish.isoformat() if finish else "not enough data", "forecast finish (UTC)"),
         ])
-        out = {self.w["kpis"]: kpis}
+        out = {self.w.kpis: kpis}
         out |= self.progress["status"].fill(status_figure(counts), counts)
         out |= self.progress["per_day"].fill(per_day_figure(per_day), per_day)
-        out |= self.progress["throughput"].fill(throughput_figure(through), through)
+        out |= self.progress["throughput"].fill(throughput_figure(through, freq), through)
         return out
 
     # --- agreement ------------------------------------------------------------------------------------------
@@ -662,8 +556,8 @@ class Dashboard:
         lead_of(self.url, request)
         figures = dd.agreement_figures(self.url)
         alpha = alpha_table(figures)
-        out = {self.w["agreement_data"]: figures}
-        out[self.w["agreement_summary"]] = render_kpis([
+        out = {self.w.agreement_data: figures}
+        out[self.w.agreement_summary] = render_kpis([
             ("kpi-agreement-reviews", str(figures.get("n_reviews", 0)), "reviews"),
             ("kpi-agreement-reviewers", str(figures.get("n_reviewers", 0)), "reviewers"),
             ("kpi-gold-reviews", str(figures.get("n_gold_reviews", 0)), "gold reviews"),
@@ -672,7 +566,7 @@ class Dashboard:
         out |= self.agreement["gold"].fill(*gold_parts(figures))
         out |= self.agreement["confusion"].fill(*confusion_parts(figures))
         out |= self.agreement["reliability"].fill(*reliability_parts(figures))
-        out[self.w["reliability_flags"]] = render_flags(figures)
+        out[self.w.reliability_flags] = render_flags(figures)
         return out | self.on_question(figures, question, request)
 
     def on_question(self, figures: dict[str, Any] | None, question: str, request: gr.Request) -> dict[Any, Any]:
@@ -695,7 +589,7 @@ class Dashboard:
         if items:
             info = f"{len(items)} sample(s) wait for a lead. Select a row to see its reviews."
         ids = [i.sample_id for i in items]
-        return {w["adj_table"]: adjudication_frame(items), w["adj_info"]: info, w["adj_ids"]: ids}
+        return {w.adj_table: adjudication_frame(items), w.adj_info: info, w.adj_ids: ids}
 
     def on_adj_select(self, ids: list[int], evt: gr.SelectData, request: gr.Request) -> dict[Any, Any]:
         lead_of(self.url, request)
@@ -708,13 +602,13 @@ class Dashboard:
         w = self.w
         item = next((i for i in adjudication_queue(self.url) if i.sample_id == sample_id), None)
         if item is None:
-            return {w["adj_status"]: _status(f"Sample {sample_id} no longer waits for a lead.", error=True)}
+            return {w.adj_status: status_line(f"Sample {sample_id} no longer waits for a lead.", error=True)}
         view = sample_view(self.url, sample_id)
         return {
-            w["adj_sample"]: render_sample(view, show_mllm=True, mode="adjudicate"),
-            w["adj_reviews"]: render_reviews(item),
-            w["adj_selected"]: sample_id,
-            w["adj_status"]: "",
+            w.adj_sample: render_sample(view, show_mllm=True, mode="adjudicate"),
+            w.adj_reviews: render_reviews(item),
+            w.adj_selected: sample_id,
+            w.adj_status: "",
         }
 
     def on_decide(
@@ -723,20 +617,20 @@ class Dashboard:
         lead = lead_of(self.url, request)
         w = self.w
         if not sample_id:
-            return {w["adj_status"]: _status("Select a sample first.", error=True)}
+            return {w.adj_status: status_line("Select a sample first.", error=True)}
         if outcome not in ("accepted", "rejected"):
-            return {w["adj_status"]: _status("Choose accept or reject.", error=True)}
+            return {w.adj_status: status_line("Choose accept or reject.", error=True)}
         try:
             adjudicate(self.url, int(sample_id), outcome, lead.id, reason or "")
         except (ValueError, PermissionError) as exc:
-            return {w["adj_status"]: _status(str(exc), error=True)}
+            return {w.adj_status: status_line(str(exc), error=True)}
         out = self.on_adjudication(request)
-        out |= {w["adj_sample"]: "", w["adj_reviews"]: "", w["adj_selected"]: None, w["adj_reason"]: "",
-                w["adj_outcome"]: None}
-        remaining = out[w["adj_ids"]]
+        out |= {w.adj_sample: "", w.adj_reviews: "", w.adj_selected: None, w.adj_reason: "",
+                w.adj_outcome: None}
+        remaining = out[w.adj_ids]
         if remaining:  # straight on to the next sample waiting for a lead
             out |= self.show_adjudication(remaining[0])
-        return out | {w["adj_status"]: _status(f"Sample {int(sample_id)} {outcome} by {lead.username}.")}
+        return out | {w.adj_status: status_line(f"Sample {int(sample_id)} {outcome} by {lead.username}.")}
 
     # --- acceptance rule ------------------------------------------------------------------------------------
     def _rule(
@@ -752,13 +646,13 @@ class Dashboard:
         rule = config.acceptance
         w = self.w
         return {
-            w["rule_consistent"]: rule.require_consistent,
-            w["rule_quality"]: rule.quality_above,
-            w["rule_complexity"]: rule.complexity_above,
-            w["rule_spread"]: rule.max_score_spread,
-            w["rule_preview"]: "<p>Current rule on the reviewed samples:</p>" + render_preview(preview_rule(self.url,
+            w.rule_consistent: rule.require_consistent,
+            w.rule_quality: rule.quality_above,
+            w.rule_complexity: rule.complexity_above,
+            w.rule_spread: rule.max_score_spread,
+            w.rule_preview: "<p>Current rule on the reviewed samples:</p>" + render_preview(preview_rule(self.url,
                                                                                                          rule)),
-            w["show_mllm"]: config.show_mllm_verdict_before_submit,
+            w.show_mllm: config.show_mllm_verdict_before_submit,
         }
 
     def on_preview(self, consistent, quality, complexity, spread, request: gr.Request) -> dict[Any, Any]:
@@ -766,11 +660,11 @@ class Dashboard:
         try:
             rule = self._rule(consistent, quality, complexity, spread)
         except ValueError as exc:
-            return {self.w["rule_status"]: _status(str(exc), error=True)}
+            return {self.w.rule_status: status_line(str(exc), error=True)}
         return {
-            self.w["rule_preview"]: "<p>With these thresholds:</p>" + render_preview(preview_rule(self.url, rule)),
-            self.w["rule_status"]: _status("Preview only - nothing was changed. Apply to make it the rule."),
-            self.w["rule_previewed"]: rule.model_dump(),
+            self.w.rule_preview: "<p>With these thresholds:</p>" + render_preview(preview_rule(self.url, rule)),
+            self.w.rule_status: status_line("Preview only - nothing was changed. Apply to make it the rule."),
+            self.w.rule_previewed: rule.model_dump(),
         }
 
     def on_apply(self, consistent, quality, complexity, spread, previewed, request: gr.Request) -> dict[Any, Any]:
@@ -779,14 +673,14 @@ class Dashboard:
         try:
             rule = self._rule(consistent, quality, complexity, spread)
             if previewed != rule.model_dump():
-                return {self.w["rule_status"]: _status("Preview these thresholds first, then apply.", error=True)}
+                return {self.w.rule_status: status_line("Preview these thresholds first, then apply.", error=True)}
             counts = apply_rule(self.url, rule, lead.id)
         except (ValueError, PermissionError) as exc:
-            return {self.w["rule_status"]: _status(str(exc), error=True)}
+            return {self.w.rule_status: status_line(str(exc), error=True)}
         return {
-            self.w["rule_previewed"]: None,
-            self.w["rule_preview"]: "<p>Applied:</p>" + render_preview(counts),
-            self.w["rule_status"]: _status(f"Rule applied by {lead.username}; {counts.get('changed', 0)} sample(s) "
+            self.w.rule_previewed: None,
+            self.w.rule_preview: "<p>Applied:</p>" + render_preview(counts),
+            self.w.rule_status: status_line(f"Rule applied by {lead.username}; {counts.get('changed', 0)} sample(s) "
                                            "changed status."),
         }
 
@@ -795,15 +689,15 @@ class Dashboard:
         lead_of(self.url, request)
         w = self.w
         if decision_rule not in ("paper", "weighted"):
-            return {w["decision_status"]: _status("Choose the paper or the weighted rule.", error=True)}
+            return {w.decision_status: status_line("Choose the paper or the weighted rule.", error=True)}
         try:
             counts = preview_rule(self.url, decision_rule=decision_rule, accept_at=float(accept_at))
         except ValueError as exc:
-            return {w["decision_status"]: _status(str(exc), error=True)}
+            return {w.decision_status: status_line(str(exc), error=True)}
         return {
-            w["decision_preview"]: f"<p>With the {esc(decision_rule)} rule:</p>" + render_preview(counts),
-            w["decision_status"]: _status("Preview only - nothing was changed. Apply to make it the decision rule."),
-            w["decision_previewed"]: {"decision_rule": decision_rule, "accept_at": float(accept_at)},
+            w.decision_preview: f"<p>With the {esc(decision_rule)} rule:</p>" + render_preview(counts),
+            w.decision_status: status_line("Preview only - nothing was changed. Apply to make it the decision rule."),
+            w.decision_previewed: {"decision_rule": decision_rule, "accept_at": float(accept_at)},
         }
 
     def on_decision_apply(
@@ -814,15 +708,15 @@ class Dashboard:
         w = self.w
         chosen = {"decision_rule": decision_rule, "accept_at": float(accept_at)}
         if previewed != chosen:
-            return {w["decision_status"]: _status("Preview this decision rule first, then apply.", error=True)}
+            return {w.decision_status: status_line("Preview this decision rule first, then apply.", error=True)}
         try:
             counts = apply_rule(self.url, None, lead.id, decision_rule=decision_rule, accept_at=float(accept_at))
         except (ValueError, PermissionError) as exc:
-            return {w["decision_status"]: _status(str(exc), error=True)}
+            return {w.decision_status: status_line(str(exc), error=True)}
         return {
-            w["decision_previewed"]: None,
-            w["decision_preview"]: "<p>Applied:</p>" + render_preview(counts),
-            w["decision_status"]: _status(f"Decision rule {decision_rule} applied by {lead.username}; "
+            w.decision_previewed: None,
+            w.decision_preview: "<p>Applied:</p>" + render_preview(counts),
+            w.decision_status: status_line(f"Decision rule {decision_rule} applied by {lead.username}; "
                                           f"{counts.get('changed', 0)} sample(s) changed status."),
         }
 
@@ -830,7 +724,7 @@ class Dashboard:
         lead_of(self.url, request)
         with session_scope(self.url) as session:
             config = get_project_config(session)
-        return {self.w["decision_rule"]: config.decision_rule, self.w["accept_at"]: config.weighted.accept_at}
+        return {self.w.decision_rule: config.decision_rule, self.w.accept_at: config.weighted.accept_at}
 
     # --- review budget --------------------------------------------------------------------------------------
     def on_budget(self, request: gr.Request) -> dict[Any, Any]:
@@ -842,17 +736,17 @@ class Dashboard:
         per = budget.get("reviews_per_reviewed_sample")
         w = self.w
         out = {
-            w["budget_kpis"]: render_kpis([
+            w.budget_kpis: render_kpis([
                 ("kpi-budget-reviews", str(budget.get("n_reviews", 0)), "reviews (gold apart)"),
                 ("kpi-budget-per-sample", "-" if per is None else f"{per:.2f}", "reviews per reviewed sample"),
                 ("kpi-budget-gold", str(budget.get("n_gold_reviews", 0)), "gold reviews"),
                 ("kpi-budget-wrong", "-" if wrong is None else f"{wrong:.1f}",
                  f"expected wrong decisions (of {budget.get('n_with_posterior', 0)} with a posterior)"),
             ]),
-            w["policy"]: config.review_policy,
-            w["band_low"]: config.adaptive.band_low,
-            w["band_high"]: config.adaptive.band_high,
-            w["max_reviews"]: config.adaptive.max_reviews,
+            w.policy: config.review_policy,
+            w.band_low: config.adaptive.band_low,
+            w.band_high: config.adaptive.band_high,
+            w.max_reviews: config.adaptive.max_reviews,
         }
         out |= self.budget["by_policy"].fill(*budget_parts(budget))
         out |= self.budget["decided_after"].fill(*decided_after_parts(budget))
@@ -869,8 +763,8 @@ class Dashboard:
             with session_scope(self.url, write=True) as session:
                 set_project_config(session, changes, actor_id=lead.id)
         except ProjectConfigError as exc:
-            return {self.w["policy_status"]: _status(str(exc), error=True)}
-        return {self.w["policy_status"]: _status(f"Saved by {lead.username}: review policy {policy} (band "
+            return {self.w.policy_status: status_line(str(exc), error=True)}
+        return {self.w.policy_status: status_line(f"Saved by {lead.username}: review policy {policy} (band "
                                                  f"{float(band_low):g}-{float(band_high):g}, cap {int(max_reviews)}); "
                                                  "it applies to the next reviews.")}  # fmt: skip
 
@@ -881,9 +775,9 @@ class Dashboard:
             with session_scope(self.url, write=True) as session:
                 set_project_config(session, {"show_mllm_verdict_before_submit": bool(show)}, actor_id=lead.id)
         except ProjectConfigError as exc:
-            return {self.w["settings_status"]: _status(str(exc), error=True)}
+            return {self.w.settings_status: status_line(str(exc), error=True)}
         state = "shown before" if show else "hidden until after"
-        return {self.w["settings_status"]: _status(f"Saved: reviewers now see the MLLM's verdict {state} they submit "
+        return {self.w.settings_status: status_line(f"Saved: reviewers now see the MLLM's verdict {state} they submit "
                                                    "(from their next sample).")}
 
     # --- exports --------------------------------------------------------------------------------------------
@@ -901,9 +795,9 @@ class Dashboard:
             notes.append(f"Exports waiting or running: {names}. This page refreshes until they finish.")
         recent = jobs.list_jobs(self.url, limit=JOB_LIST_LIMIT)
         return {
-            w["export_table"]: frame if not frame.empty else pd.DataFrame({"": ["no exports yet"]}),
-            w["export_info"]: "<p>" + "<br>".join(notes) + "</p>" + render_jobs(recent),
-            w["export_timer"]: gr.Timer(active=bool(running)),
+            w.export_table: frame if not frame.empty else pd.DataFrame({"": ["no exports yet"]}),
+            w.export_info: "<p>" + "<br>".join(notes) + "</p>" + render_jobs(recent),
+            w.export_timer: gr.Timer(active=bool(running)),
         }
 
     def on_export_start(
@@ -923,11 +817,11 @@ class Dashboard:
             flt = export_filter(statuses, min_quality, min_complexity)
             job = self.exports.start(lead, fmt, name, val_fraction, flt)
         except (ExportRequestError, PermissionError) as exc:
-            return self.on_exports(request) | {w["export_status"]: _status(str(exc), error=True)}
+            return self.on_exports(request) | {w.export_status: status_line(str(exc), error=True)}
         return self.on_exports(request) | {
-            w["export_status"]: _status(f"Export {job.name!r} ({job.fmt}) started into {job.destination} "
+            w.export_status: status_line(f"Export {job.name!r} ({job.fmt}) started into {job.destination} "
                                         f"(job {job.job_id})."),
-            w["export_name"]: "",
+            w.export_name: "",
         }
 
     def on_topbar(self, request: gr.Request) -> str:
@@ -977,10 +871,6 @@ def grounding_tab(settings: Settings) -> Table:
     return block
 
 
-def _status(message: str, *, error: bool = False) -> str:
-    return f'<div class="{"mcie-error" if error else "mcie-ok"}" role="status">{esc(message)}</div>'
-
-
 def _on(event: Callable[..., Any], fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> Any:
     return event(fn, inputs, outputs, show_progress="minimal")
 
@@ -993,7 +883,7 @@ def build(settings: Settings) -> gr.Blocks:
         topbar = gr.HTML(elem_id="topbar", js_on_load=None)
         with gr.Tabs(elem_id="dash-tabs"):
             with gr.Tab("Progress", id="progress", elem_id="tab-progress"):
-                w["kpis"] = gr.HTML(elem_id="kpis", js_on_load=None)
+                w.kpis = gr.HTML(elem_id="kpis", js_on_load=None)
                 progress_refresh = gr.Button("Refresh", size="sm", elem_id="progress-refresh")
                 d.progress = {
                     "status": _table_block("Samples by status", "status"),
@@ -1001,13 +891,13 @@ def build(settings: Settings) -> gr.Blocks:
                     "throughput": _table_block("Throughput", "throughput"),
                 }
             with gr.Tab("Agreement", id="agreement", elem_id="tab-agreement"):
-                w["agreement_data"] = gr.State(None)
+                w.agreement_data = gr.State(None)
                 with gr.Row():
                     agreement_refresh = gr.Button("Compute agreement (1000 bootstrap resamples: a few seconds)",
                                                   size="sm", elem_id="agreement-refresh")
                     question = gr.Radio(list(QUESTIONS), value="quality", label="Question for the per-reviewer plots",
                                         elem_id="agreement-question")
-                w["agreement_summary"] = gr.HTML(elem_id="agreement-summary", js_on_load=None)
+                w.agreement_summary = gr.HTML(elem_id="agreement-summary", js_on_load=None)
                 d.agreement = {
                     "alpha": _table_block("Alpha and Fleiss' kappa per question", "alpha"),
                     "pairwise": _table_block("Pairwise Cohen's kappa", "pairwise"),
@@ -1017,60 +907,60 @@ def build(settings: Settings) -> gr.Blocks:
                     "confusion": _table_block("MLLM vs human confusion", "confusion"),
                     "reliability": _table_block("Rater reliability", "reliability"),
                 }
-                w["reliability_flags"] = gr.HTML(elem_id="reliability-flags", js_on_load=None)
+                w.reliability_flags = gr.HTML(elem_id="reliability-flags", js_on_load=None)
             with gr.Tab("Adjudication", id="adjudication", elem_id="tab-adjudication"):
-                w["adj_ids"] = gr.State([])
-                w["adj_selected"] = gr.State(None)
-                w["adj_info"] = gr.Markdown(elem_id="adj-info")
-                w["adj_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="adj-table",
+                w.adj_ids = gr.State([])
+                w.adj_selected = gr.State(None)
+                w.adj_info = gr.Markdown(elem_id="adj-info")
+                w.adj_table = gr.Dataframe(interactive=False, wrap=True, elem_id="adj-table",
                                               column_widths=["80px", "80px", "55%", "35%"])
                 adj_refresh = gr.Button("Refresh", size="sm", elem_id="adj-refresh")
-                w["adj_reviews"] = gr.HTML(elem_id="adj-reviews", js_on_load=None)
+                w.adj_reviews = gr.HTML(elem_id="adj-reviews", js_on_load=None)
                 with gr.Row():
-                    w["adj_outcome"] = gr.Radio([("Accept", "accepted"), ("Reject", "rejected")], label="Decision",
+                    w.adj_outcome = gr.Radio([("Accept", "accepted"), ("Reject", "rejected")], label="Decision",
                                                 elem_id="adj-outcome")
-                    w["adj_reason"] = gr.Textbox(label="Reason (required, kept with the decision)", lines=2,
+                    w.adj_reason = gr.Textbox(label="Reason (required, kept with the decision)", lines=2,
                                                  max_length=2000, elem_id="adj-reason")
                 decide = gr.Button("Record decision", variant="primary", elem_id="adj-decide")
-                w["adj_status"] = gr.HTML(elem_id="adj-status", js_on_load=None)
-                w["adj_sample"] = gr.HTML(elem_id="adj-sample", js_on_load=None)
+                w.adj_status = gr.HTML(elem_id="adj-status", js_on_load=None)
+                w.adj_sample = gr.HTML(elem_id="adj-sample", js_on_load=None)
             with gr.Tab("Acceptance rule", id="rule", elem_id="tab-rule"):
                 gr.Markdown("A sample is accepted when its reviewers find it consistent and its median quality and "
                             "complexity are strictly above the thresholds (the paper: above 3). Preview first: "
                             "nothing changes until you apply.")
                 with gr.Row():
-                    w["rule_consistent"] = gr.Checkbox(label="Require 'consistent'", value=True,
+                    w.rule_consistent = gr.Checkbox(label="Require 'consistent'", value=True,
                                                        elem_id="rule-consistent")
-                    w["rule_quality"] = gr.Slider(0, 5, value=3, step=0.5, label="Quality above",
+                    w.rule_quality = gr.Slider(0, 5, value=3, step=0.5, label="Quality above",
                                                   elem_id="rule-quality")
-                    w["rule_complexity"] = gr.Slider(0, 5, value=3, step=0.5, label="Complexity above",
+                    w.rule_complexity = gr.Slider(0, 5, value=3, step=0.5, label="Complexity above",
                                                      elem_id="rule-complexity")
-                    w["rule_spread"] = gr.Slider(0, 4, value=2, step=1, label="Largest score spread before a dispute",
+                    w.rule_spread = gr.Slider(0, 4, value=2, step=1, label="Largest score spread before a dispute",
                                                  elem_id="rule-spread")
                 with gr.Row():
                     preview = gr.Button("Preview", elem_id="rule-preview-btn")
                     apply = gr.Button("Apply this rule", variant="stop", elem_id="rule-apply-btn")
-                w["rule_previewed"] = gr.State(None)
-                w["rule_preview"] = gr.HTML(elem_id="rule-preview", js_on_load=None)
-                w["rule_status"] = gr.HTML(elem_id="rule-status", js_on_load=None)
+                w.rule_previewed = gr.State(None)
+                w.rule_preview = gr.HTML(elem_id="rule-preview", js_on_load=None)
+                w.rule_status = gr.HTML(elem_id="rule-status", js_on_load=None)
                 gr.Markdown("**Decision rule.** *paper*: the thresholds above on the majority and the medians. "
                             "*weighted*: each rater weighed by their fitted reliability (the Agreement tab); a sample "
                             "is accepted when the posterior probability that it meets the thresholds is at least the "
                             "cut. Every decision records the rule and its posterior; exports carry both.")
                 with gr.Row():
-                    w["decision_rule"] = gr.Radio(["paper", "weighted"], value="paper", label="Decision rule",
+                    w.decision_rule = gr.Radio(["paper", "weighted"], value="paper", label="Decision rule",
                                                   elem_id="decision-rule")
-                    w["accept_at"] = gr.Slider(0.05, 0.95, value=0.5, step=0.05,
+                    w.accept_at = gr.Slider(0.05, 0.95, value=0.5, step=0.05,
                                                label="Weighted: accept when P(meets the rule) is at least",
                                                elem_id="decision-accept-at")
                 with gr.Row():
                     decision_preview = gr.Button("Preview", elem_id="decision-preview-btn")
                     decision_apply = gr.Button("Apply this decision rule", variant="stop", elem_id="decision-apply-btn")
-                w["decision_previewed"] = gr.State(None)
-                w["decision_preview"] = gr.HTML(elem_id="decision-preview", js_on_load=None)
-                w["decision_status"] = gr.HTML(elem_id="decision-status", js_on_load=None)
+                w.decision_previewed = gr.State(None)
+                w.decision_preview = gr.HTML(elem_id="decision-preview", js_on_load=None)
+                w.decision_status = gr.HTML(elem_id="decision-status", js_on_load=None)
             with gr.Tab("Review budget", id="budget", elem_id="tab-budget"):
-                w["budget_kpis"] = gr.HTML(elem_id="budget-kpis", js_on_load=None)
+                w.budget_kpis = gr.HTML(elem_id="budget-kpis", js_on_load=None)
                 budget_refresh = gr.Button("Refresh", size="sm", elem_id="budget-refresh")
                 d.budget = {
                     "by_policy": _table_block("Reviews per sample by policy", "budget-policy"),
@@ -1083,66 +973,66 @@ def build(settings: Settings) -> gr.Blocks:
                             "under the cap; disagreements with the MLLM come first. Calibration samples keep their "
                             "overlap either way.")
                 with gr.Row():
-                    w["policy"] = gr.Radio(["fixed", "adaptive"], value="fixed", label="Review policy",
+                    w.policy = gr.Radio(["fixed", "adaptive"], value="fixed", label="Review policy",
                                            elem_id="review-policy")
-                    w["band_low"] = gr.Slider(0, 1, value=0.2, step=0.05, label="Uncertain from",
+                    w.band_low = gr.Slider(0, 1, value=0.2, step=0.05, label="Uncertain from",
                                               elem_id="band-low")
-                    w["band_high"] = gr.Slider(0, 1, value=0.8, step=0.05, label="Uncertain up to",
+                    w.band_high = gr.Slider(0, 1, value=0.8, step=0.05, label="Uncertain up to",
                                                elem_id="band-high")
-                    w["max_reviews"] = gr.Slider(1, 10, value=3, step=1, label="Cap on reviews per sample",
+                    w.max_reviews = gr.Slider(1, 10, value=3, step=1, label="Cap on reviews per sample",
                                                  elem_id="max-reviews")
                 policy_save = gr.Button("Save the review policy", variant="primary", elem_id="policy-save")
-                w["policy_status"] = gr.HTML(elem_id="policy-status", js_on_load=None)
+                w.policy_status = gr.HTML(elem_id="policy-status", js_on_load=None)
             with gr.Tab("Settings", id="settings", elem_id="tab-settings"):
-                w["show_mllm"] = gr.Checkbox(label="Show the MLLM's verdict to reviewers before they submit (it may "
+                w.show_mllm = gr.Checkbox(label="Show the MLLM's verdict to reviewers before they submit (it may "
                                              "anchor their answers; the paper's protocol hides it)",
                                              elem_id="show-mllm")
-                w["settings_status"] = gr.HTML(elem_id="settings-status", js_on_load=None)
+                w.settings_status = gr.HTML(elem_id="settings-status", js_on_load=None)
             with gr.Tab("Export", id="export", elem_id="tab-export"):
                 gr.Markdown("Export the dataset for training: the accepted samples by default, or the statuses and "
                             "median-score thresholds chosen below. The export runs in the background; the folder "
                             "appears, complete with its manifest, only when it has finished.")
                 with gr.Row():
-                    w["export_format"] = gr.Radio(list(EXPORT_FORMATS), value="jsonl", label="Format",
+                    w.export_format = gr.Radio(list(EXPORT_FORMATS), value="jsonl", label="Format",
                                                   elem_id="export-format")
-                    w["export_name"] = gr.Textbox(label="Folder name under <data dir>/exports (blank: a dated name)",
+                    w.export_name = gr.Textbox(label="Folder name under <data dir>/exports (blank: a dated name)",
                                                   max_length=100, elem_id="export-name")
-                    w["export_val"] = gr.Number(0.05, minimum=0, maximum=1, step=0.01,
+                    w.export_val = gr.Number(0.05, minimum=0, maximum=1, step=0.01,
                                                 label="Validation share (of instances)", elem_id="export-val")
                 with gr.Row():
-                    w["export_statuses"] = gr.CheckboxGroup([s.value for s in SampleStatus],
+                    w.export_statuses = gr.CheckboxGroup([s.value for s in SampleStatus],
                                                             value=[SampleStatus.accepted.value],
                                                             label="Sample statuses", elem_id="export-statuses")
-                    w["export_min_quality"] = gr.Slider(0, 5, value=0, step=0.5,
+                    w.export_min_quality = gr.Slider(0, 5, value=0, step=0.5,
                                                         label="Median quality at least (0: any)",
                                                         elem_id="export-min-quality")
-                    w["export_min_complexity"] = gr.Slider(0, 5, value=0, step=0.5,
+                    w.export_min_complexity = gr.Slider(0, 5, value=0, step=0.5,
                                                            label="Median complexity at least (0: any)",
                                                            elem_id="export-min-complexity")
                 with gr.Row():
                     export_start = gr.Button("Start export", variant="primary", elem_id="export-start")
                     export_refresh = gr.Button("Refresh", size="sm", elem_id="export-refresh")
-                w["export_status"] = gr.HTML(elem_id="export-status", js_on_load=None)
-                w["export_info"] = gr.HTML(elem_id="export-info", js_on_load=None)
-                w["export_table"] = gr.Dataframe(interactive=False, wrap=True, elem_id="export-table")
-                w["export_timer"] = gr.Timer(EXPORT_POLL_S, active=False)
+                w.export_status = gr.HTML(elem_id="export-status", js_on_load=None)
+                w.export_info = gr.HTML(elem_id="export-info", js_on_load=None)
+                w.export_table = gr.Dataframe(interactive=False, wrap=True, elem_id="export-table")
+                w.export_timer = gr.Timer(EXPORT_POLL_S, active=False)
             grounding_tab(settings)
-            __import__("annotate.ui_study", fromlist=["study_results_tab"]).study_results_tab(settings)
+            study_results_tab(settings)
 
-        progress_out = [w["kpis"]] + [o for t in d.progress.values() for o in t.outputs()]
-        agreement_out = [w["agreement_data"], w["agreement_summary"], w["reliability_flags"]]
+        progress_out = [w.kpis] + [o for t in d.progress.values() for o in t.outputs()]
+        agreement_out = [w.agreement_data, w.agreement_summary, w.reliability_flags]
         agreement_out += [o for t in d.agreement.values() for o in t.outputs()]
-        adj_out = [w["adj_table"], w["adj_info"], w["adj_ids"], w["adj_status"], w["adj_sample"], w["adj_reviews"],
-                   w["adj_selected"], w["adj_reason"], w["adj_outcome"]]
-        rule_in = [w["rule_consistent"], w["rule_quality"], w["rule_complexity"], w["rule_spread"]]
-        rule_out = [*rule_in, w["rule_preview"], w["rule_status"], w["show_mllm"], w["rule_previewed"]]
-        decision_in = [w["decision_rule"], w["accept_at"]]
-        decision_out = [w["decision_preview"], w["decision_status"], w["decision_previewed"]]
-        budget_out = [w["budget_kpis"], w["policy"], w["band_low"], w["band_high"], w["max_reviews"]]
+        adj_out = [w.adj_table, w.adj_info, w.adj_ids, w.adj_status, w.adj_sample, w.adj_reviews,
+                   w.adj_selected, w.adj_reason, w.adj_outcome]
+        rule_in = [w.rule_consistent, w.rule_quality, w.rule_complexity, w.rule_spread]
+        rule_out = [*rule_in, w.rule_preview, w.rule_status, w.show_mllm, w.rule_previewed]
+        decision_in = [w.decision_rule, w.accept_at]
+        decision_out = [w.decision_preview, w.decision_status, w.decision_previewed]
+        budget_out = [w.budget_kpis, w.policy, w.band_low, w.band_high, w.max_reviews]
         budget_out += [o for t in d.budget.values() for o in t.outputs()]
-        export_in = [w["export_format"], w["export_name"], w["export_val"], w["export_statuses"],
-                     w["export_min_quality"], w["export_min_complexity"]]
-        export_out = [w["export_table"], w["export_info"], w["export_timer"], w["export_status"], w["export_name"]]
+        export_in = [w.export_format, w.export_name, w.export_val, w.export_statuses,
+                     w.export_min_quality, w.export_min_complexity]
+        export_out = [w.export_table, w.export_info, w.export_timer, w.export_status, w.export_name]
 
         demo.load(d.on_topbar, None, topbar)
         demo.load(d.on_progress, None, progress_out)
@@ -1150,31 +1040,30 @@ def build(settings: Settings) -> gr.Blocks:
         demo.load(d.on_rule_load, None, rule_out)
         _on(progress_refresh.click, d.on_progress, [], progress_out)
         _on(agreement_refresh.click, d.on_agreement, [question], agreement_out)
-        _on(question.change, d.on_question, [w["agreement_data"], question], agreement_out)
+        _on(question.change, d.on_question, [w.agreement_data, question], agreement_out)
         _on(adj_refresh.click, d.on_adjudication, [], adj_out)
-        _on(w["adj_table"].select, d.on_adj_select, [w["adj_ids"]], adj_out)
-        decide.click(d.on_decide, [w["adj_selected"], w["adj_outcome"], w["adj_reason"]], adj_out,
+        _on(w.adj_table.select, d.on_adj_select, [w.adj_ids], adj_out)
+        decide.click(d.on_decide, [w.adj_selected, w.adj_outcome, w.adj_reason], adj_out,
                      trigger_mode="once")
         _on(preview.click, d.on_preview, rule_in, rule_out)
-        apply.click(d.on_apply, [*rule_in, w["rule_previewed"]], rule_out, trigger_mode="once")
-        w["show_mllm"].input(d.on_show_mllm, [w["show_mllm"]], [w["settings_status"]])
+        apply.click(d.on_apply, [*rule_in, w.rule_previewed], rule_out, trigger_mode="once")
+        w.show_mllm.input(d.on_show_mllm, [w.show_mllm], [w.settings_status])
         demo.load(d.on_decision_load, None, decision_in)
         _on(decision_preview.click, d.on_decision_preview, decision_in, decision_out)
-        decision_apply.click(d.on_decision_apply, [*decision_in, w["decision_previewed"]], decision_out,
+        decision_apply.click(d.on_decision_apply, [*decision_in, w.decision_previewed], decision_out,
                              trigger_mode="once")
         demo.load(d.on_budget, None, budget_out)
         _on(budget_refresh.click, d.on_budget, [], budget_out)
-        policy_save.click(d.on_policy_save, [w["policy"], w["band_low"], w["band_high"], w["max_reviews"]],
-                          [w["policy_status"]], trigger_mode="once")
+        policy_save.click(d.on_policy_save, [w.policy, w.band_low, w.band_high, w.max_reviews],
+                          [w.policy_status], trigger_mode="once")
         demo.load(d.on_exports, None, export_out)
         export_start.click(d.on_export_start, export_in, export_out, trigger_mode="once", api_name="export_start")
         _on(export_refresh.click, d.on_exports, [], export_out)
-        w["export_timer"].tick(d.on_exports, None, export_out, show_progress="hidden")
+        w.export_timer.tick(d.on_exports, None, export_out, show_progress="hidden")
         demo.queue(default_concurrency_limit=8)
     return demo
 
 
 def page_assets() -> dict[str, str]:
     """``head``/``css`` for ``gr.mount_gradio_app`` (the review page's styles; images zoom with its script)."""
-    script = (STATIC / "review.js").read_text(encoding="utf-8")
-    return {"head": f"<script>{script}</script>", "css": (STATIC / "review.css").read_text(encoding="utf-8")}
+    return review_page_assets()

@@ -6,7 +6,7 @@ revoked study invitation need; its SQL store would also mean a second connection
 
 How it works:
 
-- A login (:func:`annotate.web_auth.start_session`) makes a new row: the cookie gets 32 random bytes (URL-safe
+- A login (:func:`annotate.web.auth.start_session`) makes a new row: the cookie gets 32 random bytes (URL-safe
   base64) and the table only their sha256, so a copy of the table opens no session. The row keeps the user, the
   study of an invite link, the session's small data dict (CSRF token ...), created / last-seen / absolute expiry,
   the user agent and the client IP.
@@ -218,7 +218,7 @@ class ServerSessionMiddleware:
         secure: bool = False,
         cookie: str = COOKIE,
     ) -> None:
-        from annotate.web_auth import snapshot  # web_auth reads this module's scope keys; import it late
+        from annotate.web.auth import snapshot  # web_auth reads this module's scope keys; import it late
 
         self._snapshot = snapshot
         self.app = app

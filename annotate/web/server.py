@@ -3,33 +3,31 @@
 Routes:
 
 - ``/healthz`` - JSON: is the database reachable, at which schema revision (200 when usable, 503 otherwise);
-- ``/login`` (form, throttled per (username, IP) and per IP by :mod:`annotate.throttle`), ``/logout`` (POST;
+- ``/login`` (form, throttled per (username, IP) and per IP by :mod:`annotate.web.throttle`), ``/logout`` (POST;
   revokes the session and releases the user's leases);
 - ``/`` - sends each role where it works (raters to ``/review/``, leads and admins to ``/dashboard/``);
 - ``/api/whoami`` - the logged-in user (401 without a session); ``/api/status``, ``/api/agreement`` - JSON for
   leads and admins (403 for anyone else);
 - ``/img/{sha256}`` and ``/thumb/{sha256}`` - images by content hash only, for logged-in users, cacheable
   (ETag = the hash); a path from a request never reaches the file system;
-- ``/review`` - the reviewers' Gradio app (:mod:`annotate.ui_review`), for raters, leads and admins;
-- ``/dashboard`` - the leads' Gradio app (:mod:`annotate.ui_dashboard`), for leads and admins (403 for a rater,
+- ``/review`` - the reviewers' Gradio app (:mod:`annotate.web.ui_review`), for raters, leads and admins;
+- ``/dashboard`` - the leads' Gradio app (:mod:`annotate.web.ui_dashboard`), for leads and admins (403 for a rater,
   on every route under it, the event queue included);
 - ``/static`` - the app's own CSS and JavaScript.
 
-Sessions are server-side (:mod:`annotate.sessions`); the edges (body limits, uploads, CORS, Secure cookies) are
-described in :mod:`annotate.edges` and docs/security.md.
+Sessions are server-side (:mod:`annotate.web.sessions`); the edges (body limits, uploads, CORS, Secure cookies) are
+described in :mod:`annotate.web.edges` and docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import io
 import logging
 import math
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -40,10 +38,8 @@ from sqlalchemy import select
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from annotate.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
-from annotate.sessions import ServerSessionMiddleware, SessionPolicy
-from annotate.throttle import LoginThrottle, ThrottlePolicy
-from annotate.web_auth import (
+from annotate.web import api_review
+from annotate.web.auth import (
     LEAD_ROLES,
     REVIEWER_ROLES,
     GateRule,
@@ -61,6 +57,12 @@ from annotate.web_auth import (
     snapshot,
     start_session,
 )
+from annotate.web.common import STATIC_DIR, esc, mount_gradio
+from annotate.web.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
+from annotate.web.sessions import ServerSessionMiddleware, SessionPolicy
+from annotate.web.study_routes import register_study
+from annotate.web.throttle import LoginThrottle, ThrottlePolicy
+from annotate.worker import attach_job_worker
 from db.models import Assignment, AssignmentState, AuditLog
 from db.models import Image as ImageRow
 from db.session import session_scope
@@ -69,7 +71,7 @@ from mcie.config import Settings
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).parent / "static"
+
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 THUMB_SIZES = (128, 256, 384, 768)
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -107,15 +109,15 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.state.job_worker = None
     if worker:
-        __import__("annotate.worker", fromlist=["attach_job_worker"]).attach_job_worker(app)  # exports, previews
+        attach_job_worker(app)  # exports, previews
     secret = load_secret_key(settings.data_dir, settings.secret_key.get_secret_value() if settings.secret_key else None)
 
     _add_routes(app)
-    app.include_router(__import__("annotate.api_review", fromlist=["router"]).router)  # JSON review API
+    app.include_router(api_review.router)  # JSON review API
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if mount_ui:
         _mount_gradio(app, settings)
-    __import__("annotate.study_routes", fromlist=["register_study"]).register_study(app, settings, mount_ui=mount_ui)
+    register_study(app, settings, mount_ui=mount_ui)
 
     # Added last = outermost: headers wrap everything; the body limit comes before anything reads a body; CORS
     # (Starlette's, which also turns Gradio's origin-reflecting CORS off) answers before the session is read;
@@ -186,7 +188,7 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
 
 def _purge_runtime_tables(url: str, throttle: LoginThrottle) -> None:
     """The app's own throttle purges its counts, so 'old' is measured on the clock that wrote them."""
-    from annotate import sessions
+    from annotate.web import sessions
 
     with session_scope(url) as session:
         ended = sessions.purge(session)
@@ -196,31 +198,10 @@ def _purge_runtime_tables(url: str, throttle: LoginThrottle) -> None:
 
 
 def _mount_gradio(app: FastAPI, settings: Settings) -> None:
-    import gradio as gr
+    from annotate.web import ui_dashboard, ui_review  # Gradio loads only when the screens are mounted
 
-    from annotate import ui_dashboard, ui_review
-    from annotate.web_auth import gradio_auth_dependency
-
-    for path, module, roles in (
-        (REVIEW_PATH, ui_review, REVIEWER_ROLES),
-        (DASHBOARD_PATH, ui_dashboard, LEAD_ROLES),
-    ):
-        blocks = module.build(settings)
-        gr.mount_gradio_app(
-            app,
-            blocks,
-            path=path,
-            auth_dependency=gradio_auth_dependency(settings.database_url, roles),
-            footer_links=[],
-            run_history=False,
-            max_file_size="1mb",  # nothing is uploaded; Gradio's upload route must not fill the disk
-            blocked_paths=[str(settings.data_dir.resolve())],  # never the database, blobs or secret key
-            show_error=True,
-            ssr_mode=False,
-            mcp_server=False,
-            **module.page_assets(),
-        )
-        blocks.config = blocks.get_config_file()  # mount sets head/js/css after building the config
+    mount_gradio(app, settings, REVIEW_PATH, ui_review.build(settings), REVIEWER_ROLES, ui_review.page_assets())
+    mount_gradio(app, settings, DASHBOARD_PATH, ui_dashboard.build(settings), LEAD_ROLES, ui_dashboard.page_assets())
 
 
 def serve(
@@ -233,7 +214,7 @@ def serve(
 ) -> None:
     """Upgrade the database schema, then serve the app with uvicorn until interrupted (``mcie serve``).
 
-    ``secure_cookies=None`` decides by :func:`annotate.edges.secure_cookies_for`; ``worker=False`` serves the web
+    ``secure_cookies=None`` decides by :func:`annotate.web.edges.secure_cookies_for`; ``worker=False`` serves the web
     tier alone (jobs are run by ``mcie worker`` processes). ``X-Forwarded-*`` headers are believed only from
     ``MCIE_TRUSTED_PROXIES`` (the app's own middleware; uvicorn's is off)."""
     import uvicorn
@@ -355,7 +336,6 @@ def login_page(request: Request, next: str | None = None) -> HTMLResponse:
 def _login_html(
     request: Request, *, next_path: str | None, user: WebUser | None, error: str | None = None, username: str = ""
 ) -> str:
-    esc = html.escape
     already = ""
     if user is not None:
         already = (

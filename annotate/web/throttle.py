@@ -14,7 +14,7 @@ A key's count restarts when ``login_failure_window_s`` passed since its last fai
 pair. Every block and every unblock (expired, or a correct password) is written to the audit log.
 
 The client IP is the direct peer unless that peer is one of ``MCIE_TRUSTED_PROXIES`` (uvicorn's
-``ProxyHeadersMiddleware`` then takes it from ``X-Forwarded-For``; see :func:`annotate.server.create_app`).
+``ProxyHeadersMiddleware`` then takes it from ``X-Forwarded-For``; see :func:`annotate.web.server.create_app`).
 
 Counting happens in one write transaction per failure (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE``
 on PostgreSQL), so concurrent failures on two replicas are all counted.
