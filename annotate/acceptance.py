@@ -316,10 +316,10 @@ def _posterior(
 ) -> Posterior:
     rule = config.acceptance
     answers = [{"rater": r.rater, "consistent": r.consistent, "quality": r.quality, "complexity": r.complexity}
-               for r in reviews]  # fmt: skip
+               for r in reviews]
     return posterior_accept(fit, answers, quality_above=rule.quality_above, complexity_above=rule.complexity_above,
                             require_consistent=rule.require_consistent, mllm_score=score,
-                            use_mllm=config.weighted.use_mllm_prior)  # fmt: skip
+                            use_mllm=config.weighted.use_mllm_prior)
 
 
 def decide(reviews: Sequence[Any], config: ProjectConfig, posterior: Posterior) -> RuleResult:
@@ -522,11 +522,11 @@ def _record_changes(
         if new == SampleStatus.needs_adjudication:
             details = {"rule": rule_json, "reason": result.reason, "previous": statuses[sample_id].value}
             audits.append({"user_id": actor_id, "action": NEEDS_ADJUDICATION_ACTION, "entity": "sample",
-                           "entity_id": str(sample_id), "details": details, "at": now})  # fmt: skip
+                           "entity_id": str(sample_id), "details": details, "at": now})
         else:
             decisions.append({"sample_id": sample_id, "outcome": Outcome(new.value), "source": DecisionSource.rule,
                               "rule": rule_json, "decided_by": actor_id, "reason": result.reason,
-                              "created_at": now})  # fmt: skip
+                              "created_at": now})
     for status, ids in by_status.items():
         for start in range(0, len(ids), chunk):
             session.execute(

@@ -79,7 +79,7 @@ def create_user(
     session.add(user)
     session.flush()
     session.add(AuditLog(user_id=actor_id, action="user.create", entity="user", entity_id=str(user.id),
-                         details={"username": username, "role": role.value}))  # fmt: skip
+                         details={"username": username, "role": role.value}))
     return user
 
 
@@ -110,7 +110,7 @@ def revoke_sessions(session: Session, username: str, *, reason: str = "revoked",
     ended = sessions.revoke_user(session, user.id, reason)
     if ended:
         session.add(AuditLog(user_id=actor_id, action="user.sessions_revoked", entity="user", entity_id=str(user.id),
-                             details={"sessions": ended, "reason": reason}))  # fmt: skip
+                             details={"sessions": ended, "reason": reason}))
     return ended
 
 

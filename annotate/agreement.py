@@ -610,7 +610,7 @@ def gold_accuracy(reviews: pd.DataFrame, gold: pd.DataFrame, tolerance: float = 
     columns = [
         "rater", "n_gold", "consistent_accuracy", "quality_accuracy", "complexity_accuracy",
         "quality_bias", "complexity_bias",
-    ]  # fmt: skip
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -65,11 +65,11 @@ from db.session import session_scope
 REVIEW_COLUMNS: tuple[str, ...] = (
     "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "server_s", "created_at", "is_gold",
     "is_calibration",
-)  # fmt: skip
+)
 SAMPLE_COLUMNS: tuple[str, ...] = (
     "sample_id", "instance_id", "first_turn", "last_turn", "status", "priority", "flagged", "is_gold",
     "is_calibration", "n_reviews", "mllm_verdict", "created_at", "updated_at",
-)  # fmt: skip
+)
 QUESTIONS: tuple[tuple[str, str, str | None], ...] = (
     ("consistency", "consistent", None),
     ("quality", "quality", "quadratic"),
@@ -128,7 +128,7 @@ def reviews_frame(url: str) -> pd.DataFrame:
     frame = frame.astype(
         {"sample_id": "int64", "rater": "object", "consistent": "bool", "quality": "int64", "complexity": "int64",
          "time_spent_s": "float64", "is_gold": "bool"}
-    )  # fmt: skip
+    )
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
     frame["is_calibration"] = calibration_mask(frame["sample_id"], share) & ~frame["is_gold"].to_numpy()
     return frame
@@ -172,7 +172,7 @@ def samples_frame(url: str) -> pd.DataFrame:
         [(*r[:4], SampleStatus(r[4]).value, *r[5:9], r[9], r[10]) for r in rows],
         columns=["sample_id", "instance_id", "first_turn", "last_turn", "status", "priority", "flagged", "is_gold",
                  "n_reviews", "created_at", "updated_at"],
-    )  # fmt: skip
+    )
     frame = frame.astype({"sample_id": "int64", "flagged": "bool", "is_gold": "bool", "n_reviews": "int64"})
     frame["is_calibration"] = calibration_mask(frame["sample_id"], share) & ~frame["is_gold"].to_numpy()
     frame["mllm_verdict"] = frame["sample_id"].map(verdicts)
@@ -232,7 +232,7 @@ def reviews_per_reviewer_per_day(df: pd.DataFrame) -> pd.DataFrame:
     _check_frame(df, ("rater", "created_at"))
     if df.empty:
         return pd.DataFrame({"day": pd.Series(dtype=object), "rater": pd.Series(dtype=object),
-                             "n_reviews": pd.Series(dtype="int64")})  # fmt: skip
+                             "n_reviews": pd.Series(dtype="int64")})
     days = _utc_times(df).dt.date
     out = df.assign(day=days).groupby(["day", "rater"]).size().rename("n_reviews").reset_index()
     return out.sort_values(["day", "rater"], ignore_index=True)
@@ -248,7 +248,7 @@ def throughput(df: pd.DataFrame, freq: str = "D") -> pd.DataFrame:
         raise DashboardError(f"freq must be a pandas frequency such as 'D', 'h' or 'W'; got {freq!r}") from None
     if df.empty:
         return pd.DataFrame({"period": pd.Series(dtype="datetime64[ns, UTC]"), "n_reviews": pd.Series(dtype="int64"),
-                             "cumulative": pd.Series(dtype="int64")})  # fmt: skip
+                             "cumulative": pd.Series(dtype="int64")})
     counts = pd.Series(1, index=_utc_times(df)).sort_index().resample(freq).sum()
     out = counts.rename("n_reviews").rename_axis("period").reset_index()
     out["n_reviews"] = out["n_reviews"].astype("int64")
@@ -395,7 +395,7 @@ def _gold_accuracy(gold_reviews: pd.DataFrame, gold: pd.DataFrame) -> list[dict[
         n = group["n_gold"].to_numpy(dtype=float)
         row: dict[str, Any] = {"rater": rater, "n_gold": int(n.sum())}
         for column in ("consistent_accuracy", "quality_accuracy", "complexity_accuracy", "quality_bias",
-                       "complexity_bias"):  # fmt: skip
+                       "complexity_bias"):
             values = group[column].to_numpy(dtype=float)
             ok = ~np.isnan(values)
             row[column] = float(np.average(values[ok], weights=n[ok])) if ok.any() else None
@@ -508,7 +508,7 @@ def reliability_figures(url: str, *, refit: bool = False) -> dict[str, Any]:
                                                       "n": fit.mllm.n},
         "priors": {q: f.prior for q, f in fit.questions.items()},
         "raters": raters,
-    })  # fmt: skip
+    })
 
 
 def review_budget(url: str) -> dict[str, Any]:
@@ -525,7 +525,7 @@ def review_budget(url: str) -> dict[str, Any]:
         work = select(Review.sample_id, func.count()).where(~is_gold_clause(Review.sample_id))
         per_sample = dict(session.execute(work.group_by(Review.sample_id)).all())
         n_gold = int(session.scalar(select(func.count()).select_from(Review).where(is_gold_clause(Review.sample_id)))
-                     or 0)  # fmt: skip
+                     or 0)
         newest: dict[int, tuple[str, dict[str, Any] | None, str]] = {}
         for sample_id, source, rule, outcome in session.execute(
             select(Decision.sample_id, Decision.source, Decision.rule, Decision.outcome).order_by(Decision.id)
@@ -548,7 +548,7 @@ def review_budget(url: str) -> dict[str, Any]:
     total = max(len(decided_counts), 1)
     rows = [{"policy": policy, "decided_samples": len(counts), "reviews": int(sum(counts)),
              "reviews_per_sample": (sum(counts) / len(counts)) if counts else None}
-            for policy, counts in sorted(by_policy.items())]  # fmt: skip
+            for policy, counts in sorted(by_policy.items())]
     return plain({
         "n_reviews": int(sum(per_sample.values())),
         "n_gold_reviews": n_gold,
@@ -564,7 +564,7 @@ def review_budget(url: str) -> dict[str, Any]:
         "expected_wrong_decisions": expected_wrong(posteriors, accepted) if posteriors else None,
         "n_with_posterior": len(posteriors),
         "reliability_over_time": [h | {"rater": names.get(h["rater"], h["rater"])} for h in history],
-    })  # fmt: skip
+    })
 
 
 # --- grounding measured against reviewers' box corrections ------------------------------------------------------
@@ -610,7 +610,7 @@ def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                 turn = int(item["turn_index"])
                 corrections.append({"instance_id": instance_id, "turn_index": turn,
                                     "operation": operations.get((sample_id, turn)), "review_id": review_id,
-                                    "x0": x0, "y0": y0, "x1": x1, "y1": y1})  # fmt: skip
+                                    "x0": x0, "y0": y0, "x1": x1, "y1": y1})
         instance_ids = sorted({c["instance_id"] for c in corrections})
         candidates = [
             {"instance_id": instance_id, "turn_index": index, "source": str(c.source), "rank": c.rank,
@@ -621,7 +621,7 @@ def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                 .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
                 .where(Turn.instance_id.in_(instance_ids[start : start + 5000]))
             )
-        ]  # fmt: skip
+        ]
     columns = ["instance_id", "turn_index", "operation", "review_id", "x0", "y0", "x1", "y1"]
     cand_columns = ["instance_id", "turn_index", "source", "rank", "chosen", "x0", "y0", "x1", "y1"]
     return pd.DataFrame(corrections, columns=columns), pd.DataFrame(candidates, columns=cand_columns)
@@ -644,7 +644,7 @@ def grounding_vs_corrections(corrections: pd.DataFrame, candidates: pd.DataFrame
     truth = corrections.groupby(keys).agg(
         operation=("operation", "first"), x0=("x0", "median"), y0=("y0", "median"), x1=("x1", "median"),
         y1=("y1", "median"),
-    )  # fmt: skip
+    )
     by_turn = {key: group.sort_values("rank") for key, group in candidates.groupby(keys)}
     rows = []
     for key, t in truth.iterrows():
@@ -671,7 +671,7 @@ def grounding_vs_corrections(corrections: pd.DataFrame, candidates: pd.DataFrame
         first = group["first_iou"].dropna()
         return pd.Series({"turns": len(group), "mean_iou": round(float(group["iou"].mean()), 4),
                           "mean_first_iou": round(float(first.mean()), 4) if len(first) else None,
-                          "share_iou_50": round(float((group["iou"] >= 0.5).mean()), 4)})  # fmt: skip
+                          "share_iou_50": round(float((group["iou"] >= 0.5).mean()), 4)})
 
     result = frame.groupby(["operation", "source"]).apply(summary, include_groups=False).reset_index()
     order = {s: i for i, s in enumerate(GROUNDING_SOURCES)}

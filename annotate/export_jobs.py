@@ -161,7 +161,7 @@ class ExportJobs:
             active = self.running()
             if len(active) >= MAX_RUNNING_EXPORTS:
                 raise ExportRequestError(f"{len(active)} exports are queued or running; start another when one has "
-                                         "finished")  # fmt: skip
+                                         "finished")
             if any(j.payload.get("out") == str(destination) for j in active):
                 raise ExportRequestError(f"an export into {destination} is already queued or running")
             payload = {"format": fmt, "out": str(destination), "filter": flt, "val_fraction": fraction}

@@ -88,7 +88,7 @@ def view(row: Job) -> JobView:
         row.id, row.kind, dict(row.payload or {}), QueueStatus(row.status).value, row.attempts, row.max_attempts,
         row.lease_until, row.worker_id, float(row.progress or 0.0), row.progress_note, row.error, row.result,
         row.requested_by, row.created_at, row.started_at, row.finished_at,
-    )  # fmt: skip
+    )
 
 
 def _error_text(error: str) -> str:
@@ -111,11 +111,11 @@ def enqueue(
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r} (expected one of {', '.join(KINDS)})")
     job = Job(kind=kind, payload=payload, status=QueueStatus.queued, max_attempts=max(1, max_attempts),
-              requested_by=requested_by)  # fmt: skip
+              requested_by=requested_by)
     session.add(job)
     session.flush()
     session.add(AuditLog(user_id=requested_by, action="job.enqueue", entity="job", entity_id=str(job.id),
-                         details={"kind": kind}))  # fmt: skip
+                         details={"kind": kind}))
     if _LISTENERS:  # a worker in this process starts on it as soon as it is committed (others poll)
         event.listen(session, "after_commit", _notify, once=True)
     return job
@@ -146,7 +146,7 @@ def claim(url: str, worker_id: str, kinds: tuple[str, ...] | list[str], lease_s:
                 )
                 .order_by(Job.id)
                 .limit(1)
-            )  # fmt: skip
+            )
             if session.get_bind().dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             row = session.scalar(query)
@@ -157,7 +157,7 @@ def claim(url: str, worker_id: str, kinds: tuple[str, ...] | list[str], lease_s:
                 row.error = row.error or LOST
                 session.add(AuditLog(action="job.failed", entity="job", entity_id=str(row.id),
                                      details={"kind": row.kind, "error": row.error[:200], "worker": row.worker_id}))
-                continue  # fmt: skip
+                continue
             if row.status == QueueStatus.running:
                 row.error = LOST  # the last try's error, in case this one dies as well
             row.status = QueueStatus.running
@@ -196,7 +196,7 @@ def finish(url: str, job_id: int, worker_id: str, result: dict[str, Any] | None 
             .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
             .values(status=QueueStatus.done, result=result or {}, progress=1.0, finished_at=utcnow(),
                     lease_until=None, error=None)
-        ).rowcount  # fmt: skip
+        ).rowcount
         return bool(done)
 
 
@@ -271,7 +271,7 @@ def retry(url: str, job_id: int, *, actor_id: int | None = None) -> JobView:
             state = QueueStatus(row.status).value
             raise JobError(f"job {job_id} is {state}: only failed or cancelled jobs are retried")
         row.status, row.attempts, row.finished_at, row.worker_id, row.lease_until = (
-            QueueStatus.queued, 0, None, None, None)  # fmt: skip
+            QueueStatus.queued, 0, None, None, None)
         row.progress, row.progress_note = 0.0, None
         session.add(AuditLog(user_id=actor_id, action="job.retry", entity="job", entity_id=str(job_id)))
         session.flush()

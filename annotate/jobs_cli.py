@@ -72,7 +72,7 @@ def jobs_list(
     table = Table("id", "kind", "status", "progress", "tries", "worker", "created", "error")
     for r in rows:
         table.add_row(str(r.id), r.kind, r.status, f"{r.progress:.0%}", f"{r.attempts}/{r.max_attempts}",
-                      r.worker_id or "-", r.created_at.isoformat()[:19], (r.error or "")[:60])  # fmt: skip
+                      r.worker_id or "-", r.created_at.isoformat()[:19], (r.error or "")[:60])
     console.print(table)
 
 

@@ -706,7 +706,7 @@ def enqueue_orphans(url: str) -> int:
             for payload in session.scalars(
                 select(Job.payload).where(Job.kind == "preview", Job.status.in_([QueueStatus.queued,
                                                                                  QueueStatus.running])))
-        }  # fmt: skip
+        }
         missing = sorted(wanted - covered)
         for preview_id in missing:
             jobs.enqueue(session, "preview", {"preview_id": preview_id})

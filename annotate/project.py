@@ -119,6 +119,6 @@ def set_project_config(session: Session, changes: dict[str, Any], *, actor_id: i
             row.value = dumped[key]
             row.updated_by = actor_id
     session.add(AuditLog(user_id=actor_id, action="project.settings", entity="project_settings",
-                         details={"changes": {k: dumped[k] for k in changes}}))  # fmt: skip
+                         details={"changes": {k: dumped[k] for k in changes}}))
     session.flush()
     return new

@@ -365,7 +365,7 @@ class ReliabilityFit:
         }
         mllm = None if data.get("mllm") is None else MllmPrior(**data["mllm"])
         return cls(questions, mllm, int(data["n_reviews"]), int(data["n_samples"]), int(data["n_informative"]),
-                   list(data.get("reports", [])))  # fmt: skip
+                   list(data.get("reports", [])))
 
 
 def default_fit() -> ReliabilityFit:
@@ -481,7 +481,7 @@ def rater_reports(
             n = int(mine.sum())
             if n == 0:
                 out[j] = {"n": 0, "n_gold": 0, "skill": None, "skill_low": None, "skill_high": None, "bias": None,
-                          "bias_low": None, "bias_high": None}  # fmt: skip
+                          "bias_low": None, "bias_high": None}
                 continue
             codes = d.code[mine]
             agree = float(np.mean(np.sum(loo[mine] * w[:, codes].T, axis=1)))
@@ -490,7 +490,7 @@ def rater_reports(
             skill, lo, hi = _skill_interval(agree, chance, n)
             bias, b_lo, b_hi = _mean_ci(codes - expected[mine])
             out[j] = {"n": n, "n_gold": int((mine & has_gold).sum()), "skill": skill, "skill_low": lo,
-                      "skill_high": hi, "bias": bias, "bias_low": b_lo, "bias_high": b_hi}  # fmt: skip
+                      "skill_high": hi, "bias": bias, "bias_low": b_lo, "bias_high": b_hi}
         per_question[q] = out
     reports = []
     for j, rater in enumerate(raters):
@@ -502,7 +502,7 @@ def rater_reports(
             s = per_question[q][j]
             row = {"n_samples": s["n"], "n_gold": s["n_gold"], "skill": _r(s["skill"]),
                    "skill_ci": [_r(s["skill_low"]), _r(s["skill_high"])], "bias": _r(s["bias"]),
-                   "bias_ci": [_r(s["bias_low"]), _r(s["bias_high"])]}  # fmt: skip
+                   "bias_ci": [_r(s["bias_low"]), _r(s["bias_high"])]}
             ordinal = fit.questions[q].ordinal.get(str(rater))
             if ordinal is not None:
                 row["model"] = {"bias": _r(ordinal[0]), "sigma": _r(ordinal[1]), "careless": _r(ordinal[2])}

@@ -183,5 +183,5 @@ def fit_history(session: Session, limit: int = 200) -> list[dict[str, Any]]:
             ci = report["questions"]["consistency"]["skill_ci"]
             out.append({"fit_id": fit_id, "created_at": created_at, "n_reviews": n_reviews,
                         "rater": str(report["rater"]), "skill": report["skill"],
-                        "consistency_skill_low": ci[0], "consistency_skill_high": ci[1]})  # fmt: skip
+                        "consistency_skill_low": ci[0], "consistency_skill_high": ci[1]})
     return out

@@ -107,7 +107,7 @@ def create(
             cfg.database_url, ImageStore.from_settings(cfg), folder, name,
             items_per_participant=items_per_participant, seed=seed, criteria=_criteria(criteria),
             status=StudyStatus.draft if draft else StudyStatus.open,
-        )  # fmt: skip
+        )
     except StudyError as exc:
         _fail(str(exc))
     _report(report, as_json)
@@ -169,7 +169,7 @@ def from_previews(
             _url(), name, ids, _method_option(method), reference=reference, reference_name=reference_name,
             preview_seed=preview_seed, items_per_participant=items_per_participant, seed=seed,
             criteria=_criteria(criteria), status=StudyStatus.draft if draft else StudyStatus.open,
-        )  # fmt: skip
+        )
     except StudyError as exc:
         _fail(str(exc))
     _report(report, as_json)
@@ -193,7 +193,7 @@ def list_command(as_json: JsonOpt = False) -> None:
     table = Table("id", "name", "status", "items", "methods", "enrolled", "finished", title="user studies")
     for s in rows:
         table.add_row(str(s.id), s.name, s.status, str(s.n_items), ", ".join(s.methods), str(s.enrolled),
-                      str(s.finished))  # fmt: skip
+                      str(s.finished))
     console.print(table)
 
 
@@ -261,7 +261,7 @@ def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(str(r["user_id"]), r["username"], f"{r['completed']}/{r['assigned']}",
                       (r["finished_at"] or "")[:16].replace("T", " "), "yes" if r["revoked"] else "",
-                      f"yes: {r['exclusion_reason']}" if r["excluded"] else "")  # fmt: skip
+                      f"yes: {r['exclusion_reason']}" if r["excluded"] else "")
     console.print(table)
     finished = sum(r["finished_at"] is not None for r in rows)
     console.print(f"{len(rows)} enrolled, {finished} finished", highlight=False)
@@ -375,7 +375,7 @@ def results(
             pref, bt = block["preferred"][method], strengths[method]
             table.add_row(method, str(share["n_chosen"]), _pct(share["share"]), _ci(share["ci"]), _pct(pref["share"]),
                           _ci(pref["ci"]), "-" if bt["strength"] is None else f"{bt['strength']:.2f}",
-                          _ci(bt["ci"], percent=False))  # fmt: skip
+                          _ci(bt["ci"], percent=False))
         console.print(table)
         bias = block["position_bias"]
         if bias.get("p_value") is not None:
@@ -383,5 +383,5 @@ def results(
     quality = res["quality"]
     if quality["fast"] or quality["failed_attention"]:
         console.print(f"quality checks: fast {quality['fast']}, failed attention {quality['failed_attention']} "
-                      "(user ids; `mcie study exclude` records a decision)", highlight=False)  # fmt: skip
+                      "(user ids; `mcie study exclude` records a decision)", highlight=False)
     console.print("`mcie study results --json` prints every figure: win matrices, intervals, quality checks.")

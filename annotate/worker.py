@@ -122,7 +122,7 @@ def export_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
         on_record=on_record,
     )
     return {"export_id": result.export_id, "path": str(result.path), "n_samples": result.n_samples,
-            "counts": dict(result.counts), "manifest_sha256": result.manifest_sha256}  # fmt: skip
+            "counts": dict(result.counts), "manifest_sha256": result.manifest_sha256}
 
 
 def preview_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def preview_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(status.error or "the preview failed")
     return {"preview_id": status.id, "status": status.status, "image": status.image,
             "model_version": status.model_version, "sample_id": status.sample_id,
-            "unchanged": status.status != previews.JobStatus.done.value}  # fmt: skip
+            "unchanged": status.status != previews.JobStatus.done.value}
 
 
 HANDLERS: dict[str, Handler] = {"export": export_handler, "preview": preview_handler}
@@ -166,7 +166,7 @@ class Worker:
         unknown = sorted(set(kinds) - set(jobs.KINDS))
         if unknown or not kinds:
             raise ValueError(f"--kinds: unknown kind(s) {', '.join(unknown) or '(none)'} "
-                             f"(expected some of {', '.join(jobs.KINDS)})")  # fmt: skip
+                             f"(expected some of {', '.join(jobs.KINDS)})")
         if concurrency < 1:
             raise ValueError("--concurrency: expected at least 1")
         self.settings = settings
@@ -271,7 +271,7 @@ class Worker:
             if not ctx.lost.is_set():
                 state = jobs.fail(self.url, job.id, self.id, f"{type(exc).__name__}: {exc}")
                 log.warning("job %s (%s) failed, try %d of %d: %s -> %s", job.id, job.kind, job.attempts,
-                            job.max_attempts, exc, state)  # fmt: skip
+                            job.max_attempts, exc, state)
             return
         done.set()
         beat.join()

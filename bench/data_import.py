@@ -94,9 +94,9 @@ def generate(folder: Path, n: int, size: int) -> Path:
     features = datasets.Features({
         "img_id": datasets.Value("string"), "turn_index": datasets.Value("int32"), "source_img": datasets.Image(),
         "mask_img": datasets.Image(), "instruction": datasets.Value("string"), "target_img": datasets.Image(),
-    })  # fmt: skip
+    })
     ds = datasets.Dataset.from_generator(_rows, gen_kwargs={"n": n, "size": size}, features=features,
-                                         cache_dir=str(folder / "cache"))  # fmt: skip
+                                         cache_dir=str(folder / "cache"))
     shards = max(1, n // 5000)
     for k in range(shards):
         ds.shard(shards, k, contiguous=True).to_parquet(str(data / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"))
@@ -119,7 +119,7 @@ def main() -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     child = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(source), str(out_dir)], capture_output=True,
-                           text=True, env=env, check=True)  # fmt: skip
+                           text=True, env=env, check=True)
     run = json.loads(child.stdout.strip().splitlines()[-1])
     input_mb = sum(p.stat().st_size for p in source.rglob("*.parquet")) / 2**20
     output_mb = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()) / 2**20

@@ -90,7 +90,7 @@ def scenario_of(instruction: str, seed: int) -> str:
 def noisy_answer(truth: Box, others: list[Box], scenario: str) -> list[Box]:
     """The boxes the simulated MLLM answers for ``scenario`` (normalised; the server converts to pixels)."""
     wrong = next((o for o in others if o.iou(truth) < 0.1), Box.clip(1 - truth.x1, 1 - truth.y1, 1 - truth.x0,
-                                                                        1 - truth.y0))  # fmt: skip
+                                                                        1 - truth.y0))
     dx, dy = 0.25 * truth.width, 0.25 * truth.height
     shifted = Box.clip(truth.x0 + dx, truth.y0 + dy, truth.x1 + dx, truth.y1 + dy)
     return {
@@ -113,7 +113,7 @@ def make_server_answer(truth: dict[str, Box], others: dict[str, list[Box]], seed
         instruction = _key(re.findall(r'Instruction: "(.*?)"\n', text)[-1])
         boxes = noisy_answer(truth[instruction], others[instruction], scenario_of(instruction, seed))
         return json.dumps([{"bbox_2d": [b.x0 * width, b.y0 * height, b.x1 * width, b.y1 * height], "label": "edit"}
-                           for b in boxes])  # fmt: skip
+                           for b in boxes])
 
     return answer
 
@@ -125,11 +125,11 @@ def collect(root: Path, instances: int, seed: int) -> list[dict[str, Any]]:
     truth_turns, object_boxes = load_truth(demo)
     by_text = {_key(t["instruction"]): Box(*t["box"]) for t in truth_turns.values()}
     others = {_key(t["instruction"]): [Box(*b) for b in object_boxes[ext] if tuple(b) != tuple(t["box"])]
-              for (ext, _), t in truth_turns.items()}  # fmt: skip
+              for (ext, _), t in truth_turns.items()}
     with chat_server(make_server_answer(by_text, others, seed)) as server:
         settings = load_settings(data_dir=root / "data", database_url=f"sqlite:///{root}/bench.db",
                                  mllm_backend="openai", mllm_base_url=server.base_url, mllm_model="bench-model",
-                                 mllm_concurrency=8, mllm_max_retries=0)  # fmt: skip
+                                 mllm_concurrency=8, mllm_max_retries=0)
         migrate.upgrade(settings.database_url)
         store = ImageStore.from_settings(settings)
         ingest(read_source(demo, "seed-data-edit", None), url=settings.database_url, store=store)
@@ -139,7 +139,7 @@ def collect(root: Path, instances: int, seed: int) -> list[dict[str, Any]]:
     with session_scope(settings.database_url) as session:
         sources = dict(session.execute(select(Instance.id, Instance.source_image)).all())
         turns = session.execute(select(Turn.id, Turn.instance_id, Turn.index, Turn.result_image, Turn.instruction,
-                                       Instance.external_id).join(Instance)).all()  # fmt: skip
+                                       Instance.external_id).join(Instance)).all()
         after_of = {(t.instance_id, t.index): t.result_image for t in turns}
         candidates = defaultdict(list)
         for cand in session.scalars(select(BoxCandidate).order_by(BoxCandidate.turn_id, BoxCandidate.rank)):
@@ -157,7 +157,7 @@ def collect(root: Path, instances: int, seed: int) -> list[dict[str, Any]]:
                 "operation": truth["operation"],
                 "edit": truth["edit"],
                 "scenario": scenario_of(_key(turn.instruction), seed),
-            })  # fmt: skip
+            })
     return items
 
 
@@ -167,7 +167,7 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
     pairs = [(it["before"], it["after"]) for it in items]
     scores = scorer.score(pairs, [[b for b, _ in it["candidates"]] for it in items])
     gains = (scorer.gains(pairs, [[b for b, _ in it["candidates"]] for it in items]) if hasattr(scorer, "gains")
-             else [None] * len(items))  # fmt: skip
+             else [None] * len(items))
     chosen_iou, best_iou, best_chosen, mllm_chosen, by_score, bound = [], [], [], [], [], []
     by_op: dict[str, list[float]] = defaultdict(list)
     by_scenario: dict[str, list[float]] = defaultdict(list)
@@ -186,7 +186,7 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
             # decision between trusting the MLLM and the pixel difference would reach (diff boxes not reordered)
             explaining = [i for i, e in enumerate(evidence or []) if rule.explains(e)]
             options = [min((i for i in explaining if (it["candidates"][i][1] == "mllm") == m), default=None,
-                           key=lambda i: boxes[i].area) for m in (True, False)]  # fmt: skip
+                           key=lambda i: boxes[i].area) for m in (True, False)]
             bound.append(max([ious[i] for i in options if i is not None] or [ious[pick]]))
         chosen_iou.append(ious[pick])
         best_iou.append(max(ious))
@@ -257,7 +257,7 @@ def main() -> None:
         "note": "clip_random_tiny has random weights: it proves the plumbing, not CLIP's selection quality; "
         "pixel_argmax is the plain argmax of the pixel scores (the rule before issue 11)",
         "load_average": [round(x, 2) for x in os.getloadavg()],
-    }))  # fmt: skip
+    }))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ VERBS = [
     "add a red umbrella next to the bench", "remove the car on the left", "change the sky to sunset",
     "make the dog brown", "replace the cup with a glass", "put a hat on the man", "erase the sign in the back",
     "turn the wall blue", "add two birds in the sky", "delete the text at the bottom",
-]  # fmt: skip
+]
 
 
 def _populate(url: str, n: int, seed: int = 0) -> int:
@@ -41,7 +41,7 @@ def _populate(url: str, n: int, seed: int = 0) -> int:
         with session_scope(url) as session:
             count = min(batch, n - start)
             rows = [{"dataset": "bench", "external_id": f"i{start + i}", "source_image": sha,
-                     "n_turns": rng.randint(2, 5), "meta": {}} for i in range(count)]  # fmt: skip
+                     "n_turns": rng.randint(2, 5), "meta": {}} for i in range(count)]
             ids = session.scalars(sa.insert(Instance).returning(Instance.id, sort_by_parameter_order=True), rows).all()
             turn_rows = [
                 {"instance_id": iid, "index": k, "instruction": rng.choice(VERBS), "result_image": sha}

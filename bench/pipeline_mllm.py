@@ -75,7 +75,7 @@ def _run(base_url: str) -> dict[str, Any]:
         )
         migrate.upgrade(settings.database_url)
         ingest(read_source(root / "demo", "seed-data-edit", None), url=settings.database_url,
-               store=ImageStore.from_settings(settings))  # fmt: skip
+               store=ImageStore.from_settings(settings))
         expand_stage(settings.database_url)
         started = time.perf_counter()
         report = conflict_stage(settings.database_url, LocalEngine(progress=False), settings, mllm="openai")

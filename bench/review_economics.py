@@ -59,7 +59,7 @@ P_CONSISTENT = 0.7
 MLLM_SHIFT = 0.48  # d' = 0.96: AUC = Phi(d' / sqrt 2) = 0.75
 BATCH = 5000
 DECISION_TEXT = {False: "majority consistency and median scores",
-                 True: "weighted posterior, re-settled under the final fit"}  # fmt: skip
+                 True: "weighted posterior, re-settled under the final fit"}
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ def make_truth(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     complexity = rng.choice(np.arange(1, 6), size=n, p=SCORE_P)
     z = rng.normal(np.where(consistent, -MLLM_SHIFT, MLLM_SHIFT), 1.0)
     return {"consistent": consistent, "quality": quality, "complexity": complexity,
-            "mllm": 1 / (1 + np.exp(-z)), "accept": consistent & (quality > 3) & (complexity > 3)}  # fmt: skip
+            "mllm": 1 / (1 + np.exp(-z)), "accept": consistent & (quality > 3) & (complexity > 3)}
 
 
 def answer(rater: Rater, rng: np.random.Generator, consistent: bool, quality: int, complexity: int) -> dict[str, Any]:
     if rater.kind == "random":
         return {"consistent": bool(rng.random() < 0.5), "quality": int(rng.integers(1, 6)),
-                "complexity": int(rng.integers(1, 6))}  # fmt: skip
+                "complexity": int(rng.integers(1, 6))}
     p_yes = rater.p_yes_if_yes if consistent else 1 - rater.p_no_if_no
     scores = [int(np.clip(np.rint(v + rater.bias + rng.normal(0, rater.sd)), 1, 5)) for v in (quality, complexity)]
     return {"consistent": bool(rng.random() < p_yes), "quality": scores[0], "complexity": scores[1]}
@@ -114,25 +114,25 @@ def fill(url: str, truth: dict[str, np.ndarray], n_gold: int, raters: list[Rater
     with session_scope(url, write=True) as session:
         session.execute(insert(Image), [{"sha256": sha, "format": "PNG", "width": 8, "height": 8, "size_bytes": 10}])
         session.execute(insert(User), [{"id": k + 1, "username": r.name, "role": "rater"}
-                                       for k, r in enumerate(raters)])  # fmt: skip
+                                       for k, r in enumerate(raters)])
         for start in range(0, n, BATCH):
             ids = range(start + 1, min(n, start + BATCH) + 1)
             session.execute(insert(Instance), [{"id": i, "dataset": "sim", "external_id": f"i{i}", "source_image": sha,
-                                                "n_turns": 2, "meta": {}} for i in ids])  # fmt: skip
+                                                "n_turns": 2, "meta": {}} for i in ids])
             session.execute(insert(Turn), [{"instance_id": i, "index": t, "instruction": f"edit {t}",
                                             "operation": "add", "result_image": sha}
-                                           for i in ids for t in (1, 2)])  # fmt: skip
+                                           for i in ids for t in (1, 2)])
             session.execute(insert(Sample), [{"id": i, "instance_id": i, "first_turn": 1, "last_turn": 2,
                                               "instruction": "edit 1, then edit 2", "status": "ready",
-                                              "priority": 0.0} for i in ids])  # fmt: skip
+                                              "priority": 0.0} for i in ids])
             session.execute(insert(MllmJudgement), [
                 {"sample_id": i, "stage": "conflict", "model": "sim", "prompt_version": "v1", "cache_key": f"{i:064d}",
                  "verdict": "conflict" if truth["mllm"][i - 1] >= 0.5 else "no_conflict",
                  "score": float(max(truth["mllm"][i - 1], 1 - truth["mllm"][i - 1]))}  # confidence in the verdict
-                for i in ids])  # fmt: skip
+                for i in ids])
         session.execute(insert(GoldAnswer), [
             {"sample_id": i, "consistent": bool(truth["consistent"][i - 1]), "quality": int(truth["quality"][i - 1]),
-             "complexity": int(truth["complexity"][i - 1]), "tolerance": 1} for i in range(1, n_gold + 1)])  # fmt: skip
+             "complexity": int(truth["complexity"][i - 1]), "tolerance": 1} for i in range(1, n_gold + 1)])
     return {"samples": n - n_gold, "gold": n_gold, "raters": len(raters)}
 
 
@@ -144,14 +144,14 @@ def policy_settings(policy: str, calibration: float, refit_every: int) -> dict[s
         return common | {"reviews_per_sample": 3}
     if policy == "adaptive-weighted":
         return common | {"review_policy": "adaptive", "decision_rule": "weighted",
-                         "adaptive": {"refit_every": refit_every}}  # fmt: skip
+                         "adaptive": {"refit_every": refit_every}}
     raise SystemExit(f"--policies: unknown policy {policy!r}; expected {', '.join(POLICIES)}")
 
 
 def run_policy(
     policy: str, truth: dict[str, np.ndarray], raters: list[Rater], *, n_gold: int, seed: int, calibration: float,
     refit_every: int, workdir: Path,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     from sqlalchemy import select
 
     from annotate import reliability_service
@@ -189,7 +189,7 @@ def run_policy(
                 continue
             i = lease.sample_id - 1
             a = answer(raters[uid - 1], rng, bool(truth["consistent"][i]), int(truth["quality"][i]),
-                       int(truth["complexity"][i]))  # fmt: skip
+                       int(truth["complexity"][i]))
             submit_review(url, uid, lease.sample_id, Answer(**a))
             n_reviews += 1
             n_gold_reviews += lease.purpose == "gold"
@@ -209,7 +209,7 @@ def run_policy(
         reports = fit.reports
         accept_at = get_project_config(session).weighted.accept_at
         rows = session.execute(select(Review.sample_id, Review.consistent, Review.quality, Review.complexity)
-                               .where(Review.sample_id > n_gold)).all()  # fmt: skip
+                               .where(Review.sample_id > n_gold)).all()
         by_sample: dict[int, list[dict[str, Any]]] = {}
         for sample_id, c, q, x in rows:
             by_sample.setdefault(sample_id, []).append({"consistent": c, "quality": q, "complexity": x})
@@ -293,7 +293,7 @@ def goals(results: dict[str, dict[str, Any]], margin: float) -> dict[str, Any]:
 def run(
     samples: int = 10_000, gold: int = 200, seed: int = 0, refit_every: int = 500, calibration: float = 0.05,
     policies: tuple[str, ...] = POLICIES, margin: float = 0.03, workdir: Path | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     raters = make_raters(rng)
     truth = make_truth(rng, samples + gold)
@@ -301,7 +301,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="mcie-economics-") as tmp:
         for policy in policies:
             results[policy] = run_policy(policy, truth, raters, n_gold=gold, seed=seed, calibration=calibration,
-                                         refit_every=refit_every, workdir=Path(workdir or tmp))  # fmt: skip
+                                         refit_every=refit_every, workdir=Path(workdir or tmp))
     return {
         "benchmark": "review_economics",
         "samples": samples,

@@ -125,7 +125,7 @@ def fill(url: str, blobs: str, n_samples: int, n_reviewers: int, seed: int = 0) 
         register_images(session, images)
         session.flush()
         users = [{"id": k + 1, "username": f"bench-rater{k:02d}", "role": "rater", "password_hash": password_hash}
-                 for k in range(n_reviewers)]  # fmt: skip
+                 for k in range(n_reviewers)]
         rows_in_batches(User, users)
         instances: list[dict[str, Any]] = []
         turns: list[dict[str, Any]] = []
@@ -134,7 +134,7 @@ def fill(url: str, blobs: str, n_samples: int, n_reviewers: int, seed: int = 0) 
         sample_id = 0
         for inst in range(1, n_instances + 1):
             instances.append({"id": inst, "dataset": "bench", "external_id": f"inst-{inst:06d}",
-                              "source_image": shas[inst % N_IMAGES], "n_turns": 3, "meta": {}})  # fmt: skip
+                              "source_image": shas[inst % N_IMAGES], "n_turns": 3, "meta": {}})
             for t in (1, 2, 3):
                 turns.append({"instance_id": inst, "index": t, "instruction": f"edit {t} of instance {inst}",
                               "operation": OPERATIONS[t - 1], "result_image": shas[(inst + t) % N_IMAGES]})
@@ -145,20 +145,20 @@ def fill(url: str, blobs: str, n_samples: int, n_reviewers: int, seed: int = 0) 
                 samples.append({"id": sample_id, "instance_id": inst, "first_turn": first, "last_turn": last,
                                 "instruction": ", then ".join(f"edit {t} of instance {inst}"
                                                               for t in range(first, last + 1)),
-                                "status": "ready", "priority": round(rng.random(), 3)})  # fmt: skip
+                                "status": "ready", "priority": round(rng.random(), 3)})
                 for t in range(first, last + 1):
                     x0 = round(rng.uniform(0, 0.5), 3)
                     subs.append({"sample_id": sample_id, "turn_index": t, "text": f"edit {t} of instance {inst}",
                                  "operation": OPERATIONS[t - 1], "box_x0": x0, "box_y0": 0.1, "box_x1": x0 + 0.4,
-                                 "box_y1": 0.8, "box_source": "mllm", "box_score": 0.7})  # fmt: skip
+                                 "box_y1": 0.8, "box_source": "mllm", "box_score": 0.7})
         for table, rows in ((Instance, instances), (Turn, turns), (Sample, samples), (SubInstruction, subs)):
             rows_in_batches(table, rows)
         gold_ids = rng.sample(range(1, n_samples + 1), min(N_GOLD, n_samples // 10))
         rows_in_batches(GoldAnswer, [{"sample_id": s, "consistent": True, "quality": 4, "complexity": 4}
-                                     for s in gold_ids])  # fmt: skip
+                                     for s in gold_ids])
         for table in ("users", "instances", "turns", "samples", "sub_instructions"):
             session.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                                 f"(SELECT max(id) FROM {table}))"))  # fmt: skip
+                                 f"(SELECT max(id) FROM {table}))"))
     from db.session import engine_for
 
     with engine_for(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -187,13 +187,13 @@ def start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen[bytes]
     config.write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCIE_") or k.startswith("MCIE_TEST_")}
     env |= {"MCIE_DATABASE_URL": url, "MCIE_DATA_DIR": str(data_dir), "MCIE_BLOB_URL": str(data_dir / "blobs"),
-            "MCIE_CONFIG": str(config), "MCIE_LOG_LEVEL": "WARNING"}  # fmt: skip
+            "MCIE_CONFIG": str(config), "MCIE_LOG_LEVEL": "WARNING"}
     mcie = Path(sys.executable).with_name("mcie")
     command = [str(mcie)] if mcie.exists() else [sys.executable, "-m", "mcie.cli"]
     log_path = data_dir / f"server-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until it stops
     server = subprocess.Popen([*command, "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker"],
-                              cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                              cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -278,7 +278,7 @@ class Reviewer(threading.Thread):
         token = re.search(r"name=csrf value='([^']+)'", form.text)
         assert token, form.text
         answer = self.http.post("/login", data={"username": self.username, "password": PASSWORD,
-                                                "csrf": token.group(1)})  # fmt: skip
+                                                "csrf": token.group(1)})
         if answer.status_code != 303:
             raise SystemExit(f"login of {self.username} failed: {answer.status_code} {answer.text[:300]}")
         self.headers = {"X-CSRF-Token": self.http.get("/api/review/csrf").json()["csrf_token"]}
@@ -336,7 +336,7 @@ def load(
     """Run the reviewers against the servers at ``bases`` (reviewer k uses server k mod n); measure."""
     barrier = threading.Barrier(n_reviewers + 1)
     reviewers = [Reviewer(bases[k % len(bases)], f"bench-rater{k:02d}", think_ms / 1000, k, barrier)
-                 for k in range(n_reviewers)]  # fmt: skip
+                 for k in range(n_reviewers)]
 
     def server_cpu() -> float:
         return sum(cpu_seconds(pid) for pid in pids)
@@ -410,7 +410,7 @@ def main() -> None:
 
         with session_scope(url, write=True) as session:
             set_project_config(session, {"review_policy": args.review_policy, "decision_rule": args.decision_rule},
-                               actor_id=None)  # fmt: skip
+                               actor_id=None)
         setup_s = time.perf_counter() - start
         ports = [args.port + k if args.port else free_port() for k in range(args.servers)]
         for port in ports:

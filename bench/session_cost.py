@@ -55,7 +55,7 @@ def signed_cookie_app(settings: Any, secret: str) -> Any:
         Middleware(SessionMiddleware, secret_key=secret, session_cookie="mcie_session", same_site="lax",
                    max_age=settings.session_max_age_s) if m.cls is ServerSessionMiddleware else m
         for m in app.user_middleware
-    ]  # fmt: skip
+    ]
     assert swapped != app.user_middleware
     app.user_middleware = swapped
     return app
@@ -115,14 +115,14 @@ def main() -> None:
     try:
         upgrade(url)
         settings = load_settings(database_url=url, data_dir=work, blob_url=str(work / "blobs"), secret_key="k" * 48,
-                                 log_level="WARNING")  # fmt: skip
+                                 log_level="WARNING")
         with session_scope(url) as session:
             session.add(User(username="rater1", role=Role.rater, password_hash=hash_password(PASSWORD), active=True))
         apps = {"server_side": create_app(settings, mount_ui=False, worker=False),
-                "signed_cookie": signed_cookie_app(settings, "k" * 48)}  # fmt: skip
+                "signed_cookie": signed_cookie_app(settings, "k" * 48)}
         times = asyncio.run(run(apps, args.requests, args.blocks))
         result = {name: {"p50_ms": pct(t, 0.5), "p95_ms": pct(t, 0.95), "mean_ms": round(statistics.fmean(t), 3),
-                         "requests": len(t)} for name, t in times.items()}  # fmt: skip
+                         "requests": len(t)} for name, t in times.items()}
         added = round(result["server_side"]["p50_ms"] - result["signed_cookie"]["p50_ms"], 3)
         print(json.dumps({
             "benchmark": "session_cost",

@@ -93,7 +93,7 @@ def _study_folder(root: Path, n_items: int, n_methods: int) -> Path:
     for i in range(n_items):
         item_id = f"item-{i:04d}"
         lines.append(json.dumps({"id": item_id, "source_image": f"sources/{item_id}.png",
-                                 "instruction": f"turn object {i} red and remove the lamp"}))  # fmt: skip
+                                 "instruction": f"turn object {i} red and remove the lamp"}))
         for folder, colour in (
             ("sources", (i % 256, 0, 0)),
             *((m, (i % 256, k + 1, 9)) for k, m in enumerate(methods)),
@@ -113,7 +113,7 @@ def _free_port() -> int:
 
 def _settings_kwargs(url: str, data_dir: Path) -> dict[str, Any]:
     return {"data_dir": str(data_dir), "database_url": url, "blob_url": str(data_dir / "blobs"),
-            "secret_key": "bench-" + uuid.uuid4().hex, "log_level": "WARNING"}  # fmt: skip
+            "secret_key": "bench-" + uuid.uuid4().hex, "log_level": "WARNING"}
 
 
 def serve(config: str) -> None:
@@ -183,10 +183,10 @@ async def participant(
                         await asyncio.sleep(rng.uniform(low, high) / 1000)
                     choice = rng.choice(choices)
                     body = {"item_id": screen["item_id"], "criterion": criterion, "choice": choice,
-                            "latency_ms": round(rng.uniform(800, 9000), 1)}  # fmt: skip
+                            "latency_ms": round(rng.uniform(800, 9000), 1)}
                     stats.votes_sent += 1
                     answer = await _timed(stats, "vote", client.post(f"/api/study/{study_id}/vote", json=body,
-                                                                     headers=headers))  # fmt: skip
+                                                                     headers=headers))
                     if answer is not None and answer.status_code == 200:
                         stats.acknowledged[(user_id, screen["item_id"], criterion)] = choice
             if high > 0:
@@ -213,7 +213,7 @@ def _percentiles(values: list[float]) -> dict[str, float | int | None]:
         return round(ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))], 2)
 
     return {"n": len(ordered), "p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "max": round(ordered[-1], 2),
-            "mean": round(statistics.fmean(ordered), 2)}  # fmt: skip
+            "mean": round(statistics.fmean(ordered), 2)}
 
 
 def _check_votes(url: str, study_id: int, stats: Stats) -> dict[str, int]:
@@ -231,7 +231,7 @@ def _check_votes(url: str, study_id: int, stats: Stats) -> dict[str, int]:
     stored = {(p, i, c): None if pos is None else LABELS[pos - 1] for p, i, c, pos in rows}
     lost = sum(1 for key, choice in stats.acknowledged.items() if key not in stored or stored[key] != choice)
     return {"acknowledged": len(stats.acknowledged), "stored": len(stored), "lost": lost,
-            "stored_without_acknowledgement": len(set(stored) - set(stats.acknowledged))}  # fmt: skip
+            "stored_without_acknowledgement": len(set(stored) - set(stats.acknowledged))}
 
 
 async def _load(
@@ -308,7 +308,7 @@ def main() -> None:
         t0 = time.perf_counter()
         created = study.create_study_from_folder(url, ImageStore.from_settings(settings),
                                                  _study_folder(work / "folder", args.items, args.methods), "load",
-                                                 items_per_participant=args.items_per_participant)  # fmt: skip
+                                                 items_per_participant=args.items_per_participant)
         people = []
         for _ in range(args.participants):
             user, token = study.enrol(url, created.study_id)
@@ -349,7 +349,7 @@ def main() -> None:
                      "met": vote["p95"] is not None and vote["p95"] < GOAL_P95_MS and votes["lost"] == 0},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                         "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2)}},
-        }  # fmt: skip
+        }
         print(json.dumps(report, indent=2))
     finally:
         if process is not None:

@@ -41,7 +41,7 @@ def _export(
 
     cfg = settings()
     raw = {"statuses": status, "min_quality": min_quality, "min_complexity": min_complexity, "reviewers": reviewer,
-           "decided_after": decided_after, "decided_before": decided_before, "datasets": dataset}  # fmt: skip
+           "decided_after": decided_after, "decided_before": decided_before, "datasets": dataset}
     try:
         flt = ExportFilter.model_validate({k: v for k, v in raw.items() if v not in (None, [])})
     except ValidationError as exc:
@@ -53,23 +53,23 @@ def _export(
 
         payload = {"format": fmt, "out": str(out.absolute()), "filter": flt.model_dump(mode="json"), "since": since,
                    "val_fraction": val_fraction, "shard_size": shard_size, "include_reviewers": include_reviewers}
-        job = jobs.submit(cfg.database_url, "export", payload, max_attempts=cfg.job_max_attempts)  # fmt: skip
+        job = jobs.submit(cfg.database_url, "export", payload, max_attempts=cfg.job_max_attempts)
         if as_json:
             print(json.dumps({"job_id": job.id, "status": job.status}, indent=2))
         else:
             console.print(f"export queued as job {job.id}: `mcie jobs show {job.id}` follows it (a `mcie worker` "
-                          "or `mcie serve` runs it)")  # fmt: skip
+                          "or `mcie serve` runs it)")
         return
     try:
         result = run_export(cfg.database_url, ImageStore.from_settings(cfg), out, fmt, flt, since=since,
                             val_fraction=val_fraction, shard_size=shard_size,
-                            include_reviewers=include_reviewers)  # fmt: skip
+                            include_reviewers=include_reviewers)
     except ExportError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         raise typer.Exit(1) from None
     summary = {"export_id": result.export_id, "path": str(result.path), "format": result.format,
                "samples": result.n_samples, "counts": dict(result.counts), "files": result.files,
-               "manifest_sha256": result.manifest_sha256, "db_revision": result.db_revision}  # fmt: skip
+               "manifest_sha256": result.manifest_sha256, "db_revision": result.db_revision}
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -98,7 +98,7 @@ def _format_command(fmt: str, doc: str):
         ] = False,
     ) -> None:
         _export(fmt, out, status, min_quality, min_complexity, reviewer, decided_after, decided_before, dataset,
-                since, val_fraction, shard_size, include_reviewers, as_json, background)  # fmt: skip
+                since, val_fraction, shard_size, include_reviewers, as_json, background)
 
     command.__doc__ = doc
     return command
@@ -123,4 +123,4 @@ def reviews_command(
         err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from None
     console.print(f"wrote {result.n_reviews} reviews to {result.reviews_path} and {result.n_decisions} decisions "
-                  f"to {result.decisions_path}")  # fmt: skip
+                  f"to {result.decisions_path}")

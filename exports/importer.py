@@ -120,7 +120,7 @@ PRESETS: dict[str, Preset] = {
     "omniedit": Preset(ColumnMap(source="src_img", target="edited_img", instruction="edited_prompt_list",
                                  id="omni_edit_id", operation="task"),
                        "TIGER-Lab/OmniEdit-Filtered-1.2M"),
-}  # fmt: skip
+}
 
 
 def parse_columns(text: str) -> ColumnMap:
@@ -170,7 +170,7 @@ def mask_box(mask: Image.Image) -> tuple[float, float, float, float] | None:
         return None
     height, width = region.shape
     return (float(cols[0]) / width, float(rows[0]) / height,
-            float(cols[-1] + 1) / width, float(rows[-1] + 1) / height)  # fmt: skip
+            float(cols[-1] + 1) / width, float(rows[-1] + 1) / height)
 
 
 def _box(values: Any, size: tuple[int, int], where: str) -> tuple[float, float, float, float]:
@@ -270,7 +270,7 @@ def _builder(path: Path) -> tuple[str, list[str] | str]:
         return suffixes[path.suffix], str(path)
     for suffix, builder in suffixes.items():
         files = sorted(str(p) for p in path.rglob(f"*{suffix}")
-                       if p.name not in ("metadata.jsonl", ERRORS_FILE) and ".cache" not in p.parts)  # fmt: skip
+                       if p.name not in ("metadata.jsonl", ERRORS_FILE) and ".cache" not in p.parts)
         if files:
             return builder, files
     return "imagefolder", str(path)
@@ -321,7 +321,7 @@ def open_rows(
 
 def _offline() -> bool:
     return any(os.environ.get(k, "").upper() in ("1", "TRUE", "ON", "YES")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))  # fmt: skip
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def build_row_record(
             raise RowError(f"column {columns.turn!r} (turn): expected an integer, got {cell('turn')!r}") from None
     instruction = _instruction(cell("instruction"), f"column {columns.instruction!r} (instruction)")
     images = {role: _probe(_image_bytes(cell(role), f"column {getattr(columns, role)!r} ({role})", base),
-                           f"column {getattr(columns, role)!r} ({role})") for role in ("source", "target")}  # fmt: skip
+                           f"column {getattr(columns, role)!r} ({role})") for role in ("source", "target")}
     source = images["source"]
     boxes: list[tuple[float, float, float, float]] = []
     if columns.mask and cell("mask") is not None:
@@ -390,7 +390,7 @@ def build_row_record(
 
 
 def _record(ids: _Ids, group: str, dataset: str, external: str, turn: int, val_fraction: float, instruction: str,
-            images: dict[str, _Image], subs: list[SubInstructionRecord]) -> ExportRecord:  # fmt: skip
+            images: dict[str, _Image], subs: list[SubInstructionRecord]) -> ExportRecord:
     source = images["source"]
     record = ExportRecord(
         sample_id=ids.samples + 1, instance_id=ids.instance(group), dataset=dataset, external_id=external,
@@ -403,7 +403,7 @@ def _record(ids: _Ids, group: str, dataset: str, external: str, turn: int, val_f
         intermediate_images=(), sub_instructions=tuple(subs),
         provenance=Provenance(n_reviews=0, aggregated=AggregatedScores(consistent=None, quality=None, complexity=None),
                               reviews=(), mllm_conflict=None, decision=None),
-    )  # fmt: skip
+    )
     ids.samples += 1
     return record
 
@@ -426,7 +426,7 @@ class ImportReport:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "out": self.out, "format": self.format, "rows": self.rows,
                 "written": self.written, "counts": self.counts, "n_errors": self.n_errors,
-                "errors": self.errors}  # fmt: skip
+                "errors": self.errors}
 
 
 def import_dataset(
@@ -471,10 +471,10 @@ def import_dataset(
     current: dict[str, bytes] = {}
     try:
         with make_writer(fmt, tmp, lambda _sample, sha: current[sha], shard_size) as writer, \
-                (tmp / ERRORS_FILE).open("w", encoding="utf-8") as errors:  # fmt: skip
+                (tmp / ERRORS_FILE).open("w", encoding="utf-8") as errors:
             ids = _Ids()
             for number, row in enumerate(_progress(rows, total if limit is None else min(total or limit, limit),
-                                                   progress), start=1):  # fmt: skip
+                                                   progress), start=1):
                 if limit is not None and number > limit:
                     break
                 report.rows = number
@@ -504,7 +504,7 @@ def import_dataset(
                                     "limit": limit}},
             options={"val_fraction": val_fraction, "shard_size": shard_size, "bad_rows": report.n_errors},
             counts=report.counts, split_files=split_files, files=entries, db_revision=None,
-        )  # fmt: skip
+        )
         write_manifest(tmp, manifest)
         if out.exists():  # an empty folder (checked above)
             out.rmdir()

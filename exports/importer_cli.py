@@ -45,7 +45,7 @@ def import_command(
         mapping = parse_columns(columns) if columns else None
         report = import_dataset(source, out, preset=preset, columns=mapping, split=split, fmt=fmt,
                                 val_fraction=val_fraction, limit=limit, progress=progress and not as_json,
-                                on_error=show)  # fmt: skip
+                                on_error=show)
     except DataImportError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -54,4 +54,4 @@ def import_command(
     else:
         console.print(f"imported {report.written} of {report.rows} rows into {out} ({fmt}; "
                       f"train {report.counts.get('train', 0)}, val {report.counts.get('val', 0)}); "
-                      f"{report.n_errors} bad rows listed in {out}/import_errors.jsonl", highlight=False)  # fmt: skip
+                      f"{report.n_errors} bad rows listed in {out}/import_errors.jsonl", highlight=False)

@@ -172,7 +172,7 @@ def users_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None
             {"username": u.username, "role": u.role.value, "active": u.active,
              "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
             for u in list_users(session)
-        ]  # fmt: skip
+        ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -253,7 +253,7 @@ def users_sessions(
     out = [{"ref": r.ref, "created_at": r.created_at.isoformat(), "last_seen_at": r.last_seen_at.isoformat(),
             "expires_at": r.expires_at.isoformat(), "ip": r.ip, "user_agent": r.user_agent, "study_id": r.study_id,
             "active": r.active, "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
-            "revoked_reason": r.revoked_reason} for r in rows]  # fmt: skip
+            "revoked_reason": r.revoked_reason} for r in rows]
     if as_json:
         print(json.dumps(out, indent=2))
         return
@@ -261,7 +261,7 @@ def users_sessions(
     for r in out:
         state = "active" if r["active"] else (f"revoked ({r['revoked_reason']})" if r["revoked_at"] else "expired")
         table.add_row(r["ref"], r["created_at"][:19], r["last_seen_at"][:19], r["ip"] or "-",
-                      (r["user_agent"] or "-")[:40], state)  # fmt: skip
+                      (r["user_agent"] or "-")[:40], state)
     console.print(table)
 
 
@@ -320,9 +320,9 @@ def _fmt(value: float | None) -> str:
 
 def _print_agreement(figures: dict) -> None:
     console.print(f"{figures['n_reviews']} reviews by {figures['n_reviewers']} reviewers "
-                  f"({figures['n_gold_reviews']} on gold samples)")  # fmt: skip
+                  f"({figures['n_gold_reviews']} on gold samples)")
     table = Table("samples", "question", "level", "units", "raters", "alpha", "95% CI", "Fleiss' kappa",
-                  title="inter-rater agreement")  # fmt: skip
+                  title="inter-rater agreement")
     for scope in ("calibration", "overlapping"):
         for name, q in ((figures.get(scope) or {}).get("questions") or {}).items():
             low, high = q.get("alpha_ci") or (None, None)
@@ -331,15 +331,15 @@ def _print_agreement(figures: dict) -> None:
     console.print(table)
     reliability = figures.get("reliability") or {}
     raters = Table("rank", "rater", "skill", "95% CI (consistency)", "samples checked", "flags",
-                   title="rater reliability (skill: 1 perfect, 0 random)")  # fmt: skip
+                   title="rater reliability (skill: 1 perfect, 0 random)")
     for r in reliability.get("raters", []):
         low, high = r["questions"]["consistency"]["skill_ci"]
         flags = "; ".join(f"{f['flag']} ({f['question']}): {f['evidence']}" for f in r["flags"]) or "-"
         raters.add_row(str(r["rank"]), str(r["rater"]), _fmt(r["skill"]), f"[{_fmt(low)}, {_fmt(high)}]",
-                       str(r["n_samples"]), flags)  # fmt: skip
+                       str(r["n_samples"]), flags)
     console.print(raters)
     console.print("`mcie agreement --json` prints every figure: pairwise kappas, leave-one-out, gold, MLLM vs humans, "
-                  "each rater's reliability per question.")  # fmt: skip
+                  "each rater's reliability per question.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,13 +407,13 @@ def _demo_pipeline(cfg: Settings, out: Path) -> None:
     records = read_source(out, "seed-data-edit", None, license=DEMO_LICENSE)
     report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))
     console.print(f"ingested {report.ingested} instances ({report.already_present} already present, "
-                  f"{len(report.skipped)} skipped)")  # fmt: skip
+                  f"{len(report.skipped)} skipped)")
     summary = run_pipeline(cfg, engine="local", mllm="none", scorer="auto", progress=False)
     load = summary.stages[-1]
     for note in summary.notes:
         console.print(f"note: {note}")
     console.print(f"pipeline: {load.get('counts', {}).get('ready', 0)} samples loaded for review "
-                  f"(box scorer {summary.scorer})")  # fmt: skip
+                  f"(box scorer {summary.scorer})")
 
 
 def _demo_next_steps(out: Path, *, pipeline: bool = True, created: list[str] | None = None) -> None:

@@ -146,10 +146,10 @@ def _snapshot(
         )
     except _hub_errors() as exc:
         raise _not_available(ref, setting, "not in the local cache" if is_offline() else str(exc).splitlines()[0]) \
-            from None  # fmt: skip
+            from None
     except GatedRepoError:
         raise ModelNotAvailable(f"{setting}: {ref.repo_id!r} is gated: accept its licence on the Hub and log in "
-                                "with `hf auth login` (or set HF_TOKEN)") from None  # fmt: skip
+                                "with `hf auth login` (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
         raise ModelNotAvailable(f"{setting}: no Hugging Face repository {ref.repo_id!r} (or it is private)") from None
     except RevisionNotFoundError:
@@ -234,10 +234,10 @@ def _open_clip_file(ref: HubRef, setting: str) -> Path:
             continue
         except GatedRepoError:
             raise ModelNotAvailable(f"{setting}: {ref.repo_id!r} is gated: accept its licence on the Hub and log in "
-                                    "with `hf auth login` (or set HF_TOKEN)") from None  # fmt: skip
+                                    "with `hf auth login` (or set HF_TOKEN)") from None
         except RepositoryNotFoundError:
             raise ModelNotAvailable(f"{setting}: no Hugging Face repository {ref.repo_id!r} (or it is private)") \
-                from None  # fmt: skip
+                from None
     raise _not_available(ref, setting, f"{last}; looked for {', '.join(OPEN_CLIP_FILES)}")
 
 
@@ -267,7 +267,7 @@ PRESETS: dict[str, Preset] = {
                             "MLLM for one GPU (filter, grounding, decomposition, judge)"),
     "qwen2.5-vl-72b": Preset("Qwen/Qwen2.5-VL-72B-Instruct", "transformers", "MCIE_MLLM_MODEL_PATH",
                              "the paper's MLLM (about 150 GB)"),
-}  # fmt: skip
+}
 PAPER_SET = ("instruct-pix2pix", "clip-vit-h-14", "clip-vit-l-14", "dinov2-base", "qwen2.5-vl-72b")
 
 
@@ -330,5 +330,5 @@ def cached_models() -> list[dict[str, object]]:
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
         rows.append({"repo_id": repo.repo_id, "type": repo.repo_type, "bytes": repo.size_on_disk,
                      "files": repo.nb_files, "revisions": sorted(r.commit_hash[:12] for r in repo.revisions),
-                     "path": str(repo.repo_path)})  # fmt: skip
+                     "path": str(repo.repo_path)})
     return rows

@@ -45,7 +45,7 @@ def pull_command(
             continue
         rows.append({"name": got.name, "repo_id": got.repo_id, "revision": got.revision or "main",
                      "path": str(got.path), "files": got.files, "bytes": got.bytes,
-                     "setting": got.setting})  # fmt: skip
+                     "setting": got.setting})
     if as_json:
         print(json.dumps({"cache": str(hub_cache_dir()), "pulled": rows, "failed": failed}, indent=2))
     elif rows:
@@ -53,7 +53,7 @@ def pull_command(
         for row in rows:
             setting = f"{row['setting']}={row['repo_id']}" if row["setting"] else row["repo_id"]
             table.add_row(row["name"], row["repo_id"], str(row["files"]), _size(int(row["bytes"])), setting,
-                          row["path"])  # fmt: skip
+                          row["path"])
         console.print(table)
     if failed:
         raise typer.Exit(1)
@@ -67,14 +67,14 @@ def list_command(as_json: Annotated[bool, typer.Option("--json", help="Print one
     cached = cached_models()
     by_repo = {row["repo_id"]: row for row in cached}
     presets = [{"name": name, "repo_id": p.repo_id, "setting": p.setting, "use": p.use, "paper": name in PAPER_SET,
-                "cached": p.repo_id in by_repo} for name, p in PRESETS.items()]  # fmt: skip
+                "cached": p.repo_id in by_repo} for name, p in PRESETS.items()]
     if as_json:
         print(json.dumps({"cache": str(hub_cache_dir()), "presets": presets, "cached": cached}, indent=2))
         return
     table = Table("preset", "repository", "cached", "setting", "used for", title="presets (`paper` = the starred)")
     for row in presets:
         table.add_row(row["name"] + (" *" if row["paper"] else ""), row["repo_id"], "yes" if row["cached"] else "no",
-                      row["setting"], row["use"])  # fmt: skip
+                      row["setting"], row["use"])
     console.print(table)
     table = Table("repository", "type", "files", "size", "revisions", title=f"cache {hub_cache_dir()}")
     for row in cached:

@@ -130,7 +130,7 @@ class MCIEAttentionInputs:
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             rows = self.sub_rows()
             return foreground_weights(self.slot_masks(tokens)[rows], self._valid()[rows], self.strength[rows],
-                                      self.schedule_form)  # fmt: skip
+                                      self.schedule_form)
 
         return self._cached(("fg", tokens), build)
 

@@ -30,9 +30,9 @@ err = Console(stderr=True, soft_wrap=True, highlight=False, markup=False)
 
 BASELINE_NAMES = ("ip2p", "instructpix2pix", "baseline")
 _SUB_HELP = ('Sub-instruction "text|op|x0,y0,x1,y1" (op add/remove/change, normalised box; both optional); '
-             "repeatable. Without it MCIE-E1 decomposes the instruction through the MLLM.")  # fmt: skip
+             "repeatable. Without it MCIE-E1 decomposes the instruction through the MLLM.")
 _MODEL_HELP = ("Edit the bench first with: mcie-e1 (MCIE_EDITING_WEIGHTS_PATH), ip2p (the baseline), or "
-               "NAME=WEIGHTS (folder or Hub id); repeatable.")  # fmt: skip
+               "NAME=WEIGHTS (folder or Hub id); repeatable.")
 _DECOMPOSE_HELP = "--model: decompose the instructions through the MLLM instead of using the bench's boxes."
 _JUDGE_HELP = "MLLM-judged IC / BC (default: when an MLLM is configured)."
 _OUTPUTS = Path("eval-outputs")
@@ -77,14 +77,14 @@ def train_command(
         _fail(str(exc))
     try:
         result = train(cfg, resume=resume, resume_from=resume_from, stop_after=stop_after, progress=progress,
-                       settings=_settings(), source=str(config))  # fmt: skip
+                       settings=_settings(), source=str(config))
     except TrainError as exc:
         _fail(str(exc))
     last = result.losses.get(result.global_step)
     summary = {"output_dir": str(result.output_dir), "global_step": result.global_step,
                "total_steps": result.total_steps, "finished": result.finished, "last_loss": last,
                "resumed_from": None if result.resumed_from is None else str(result.resumed_from),
-               "weights": None if result.weights is None else str(result.weights)}  # fmt: skip
+               "weights": None if result.weights is None else str(result.weights)}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -138,16 +138,16 @@ def _decomposer(settings: Any) -> Any:
 
 
 def _load(settings: Any, base: Path, weights: Path | None, vision: Path | None, decompose: Any, device: str | None,
-          quiet: bool) -> Any:  # fmt: skip
+          quiet: bool) -> Any:
     from model.evaluate import EvalError, load_pipeline
 
     if weights is None and not quiet:
         err.print("note: no MCIE-E1 weights (MCIE_EDITING_WEIGHTS_PATH is not set): editing with plain "
-                  "InstructPix2Pix, the baseline", highlight=False)  # fmt: skip
+                  "InstructPix2Pix, the baseline", highlight=False)
     vision = vision or _setting(settings, "editing_vision_checkpoint")
     try:
         return load_pipeline(base, weights, vision_checkpoint=vision, decompose=decompose,
-                             device=device or settings.device)  # fmt: skip
+                             device=device or settings.device)
     except EvalError as exc:
         _fail(f"{exc} (base {base}, weights {weights or 'none'})", 1)
 
@@ -209,7 +209,7 @@ def edit_command(
     pipe = _load(settings, base_path, weights_path, vision_checkpoint, decompose, device, as_json)
     model_name = "instructpix2pix" if weights_path is None else "mcie-e1"
     options = {"steps": steps, "guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale,
-               "seed": seed, "resolution": resolution or None}  # fmt: skip
+               "seed": seed, "resolution": resolution or None}
     try:
         if batch is not None:
             assert out_dir is not None
@@ -223,7 +223,7 @@ def edit_command(
     except Exception as exc:  # the MLLM (DecompositionError), an unreadable image, the model
         _fail(f"{type(exc).__name__}: {exc}", 1)
     summary = {"model": model_name, "weights": None if weights_path is None else str(weights_path), **options,
-               "edits": records}  # fmt: skip
+               "edits": records}
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -304,7 +304,7 @@ def eval_command(
         _fail(str(exc))
     for name, spec in models.items():
         base_path, weights_path = _editing_model(settings, None, Path(spec) if spec else None,
-                                                 name.lower() in BASELINE_NAMES and not spec)  # fmt: skip
+                                                 name.lower() in BASELINE_NAMES and not spec)
         if weights_path is None and name.lower() not in BASELINE_NAMES:
             _fail(f"--model {name}: no weights (set MCIE_EDITING_WEIGHTS_PATH or use {name}=WEIGHTS_FOLDER)")
         unboxed = decompose or any(item.sub_instructions is None for item in items)
@@ -314,7 +314,7 @@ def eval_command(
         try:
             run_edits(pipe, items, outputs / name, steps=steps, guidance_scale=guidance_scale,
                       image_guidance_scale=image_guidance_scale, seed=seed, resolution=edit_resolution or None,
-                      use_given_subs=not decompose, progress=not as_json)  # fmt: skip
+                      use_given_subs=not decompose, progress=not as_json)
         except Exception as exc:  # the MLLM, the model
             _fail(f"--model {name}: {type(exc).__name__}: {exc}", 1)
         methods[name] = str(outputs / name)
@@ -333,11 +333,11 @@ def eval_command(
     try:
         checkpoint = clip_checkpoint or settings.clip_checkpoint
         clip = ClipImageEncoder(clip_model or settings.clip_model, checkpoint, device or settings.device) \
-            if checkpoint else None  # fmt: skip
+            if checkpoint else None
         dino_path = dino_checkpoint or _setting(settings, "dino_checkpoint")
         dino = DinoImageEncoder(dino_path, device or settings.device) if dino_path else None
         report = evaluate(items, methods, clip=clip, dino=dino, judge=backend, resolution=resolution,
-                          bench=str(bench), progress=not as_json, reference=reference)  # fmt: skip
+                          bench=str(bench), progress=not as_json, reference=reference)
     except EvalError as exc:
         _fail(str(exc))
     finally:

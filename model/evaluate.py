@@ -210,7 +210,7 @@ def _subs(value: Any, where: str) -> tuple[SubSpec, ...]:
         if operation is not None and str(operation).lower() not in _OPERATIONS:
             raise EvalError(f"{here}.operation: {operation!r} is not one of {', '.join(_OPERATIONS)}")
         out.append(SubSpec(text.strip(), None if operation is None else str(operation).lower(),
-                           _box(item.get("box"), f"{here}.box")))  # fmt: skip
+                           _box(item.get("box"), f"{here}.box")))
     return tuple(out)
 
 
@@ -285,7 +285,7 @@ def bench_reference(items: Sequence[EditJob], reference: str = "auto") -> str:
     if without:
         hint = "" if reference == "target" else " (or score every item against its source with --reference source)"
         raise EvalError(f"item {without[0]!r}: target: no ground-truth image, but {len(items) - len(without)} "
-                        f"other item(s) have one: give every item a target{hint}")  # fmt: skip
+                        f"other item(s) have one: give every item a target{hint}")
     return "target"
 
 
@@ -354,7 +354,7 @@ def load_pipeline(
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         return MCIEPipeline.from_pretrained(base, weights=weights, vision_checkpoint=vision_checkpoint,
-                                            decompose=decompose, torch_dtype=dtype, device=device)  # fmt: skip
+                                            decompose=decompose, torch_dtype=dtype, device=device)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         raise EvalError(f"cannot load the editing model: {exc}") from None
 
@@ -378,7 +378,7 @@ def edit_one(
         subs = [s.as_item() for s in job.sub_instructions]
     result = pipe(image, job.instruction, sub_instructions=subs, num_inference_steps=steps,
                   guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                  seed=job.seed if job.seed is not None else seed)  # fmt: skip
+                  seed=job.seed if job.seed is not None else seed)
     used = [{"text": text, "box": None if box is None else list(box)} for text, box in result.sub_instructions[0]]
     return result.images[0], used
 
@@ -415,7 +415,7 @@ def run_edits(
             continue
         image, used = edit_one(pipe, job, steps=steps, guidance_scale=guidance_scale,
                                image_guidance_scale=image_guidance_scale, seed=seed, resolution=resolution,
-                               use_given_subs=use_given_subs)  # fmt: skip
+                               use_given_subs=use_given_subs)
         image.save(path)
         records.append({"id": job.id, "output": str(path), "skipped": False, "sub_instructions": used})
     return records
@@ -621,7 +621,7 @@ class MethodResult:
     def summary(self) -> dict[str, Any]:
         return {"folder": self.folder, "n_items": self.n_items, "n_evaluated": self.n_evaluated,
                 "missing": self.missing, "metrics": self.means, "counts": self.counts,
-                "judge_failures": self.judge_failures}  # fmt: skip
+                "judge_failures": self.judge_failures}
 
 
 @dataclass
@@ -642,17 +642,17 @@ class EvalReport:
         ref = f"{self.reference} image"
         return {"clip_i": ref, "dino_i": ref, "l1": ref, "l2": ref,
                 **dict.fromkeys(_BACKGROUND, "source image, outside the union of the boxes"),
-                **dict.fromkeys(("ic", "bc"), "MLLM judge (source image + instruction)")}  # fmt: skip
+                **dict.fromkeys(("ic", "bc"), "MLLM judge (source image + instruction)")}
 
     def to_dict(self) -> dict[str, Any]:
         return {"bench": self.bench, "n_items": self.n_items, "resolution": self.resolution,
                 "reference": self.reference, "references": self.references, "models": self.models,
-                "notes": self.notes, "methods": {name: m.summary() for name, m in self.methods.items()}}  # fmt: skip
+                "notes": self.notes, "methods": {name: m.summary() for name, m in self.methods.items()}}
 
     def to_markdown(self) -> str:
         short = {"target image": "target", "source image": "source"}
         refs = {key: short.get(text, "source bg" if key in _BACKGROUND else "judge")
-                for key, text in self.references.items()}  # fmt: skip
+                for key, text in self.references.items()}
         header = ["method", "evaluated", "missing"] + [
             f"{label} {'↑' if up else '↓'} ({refs[key]})" for key, label, up in METRICS
         ]
@@ -666,7 +666,7 @@ class EvalReport:
         mode = "against the targets" if self.reference == "target" else "reference-free, against the source images"
         out = [f"Results on {self.bench} ({self.n_items} items, {mode}; L1/L2 at {self.resolution} x "
                f"{self.resolution}; BG-*: outside the union of the boxes, against the source; IC/BC normalised to "
-               "[0, 1])", "", *lines]  # fmt: skip
+               "[0, 1])", "", *lines]
         for name, method in self.methods.items():
             if method.missing:
                 shown = ", ".join(method.missing[:20]) + (" ..." if len(method.missing) > 20 else "")
@@ -729,7 +729,7 @@ def evaluate(
         for i, (job, image) in enumerate(zip(todo, images, strict=True)):
             entry: dict[str, Any] = {"pixels": to_unit_array(image, resolution),
                                      "clip": None if clip_e is None else clip_e[i],
-                                     "dino": None if dino_e is None else dino_e[i]}  # fmt: skip
+                                     "dino": None if dino_e is None else dino_e[i]}
             regions = _background_regions(job, resolution)
             if regions is not None:
                 source = image if mode == "source" else _open(job.source)
@@ -767,11 +767,11 @@ def evaluate(
             dino_e = dino.embed(outputs) if dino is not None else None
             masked = [i for i, job in enumerate(jobs) if "regions" in ref_cache[job.id]]
             bg_e = dino.embed_masked([outputs[i] for i in masked], [ref_cache[jobs[i].id]["regions"] for i in masked]) \
-                if dino is not None and masked else None  # fmt: skip
+                if dino is not None and masked else None
             judged: list[tuple[float, float] | str] | None = None
             if judge is not None:
                 judged = judge_edits(judge, [(_open(job.source), output, job.instruction)
-                                             for job, output in zip(jobs, outputs, strict=True)])  # fmt: skip
+                                             for job, output in zip(jobs, outputs, strict=True)])
             for i, (job, output) in enumerate(zip(jobs, outputs, strict=True)):
                 row: dict[str, Any] = {"method": name, "id": job.id, "reference": mode}
                 cached = ref_cache[job.id]
@@ -803,7 +803,7 @@ def evaluate(
         result.counts = {key: len(values[key]) for key, _, _ in METRICS}
         results[name] = result
     models = {"clip": None if clip is None else clip.name, "dino": None if dino is None else dino.name,
-              "judge": None if judge is None else str(getattr(judge, "model", judge))}  # fmt: skip
+              "judge": None if judge is None else str(getattr(judge, "model", judge))}
     return EvalReport(bench, len(items), resolution, results, models, notes, mode)
 
 

@@ -176,7 +176,7 @@ class MCIEModel(nn.Module):
         from model.weights import load_weights, read_config
 
         base = resolve_folder(base_folder, "MCIE_EDITING_BASE_MODEL_PATH", allow=DIFFUSERS_PATTERNS,
-                              ignore=DIFFUSERS_IGNORE)  # fmt: skip
+                              ignore=DIFFUSERS_IGNORE)
         _require_folder(base)
         if weights is not None:
             config = _merge_configs(read_config(weights), config, weights)

@@ -126,7 +126,7 @@ def sub_instruction_lists(batch: dict[str, Any]) -> tuple[list[list[str]], list[
     texts: list[list[str]] = []
     boxes: list[list[Any]] = []
     rows = zip(batch["sub_instructions"], batch["sub_mask"].tolist(), batch["boxes"].tolist(),
-               batch["box_mask"].tolist(), strict=True)  # fmt: skip
+               batch["box_mask"].tolist(), strict=True)
     for row_texts, row_valid, row_boxes, row_has_box in rows:
         sample_texts, sample_boxes = [], []
         for text, valid, box, has_box in zip(row_texts, row_valid, row_boxes, row_has_box, strict=True):
@@ -197,7 +197,7 @@ class StageData:
         if data.format == "jsonl":
             try:
                 self.dataset = JsonlEditDataset(data.path, data.split, data.resolution,
-                                                max_sub_instructions=max_sub_instructions)  # fmt: skip
+                                                max_sub_instructions=max_sub_instructions)
             except ExportDataError as exc:
                 raise TrainError(f"data.path: {exc}") from None
             if len(self.dataset) // world < batch_size:
@@ -225,7 +225,7 @@ class StageData:
         from model.data import collate_edit_batch
 
         return DataLoader(source, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_edit_batch,
-                          num_workers=self.data.num_workers, drop_last=True, pin_memory=self.pin_memory)  # fmt: skip
+                          num_workers=self.data.num_workers, drop_last=True, pin_memory=self.pin_memory)
 
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         """The batches of ``epoch`` from batch ``skip`` on."""
@@ -242,7 +242,7 @@ class StageData:
                 self.urls or [], self.data.resolution, shuffle_buffer=self.data.shuffle_buffer if self.data.shuffle
                 else 0, shuffle_shards=self.data.shuffle, max_sub_instructions=self.max_sub,
                 seed=derive_seed(self.seed, "data", self.stage_index, epoch) % (1 << 31),
-            )  # fmt: skip
+            )
         yield from itertools.islice(iter(self._loader(pipeline)), skip, None)
 
     def stream(self, epoch: int = 0, batch: int = 0) -> Iterator[tuple[dict[str, Any], int, int]]:
@@ -342,7 +342,7 @@ class _Trainer:
         except (OSError, json.JSONDecodeError) as exc:
             raise TrainError(f"{data_file}: cannot read the data position of process {rank} ({exc})") from None
         return _Position(int(state["stage"]), int(state["stage_step"]), int(state["global_step"]),
-                         int(data_state["epoch"]), int(data_state["batch"]))  # fmt: skip
+                         int(data_state["epoch"]), int(data_state["batch"]))
 
     def _make_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -356,7 +356,7 @@ class _Trainer:
                                                 logging_dir=str(self.output_dir / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
             step_scheduler_with_optimizer=False,
-        )  # fmt: skip
+        )
         if config.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -371,7 +371,7 @@ class _Trainer:
         base = self._base_model()
         try:
             core = MCIEModel.from_pretrained(base, config=model_config, weights=config.init_weights,
-                                             vision_checkpoint=vision)  # fmt: skip
+                                             vision_checkpoint=vision)
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise TrainError(f"{self.source}: cannot load the model: {exc}") from None
         if not core.trainable_parameters():
@@ -435,9 +435,9 @@ class _Trainer:
         optimizer = torch.optim.AdamW(
             core.trainable_parameters(), lr=stage.learning_rate, betas=(opt.beta1, opt.beta2),
             weight_decay=opt.weight_decay, eps=opt.eps,
-        )  # fmt: skip
+        )
         lr_scheduler = get_scheduler(_LR_SCHEDULERS[stage.lr_scheduler], optimizer,
-                                     num_warmup_steps=stage.warmup_steps, num_training_steps=stage.steps)  # fmt: skip
+                                     num_warmup_steps=stage.warmup_steps, num_training_steps=stage.steps)
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(core, optimizer, lr_scheduler)
 
     def _micro_step(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
@@ -460,7 +460,7 @@ class _Trainer:
             noisy, timesteps, source_latents, list(batch["instruction"]), texts, boxes,
             source_pixels=source if core.bcca is not None else None,
             drop_text=drop_text.to(device), drop_image=drop_image.to(device),
-        )  # fmt: skip
+        )
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target_value = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -514,7 +514,7 @@ class _Trainer:
             state = {"format": STATE_FORMAT, "global_step": self.pos.global_step, "stage": self.pos.stage,
                      "stage_name": stage.name, "stage_step": self.pos.stage_step,
                      "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                     "config": self.config.model_dump(mode="json")}  # fmt: skip
+                     "config": self.config.model_dump(mode="json")}
             (partial / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -588,7 +588,7 @@ class _Trainer:
             max_sub = self.core.config.max_sub_instructions if self.core.config is not None else None
             data = StageData(stage.data, stage.batch_size, config.seed, index, rank=accelerator.process_index,
                              world=accelerator.num_processes, max_sub_instructions=max_sub,
-                             pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+                             pin_memory=accelerator.device.type == "cuda")
             stream = data.stream(self.pos.epoch, self.pos.batch)
             samples_per_step = stage.batch_size * stage.gradient_accumulation_steps * accelerator.num_processes
             while self.pos.stage_step < stage.steps:
@@ -610,7 +610,7 @@ class _Trainer:
                         accelerator.log({"train/loss": sum(window_losses) / len(window_losses), "train/lr": lr,
                                          "train/steps_per_s": window_steps / elapsed,
                                          "train/samples_per_s": window_steps * samples_per_step / elapsed,
-                                         "train/stage": index}, step=self.pos.global_step)  # fmt: skip
+                                         "train/stage": index}, step=self.pos.global_step)
                     window_start, window_steps, window_losses = time.perf_counter(), 0, []
                 if not math.isfinite(loss):
                     raise TrainError(f"step {self.pos.global_step}: the loss is {loss} (stage {stage.name})")
@@ -633,7 +633,7 @@ class _Trainer:
             summary = {"global_step": self.pos.global_step, "total_steps": total,
                        "stages": [{"name": s.name, "steps": s.steps} for s in config.stages],
                        "final_loss": self.losses.get(self.pos.global_step),
-                       "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+                       "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
             (self.output_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         accelerator.wait_for_everyone()
         return TrainResult(self.output_dir, self.pos.global_step, total, True, self.losses, resumed_from, weights)

@@ -53,7 +53,7 @@ __all__ = [
 RESUMABLE_CHANGES = frozenset(
     {"base_model", "vision_checkpoint", "output_dir", "checkpoint_every", "keep_checkpoints", "log_every",
      "tensorboard", "data.path", "data.num_workers"}
-)  # fmt: skip
+)
 
 
 class TrainConfigError(ValueError):

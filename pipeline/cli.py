@@ -111,7 +111,7 @@ def run_command(
     migrate.upgrade(cfg.database_url)
     try:
         summary = run_pipeline(cfg, engine=engine, mllm=mllm, scorer=scorer, k=k, ray_address=ray_address,
-                               ray_workers=ray_workers, progress=not as_json, retry=retry_failed)  # fmt: skip
+                               ray_workers=ray_workers, progress=not as_json, retry=retry_failed)
     except ConfigError as exc:
         err.print(f"error: {exc}")
         raise typer.Exit(2) from None
@@ -124,7 +124,7 @@ def run_command(
         if errors:
             err.print("MLLM failures (stored in mllm_judgements; "
                       + ("a rerun asks again):" if retry_failed else "--no-retry: not asked again):"),
-                      highlight=False)  # fmt: skip
+                      highlight=False)
             for line in errors:
                 err.print(f"  {line}", highlight=False, markup=False)
     for message in fatal:
@@ -138,7 +138,7 @@ def _print_summary(summary) -> None:
     for note in summary.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(f"pipeline run: engine {summary.engine}, mllm {summary.mllm}, scorer {summary.scorer}",
-                  highlight=False)  # fmt: skip
+                  highlight=False)
     table = Table(box=None, pad_edge=False)
     table.add_column("stage", no_wrap=True)
     for name in ("pending", "calls", "cached", "failed", "unparsed", "tokens", "seconds"):
@@ -150,7 +150,7 @@ def _print_summary(summary) -> None:
         tokens = stage.get("prompt_tokens", 0) + stage.get("completion_tokens", 0)
         table.add_row(stage["name"], *(str(stage.get(key, "-")) for key in ("pending", "calls", "cached", "failures",
                                                                            "unparseable")),
-                      str(tokens), str(stage.get("seconds", "-")))  # fmt: skip
+                      str(tokens), str(stage.get("seconds", "-")))
     console.print(table)
     for stage in summary.stages:
         if stage.get("skipped_reason"):
@@ -182,12 +182,12 @@ def status_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> 
         for stage, kinds in failures.items():
             for kind, entry in kinds.items():
                 console.print(f"  {stage}: {entry['count']} x {kind}: {entry['first']}", highlight=False,
-                              markup=False)  # fmt: skip
+                              markup=False)
     else:
         console.print("MLLM calls that failed and have not been answered since: none", highlight=False)
     rerun = out["rerun"]
     console.print(f"a rerun (mcie pipeline run, mllm {rerun['mllm']}) would ask: " + ", ".join(
-        f"{k} {v}" for k, v in rerun["would_ask"].items()), highlight=False)  # fmt: skip
+        f"{k} {v}" for k, v in rerun["would_ask"].items()), highlight=False)
 
 
 @app.command("decompose")

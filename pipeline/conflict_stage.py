@@ -212,7 +212,7 @@ def from_cache(session: Session, tasks: list[ConflictTask]) -> tuple[list[Confli
         parsed = {k: v for k, v in (row.parsed or {}).items() if k != "cached"} or None
         hits.append(ConflictOutcome(task.sample_id, task.cache_key, row.model, row.prompt_version, row.verdict or "",
                                     row.rationale, row.raw_response, parsed, None, 0.0, None, None,
-                                    row.parse_error))  # fmt: skip
+                                    row.parse_error))
     return hits, misses
 
 

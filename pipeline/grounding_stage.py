@@ -156,7 +156,7 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
     gains = scorer.gains(pairs, boxes) if hasattr(scorer, "gains") else [None] * len(tasks)
     outcomes = []
     for task, pair, cands, task_boxes, task_scores, task_gains, call in zip(tasks, pairs, candidates, boxes, scores,
-                                                                            gains, calls, strict=True):  # fmt: skip
+                                                                            gains, calls, strict=True):
         scored = tuple(
             CandidateOut(c.box, c.source, c.label, float(s)) for c, s in zip(cands, task_scores, strict=True)
         )
@@ -167,7 +167,7 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
         if call is None and task.cached is not None:
             call = GroundingCall(model="", prompt_version="", cache_key=task.cache_key or "", verdict="boxes",
                                  raw=None, parsed=None, error=None, latency_ms=0.0, prompt_tokens=None,
-                                 completion_tokens=None, cached=True)  # fmt: skip
+                                 completion_tokens=None, cached=True)
         outcomes.append(TurnOutcome(task.turn_id, scored, chosen, scorer.name, call, len(task.existing), task.retry))
     return outcomes
 
@@ -288,7 +288,7 @@ def pending_tasks(session: Session, model: str | None, version: str | None, k: i
                 select(MllmJudgement.turn_id, MllmJudgement.verdict).where(
                     MllmJudgement.turn_id.in_(chunk), MllmJudgement.stage == MllmStage.grounding,
                     MllmJudgement.model == model, MllmJudgement.prompt_version == version)
-            ):  # fmt: skip
+            ):
                 verdicts.setdefault(turn_id, []).append(verdict or "")
     tasks = []
     for turn_id, instance_id, index, instruction, after in rows:
@@ -298,7 +298,7 @@ def pending_tasks(session: Session, model: str | None, version: str | None, k: i
         settled = any(v in ANSWERED for v in asked) or asked.count("unparseable") >= MAX_UNPARSEABLE
         ask = model is not None and not settled and (retry or not asked)
         tasks.append(TurnTask(turn_id, index, instruction, before, after, key, tuple(existing.get(turn_id, ())),
-                              ask, None, ask and bool(asked)))  # fmt: skip
+                              ask, None, ask and bool(asked)))
     return tasks
 
 
@@ -313,7 +313,7 @@ def from_cache(session: Session, tasks: list[TurnTask]) -> list[TurnTask]:
                    MllmJudgement.stage == MllmStage.grounding, MllmJudgement.verdict.in_(ANSWERED),
                    MllmJudgement.turn_id.is_not(None))
             .order_by(MllmJudgement.id)
-        ):  # fmt: skip
+        ):
             answers.setdefault(key, turn_id)
     boxes: dict[int, list[CandidateOut]] = {turn_id: [] for turn_id in answers.values()}
     ids = sorted(boxes)
@@ -358,7 +358,7 @@ def _apply(session: Session, outcome: TurnOutcome) -> list[int]:
             BoxCandidate(turn_id=outcome.turn_id, rank=next_rank, source=BoxSource(cand.source), box_x0=x0,
                          box_y0=y0, box_x1=x1, box_y1=y1, label=cand.label, score=cand.score,
                          scorer=outcome.scorer, chosen=chosen)
-        )  # fmt: skip
+        )
         next_rank += 1
     if outcome.call is not None:
         call = outcome.call
@@ -369,13 +369,13 @@ def _apply(session: Session, outcome: TurnOutcome) -> list[int]:
                        MllmJudgement.verdict.in_(ANSWERED))
                 .order_by(MllmJudgement.id)
                 .limit(1)
-            ).one()  # fmt: skip
+            ).one()
             session.add(
                 MllmJudgement(turn_id=outcome.turn_id, stage=MllmStage.grounding, model=source.model,
                               prompt_version=source.prompt_version, cache_key=source.cache_key, verdict=source.verdict,
                               raw_response=source.raw_response, parsed=(source.parsed or {}) | {"cached": True},
                               latency_ms=0.0)
-            )  # fmt: skip
+            )
         else:
             session.add(
                 MllmJudgement(turn_id=outcome.turn_id, stage=MllmStage.grounding, model=call.model,
@@ -383,7 +383,7 @@ def _apply(session: Session, outcome: TurnOutcome) -> list[int]:
                               raw_response=call.raw, parsed=call.parsed, latency_ms=call.latency_ms,
                               prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
                               error=call.error, parse_error=call.parse_error)
-            )  # fmt: skip
+            )
     turn = session.get(Turn, outcome.turn_id)
     assert turn is not None
     windows = select(Sample.id).where(

@@ -118,7 +118,7 @@ def refresh_ready(session: Session, sample_ids: list[int]) -> int:
         .where(MllmJudgement.sample_id.in_(ids), MllmJudgement.stage == MllmStage.conflict,
                MllmJudgement.error.is_(None))
         .order_by(MllmJudgement.id)
-    ):  # fmt: skip
+    ):
         verdicts[sample_id] = verdict
     for sample in samples:
         _flag_missing(sample, missing.get(sample.id, []))

@@ -20,7 +20,7 @@ def failure_kind(verdict: str | None, error: str | None) -> str:
     if text.startswith("HTTP "):
         return " ".join(text.split()[:2])
     for prefix, kind in (("timed out", "timeout"), ("connection error", "connection"),
-                         ("malformed response", "malformed response")):  # fmt: skip
+                         ("malformed response", "malformed response")):
         if text.startswith(prefix):
             return kind
     return "error"

@@ -29,7 +29,7 @@ class RunSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine, "mllm": self.mllm, "scorer": self.scorer, "stages": self.stages,
-                "notes": self.notes}  # fmt: skip
+                "notes": self.notes}
 
 
 HINTS = {
@@ -63,7 +63,7 @@ def failed_stages(summary: RunSummary) -> list[str]:
             continue
         kind, entry = max(errors.items(), key=lambda item: item[1]["count"])
         out.append(f"all {calls} MLLM calls of the {stage['name']} stage failed; first error ({kind}): "
-                   f"{entry['first']}; hint: {hint(kind)}")  # fmt: skip
+                   f"{entry['first']}; hint: {hint(kind)}")
     return out
 
 
@@ -123,6 +123,6 @@ def run_pipeline(
                                                   retry=retry).as_dict())
     model = recorded_model_name(settings, mllm) if mllm != "none" else None
     load = load_stage(url, conflict_checked=mllm != "none", model=model,
-                      version=PROMPT_VERSION["conflict"] if mllm != "none" else None)  # fmt: skip
+                      version=PROMPT_VERSION["conflict"] if mllm != "none" else None)
     summary.stages.append(load.as_dict())
     return summary

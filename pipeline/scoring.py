@@ -267,7 +267,7 @@ class SelectionRule:
         """Index of the chosen candidate (see the class docstring)."""
         if not (len(sources) == len(boxes) == len(scores)) or not boxes:
             raise ValueError(f"choose: expected as many sources, boxes and scores (>= 1), got "
-                             f"{len(sources)}, {len(boxes)}, {len(scores)}")  # fmt: skip
+                             f"{len(sources)}, {len(boxes)}, {len(scores)}")
         if evidence is None:
             return select(boxes, scores)
         explaining = [i for i, e in enumerate(evidence) if self.explains(e)]

@@ -130,7 +130,7 @@ def _locate(
             problems.append(f"image not found: {relative} ({key}, looked under {images_root})")
         elif not allow_outside_root and not path.resolve().is_relative_to(root):
             problems.append(f"image outside the images root: {relative} ({key} resolves to {path.resolve()}, not "
-                            f"under {root}; pass --allow-outside-root to accept it)")  # fmt: skip
+                            f"under {root}; pass --allow-outside-root to accept it)")
         else:
             found[key] = path
     return found, problems
@@ -213,7 +213,7 @@ def _seed_instance(
     wanted += [(sf.edit_image_key(turn.index), turn.edit_image) for turn in record.turns]
     texts = [(f"turn {t.index} instruction", t.instruction) for t in record.turns]
     texts += [(f"turn {t.index} inverse instruction", t.inverse_instruction) for t in record.turns
-              if t.inverse_instruction]  # fmt: skip
+              if t.inverse_instruction]
     problems = _size_problems(texts, record.extra, limits)
     if problems:
         return RecordError(path, line, "; ".join(problems))

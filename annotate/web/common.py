@@ -84,7 +84,7 @@ def reviewer_of(url: str, request: gr.Request | None) -> WebUser:
     return event_user(
         url, request, lambda u: u.is_reviewer,
         "Your session has ended or you may not review samples; please log in again.",
-    )  # fmt: skip
+    )
 
 
 def mount_gradio(

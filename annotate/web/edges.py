@@ -47,7 +47,7 @@ def limit_for(path: str, default: int) -> int:
 async def _answer(send: Send, code: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]  # fmt: skip
+               (b"connection", b"close")]
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -125,7 +125,7 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     for err in exc.errors():
         if err.get("type") == USER_MESSAGE:
             return JSONResponse({"detail": str(err.get("msg", ""))[:1000]}, status_code=422,
-                                headers={"cache-control": "no-store"})  # fmt: skip
+                                headers={"cache-control": "no-store"})
     errors: list[dict[str, Any]] = [
         {"loc": list(err.get("loc", ())), "msg": str(err.get("msg", ""))[:300], "type": err.get("type", "")}
         for err in exc.errors()[:20]

@@ -382,7 +382,7 @@ def login_submit(
         seconds = math.ceil(wait)
         when = f"{seconds} seconds" if seconds < 120 else f"about {math.ceil(seconds / 60)} minutes"
         return page(f"Too many failed logins from here. Try again in {when}.", status.HTTP_429_TOO_MANY_REQUESTS,
-                    {"Retry-After": str(seconds)})  # fmt: skip
+                    {"Retry-After": str(seconds)})
 
     if not check_csrf(request, csrf):
         return page("The login form had expired. Please log in again.", status.HTTP_400_BAD_REQUEST)

@@ -177,7 +177,7 @@ def sessions_of(
         if active or include_ended:
             out.append(SessionInfo(row.id_hash[:12], aware(row.created_at), aware(row.last_seen_at),
                                    aware(row.expires_at), row.ip, row.user_agent, row.study_id,
-                                   row.revoked_at and aware(row.revoked_at), row.revoked_reason, active))  # fmt: skip
+                                   row.revoked_at and aware(row.revoked_at), row.revoked_reason, active))
     return out
 
 
@@ -291,7 +291,7 @@ class ServerSessionMiddleware:
                     session, int(uid), data, self.policy,
                     ip=client[0] if client else None,
                     user_agent=headers.get(b"user-agent", b"").decode("latin-1"),
-                )  # fmt: skip
+                )
             return self._cookie_header(token)
         if loaded is not None:
             with session_scope(self.url) as session:

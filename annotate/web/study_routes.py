@@ -106,7 +106,7 @@ def _mount_pages(app: FastAPI, settings: Settings) -> None:
 
     mount_gradio(app, settings, STUDY_PATH, ui_study.build(settings), ALL_ROLES, ui_study.page_assets())
     mount_gradio(app, settings, RESULTS_PATH, ui_study.build_results(settings), LEAD_ROLES,
-                 ui_study.results_page_assets())  # fmt: skip
+                 ui_study.results_page_assets())
 
 
 router = APIRouter()
@@ -140,7 +140,7 @@ def join(request: Request, token: str) -> Response:
     ip = client_ip(request)
     if throttle.retry_after(ip, join=True) is not None:
         body = join_page("Too many attempts", "Too many invalid invitation links were opened from here. Please "
-                         "wait a few minutes and open your link again.")  # fmt: skip
+                         "wait a few minutes and open your link again.")
         return HTMLResponse(body, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=NO_STORE)
     token = token.strip()
     problem = study.invite_problem(url, token) if len(token) <= 200 else study.INVITE_UNKNOWN
@@ -428,7 +428,7 @@ def api_studies(request: Request, user: Lead) -> list[StudyOut]:
                  criteria=list(s.criteria), items_per_participant=s.items_per_participant, enrolled=s.enrolled,
                  finished=s.finished, created_at=s.created_at.isoformat())
         for s in study.list_studies(_url(request))
-    ]  # fmt: skip
+    ]
 
 
 def participants_json(url: str, study_id: int) -> list[ParticipantOut]:
@@ -439,7 +439,7 @@ def participants_json(url: str, study_id: int) -> list[ParticipantOut]:
                        finished_at=p.finished_at.isoformat() if p.finished_at else None, excluded=p.excluded,
                        exclusion_reason=p.exclusion_reason)
         for p in study.participants_status(url, study_id)
-    ]  # fmt: skip
+    ]
 
 
 @router.get(API_PREFIX + "/{key}/participants", **LEADS)
@@ -490,7 +490,7 @@ async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, 
         await send({"type": "websocket.close", "code": 4000 + code})
         return
     headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *extra]  # fmt: skip
+               (b"cache-control", b"no-store"), *extra]
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -563,7 +563,7 @@ class StudyGate:
                 "You are not signed in to a study (or your session has ended). Open the invitation link you were "
                 "sent again: you continue where you stopped.",
                 title="Open your invitation link",
-            )  # fmt: skip
+            )
         elif _under(path, RESULTS_PATH):
             if _wants_html(scope):
                 await _redirect(scope, send, "/login?next=" + RESULTS_PATH + "/")

@@ -51,7 +51,7 @@ class ThrottlePolicy:
     @classmethod
     def from_settings(cls, settings: Any) -> ThrottlePolicy:
         return cls(settings.login_free_failures, settings.login_delay_base_s, settings.login_max_delay_s,
-                   settings.login_failure_window_s, settings.login_ip_max_failures)  # fmt: skip
+                   settings.login_failure_window_s, settings.login_ip_max_failures)
 
 
 def pair_delay(failures: int, policy: ThrottlePolicy) -> float:
@@ -95,7 +95,7 @@ class LoginThrottle:
         now = self._now()
         keys = _keys(ip, username, join=join)
         match = or_(*(and_(LoginThrottleKey.scope == s, LoginThrottleKey.username == u, LoginThrottleKey.ip == i)
-                      for s, u, i in keys))  # fmt: skip
+                      for s, u, i in keys))
         with session_scope(self.url) as session:
             blocked = select(LoginThrottleKey).where(match, LoginThrottleKey.blocked_until.is_not(None))
             rows = list(session.scalars(blocked))
@@ -157,7 +157,7 @@ class LoginThrottle:
         cut = self._now() - timedelta(seconds=older_than_s or self.policy.window_s)
         with session_scope(self.url, write=True) as session:
             result = session.execute(delete(LoginThrottleKey).where(
-                LoginThrottleKey.last_failure_at < cut, LoginThrottleKey.blocked_until.is_(None)))  # fmt: skip
+                LoginThrottleKey.last_failure_at < cut, LoginThrottleKey.blocked_until.is_(None)))
             return int(result.rowcount or 0)
 
 
@@ -183,4 +183,4 @@ def _locked_row(session: Session, scope: str, user: str, ip: str, now: datetime)
 def _audit(session: Session, action: str, row: LoginThrottleKey, **extra: Any) -> None:
     session.add(AuditLog(action=action, entity="login_throttle", entity_id=str(row.id),
                          details={"scope": row.scope, "username": row.username, "ip": row.ip,
-                                  "failures": row.failures, **extra}))  # fmt: skip
+                                  "failures": row.failures, **extra}))

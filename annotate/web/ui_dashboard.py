@@ -154,7 +154,7 @@ def throughput_figure(frame: pd.DataFrame, freq: str = "D") -> go.Figure:
         go.Scatter(x=x, y=frame["cumulative"], name="total", mode="lines+markers", yaxis="y2"),
     ])
     fig.update_layout(xaxis={"title": f"{unit} (UTC)", "type": "category"}, yaxis={"title": f"per {unit}"},
-                      yaxis2={"title": "total", "overlaying": "y", "side": "right"})  # fmt: skip
+                      yaxis2={"title": "total", "overlaying": "y", "side": "right"})
     return _layout(fig, "Throughput over time")
 
 
@@ -425,7 +425,7 @@ def render_jobs(rows: Sequence[jobs.JobView]) -> str:
         what = esc(str(job.payload.get("out") or job.payload.get("preview_id") or ""))
         error = f'<span class="mcie-error">{esc((job.error or "")[:200])}</span>' if job.error else ""
         body.append(f"<tr><td>{job.id}</td><td>{esc(job.kind)}</td><td>{esc(job.status)}</td><td>{progress}</td>"
-                    f"<td>{job.attempts}/{job.max_attempts}</td><td>{what}</td><td>{error}</td></tr>")  # fmt: skip
+                    f"<td>{job.attempts}/{job.max_attempts}</td><td>{what}</td><td>{error}</td></tr>")
     return ("<table class=mcie-jobs id=jobs-table><thead><tr><th>job</th><th>kind</th><th>status</th><th>progress"
             "</th><th>tries</th><th>what</th><th>error</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
 
@@ -758,7 +758,7 @@ class Dashboard:
     ) -> dict[Any, Any]:
         lead = lead_of(self.url, request)
         changes = {"review_policy": policy, "adaptive": {"band_low": float(band_low), "band_high": float(band_high),
-                                                         "max_reviews": int(max_reviews)}}  # fmt: skip
+                                                         "max_reviews": int(max_reviews)}}
         try:
             with session_scope(self.url, write=True) as session:
                 set_project_config(session, changes, actor_id=lead.id)
@@ -766,7 +766,7 @@ class Dashboard:
             return {self.w.policy_status: status_line(str(exc), error=True)}
         return {self.w.policy_status: status_line(f"Saved by {lead.username}: review policy {policy} (band "
                                                  f"{float(band_low):g}-{float(band_high):g}, cap {int(max_reviews)}); "
-                                                 "it applies to the next reviews.")}  # fmt: skip
+                                                 "it applies to the next reviews.")}
 
     # --- project setting ------------------------------------------------------------------------------------
     def on_show_mllm(self, show: bool, request: gr.Request) -> dict[Any, Any]:
@@ -791,7 +791,7 @@ class Dashboard:
         notes = [f"Exports are written into <code>{esc(self.exports.root)}</code>."]
         if running:
             names = ", ".join(f"<b>{esc(Path(str(j.payload.get('out', ''))).name)}</b> ({esc(j.status)})"
-                              for j in running)  # fmt: skip
+                              for j in running)
             notes.append(f"Exports waiting or running: {names}. This page refreshes until they finish.")
         recent = jobs.list_jobs(self.url, limit=JOB_LIST_LIMIT)
         return {

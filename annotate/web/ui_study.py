@@ -246,9 +246,9 @@ def _ci(ci: Sequence[float] | None, *, percent: bool = True) -> str:
 
 
 RESULTS_COLUMNS = ["criterion", "method", "chosen", "share of first choices", "95% CI", "preferred by", "95% CI ",
-                   "Bradley-Terry strength", "95% CI  "]  # fmt: skip
+                   "Bradley-Terry strength", "95% CI  "]
 PARTICIPANT_COLUMNS = ["username", "user id", "done", "finished (UTC)", "link revoked", "excluded", "reason",
-                       "attention failed", "median latency (s)", "fast"]  # fmt: skip
+                       "attention failed", "median latency (s)", "fast"]
 
 
 def results_frame(res: dict[str, Any]) -> pd.DataFrame:
@@ -264,7 +264,7 @@ def results_frame(res: dict[str, Any]) -> pd.DataFrame:
                 _pct(preferred["share"]), _ci(preferred["ci"]),
                 "-" if strength["strength"] is None else f"{strength['strength']:.2f}",
                 _ci(strength["ci"], percent=False),
-            ])  # fmt: skip
+            ])
         rows.append([criterion, "(none acceptable)", "", _pct(block["none_share"]), "", "", "", "", ""])
     return pd.DataFrame(rows, columns=RESULTS_COLUMNS)
 
@@ -282,7 +282,7 @@ def participants_frame(statuses: Sequence[study.ParticipantStatus], res: dict[st
             "yes" if p.excluded else "", p.exclusion_reason or "",
             f"{q['attention_failed']} of {q['attention_checks']}" if q.get("attention_checks") else "",
             "" if latency is None else f"{latency / 1000:.1f}", "yes" if q.get("fast") else "",
-        ])  # fmt: skip
+        ])
     return pd.DataFrame(rows, columns=PARTICIPANT_COLUMNS)
 
 
@@ -368,7 +368,7 @@ class StudyResultsTab:
         if study_id is None:
             return {w.kpis: render_kpis([]), w.participants: pd.DataFrame(columns=PARTICIPANT_COLUMNS),
                     w.votes_csv: gr.DownloadButton(value=None, interactive=False),
-                    w.status: status_line("No study yet: create one with `mcie study create`.")}  # fmt: skip
+                    w.status: status_line("No study yet: create one with `mcie study create`.")}
         study_id = int(study_id)
         summary = next((s for s in study.list_studies(self.url) if s.id == study_id), None)
         statuses = study.participants_status(self.url, study_id)
@@ -468,7 +468,7 @@ def study_results_tab(settings: Settings, *, label: str = "User study") -> Study
         with gr.Row():
             w.study = gr.Dropdown(choices=[], label="Study", elem_id="study-pick", scale=3)
             w.n_boot = gr.Number(1000, label="Bootstrap resamples", precision=0, minimum=0, maximum=5000,
-                                    elem_id="study-nboot", scale=1)  # fmt: skip
+                                    elem_id="study-nboot", scale=1)
             compute = gr.Button("Compute results", variant="primary", elem_id="study-compute", scale=1)
             reload = gr.Button("Reload the list", size="sm", elem_id="study-reload", scale=1)
         w.status = gr.HTML(elem_id="study-status", js_on_load=None)
@@ -484,17 +484,17 @@ def study_results_tab(settings: Settings, *, label: str = "User study") -> Study
             view.plots.append(gr.Plot(label="Pairwise wins", elem_id="study-plot-wins"))
         view.plots.append(gr.Plot(label="Position bias", elem_id="study-plot-position"))
         w.participants = gr.Dataframe(interactive=False, wrap=True, elem_id="study-participants",
-                                         label="Participants")  # fmt: skip
+                                         label="Participants")
         with gr.Row():
             w.who = gr.Textbox(label="Participant (username)", max_lines=1, max_length=64, elem_id="study-who")
             w.reason = gr.Textbox(label="Reason (required to exclude; kept and audited)", max_lines=2,
-                                     max_length=1000, elem_id="study-reason")  # fmt: skip
+                                     max_length=1000, elem_id="study-reason")
             exclude = gr.Button("Exclude from the results", variant="stop", elem_id="study-exclude")
             include = gr.Button("Include again", elem_id="study-include")
         with gr.Row():
             w.votes_csv = gr.DownloadButton("Download the votes (CSV)", interactive=False, elem_id="study-votes")
             w.results_json = gr.DownloadButton("Download the results (JSON)", interactive=False,
-                                                  elem_id="study-results-json")  # fmt: skip
+                                                  elem_id="study-results-json")
     quiet = {"show_progress": "minimal"}
     tab.select(view.refresh_list, [w.study], [w.study], **quiet)
     reload.click(view.refresh_list, [w.study], [w.study], **quiet)

@@ -63,4 +63,4 @@ def decompose(image: Image.Image, instruction: str, backend: Any) -> Decompositi
                 box = None
         edits.append(SubEdit(edit.instruction, edit.operation, box))
     return DecompositionResult(instruction, tuple(edits), backend.model, prompt.version, response.text,
-                               tuple(answer.notes), response.latency_s * 1000)  # fmt: skip
+                               tuple(answer.notes), response.latency_s * 1000)

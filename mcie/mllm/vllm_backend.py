@@ -120,7 +120,7 @@ class VLLMBackend(Backend):
         import_vllm()  # say how to install vLLM before fetching any weights for it
         # a Hub id (MCIE_MLLM_MODEL_PATH, else MCIE_MLLM_MODEL) goes through the HF cache; vLLM gets the local folder
         value, setting = (settings.mllm_model_path, "MCIE_MLLM_MODEL_PATH") if settings.mllm_model_path else \
-            (settings.mllm_model, "MCIE_MLLM_MODEL")  # fmt: skip
+            (settings.mllm_model, "MCIE_MLLM_MODEL")
         folder = resolve_folder(value, setting)
         return cls.load(str(folder), model_name=Path(value).name if Path(value).exists() else value.split("@", 1)[0])
 

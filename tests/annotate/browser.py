@@ -184,12 +184,12 @@ def make_image_instance(session: Session, store: ImageStore, n_turns: int, seed:
     register_images(session, stored)
     session.flush()
     instance = Instance(dataset="browser", external_id=f"scene-{seed}", source_image=stored[0].sha256,
-                        n_turns=n_turns)  # fmt: skip
+                        n_turns=n_turns)
     session.add(instance)
     session.flush()
     operations = (Operation.add, Operation.change, Operation.remove)
     for k in range(1, n_turns + 1):
         session.add(Turn(instance_id=instance.id, index=k, instruction=f"edit {k} of scene {seed}",
-                         operation=operations[(k - 1) % 3], result_image=stored[k].sha256))  # fmt: skip
+                         operation=operations[(k - 1) % 3], result_image=stored[k].sha256))
     session.flush()
     return instance

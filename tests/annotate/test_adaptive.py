@@ -26,7 +26,7 @@ from tests.annotate.factories import add_conflict_judgement, configure, make_sam
 
 GOOD = Answer(consistent=True, quality=5, complexity=5)
 ADAPTIVE = {"gold_rate": 0.0, "calibration_share": 0.0, "review_policy": "adaptive",
-            "adaptive": {"band_low": 0.2, "band_high": 0.9, "max_reviews": 3}}  # fmt: skip
+            "adaptive": {"band_low": 0.2, "band_high": 0.9, "max_reviews": 3}}
 
 
 def _project(url: str, n_samples: int, n_raters: int, **settings) -> tuple[list[int], list[int], int]:
@@ -93,7 +93,7 @@ def test_less_reliable_raters_get_fresh_samples_before_follow_ups(sqlite_url: st
     (follow, fresh), (a, careless, good), _ = _project(sqlite_url, 2, 3, **ADAPTIVE)
     fit = default_fit()
     fit.reports = [{"rater": careless, "skill": 0.0, "n_samples": 50, "flags": [{"flag": "careless"}],
-                    "questions": {"consistency": {"skill_ci": [-0.1, 0.1]}}}]  # fmt: skip
+                    "questions": {"consistency": {"skill_ci": [-0.1, 0.1]}}}]
     with session_scope(sqlite_url, write=True) as session:
         reliability_service.store_fit(session, fit)
     assert _review(sqlite_url, a) == follow
@@ -112,7 +112,7 @@ def test_fixed_policy_keeps_todays_behaviour(sqlite_url: str) -> None:
 
 def test_weighted_rule_decides_with_the_posterior_and_never_adjudicates(sqlite_url: str) -> None:
     (s1, s2), (a, b), _ = _project(sqlite_url, 2, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
-                                   decision_rule="weighted")  # fmt: skip
+                                   decision_rule="weighted")
     for rater in (a, b):
         _review(sqlite_url, rater)
     _review(sqlite_url, a, Answer(consistent=True, quality=5, complexity=5))
@@ -130,7 +130,7 @@ def test_preview_and_apply_the_decision_rule(any_db_url: str) -> None:
     samples, (a, b), lead = _project(any_db_url, 3, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2)
     answers = [(GOOD, GOOD), (GOOD, Answer(consistent=False, quality=5, complexity=5)),
                (Answer(consistent=True, quality=5, complexity=4), Answer(consistent=True, quality=2, complexity=4))]
-    for first, second in answers:  # fmt: skip
+    for first, second in answers:
         _review(any_db_url, a, first)
         _review(any_db_url, b, second)
     assert _sample(any_db_url, samples[1])[0] == SampleStatus.needs_adjudication  # paper rule: a split
@@ -158,7 +158,7 @@ def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> N
     from exports.select import iter_records
 
     samples, raters, _ = _project(sqlite_url, 12, 4, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
-                                  decision_rule="weighted")  # fmt: skip
+                                  decision_rule="weighted")
     for _ in samples:
         for rater in raters[:2]:
             lease = next_sample(sqlite_url, rater)
@@ -218,7 +218,7 @@ def _dashboard(tmp_path: Path, url: str):
     dashboard.w = named_widgets(DashboardWidgets)
     for group, names in ((dashboard.budget, ("by_policy", "decided_after", "over_time")),
                          (dashboard.agreement, ("alpha", "pairwise", "loo", "distribution", "gold", "confusion",
-                                                "reliability"))):  # fmt: skip
+                                                "reliability"))):
         for name in names:
             group[name] = Table(f"{name}-plot", f"{name}-table", f"{name}-csv", f"test-{name}")
     return dashboard
@@ -241,7 +241,7 @@ def test_dashboard_decision_rule_is_applied_only_after_a_preview(sqlite_url: str
     dashboard = _dashboard(tmp_path, sqlite_url)
     lead = _as("lead-dash")
     assert "Preview this decision rule first" in dashboard.on_decision_apply("weighted", 0.5, None, lead)[
-        "decision_status"]  # fmt: skip
+        "decision_status"]
     preview = dashboard.on_decision_preview("weighted", 0.5, lead)
     assert "would change" in preview["decision_preview"] or "changed" in preview["decision_preview"]
     applied = dashboard.on_decision_apply("weighted", 0.5, preview["decision_previewed"], lead)
@@ -291,7 +291,7 @@ def test_dashboard_reliability_parts_render_flags_escaped() -> None:
             {"flag": "careless", "question": "all", "evidence": "skill <0.2>"}],
          "questions": {q: {"skill": 0.1, "skill_ci": [0.0, 0.2], "bias": 0.0, "bias_ci": [-0.1, 0.1],
                            "n_samples": 30, "n_gold": 3, "model": {}} for q in ("consistency", "quality",
-                                                                                 "complexity")}}]}}  # fmt: skip
+                                                                                 "complexity")}}]}}
     html = render_flags(figures)
     assert "&lt;b&gt;eve&lt;/b&gt;" in html and "skill &lt;0.2&gt;" in html and "<b>eve</b>" not in html
     _, table = reliability_parts(figures)
@@ -394,7 +394,7 @@ def test_twenty_reviewers_at_once_under_the_adaptive_policy(db: str, request: py
 
 def test_the_server_sweep_refits_only_when_enough_new_reviews_came_in(sqlite_url: str) -> None:
     _, raters, _ = _project(sqlite_url, 12, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
-                            adaptive={"refit_every": 10})  # fmt: skip
+                            adaptive={"refit_every": 10})
     for _ in range(4):
         for rater in raters:
             _review(sqlite_url, rater)

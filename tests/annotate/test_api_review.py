@@ -279,7 +279,7 @@ def test_a_body_that_is_not_a_json_object_is_422(client: TestClient) -> None:
     sample_id = client.get("/api/review/next").json()["sample_id"]
     for body in ("[1, 2]", "not json", '"text"'):
         response = client.post(f"/api/review/{sample_id}", content=body,
-                               headers={**headers, "content-type": "application/json"})  # fmt: skip
+                               headers={**headers, "content-type": "application/json"})
         assert response.status_code == 422
 
 

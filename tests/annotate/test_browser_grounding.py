@@ -35,7 +35,7 @@ def _seed(settings: Settings) -> None:
             session.add(BoxCandidate(turn_id=turns[index], rank=1, source=BoxSource.mllm, box_x0=0.2, box_y0=0.2,
                                      box_x1=0.6, box_y1=0.6, chosen=True))
             session.add(BoxCandidate(turn_id=turns[index], rank=2, source=BoxSource.diff, box_x0=0.2, box_y0=0.2,
-                                     box_x1=0.4, box_y1=0.6))  # fmt: skip
+                                     box_x1=0.4, box_y1=0.6))
         review = add_review(session, sample, rater)
         review.box_corrections = [{"turn_index": 1, "box": list(TRUTH)}, {"turn_index": 2, "box": list(TRUTH)}]
 
@@ -47,7 +47,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     folder: Path = tmp_path_factory.mktemp("browser-grounding")
     settings = load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/browser.db",
-                             blob_url=str(folder / "blobs"), secret_key=None)  # fmt: skip
+                             blob_url=str(folder / "blobs"), secret_key=None)
     upgrade(settings.database_url)
     _seed(settings)
     with live_server(settings) as url:

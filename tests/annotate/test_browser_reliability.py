@@ -37,7 +37,7 @@ def _seed(settings: Settings) -> None:
         for _ in range(80):
             truth = (rng.random() < 0.7, rng.choice([2, 3, 4, 4, 5]), rng.choice([2, 3, 4, 4, 5]))
             answers = [truth, truth, truth if rng.random() < 0.8 else (not truth[0], truth[1], truth[2]),
-                       (rng.random() < 0.5, rng.randint(1, 5), rng.randint(1, 5))]  # fmt: skip
+                       (rng.random() < 0.5, rng.randint(1, 5), rng.randint(1, 5))]
             chosen = [*rng.sample(range(3), 2), 3]
             add_reviews(session, make_sample(session), [raters[k] for k in chosen], [answers[k] for k in chosen])
     settle_complete(settings.database_url)
@@ -50,7 +50,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, s
 
     folder: Path = tmp_path_factory.mktemp("browser-reliability")
     settings = load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/browser.db",
-                             blob_url=str(folder / "blobs"), secret_key=None)  # fmt: skip
+                             blob_url=str(folder / "blobs"), secret_key=None)
     upgrade(settings.database_url)
     _seed(settings)
     with live_server(settings) as base:

@@ -273,7 +273,7 @@ def test_an_empty_queue_shows_its_message_and_nothing_to_answer(tmp_path: Path) 
     from db.migrate import upgrade
 
     settings = load_settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/empty.db",
-                             blob_url=str(tmp_path / "blobs"), secret_key=None)  # fmt: skip
+                             blob_url=str(tmp_path / "blobs"), secret_key=None)
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         make_user(session, "ida", Role.rater, password=PASSWORD)

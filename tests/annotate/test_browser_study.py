@@ -90,7 +90,7 @@ def test_participant_votes_with_the_keyboard_leaves_and_resumes(tmp_path: Path) 
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)
     created = st.create_study_from_folder(settings.database_url, store, _folder(tmp_path / "study"), "browser-study",
-                                          items_per_participant=N_ITEMS, seed=2)  # fmt: skip
+                                          items_per_participant=N_ITEMS, seed=2)
     study_id = created.study_id
     with session_scope(settings.database_url) as session:
         make_user(session, "lena", Role.lead, password=PASSWORD)
@@ -150,7 +150,7 @@ def test_participant_votes_with_the_keyboard_leaves_and_resumes(tmp_path: Path) 
 
         with session_scope(settings.database_url) as session:
             order = {a.item_id: (a.position, a.shown_order, a.completed_at) for a in session.scalars(
-                select(StudyAssignment).where(StudyAssignment.participant_id == participant.id))}  # fmt: skip
+                select(StudyAssignment).where(StudyAssignment.participant_id == participant.id))}
             votes = session.scalars(select(Vote).where(Vote.participant_id == participant.id)).all()
         by_position = {order[v.item_id][0]: {} for v in votes}
         for v in votes:
@@ -177,7 +177,7 @@ def test_participant_votes_with_the_keyboard_leaves_and_resumes(tmp_path: Path) 
             assert page.inner_text("#study-kpi-votes b") == "10"  # 5 screens x 2 questions
             assert page.inner_text("#study-kpi-finished b") == "1"
             page.wait_for_function("() => document.querySelectorAll('#study-results-tab-plots .js-plotly-plot, "
-                                   "[id^=study-plot] .js-plotly-plot').length === 5")  # fmt: skip
+                                   "[id^=study-plot] .js-plotly-plot').length === 5")
             shot(page, "study-08-lead-results")
 
     result = CliRunner().invoke(cli_app, ["study", "results", "browser-study", "--json", "--n-boot", "0"])

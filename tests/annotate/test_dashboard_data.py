@@ -59,7 +59,7 @@ DAYS = {  # rater -> samples reviewed on day 1; the rest on day 3
     "cy": (),
 }
 STATUSES = {"s1": "accepted", "s2": "rejected", "s3": "accepted", "s4": "rejected", "s5": "in_review",
-            "s6": "in_review", "s7": "ready", "gold": "ready"}  # fmt: skip
+            "s6": "in_review", "s7": "ready", "gold": "ready"}
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def project(migrated_url: str) -> tuple[str, dict[str, int]]:
             for rater, (c, q, x) in by_rater.items():
                 day = DAY1 if sample_name in DAYS[rater] else DAY3
                 add_review(session, samples[sample_name], users[rater], consistent=c, quality=q, complexity=x,
-                           time_spent_s=10.0 * (k + 1), created_at=day + timedelta(minutes=k))  # fmt: skip
+                           time_spent_s=10.0 * (k + 1), created_at=day + timedelta(minutes=k))
                 k += 1
         add_conflict_judgement(session, samples["s1"], "no_conflict")
         add_conflict_judgement(session, samples["s2"], "conflict")
@@ -115,7 +115,7 @@ def test_loaders(project) -> None:
     assert status_counts(url) == {
         "filtering": 0, "filtered_out": 0, "ready": 2, "in_review": 2, "accepted": 2, "rejected": 2,
         "needs_adjudication": 0,
-    }  # fmt: skip
+    }
     config = ProjectConfig(calibration_share=SHARE, reviews_per_sample=1, calibration_reviews=3)
     expected = sum(max(reviews_wanted(ids[s], config) - len(ANSWERS.get(s, {})), 0) for s in ("s5", "s6", "s7"))
     assert remaining_reviews(url) == expected
@@ -194,7 +194,7 @@ def test_agreement_figures(project) -> None:
 
     gold = {row["rater"]: row for row in figures["gold_accuracy"]}
     assert gold["ann"] == {"rater": "ann", "n_gold": 1, "consistent_accuracy": 1.0, "quality_accuracy": 1.0,
-                           "complexity_accuracy": 1.0, "quality_bias": 0.0, "complexity_bias": 0.0}  # fmt: skip
+                           "complexity_accuracy": 1.0, "quality_bias": 0.0, "complexity_bias": 0.0}
     assert (gold["bob"]["consistent_accuracy"], gold["bob"]["quality_accuracy"]) == (0.0, 0.0)  # off by 2 > 1
     assert (gold["bob"]["complexity_accuracy"], gold["bob"]["quality_bias"]) == (1.0, -2.0)
     assert "cy" not in gold

@@ -18,12 +18,12 @@ TRUTH = (0.2, 0.2, 0.6, 0.6)
 
 def _corr(instance_id: int, turn: int, operation: str, box=TRUTH) -> dict:
     return {"instance_id": instance_id, "turn_index": turn, "operation": operation, "review_id": 1,
-            "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]}  # fmt: skip
+            "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]}
 
 
 def _cand(instance_id: int, turn: int, source: str, rank: int, box, chosen: bool = False) -> dict:
     return {"instance_id": instance_id, "turn_index": turn, "source": source, "rank": rank, "chosen": chosen,
-            "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]}  # fmt: skip
+            "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3]}
 
 
 def test_grounding_vs_corrections_by_operation_and_source() -> None:
@@ -32,11 +32,11 @@ def test_grounding_vs_corrections_by_operation_and_source() -> None:
         _corr(1, 1, "add"), _corr(1, 1, "add", (0.2, 0.2, 0.6, 0.6)), _corr(1, 1, "add", (0.0, 0.0, 1.0, 1.0)),
         _corr(1, 2, "remove"),
         _corr(2, 1, "change"),  # no candidates: left out
-    ])  # fmt: skip
+    ])
     candidates = pd.DataFrame([
         _cand(1, 1, "mllm", 1, half), _cand(1, 1, "mllm", 2, TRUTH, chosen=True), _cand(1, 1, "diff", 3, (0, 0, 1, 1)),
         _cand(1, 2, "diff", 1, TRUTH, chosen=True), _cand(1, 2, "mllm", 2, (0.7, 0.7, 0.9, 0.9)),
-    ])  # fmt: skip
+    ])
     out = dd.grounding_vs_corrections(corrections, candidates)
     rows = {(r.operation, r.source): r for r in out.itertuples()}
     assert list(out.columns) == ["operation", "source", "turns", "mean_iou", "mean_first_iou", "share_iou_50"]
@@ -66,7 +66,7 @@ def test_grounding_frames_read_corrections_and_candidates(migrated_url: str) -> 
             session.add(BoxCandidate(turn_id=turns[index], rank=1, source=BoxSource.mllm, box_x0=mllm_box[0],
                                      box_y0=mllm_box[1], box_x1=mllm_box[2], box_y1=mllm_box[3], chosen=True))
             session.add(BoxCandidate(turn_id=turns[index], rank=2, source=BoxSource.diff, box_x0=diff_box[0],
-                                     box_y0=diff_box[1], box_x1=diff_box[2], box_y1=diff_box[3]))  # fmt: skip
+                                     box_y0=diff_box[1], box_x1=diff_box[2], box_y1=diff_box[3]))
         review = add_review(session, sample, make_user(session, "rater-g"))
         review.box_corrections = [{"turn_index": 1, "box": list(TRUTH)}, {"turn_index": 2, "box": list(TRUTH)}]
         add_review(session, sample, make_user(session, "rater-h"))  # no corrections

@@ -36,7 +36,7 @@ N_REVIEWERS = 20
 N_SAMPLES = 60
 PASSWORD = "correct-horse-9"
 CONFIG = {"gold_rate": 0.0, "calibration_share": 0.3, "calibration_reviews": 3, "reviews_per_sample": 1,
-          "lease_minutes": 20}  # fmt: skip
+          "lease_minutes": 20}
 
 
 class Reviewer:
@@ -56,7 +56,7 @@ class Reviewer:
         token = re.search(r"name=csrf value='([^']+)'", form.text)
         assert token, form.text
         response = self.http.post("/login", data={"username": self.username, "password": PASSWORD,
-                                                  "csrf": token.group(1)})  # fmt: skip
+                                                  "csrf": token.group(1)})
         assert response.status_code == 303, response.text
         self.headers = {"X-CSRF-Token": self.http.get("/api/review/csrf").json()["csrf_token"]}
 
@@ -75,7 +75,7 @@ class Reviewer:
                 self.abandoned = sample_id
                 continue
             answer = {"consistent": True, "quality": rng.randint(4, 5), "complexity": 4,
-                      "time_spent_s": rng.uniform(5, 60)}  # fmt: skip
+                      "time_spent_s": rng.uniform(5, 60)}
             submitted = self.http.post(f"/api/review/{sample_id}", json=answer, headers=self.headers)
             if submitted.status_code != 201:
                 self.unexpected.append(f"submit {sample_id}: {submitted.status_code} {submitted.text}")

@@ -85,7 +85,7 @@ def test_cancel_stops_a_running_job_at_its_next_renewal(migrated_url: str, tmp_p
 
     job = jobs.submit(migrated_url, "export", {})
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": slow}, poll_s=0.05,
-                    lease_s=1.5).start()  # fmt: skip
+                    lease_s=1.5).start()
     try:
         assert started.wait(10)
         jobs.cancel(migrated_url, job.id)
@@ -113,7 +113,7 @@ def test_a_worker_renews_its_lease_reports_progress_and_gives_the_job_back_when_
 
     job = jobs.submit(migrated_url, "export", {})
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": long}, poll_s=0.05,
-                    lease_s=1.2).start()  # fmt: skip
+                    lease_s=1.2).start()
     try:
         assert progress_seen.wait(10)
         time.sleep(1.5)  # longer than one lease: the heartbeat kept it
@@ -137,7 +137,7 @@ def test_a_handler_error_is_retried_then_recorded(migrated_url: str, tmp_path) -
 
     ok = jobs.submit(migrated_url, "export", {}, max_attempts=3)
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": flaky},
-                    poll_s=0.05).start()  # fmt: skip
+                    poll_s=0.05).start()
     try:
         deadline = time.monotonic() + 20
         while jobs.get(migrated_url, ok.id).status != "done":

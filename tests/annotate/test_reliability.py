@@ -48,7 +48,7 @@ def simulate(n: int = 600, per_item: int = 3, seed: int = 0, n_gold: int = 40):
                 q, x = (int(np.clip(np.rint(v + bias + rng.normal(0, sd)), 1, 5)) for v in (quality[i], complexity[i]))
             rows.append({"sample_id": i + 1, "rater": name, "consistent": c, "quality": q, "complexity": x})
     gold = pd.DataFrame({"sample_id": np.arange(1, n_gold + 1), "consistent": consistent[:n_gold],
-                         "quality": quality[:n_gold], "complexity": complexity[:n_gold]})  # fmt: skip
+                         "quality": quality[:n_gold], "complexity": complexity[:n_gold]})
     truth = {"consistent": consistent, "quality": quality, "complexity": complexity}
     return pd.DataFrame(rows), gold, truth
 
@@ -147,7 +147,7 @@ def test_few_checked_samples_are_never_flagged() -> None:
 def test_single_reviews_do_not_make_a_rater_look_perfect() -> None:
     """Samples with one review are not evidence about their rater (EM would call every answer right)."""
     reviews = pd.DataFrame([{"sample_id": i, "rater": "solo", "consistent": i % 2 == 0, "quality": 1 + i % 5,
-                             "complexity": 3} for i in range(1, 200)])  # fmt: skip
+                             "complexity": 3} for i in range(1, 200)])
     fit = fit_reliability(reviews)
     solo = fit.reports[0]
     assert solo["n_samples"] == 0 and solo["skill"] is None
@@ -164,7 +164,7 @@ def test_posterior_weighs_reliable_raters_and_uses_the_mllm_prior(simulated) -> 
     # a biased-high rater's 4 is weaker evidence of quality > 3 than a good rater's 4
     four = {"consistent": True, "quality": 4, "complexity": 5}
     assert (posterior_accept(fit, [{"rater": "high", **four}], **rule).p_quality
-            < posterior_accept(fit, [{"rater": "good0", **four}], **rule).p_quality)  # fmt: skip
+            < posterior_accept(fit, [{"rater": "good0", **four}], **rule).p_quality)
     fit.mllm = type("Prior", (), {"p_consistent": staticmethod(lambda x: 0.05 if x > 0.5 else 0.95)})()
     with_conflict = posterior_accept(fit, [{"rater": "good0", **good}], mllm_score=0.9, **rule)
     without = posterior_accept(fit, [{"rater": "good0", **good}], mllm_score=0.9, use_mllm=False, **rule)
@@ -177,7 +177,7 @@ def test_posterior_weighs_reliable_raters_and_uses_the_mllm_prior(simulated) -> 
 def test_unknown_raters_and_the_default_fit_use_the_default_rater() -> None:
     fit = default_fit()
     p = posterior_accept(fit, [{"rater": 99, "consistent": True, "quality": 5, "complexity": 5}],
-                         quality_above=3, complexity_above=3)  # fmt: skip
+                         quality_above=3, complexity_above=3)
     assert 0.5 < p.p_accept < 1
 
 
@@ -211,7 +211,7 @@ def test_mllm_prior_is_calibrated_from_the_consensus() -> None:
         (pd.DataFrame({"sample_id": [1, 1], "rater": ["a", "a"], "consistent": [True, True], "quality": [3, 3],
                        "complexity": [3, 3]}), "duplicate"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_the_problem(frame: pd.DataFrame, message: str) -> None:
     with pytest.raises(ReliabilityError, match=message):
         fit_reliability(frame)

@@ -57,7 +57,7 @@ class Site:
         command = [str(mcie)] if mcie.exists() else [sys.executable, "-m", "mcie.cli"]
         log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - the process writes to it until it ends
         process = subprocess.Popen([*command, *args], cwd=self.folder, env=self.env, stdout=log,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
+                                   stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
@@ -95,7 +95,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, _postgres_admin) -> Iterator[
     env |= {"MCIE_DATABASE_URL": url, "MCIE_DATA_DIR": str(folder), "MCIE_BLOB_URL": str(folder / "blobs"),
             "MCIE_CONFIG": str(folder / "empty.toml"), "MCIE_EDITING_BASE_MODEL_PATH": str(files.base),
             "MCIE_EDITING_WEIGHTS_PATH": str(weights), "MCIE_DEVICE": "cpu", "MCIE_JOB_LEASE_S": str(LEASE_S),
-            "MCIE_LOGIN_DELAY_BASE_S": "60", "MCIE_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}  # fmt: skip
+            "MCIE_LOGIN_DELAY_BASE_S": "60", "MCIE_LOG_LEVEL": "INFO", "OMP_NUM_THREADS": "1"}
     upgrade(url)
     settings = load_settings(database_url=url, data_dir=folder, blob_url=str(folder / "blobs"))
     store = ImageStore.from_settings(settings)
@@ -162,7 +162,7 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
     reviewer = _log_in(a, "rater1")
     csrf = reviewer.get("/api/review/csrf").json()["csrf_token"]
     asked = reviewer.post(f"/api/review/{site.sample_id}/preview", json={"seed": 1, "params": FAST},
-                          headers={"x-csrf-token": csrf})  # fmt: skip
+                          headers={"x-csrf-token": csrf})
     assert asked.status_code == 202, asked.text
     preview_id = asked.json()["preview_id"]
     time.sleep(1.0)
@@ -183,7 +183,7 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
 
     # kill -9 during a job: a second worker finishes it after the lease lapses
     asked = reviewer.post(f"/api/review/{site.sample_id}/preview", json={"seed": 2, "params": FAST},
-                          headers={"x-csrf-token": csrf})  # fmt: skip
+                          headers={"x-csrf-token": csrf})
     second = asked.json()["preview_id"]
     [job2] = [j for j in jobs.list_jobs(site.url, kind="preview") if j.payload == {"preview_id": second}]
     doomed = site.start("worker", "--kinds", "preview", name="worker-2")

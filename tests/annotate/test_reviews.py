@@ -91,7 +91,7 @@ def test_invalid_answers_are_refused_with_a_clear_message(answer: Answer, messag
 def test_a_valid_answer_is_normalized() -> None:
     answer = Answer(False, 1, 5, comment="  two turns recolour the car  ", box_corrections=[
         {"turn_index": 3, "box": (0, 0.25, 1, 0.75)}
-    ])  # fmt: skip
+    ])
     clean = validate_answer(answer, WINDOW)
     assert clean.comment == "two turns recolour the car"
     assert clean.box_corrections == [{"turn_index": 3, "box": [0.0, 0.25, 1.0, 0.75]}]
@@ -121,7 +121,7 @@ def test_submit_then_revise_keeps_every_revision_and_resettles(migrated_url: str
     boxes = [{"turn_index": 2, "box": [0.2, 0.2, 0.6, 0.7]}]
     later = T0 + timedelta(minutes=5)
     second = revise_review(url, ann, first.review_id, Answer(False, 4, 4, box_corrections=boxes), time_spent_s=10,
-                           now=later)  # fmt: skip
+                           now=later)
     third = revise_review(url, ann, first.review_id, Answer(False, 2, 3), time_spent_s=5, now=later)
     assert (second.revision, third.revision) == (2, 3)
     assert second.review_id == third.review_id == first.review_id and third.created_at == T0
@@ -135,7 +135,7 @@ def test_submit_then_revise_keeps_every_revision_and_resettles(migrated_url: str
             select(ReviewRevision.revision, ReviewRevision.consistent, ReviewRevision.quality,
                    ReviewRevision.box_corrections, ReviewRevision.time_spent_s)
             .order_by(ReviewRevision.revision)
-        ).all()  # fmt: skip
+        ).all()
         review = session.get(Review, first.review_id)
         decisions = session.scalars(select(Decision.outcome).order_by(Decision.id)).all()
         status = session.get(Sample, sample).status
@@ -304,7 +304,7 @@ def test_sample_view_shows_the_window_in_two_queries(migrated_url: str) -> None:
         later_window = make_sample(session, instance, first_turn=2, last_turn=4, boxes=False)
         first_window = make_sample(session, instance, first_turn=1, last_turn=2)
         add_conflict_judgement(session, later_window, "conflict", "turns 2 and 4 both edit the car",
-                               created_at=T0)  # fmt: skip
+                               created_at=T0)
         add_conflict_judgement(session, later_window, "no_conflict", "different cars", created_at=T0 + timedelta(1))
         later_window.flagged, later_window.flag_reason = True, "no box was found for turn(s) 3"
         ids = (later_window.id, first_window.id)
@@ -328,7 +328,7 @@ def test_sample_view_shows_the_window_in_two_queries(migrated_url: str) -> None:
     assert len(statements) <= 2
     assert (view.dataset, view.external_id, view.first_turn, view.last_turn) == ("demo", "car-7", 2, 4)
     assert view.steps == [("source", turns[1]), ("after turn 2", turns[2]), ("after turn 3", turns[3]),
-                          ("target", turns[4])]  # fmt: skip
+                          ("target", turns[4])]
     assert view.instruction == "edit number 2, then edit number 3, then edit number 4"
     assert [(s.turn_index, s.operation, s.box, s.box_source) for s in view.sub_instructions] == [
         (2, "remove", None, None),

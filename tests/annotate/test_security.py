@@ -37,7 +37,7 @@ def _site(folder: Path, **extra) -> Settings:
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
         for name, role in (("rater1", Role.rater), ("rater2", Role.rater), ("lead", Role.lead),
-                           ("guest1", Role.participant)):  # fmt: skip
+                           ("guest1", Role.participant)):
             make_user(session, name, role, password=PASSWORD)
         configure(session, gold_rate=0.0, calibration_share=0.0)
         make_sample(session)
@@ -108,13 +108,13 @@ def test_idle_and_absolute_lifetimes_end_a_session(client: TestClient) -> None:
     assert client.get("/api/whoami").status_code == 200
     with session_scope(url) as session:  # 5 hours without a request: past the 4 h idle timeout
         session.execute(update(WebSession).where(WebSession.id_hash == hash_id(token))
-                        .values(last_seen_at=utcnow() - timedelta(hours=5)))  # fmt: skip
+                        .values(last_seen_at=utcnow() - timedelta(hours=5)))
     assert client.get("/api/whoami").status_code == 401
     log_in(client, "rater1")
     token = client.cookies.get("mcie_session")
     with session_scope(url) as session:  # active all along, but logged in longer than the absolute lifetime
         session.execute(update(WebSession).where(WebSession.id_hash == hash_id(token))
-                        .values(expires_at=utcnow() - timedelta(seconds=1)))  # fmt: skip
+                        .values(expires_at=utcnow() - timedelta(seconds=1)))
     assert client.get("/api/whoami").status_code == 401
 
 
@@ -132,7 +132,7 @@ def test_last_seen_is_not_written_on_every_request(client: TestClient) -> None:
     assert abs((seen.replace(tzinfo=None) - old.replace(tzinfo=None)).total_seconds()) < 1
     with session_scope(url) as session:  # past the interval: the next request writes it
         session.execute(update(WebSession).where(WebSession.id_hash == hash_id(token))
-                        .values(last_seen_at=utcnow() - timedelta(seconds=90)))  # fmt: skip
+                        .values(last_seen_at=utcnow() - timedelta(seconds=90)))
     client.get("/api/whoami")
     with session_scope(url) as session:
         seen = session.get(WebSession, hash_id(token)).last_seen_at
@@ -202,7 +202,7 @@ def test_a_big_body_without_a_length_is_cut_off(client: TestClient) -> None:
 def test_gradio_queue_bodies_are_limited_and_uploads_are_off(client: TestClient) -> None:
     log_in(client, "rater1")
     huge = client.post("/review/gradio_api/queue/join", content=b"{" + b" " * (20 * MB) + b"}",
-                       headers={"content-type": "application/json"})  # fmt: skip
+                       headers={"content-type": "application/json"})
     assert huge.status_code == 413
     upload = client.post("/review/gradio_api/upload", files={"files": ("a.txt", b"x" * 1000)})
     assert upload.status_code == 403 and "uploads are off" in upload.text
@@ -247,12 +247,12 @@ def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(tmp_path: P
     untrusted = create_app(_site(tmp_path / "a"), mount_ui=False)
     with TestClient(untrusted, follow_redirects=False, client=("127.0.0.1", 1)) as c:
         codes = [log_in(c, "rater1", "wrong-wrong", headers={"x-forwarded-for": f"10.9.9.{k}"}).status_code
-                 for k in range(6)]  # fmt: skip
+                 for k in range(6)]
         assert codes[-1] == 429  # rotating "IPs" in the header does not help: the peer is what counts
     trusted = create_app(_site(tmp_path / "b", trusted_proxies="127.0.0.1/32"), mount_ui=False)
     with TestClient(trusted, follow_redirects=False, client=("127.0.0.1", 1)) as c:
         codes = [log_in(c, "rater1", "wrong-wrong", headers={"x-forwarded-for": "10.0.0.5"}).status_code
-                 for _ in range(6)]  # fmt: skip
+                 for _ in range(6)]
         assert codes[-1] == 429
         ok = log_in(c, "rater1", headers={"x-forwarded-for": "10.0.0.6"})  # another client behind the proxy
         assert ok.status_code == 303
@@ -267,7 +267,7 @@ def test_an_expired_block_is_audited_as_an_unblock(tmp_path: Path) -> None:
     settings = _site(tmp_path)
     clock = [1000.0]
     throttle = LoginThrottle(settings.database_url, ThrottlePolicy(free_failures=1, delay_base_s=5),
-                             clock=lambda: clock[0])  # fmt: skip
+                             clock=lambda: clock[0])
     assert throttle.record_failure("10.1.1.1", "lead") == 5
     assert throttle.retry_after("10.1.1.1", "lead") == pytest.approx(5)
     assert throttle.retry_after("10.1.1.2", "lead") is None
@@ -289,7 +289,7 @@ def test_no_foreign_origin_is_reflected(client: TestClient) -> None:
         assert "access-control-allow-origin" not in response.headers, path
     preflight = client.options("/review/gradio_api/queue/join",
                                headers={"origin": "https://evil.example", "access-control-request-method": "POST"})
-    assert preflight.headers.get("access-control-allow-origin") is None  # fmt: skip
+    assert preflight.headers.get("access-control-allow-origin") is None
 
 
 def test_an_allow_listed_origin_is_allowed(tmp_path: Path) -> None:

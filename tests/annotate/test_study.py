@@ -271,7 +271,7 @@ def test_assignments_follow_the_design_and_stay_balanced(migrated_url: str, stor
     """8 participants x 6 of 12 items with 3 methods: the stored sequences are the design's, per-item counts differ
     by at most 1 and per-(method, position) counts by at most 1."""
     study = create_study_from_folder(migrated_url, store, make_folder(tmp_path / "s", n_items=12), "balance",
-                                     items_per_participant=6, seed=9)  # fmt: skip
+                                     items_per_participant=6, seed=9)
     users = [enrol(migrated_url, study.study_id, f"user-{k}")[0] for k in range(8)]
     for user in users:
         assert assign_participant(migrated_url, study.study_id, user.id) == 6
@@ -281,7 +281,7 @@ def test_assignments_follow_the_design_and_stay_balanced(migrated_url: str, stor
                    StudyAssignment.shown_order)
             .join(StudyItem, StudyItem.id == StudyAssignment.item_id)
             .order_by(StudyAssignment.participant_id, StudyAssignment.position)
-        ).all()  # fmt: skip
+        ).all()
     expected = design(12, 3, 8, 6, seed=9)
     by_user = {u.id: k for k, u in enumerate(users)}
     for participant, position, external_id, order in rows:

@@ -60,7 +60,7 @@ def finish(url: str, study_id: int, user_id: int, label: str) -> int:
 def test_create_invite_status_results_and_export(url: str, tmp_path: Path) -> None:
     folder = make_study_folder(tmp_path / "pilot", 4)
     created = json.loads(mcie("study", "create", folder, "--name", "pilot", "--items-per-participant", "2",
-                              "--seed", "1", "--json").stdout)  # fmt: skip
+                              "--seed", "1", "--json").stdout)
     assert (created["name"], created["n_items"], tuple(created["methods"])) == ("pilot", 4, METHODS)
     study_id = created["study_id"]
 
@@ -129,7 +129,7 @@ def test_unknown_study_and_bad_options_are_refused(url: str, tmp_path: Path) -> 
     assert "no study named or numbered 'nope'" in mcie("study", "status", "nope", code=1).stderr
     mcie("study", "create", make_study_folder(tmp_path / "s", 3), "--name", "s1", "--items-per-participant", "2")
     assert "either --count or --username" in mcie("study", "invite", "s1", "--count", "2", "--username", "x",
-                                                  code=1).stderr  # fmt: skip
+                                                  code=1).stderr
     assert "no participant 'ghost'" in mcie("study", "revoke", "s1", "ghost", code=1).stderr
     assert "invalid username" in mcie("study", "invite", "s1", "--username", "Bad Name!", code=1).stderr
 
@@ -139,11 +139,11 @@ def test_unknown_study_and_bad_options_are_refused(url: str, tmp_path: Path) -> 
 
 
 def _preview(session: Any, sample_id: int, version: str, status: JobStatus, *, seed: int = 0,
-             image: str | None = None, error: str | None = None, age_s: float = 0.0) -> None:  # fmt: skip
+             image: str | None = None, error: str | None = None, age_s: float = 0.0) -> None:
     finished = utcnow() - timedelta(seconds=age_s) if status in (JobStatus.done, JobStatus.failed) else None
     session.add(Preview(sample_id=sample_id, model_version=version, seed=seed, params={},
                         params_hash=f"{seed:064d}"[-64:], status=status, image=image, error=error,
-                        finished_at=finished))  # fmt: skip
+                        finished_at=finished))
     session.flush()
 
 
@@ -157,9 +157,9 @@ def _samples_with_previews(url: str) -> tuple[list[int], dict[str, Any]]:
         expected: dict[str, Any] = {"source": {}, "target": {}, "v1": {}, "v2": {}}
         for sample in (a, b, c):
             turns = {t.index: t.result_image for t in session.scalars(select(Turn).where(
-                Turn.instance_id == sample.instance_id))}  # fmt: skip
+                Turn.instance_id == sample.instance_id))}
             expected["source"][sample.id] = (sample.instance.source_image if sample.first_turn == 1
-                                             else turns[sample.first_turn - 1])  # fmt: skip
+                                             else turns[sample.first_turn - 1])
             expected["target"][sample.id] = turns[sample.last_turn]
             for version in ("v1", "v2"):
                 image = make_image(session, f"preview-{sample.id}-{version}")
@@ -174,12 +174,12 @@ def test_create_study_from_previews(migrated_url: str) -> None:
     ids, expected = _samples_with_previews(migrated_url)
     report = st.create_study_from_previews(migrated_url, "from-previews", ids, {"mcie-e1": "v1", "base": "v2"},
                                            reference=True, attention_checks={ids[2]: "reference"},
-                                           items_per_participant=2, seed=3)  # fmt: skip
+                                           items_per_participant=2, seed=3)
     assert (report.n_items, report.n_attention_items, report.methods) == (3, 1, ("base", "mcie-e1", "reference"))
     assert any(f"sample {ids[0]}: 2 finished previews of 'mcie-e1'" in w for w in report.warnings)
     with session_scope(migrated_url) as session:
         items = session.scalars(select(StudyItem).where(StudyItem.study_id == report.study_id)
-                                .order_by(StudyItem.id)).all()  # fmt: skip
+                                .order_by(StudyItem.id)).all()
         outputs = {(o.item_id, o.method): o.image for o in session.scalars(select(StudyOutput))}
         instructions = {i.sample_id: i.instruction for i in items}
     assert [i.sample_id for i in items] == ids and [i.external_id for i in items] == [f"sample-{i}" for i in ids]
@@ -191,10 +191,10 @@ def test_create_study_from_previews(migrated_url: str) -> None:
         assert outputs[(item.id, "reference")] == expected["target"][item.sample_id]
     assert [(i.is_attention_check, i.attention_answer) for i in items][2] == (True, "reference")
     seeded = st.create_study_from_previews(migrated_url, "seed-7", [ids[0]], {"mcie-e1": "v1"}, reference=True,
-                                           preview_seed=7, items_per_participant=1)  # fmt: skip
+                                           preview_seed=7, items_per_participant=1)
     with session_scope(migrated_url) as session:
         image = session.scalar(select(StudyOutput.image).join(StudyItem, StudyItem.id == StudyOutput.item_id).where(
-            StudyItem.study_id == seeded.study_id, StudyOutput.method == "mcie-e1"))  # fmt: skip
+            StudyItem.study_id == seeded.study_id, StudyOutput.method == "mcie-e1"))
     assert image == make_image_sha("old") and not seeded.warnings
 
 
@@ -213,12 +213,12 @@ def test_previews_gaps_are_all_reported_and_nothing_is_written(migrated_url: str
         before = session.scalar(select(func.count()).select_from(Study))
     with pytest.raises(st.StudyPreviewsError) as caught:
         st.create_study_from_previews(migrated_url, "gaps", [*ids, lonely, 999_999, ids[0]], ["v1", "v3"],
-                                      attention_checks={ids[0]: "nobody"})  # fmt: skip
+                                      attention_checks={ids[0]: "nobody"})
     text = "\n".join(caught.value.problems)
     assert f"sample {lonely}: no finished preview for method 'v1' (model version 'v1'): found 1 failed, 1 queued; " \
-           "last errors: CUDA out of memory" in text  # fmt: skip
+           "last errors: CUDA out of memory" in text
     assert all(f"sample {i}: no finished preview for method 'v3' (model version 'v3'): none was requested" in text
-               for i in [*ids, lonely])  # fmt: skip
+               for i in [*ids, lonely])
     assert "sample 999999: no such sample" in text and f"sample id(s) given more than once: {ids[0]}" in text
     assert "'nobody' is not one of the methods" in text
     with session_scope(migrated_url) as session:
@@ -234,8 +234,8 @@ def test_from_previews_command(url: str, tmp_path: Path) -> None:
     (tmp_path / "ids.txt").write_text("\n".join(map(str, ids[1:])) + "\n")
     out = json.loads(mcie("study", "from-previews", "--name", "cmp", "--samples", str(ids[0]), "--samples-file",
                           tmp_path / "ids.txt", "--method", "mcie-e1=v1", "--method", "v2", "--reference",
-                          "--items-per-participant", "3", "--json").stdout)  # fmt: skip
+                          "--items-per-participant", "3", "--json").stdout)
     assert out["n_items"] == 3 and out["methods"] == ["mcie-e1", "reference", "v2"] and out["folder"] == "previews"
     result = mcie("study", "from-previews", "--name", "cmp2", "--samples", ",".join(map(str, ids)), "--method", "v1",
-                  "--method", "v9", code=1)  # fmt: skip
+                  "--method", "v9", code=1)
     assert "no finished preview for method 'v9'" in result.stderr

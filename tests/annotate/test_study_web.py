@@ -79,9 +79,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)
     main = st.create_study_from_folder(settings.database_url, store, make_study_folder(root / "a", 4, evil=True),
-                                       "web-study", items_per_participant=2, seed=1)  # fmt: skip
+                                       "web-study", items_per_participant=2, seed=1)
     other = st.create_study_from_folder(settings.database_url, store, make_study_folder(root / "b", 3, tag=50),
-                                        "other-study", items_per_participant=3)  # fmt: skip
+                                        "other-study", items_per_participant=3)
     with session_scope(settings.database_url) as session:
         make_user(session, "lead1", Role.lead, password=PASSWORD)
         make_user(session, "rater1", Role.rater, password=PASSWORD)
@@ -248,7 +248,7 @@ def test_participants_see_only_the_images_of_their_own_items(world: World, clien
     client.get(f"/api/study/{world.study_id}/current")
     with session_scope(world.url) as session:
         mine = list(session.scalars(select(StudyAssignment.item_id).where(
-            StudyAssignment.participant_id == user_id(world, "ann"))))  # fmt: skip
+            StudyAssignment.participant_id == user_id(world, "ann"))))
     own = item_images(world, world.study_id, mine)
     assert len(mine) == 2 and len(own) == 2 * 4
     for sha in own:
@@ -306,7 +306,7 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     assert vote(client, sid, csrf, first["item_id"], "instruction", "C").status_code == 200  # changed its mind
     with session_scope(world.url) as session:
         stored = session.scalar(select(Vote).where(Vote.item_id == first["item_id"], Vote.criterion == "instruction",
-                                                   Vote.participant_id == user_id(world, "bob")))  # fmt: skip
+                                                   Vote.participant_id == user_id(world, "bob")))
         assert stored is not None and (stored.shown_position, stored.latency_ms) == (3, 1234.5)
     needs = client.post(f"/api/study/{sid}/advance", json={"item_id": first["item_id"]}, headers={"x-csrf-token": csrf})
     assert needs.status_code == 409 and "background" in needs.json()["detail"]
@@ -324,7 +324,7 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     resumed = client.get(f"/api/study/{sid}/current").json()
     assert resumed["item_id"] == first["item_id"] and resumed["choices"] == {"instruction": "C", "background": None}
     step = client.post(f"/api/study/{sid}/advance", json={"item_id": first["item_id"], "render": True},
-                       headers={"x-csrf-token": csrf})  # fmt: skip
+                       headers={"x-csrf-token": csrf})
     assert step.status_code == 200
     body = step.json()
     assert (body["completed"], body["total"], body["finished"]) == (1, 2, False)
@@ -335,10 +335,10 @@ def test_votes_are_stored_at_once_and_the_flow_resumes(world: World, client: Tes
     for criterion in ("instruction", "background"):
         assert vote(client, sid, csrf, second, criterion, "B").status_code == 200
     done = client.post(f"/api/study/{sid}/advance", json={"item_id": second, "render": True},
-                       headers={"x-csrf-token": csrf}).json()  # fmt: skip
+                       headers={"x-csrf-token": csrf}).json()
     assert done["finished"] is True and done["next"]["finished"] is True and "Thank you" in done["next"]["html"]
     assert client.get(f"/api/study/{sid}/current").json() == {"finished": True, "study_id": sid, "completed": 2,
-                                                              "total": 2, "csrf": csrf}  # fmt: skip
+                                                              "total": 2, "csrf": csrf}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def test_a_vote_racing_an_advance_never_changes_a_completed_screen(migrated_url:
 
     store = ImageStore(str(tmp_path / "blobs"), max_pixels=10_000, max_bytes=100_000)
     created = st.create_study_from_folder(migrated_url, store, make_study_folder(tmp_path / "s", 3), "race",
-                                          items_per_participant=2)  # fmt: skip
+                                          items_per_participant=2)
     user, _ = st.enrol(migrated_url, created.study_id, "racer")
     screen = st.current_item(migrated_url, created.study_id, user.id)
     assert screen is not None
@@ -484,5 +484,5 @@ def test_a_vote_racing_an_advance_never_changes_a_completed_screen(migrated_url:
     assert "completed" in outcome["result"]
     with session_scope(migrated_url) as session:
         kept = session.scalar(select(Vote.shown_position).where(Vote.participant_id == user.id,
-                                                                Vote.criterion == "instruction"))  # fmt: skip
+                                                                Vote.criterion == "instruction"))
     assert kept == 1

@@ -16,7 +16,7 @@ def _insert(url: str, stage: str, verdict: str, rationale: str | None, parsed: s
             sa.text("INSERT INTO mllm_judgements (stage, model, prompt_version, cache_key, verdict, rationale, parsed, "
                     "created_at) VALUES (:stage, 'm', 'v1', :key, :verdict, :rationale, :parsed, CURRENT_TIMESTAMP)"),
             {"stage": stage, "key": KEY, "verdict": verdict, "rationale": rationale, "parsed": parsed},
-        )  # fmt: skip
+        )
 
 
 def _rows(url: str, columns: str) -> list[tuple]:

@@ -27,7 +27,7 @@ EXPECTED_TABLES = {
     "studies", "study_items", "study_outputs", "study_participants", "study_assignments", "votes", "exports",
     "export_items", "previews", "audit_log", "web_sessions", "login_throttle", "jobs",
     "reliability_fits",
-}  # fmt: skip
+}
 
 
 def _tables(url: str) -> set[str]:
@@ -97,11 +97,11 @@ def test_constraints_live_in_the_database(migrated_url: str) -> None:
 
     def box_outside(s):
         s.add(SubInstruction(sample_id=ids["sample"], turn_index=1, text="x", operation="add",
-                             box_x0=0.5, box_y0=0.1, box_x1=1.2, box_y1=0.4))  # fmt: skip
+                             box_x0=0.5, box_y0=0.1, box_x1=1.2, box_y1=0.4))
 
     def box_reversed(s):
         s.add(SubInstruction(sample_id=ids["sample"], turn_index=1, text="x", operation="add",
-                             box_x0=0.6, box_y0=0.1, box_x1=0.5, box_y1=0.4))  # fmt: skip
+                             box_x0=0.6, box_y0=0.1, box_x1=0.5, box_y1=0.4))
 
     def quality_six(s):
         s.add(Review(sample_id=ids["sample"], user_id=ids["user"], consistent=True, quality=6, complexity=3))
@@ -123,13 +123,13 @@ def test_constraints_live_in_the_database(migrated_url: str) -> None:
 
     for build in (same_key_twice, turn_gap_index_zero, empty_instruction, unknown_image, window_of_one,
                   duplicate_window, box_outside, box_reversed, quality_six, complexity_zero, bad_status, bad_role,
-                  duplicate_username, orphan_review):  # fmt: skip
+                  duplicate_username, orphan_review):
         _expect_refused(migrated_url, build)
 
     with session_scope(migrated_url) as session:  # a valid review and box are accepted
         session.add(Review(sample_id=ids["sample"], user_id=ids["user"], consistent=False, quality=5, complexity=1))
         session.add(SubInstruction(sample_id=ids["sample"], turn_index=1, text="x", operation="remove",
-                                   box_x0=0.0, box_y0=0.0, box_x1=1.0, box_y1=1.0))  # fmt: skip
+                                   box_x0=0.0, box_y0=0.0, box_x1=1.0, box_y1=1.0))
 
     with session_scope(migrated_url) as session:  # deleting an instance takes its turns and samples with it
         session.delete(session.get(Instance, ids["instance"]))

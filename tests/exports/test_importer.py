@@ -48,7 +48,7 @@ def magicbrush_parquet(folder: Path) -> Path:
         "img_id": datasets.Value("string"), "turn_index": datasets.Value("int32"),
         "source_img": datasets.Image(), "mask_img": datasets.Image(), "instruction": datasets.Value("string"),
         "target_img": datasets.Image(),
-    })  # fmt: skip
+    })
     rows = {
         "img_id": ["242679", "242679", "50993", "77"],
         "turn_index": [1, 2, 1, 1],
@@ -59,7 +59,7 @@ def magicbrush_parquet(folder: Path) -> Path:
         "instruction": ["Put a cat on the seat", "make the sky purple", "remove the dog", "add a hat"],
         "target_img": [_image(_png((11, 11, 11))), _image(_png((21, 21, 21))), _image(_png((31, 31, 31))),
                        _image(b"not an image")],
-    }  # fmt: skip
+    }
     data = folder / "data"
     data.mkdir(parents=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data / "train-00000-of-00001.parquet"))
@@ -77,7 +77,7 @@ def omniedit_parquet(folder: Path) -> Path:
         "sc_score_2": datasets.Value("int64"), "sc_reasoning": datasets.Value("string"),
         "pq_score": datasets.Value("int64"), "pq_reasoning": datasets.Value("string"),
         "o_score": datasets.Value("float64"),
-    })  # fmt: skip
+    })
     n = 3
     rows = {
         "omni_edit_id": ["oe-1", "oe-2", "oe-3"], "task": ["removal", "addition", "style"],
@@ -86,7 +86,7 @@ def omniedit_parquet(folder: Path) -> Path:
         "edited_prompt_list": [["Erase the lamp", "Remove the lamp"], ["Add a boat"], ["", "Turn it into a sketch"]],
         "width": [40] * n, "height": [32] * n, "sc_score_1": [9] * n, "sc_score_2": [8] * n,
         "sc_reasoning": ["ok"] * n, "pq_score": [9] * n, "pq_reasoning": ["ok"] * n, "o_score": [8.5] * n,
-    }  # fmt: skip
+    }
     data = folder / "data"
     data.mkdir(parents=True)
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data / "train-00000-of-00001.parquet"))
@@ -106,7 +106,7 @@ def test_mask_box_and_operation_are_pure() -> None:
     rgba.paste((0, 0, 0, 255), (2, 3, 5, 7))
     assert mask_box(rgba) == (0.2, 0.3, 0.5, 0.7)  # the alpha channel marks the region when it varies
     assert [operation_of(t) for t in ("Put a cat on it", "removal", "Erase the lamp", "make it blue", "addition")] \
-        == ["add", "remove", "remove", "change", "add"]  # fmt: skip
+        == ["add", "remove", "remove", "change", "add"]
 
 
 def test_magicbrush_preset_boxes_from_masks_bad_row_named(tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ def test_omniedit_preset_to_parquet(tmp_path: Path) -> None:
     assert by_id["oe-1"]["instruction"] == "Erase the lamp"
     assert by_id["oe-3"]["instruction"] == "Turn it into a sketch"  # the first non-empty phrasing
     assert [by_id[k]["sub_instructions"][0]["operation"] for k in ("oe-1", "oe-2", "oe-3")] == \
-        ["remove", "add", "change"]  # fmt: skip
+        ["remove", "add", "change"]
     assert by_id["oe-2"]["sub_instructions"][0]["box"] is None
     assert isinstance(by_id["oe-1"]["source_image"], Image.Image)
 
@@ -170,7 +170,7 @@ def test_columns_on_jsonl_with_image_paths_and_boxes(tmp_path: Path) -> None:
         (src / "img" / f"{i}_b.png").write_bytes(_png((i, 9, i), (100, 50)))
         boxes = [[10, 5, 60, 25], [0.5, 0.5, 1.0, 1.0]] if i != 2 else [[0.5, 0.5, 0.2, 0.9]]
         lines.append({"key": f"k{i}", "before": f"img/{i}_a.png", "after": f"img/{i}_b.png", "text": f"change {i}",
-                      "regions": boxes})  # fmt: skip
+                      "regions": boxes})
     lines[3]["before"] = "img/missing.png"
     (src / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     columns = parse_columns("source=before,target=after,instruction=text,boxes=regions,id=key")
@@ -206,7 +206,7 @@ def test_cli_data_import(tmp_path: Path) -> None:
 
     source = magicbrush_parquet(tmp_path / "mb")
     result = CliRunner().invoke(app, ["data", "import", str(source), str(tmp_path / "out"), "--preset",
-                                      "magicbrush", "--json", "--limit", "3"])  # fmt: skip
+                                      "magicbrush", "--json", "--limit", "3"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["written"] == 3
     result = CliRunner().invoke(app, ["data", "import", str(source), str(tmp_path / "out2"), "--preset", "magicbrush"])
@@ -234,7 +234,7 @@ def test_image_folder_and_arrow_sources(tmp_path: Path) -> None:
 
     features = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "t": datasets.Value("string")})
     datasets.Dataset.from_dict({"a": [_image(_png((1, 2, 3)))], "b": [_image(_png((3, 2, 1)))], "t": ["swap"]},
-                               features=features).save_to_disk(str(tmp_path / "arrow"))  # fmt: skip
+                               features=features).save_to_disk(str(tmp_path / "arrow"))
     columns = parse_columns("source=a,target=b,instruction=t")
     report = import_dataset(str(tmp_path / "arrow"), tmp_path / "out2", columns=columns)
     assert report.written == 1 and verify_export(tmp_path / "out2") == []

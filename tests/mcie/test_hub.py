@@ -72,7 +72,7 @@ def test_open_clip_checkpoint_by_file_folder_hub_id_and_pretrained_tag(hf_home: 
     # open_clip's registry maps the tag "openai" of ViT-B-32 to that repository
     assert resolve_open_clip("ViT-B-32", "openai") == snapshot / "open_clip_pytorch_model.bin"
     assert resolve_open_clip("ViT-B-32", "hf-hub:timm/vit_base_patch32_clip_224.openai") == \
-        snapshot / "open_clip_pytorch_model.bin"  # fmt: skip
+        snapshot / "open_clip_pytorch_model.bin"
     (folder / "open_clip_model.safetensors").write_bytes(b"st")
     newer = add_to_cache(hf_home, "acme/clip", folder)
     assert resolve_open_clip("ViT-B-32", "acme/clip") == newer / "open_clip_model.safetensors"  # safetensors first
@@ -117,7 +117,7 @@ def test_models_pull_and_list_offline(hf_home: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     listed = json.loads(result.stdout)
     assert [row["repo_id"] for row in listed["cached"]] == ["facebook/dinov2-base",
-                                                            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]  # fmt: skip
+                                                            "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"]
     assert {row["name"]: row["cached"] for row in listed["presets"]}["dinov2-base"] is True
     assert {row["name"] for row in listed["presets"] if row["paper"]} >= {"instruct-pix2pix", "clip-vit-h-14"}
     result = runner.invoke(app, ["models", "list"])

@@ -80,58 +80,58 @@ def test_sub_option_parsing() -> None:
     for bad, message in (("|add|0,0,1,1", "expected"), ("a|paint", "'paint' is not one of"),
                          ("a|add|0,0,1", "expected 4 numbers"), ("a|add|0.5,0,0.2,1", "x0 < x1"),
                          ("a|add|0,0,2,1", "normalised"), ("a|add|x,0,1,1", "four numbers"),
-                         ("a|add|0,0,1,1|more", "expected")):  # fmt: skip
+                         ("a|add|0,0,1,1|more", "expected")):
         with pytest.raises(EvalError, match=message):
             parse_sub(bad)
 
 
 def test_edit_with_given_sub_instructions_matches_the_pipeline(files: TinyFiles, weights: Path, source: Path,
-                                                               tmp_path: Path, monkeypatch) -> None:  # fmt: skip
+                                                               tmp_path: Path, monkeypatch) -> None:
     configure(monkeypatch, editing_base_model_path=files.base, editing_weights_path=weights)
     out = tmp_path / "edited.png"
     result = invoke("--image", str(source), "--instruction", "add a cat and make the sky blue",
                     "--sub", "add a cat|add|0.1,0.5,0.5,0.9", "--sub", "make the sky blue|change",
                     "--steps", STEPS, "--seed", "3", "--resolution", str(TINY_IMAGE), "--out", str(out),
-                    "--json")  # fmt: skip
+                    "--json")
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["model"] == "mcie-e1" and summary["steps"] == 2 and summary["seed"] == 3
     assert summary["edits"][0]["sub_instructions"] == [{"text": "add a cat", "box": [0.1, 0.5, 0.5, 0.9]},
-                                                       {"text": "make the sky blue", "box": None}]  # fmt: skip
+                                                       {"text": "make the sky blue", "box": None}]
     pipe = MCIEPipeline.from_pretrained(files.base, weights=weights)
     from PIL import Image
 
     expected = pipe(Image.open(source).convert("RGB"), "add a cat and make the sky blue",
                     sub_instructions=[("add a cat", (0.1, 0.5, 0.5, 0.9)), ("make the sky blue", None)],
-                    num_inference_steps=2, seed=3).images[0]  # fmt: skip
+                    num_inference_steps=2, seed=3).images[0]
     assert np.array_equal(pixels(out), np.asarray(expected))
     other = invoke("--image", str(source), "--instruction", "add a cat and make the sky blue", "--no-decompose",
                    "--steps", STEPS, "--seed", "3", "--out", str(tmp_path / "plain.png"),
-                   "--resolution", "32")  # fmt: skip
+                   "--resolution", "32")
     assert other.exit_code == 0, other.stderr
     assert "sub-instructions: none" in other.stdout
     assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(out))
 
 
 def test_edit_decomposes_through_the_configured_mllm(files: TinyFiles, weights: Path, source: Path, tmp_path: Path,
-                                                     monkeypatch) -> None:  # fmt: skip
+                                                     monkeypatch) -> None:
     frames: list[tuple[int, int]] = []
 
     def answer(request: RecordedRequest) -> str:
         width, height = (int(v) for v in re.search(r"The image is (\d+)x(\d+) pixels", "".join(request.texts()))
-                         .groups())  # fmt: skip
+                         .groups())
         frames.append((width, height))
         return json.dumps({"edits": [
             {"instruction": "add a red apple", "operation": "add", "bbox_2d": [0, height // 2, width // 2, height]},
             {"instruction": "remove the cup", "operation": "remove", "bbox_2d": [width // 2, 0, width, height // 2]},
-        ]})  # fmt: skip
+        ]})
 
     with chat_server(answer) as server:
         configure(monkeypatch, editing_base_model_path=files.base, editing_weights_path=weights,
-                  mllm_backend="openai", mllm_base_url=server.base_url, mllm_max_retries=0)  # fmt: skip
+                  mllm_backend="openai", mllm_base_url=server.base_url, mllm_max_retries=0)
         out = tmp_path / "edited.png"
         result = invoke("--image", str(source), "--instruction", "add a red apple and remove the cup",
-                        "--steps", STEPS, "--resolution", "32", "--out", str(out), "--json")  # fmt: skip
+                        "--steps", STEPS, "--resolution", "32", "--out", str(out), "--json")
         assert result.exit_code == 0, result.stderr
         assert len(server.requests) == 1 and len(server.requests[0].images()) == 1
         assert 'Instruction: "add a red apple and remove the cup"' in "".join(server.requests[0].texts())
@@ -145,12 +145,12 @@ def test_edit_decomposes_through_the_configured_mllm(files: TinyFiles, weights: 
     with chat_server("I cannot help with that.") as server:
         configure(monkeypatch, mllm_base_url=server.base_url)
         failed = invoke("--image", str(source), "--instruction", "add a red apple", "--steps", STEPS,
-                        "--out", str(tmp_path / "x.png"))  # fmt: skip
+                        "--out", str(tmp_path / "x.png"))
     assert failed.exit_code == 1 and "DecompositionError" in failed.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_errors_come_before_loading_anything(files: TinyFiles, weights: Path, source: Path, tmp_path: Path,
-                                             monkeypatch) -> None:  # fmt: skip
+                                             monkeypatch) -> None:
     out = str(tmp_path / "o.png")
     result = invoke("--image", str(source), "--instruction", "add a cat", "--out", out)
     assert result.exit_code == 2 and "MCIE_EDITING_BASE_MODEL_PATH" in result.stderr
@@ -172,17 +172,17 @@ def test_errors_come_before_loading_anything(files: TinyFiles, weights: Path, so
 
 
 def test_without_weights_it_is_plain_instruct_pix2pix(files: TinyFiles, source: Path, tmp_path: Path,
-                                                      monkeypatch) -> None:  # fmt: skip
+                                                      monkeypatch) -> None:
     configure(monkeypatch, editing_base_model_path=files.base)
     out = tmp_path / "ip2p.png"
     result = invoke("--image", str(source), "--instruction", "make it red", "--steps", STEPS, "--seed", "1",
-                    "--resolution", "32", "--out", str(out))  # fmt: skip
+                    "--resolution", "32", "--out", str(out))
     assert result.exit_code == 0, result.stderr
     assert "plain InstructPix2Pix" in result.stderr and "(instructpix2pix;" in result.stdout
     from PIL import Image
 
     expected = MCIEPipeline.from_pretrained(files.base)(Image.open(source).convert("RGB"), "make it red",
-                                                       num_inference_steps=2, seed=1).images[0]  # fmt: skip
+                                                       num_inference_steps=2, seed=1).images[0]
     assert np.array_equal(pixels(out), np.asarray(expected))
 
 
@@ -196,7 +196,7 @@ def test_batch_mode_from_jsonl(files: TinyFiles, weights: Path, source: Path, tm
          "sub_instructions": [{"text": "add a dog", "operation": "add", "box": [0.2, 0.2, 0.7, 0.9]}]},
         {"id": "b-2", "source": {"path": "wide.png"}, "instruction": "make it night", "sub_instructions": [],
          "seed": 7},
-    ]  # fmt: skip
+    ]
     jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = tmp_path / "out"
     result = invoke("--batch", str(jobs), "--out-dir", str(out), "--steps", STEPS, "--resolution", "32", "--json")

@@ -75,7 +75,7 @@ def test_eq11_lambda_comes_from_the_config(files: TinyFiles) -> None:
 
 
 def test_eq12_training_regresses_the_added_noise(files: TinyFiles, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that predicts exactly the noise the scheduler added has loss 0; against x0 (or v) it would not."""
     from diffusers import DDPMScheduler
 
@@ -108,7 +108,7 @@ def test_eq12_training_regresses_the_added_noise(files: TinyFiles, tmp_path: Pat
 
 
 def test_unconditional_branch_gets_the_empty_image_bcca_tokens(files: TinyFiles,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from model.pipeline import MCIEPipeline
 
     model = load_tiny_model(files, tiny_config())
@@ -151,7 +151,7 @@ def test_eq10_plain_gate_is_the_default_and_the_faded_one_an_option() -> None:
     s = torch.tensor([NOISIEST])
     torch.testing.assert_close(background_gate(masks, valid, s), torch.tensor([[0.0, 0.75, 1.0]]))
     torch.testing.assert_close(background_gate(masks, valid, s, faded=True),
-                               torch.tensor([[1 - NOISIEST, 1 - 0.25 * NOISIEST, 1.0]]))  # fmt: skip
+                               torch.tensor([[1 - NOISIEST, 1 - 0.25 * NOISIEST, 1.0]]))
     assert MCIEConfig().background_schedule == "plain"
 
     attn, processor = _layer()
@@ -173,7 +173,7 @@ def test_eq10_and_eq8_options_reach_the_processors(files: TinyFiles) -> None:
     assert isinstance(inputs, MCIEAttentionInputs)
     assert inputs.background_faded and inputs.schedule_form == "literal"
     plain = load_tiny_model(files, tiny_config()).attention_inputs(torch.tensor([999]), (8, 8), 1,
-                                                                   background=torch.zeros(1, 4, 32))  # fmt: skip
+                                                                   background=torch.zeros(1, 4, 32))
     assert plain is not None and not plain.background_faded and plain.schedule_form == "strength"
 
 

@@ -48,7 +48,7 @@ def dino_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, patch_size=8, image_size=32))  # fmt: skip
+                                         intermediate_size=64, patch_size=8, image_size=32))
     folder = tmp_path_factory.mktemp("dino") / "dinov2-tiny"
     model.save_pretrained(folder)
     return folder
@@ -65,7 +65,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
         images[i].save(root / "bench" / "images" / f"{i}_src.png")
         images[3 + i].save(root / "bench" / "images" / f"{i}_tgt.png")
         subs = [{"text": f"add a hat number {i}", "operation": "add", "box": [0.1, 0.1, 0.4, 0.5]},
-                {"text": "remove the lamp", "operation": "remove", "box": None}]  # fmt: skip
+                {"text": "remove the lamp", "operation": "remove", "box": None}]
         lines.append({"id": str(i), "source": f"images/{i}_src.png", "target": f"images/{i}_tgt.png",
                       "instruction": f"add a hat number {i} and remove the lamp", "sub_instructions": subs})
     (root / "bench" / "bench.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -128,7 +128,7 @@ def test_cosine_similarity() -> None:
 
 
 def test_clip_and_dino_embeddings_from_saved_checkpoints(clip_checkpoint: Path, dino_folder: Path,
-                                                         tmp_path: Path) -> None:  # fmt: skip
+                                                         tmp_path: Path) -> None:
     a, b = tiny_images(2, seed=9)
     for encoder in (ClipImageEncoder(TINY_CLIP_NAME, clip_checkpoint, "cpu"), DinoImageEncoder(dino_folder, "cpu", 32)):
         embeddings = encoder.embed([a, a.copy(), b])
@@ -177,7 +177,7 @@ def test_bench_errors_name_the_line_and_key(bench: Path, tmp_path: Path) -> None
         ({**good, "sub_instructions": [{"text": "x", "operation": "paint"}]},
          r"sub_instructions\[0\]\.operation: 'paint' is not one of"),
         ({**good, "instruction": ""}, "instruction: expected a non-empty string"),
-    ]  # fmt: skip
+    ]
     folder = tmp_path / "b"
     folder.mkdir()
     (folder / "images").symlink_to(bench / "bench" / "images")
@@ -197,14 +197,14 @@ def test_bench_errors_name_the_line_and_key(bench: Path, tmp_path: Path) -> None
 
 
 def test_eval_command_end_to_end(bench: Path, clip_checkpoint: Path, dino_folder: Path, tmp_path: Path,
-                                 monkeypatch) -> None:  # fmt: skip
+                                 monkeypatch) -> None:
     with chat_server(JUDGE_ANSWER) as server:
         configure(monkeypatch, mllm_backend="openai", mllm_base_url=server.base_url, clip_model=TINY_CLIP_NAME,
-                  clip_checkpoint=clip_checkpoint)  # fmt: skip
+                  clip_checkpoint=clip_checkpoint)
         result = invoke("--bench", str(bench / "bench"), "--method", f"perfect={bench / 'perfect'}",
                         "--method", f"lazy={bench / 'lazy'}", "--dino-checkpoint", str(dino_folder),
                         "--resolution", "32", "--json", "--markdown", str(tmp_path / "table.md"),
-                        "--details", str(tmp_path / "details.jsonl"))  # fmt: skip
+                        "--details", str(tmp_path / "details.jsonl"))
         assert result.exit_code == 0, result.stderr
         assert len(server.requests) == 5  # one judgement per output
     report = json.loads(result.stdout)
@@ -215,12 +215,12 @@ def test_eval_command_end_to_end(bench: Path, clip_checkpoint: Path, dino_folder
     assert perfect["metrics"]["dino_i"] == pytest.approx(1.0, abs=1e-6)
     assert perfect["metrics"]["ic"] == pytest.approx(0.8) and perfect["metrics"]["bc"] == pytest.approx(0.8)
     assert lazy["counts"] == {"clip_i": 2, "dino_i": 2, "l1": 2, "l2": 2, "bg_l1": 0, "bg_l2": 0, "bg_dino_i": 0,
-                              "ic": 2, "bc": 2}  # fmt: skip
+                              "ic": 2, "bc": 2}
     assert report["reference"] == "target" and report["references"]["l1"] == "target image"
     assert lazy["metrics"]["l1"] > 0.1 and lazy["metrics"]["clip_i"] < 1 - 1e-4 and lazy["metrics"]["dino_i"] < 1
     items = load_bench(bench / "bench")
     expected_l1 = np.mean([l1_distance(to_unit_array(Image.open(item.source), 32),
-                                       to_unit_array(Image.open(item.target), 32)) for item in items[:2]])  # fmt: skip
+                                       to_unit_array(Image.open(item.target), 32)) for item in items[:2]])
     assert lazy["metrics"]["l1"] == pytest.approx(expected_l1)
     assert report["models"]["judge"] == "Qwen/Qwen2.5-VL-72B-Instruct"
     assert report["notes"] == ["BG-L1/BG-L2/BG-DINO-I not measured (no item has edit regions leaving some background)"]
@@ -251,7 +251,7 @@ def test_eval_runs_models_on_the_fly(bench: Path, tmp_path: Path, monkeypatch) -
     configure(monkeypatch, editing_base_model_path=files.base, editing_weights_path=weights)
     outputs = tmp_path / "outputs"
     args = ["--bench", str(bench / "bench"), "--model", "mcie-e1", "--model", "ip2p", "--outputs", str(outputs),
-            "--steps", "2", "--edit-resolution", "32", "--resolution", "32", "--no-judge", "--json"]  # fmt: skip
+            "--steps", "2", "--edit-resolution", "32", "--resolution", "32", "--no-judge", "--json"]
     result = invoke(*args)
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -260,7 +260,7 @@ def test_eval_runs_models_on_the_fly(bench: Path, tmp_path: Path, monkeypatch) -
         assert sorted(p.name for p in (outputs / name).iterdir()) == ["0.png", "1.png", "2.png"]
         assert report["methods"][name]["counts"]["l1"] == 3 and report["methods"][name]["metrics"]["ic"] is None
     assert not np.array_equal(np.asarray(Image.open(outputs / "mcie-e1" / "0.png")),
-                              np.asarray(Image.open(outputs / "ip2p" / "0.png")))  # fmt: skip
+                              np.asarray(Image.open(outputs / "ip2p" / "0.png")))
     assert "IC/BC not measured" in " ".join(report["notes"])
 
     result = invoke("--bench", str(bench / "bench"), "--model", "mcie-e1", "--method", f"mcie-e1={bench}")
@@ -307,7 +307,7 @@ def test_reference_free_bench_scores_against_the_source_and_its_background(
                     "--method", f"inside={edited('inside', (0, 0, size // 2, size))}",
                     "--method", f"outside={edited('outside', (size // 2, 0, size, size))}",
                     "--dino-checkpoint", str(dino_folder), "--resolution", str(size), "--no-judge",
-                    "--json")  # fmt: skip
+                    "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["reference"] == "source" and report["references"]["clip_i"] == "source image"
@@ -323,7 +323,7 @@ def test_reference_free_bench_scores_against_the_source_and_its_background(
     assert report["methods"]["outside"]["counts"]["bg_l1"] == 2
 
     result = invoke("--bench", str(root), "--method", f"copy={tmp_path / 'copy'}", "--resolution", str(size),
-                    "--no-judge")  # fmt: skip
+                    "--no-judge")
     assert result.exit_code == 0, result.stderr
     assert "reference-free, against the source images" in result.stdout and "L1 ↓ (source)" in result.stdout
 
@@ -333,7 +333,7 @@ def test_reference_free_bench_scores_against_the_source_and_its_background(
     assert result.exit_code == 2
     assert "item 's0': target: no ground-truth image" in result.stderr.replace("\n", " ")
     result = invoke("--bench", str(root), "--method", f"copy={tmp_path / 'copy'}", "--no-judge",
-                    "--reference", "source", "--json", "--resolution", str(size))  # fmt: skip
+                    "--reference", "source", "--json", "--resolution", str(size))
     assert result.exit_code == 0 and json.loads(result.stdout)["methods"]["copy"]["metrics"]["l1"] == 0
 
 
@@ -342,5 +342,5 @@ def test_background_mask() -> None:
 
     mask = background_mask([(0.0, 0.0, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)], 4)
     assert mask.tolist() == [[False, False, True, True], [False, False, True, True],
-                             [False, False, False, False], [False, False, False, False]]  # fmt: skip
+                             [False, False, False, False], [False, False, False, False]]
     assert not background_mask([None], 4).any() and background_mask([], 4).all()

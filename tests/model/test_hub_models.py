@@ -41,7 +41,7 @@ def test_editing_model_by_hub_ids_matches_local_paths(hf_home: Path, tmp_path: P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         by_id = MCIEModel.from_pretrained("acme/tiny-ip2p", weights="acme/tiny-mcie@v1",
-                                          vision_checkpoint="hf-hub:acme/tiny-clip").eval()  # fmt: skip
+                                          vision_checkpoint="hf-hub:acme/tiny-clip").eval()
     by_path = MCIEModel.from_pretrained(files.base, weights=tmp_path / "weights", vision_checkpoint=files.vision).eval()
     for name, tensor in by_path.state_dict().items():
         assert torch.equal(tensor, by_id.state_dict()[name]), name
@@ -69,7 +69,7 @@ def test_eval_encoders_and_box_scorer_by_hub_id(hf_home: Path, tmp_path: Path, m
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                 patch_size=8, image_size=32)).save_pretrained(tmp_path / "dino")  # fmt: skip
+                                 patch_size=8, image_size=32)).save_pretrained(tmp_path / "dino")
     add_to_cache(hf_home, "acme/tiny-dinov2", tmp_path / "dino")
 
     images = tiny_images(2, seed=3)
@@ -98,7 +98,7 @@ def test_transformers_mllm_backend_by_hub_id(hf_home: Path, tmp_path: Path) -> N
     folder = build_tiny_qwen25_vl(tmp_path / "tiny-qwen")
     add_to_cache(hf_home, "acme/tiny-qwen25-vl", folder)
     backend = make_backend(settings=load_settings(mllm_backend="transformers", mllm_model_path="acme/tiny-qwen25-vl",
-                                                  device="cpu"))  # fmt: skip
+                                                  device="cpu"))
     assert backend.model == "acme/tiny-qwen25-vl"
     assert backend.path.parent.name == "snapshots"  # type: ignore[attr-defined]
     [response] = backend.generate([MLLMRequest((user("Say hi."),), max_tokens=2)])

@@ -38,7 +38,7 @@ runner = CliRunner()
 def _record(i: int) -> dict[str, Any]:
     subs = [{"text": f"add a red ball number {i}", "operation": "add", "box": [0.1, 0.1, 0.5, 0.6]},
             {"text": "make the sky purple", "operation": "change", "box": None},
-            {"text": "remove the chair", "operation": "remove", "box": [0.5, 0.4, 0.9, 0.95]}]  # fmt: skip
+            {"text": "remove the chair", "operation": "remove", "box": [0.5, 0.4, 0.9, 0.95]}]
     return {"sample_id": i, "instruction": f"edit the picture in way {i}", "sub_instructions": subs[: i % 4]}
 
 
@@ -50,7 +50,7 @@ def write_jsonl_export(folder: Path, n: int = 4, seed: int = 3) -> Path:
             images[i].save(folder / "images" / f"s{i}.png")
             images[n + i].save(folder / "images" / f"t{i}.png")
             record = {**_record(i), "source_image": {"path": f"images/s{i}.png"},
-                      "target_image": {"path": f"images/t{i}.png"}}  # fmt: skip
+                      "target_image": {"path": f"images/t{i}.png"}}
             handle.write(json.dumps(record) + "\n")
     return folder
 
@@ -69,9 +69,9 @@ def write_shards(folder: Path, n: int = 4, per_shard: int = 2, seed: int = 4) ->
             for i in range(shard, min(n, shard + per_shard)):
                 key = f"{i:010d}"
                 record = {**_record(i), "source_image": {"path": f"{key}.source.png"},
-                          "target_image": {"path": f"{key}.target.png"}}  # fmt: skip
+                          "target_image": {"path": f"{key}.target.png"}}
                 members = {f"{key}.json": json.dumps(record).encode(), f"{key}.source.png": _png(images[i]),
-                           f"{key}.target.png": _png(images[n + i])}  # fmt: skip
+                           f"{key}.target.png": _png(images[n + i])}
                 for name, data in sorted(members.items()):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
@@ -104,10 +104,10 @@ def wide_base(files: TinyFiles, tmp_path_factory: pytest.TempPathFactory) -> Pat
             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
             attention_head_dim=8, norm_num_groups=8,
-        )  # fmt: skip
+        )
     folder = tmp_path_factory.mktemp("wide") / "ip2p"
     StableDiffusionInstructPix2PixPipeline(**components, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False).save_pretrained(folder)  # fmt: skip
+                                           requires_safety_checker=False).save_pretrained(folder)
     return folder
 
 
@@ -124,7 +124,7 @@ def resume_config_data(files: TinyFiles, data: dict[str, Path], out: Path) -> di
     """Two short stages (JSONL with accumulation, then WebDataset) with heavy condition dropout."""
     config = tiny_config_data(files.base, files.vision, data["jsonl"], out)
     config.update(checkpoint_every=2, keep_checkpoints=10, log_every=1,
-                  conditioning_dropout={"text": 0.2, "image": 0.2, "both": 0.2})  # fmt: skip
+                  conditioning_dropout={"text": 0.2, "image": 0.2, "both": 0.2})
     config["model"].update(lora_rank=2, lora_alpha=2.0)
     config["stages"] = [
         {"name": "general", "steps": 3, "batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
@@ -132,7 +132,7 @@ def resume_config_data(files: TinyFiles, data: dict[str, Path], out: Path) -> di
         {"name": "mcie", "steps": 3, "batch_size": 1, "learning_rate": 2e-3, "lr_scheduler": "cosine",
          "data": {"format": "webdataset", "path": str(data["wds"]), "resolution": 32, "shuffle_buffer": 4,
                   "num_workers": 0}},
-    ]  # fmt: skip
+    ]
     return config
 
 
@@ -232,7 +232,7 @@ def test_batches_become_per_sample_sub_instructions(data: dict[str, Path]) -> No
     batch = collate_edit_batch([dataset[i] for i in range(4)])
     texts, boxes = sub_instruction_lists(batch)
     assert texts == [[], ["add a red ball number 1"], ["add a red ball number 2", "make the sky purple"],
-                     ["add a red ball number 3", "make the sky purple", "remove the chair"]]  # fmt: skip
+                     ["add a red ball number 3", "make the sky purple", "remove the chair"]]
     assert boxes is not None and boxes[3][1] is None
     assert boxes[3][0] == pytest.approx((0.1, 0.1, 0.5, 0.6)) and boxes[3][2] == pytest.approx((0.5, 0.4, 0.9, 0.95))
     assert sub_instruction_lists(collate_edit_batch([dataset[0]])) == (None, None)
@@ -250,7 +250,7 @@ def test_stage_data_order_is_seeded_sharded_and_resumable(data: dict[str, Path])
     halves = [StageData(config, 1, seed=1, stage_index=0, rank=r, world=2).epoch_indices(0) for r in (0, 1)]
     assert sorted(halves[0] + halves[1]) == [0, 1, 2, 3] and len(halves[0]) == 2
     shards = StageData(DataConfig(format="webdataset", path=str(data["wds"]), resolution=TINY_IMAGE,
-                                  shuffle_buffer=4, num_workers=0), 2, seed=1, stage_index=1)  # fmt: skip
+                                  shuffle_buffer=4, num_workers=0), 2, seed=1, stage_index=1)
     first = [(b["sample_id"].tolist(), e, k) for b, e, k in _take(shards.stream(), 3)]
     assert sorted(i for batch, _, _ in first[:2] for i in batch) == [0, 1, 2, 3]
     assert [(b["sample_id"].tolist(), e, k) for b, e, k in _take(shards.stream(0, 1), 2)] == first[1:]
@@ -265,7 +265,7 @@ def _take(iterator: Iterator[Any], n: int) -> list[Any]:
 
 
 def test_tiny_model_overfits_a_handful_of_samples(files: TinyFiles, data: dict[str, Path], wide_base: Path,
-                                                  tmp_path: Path) -> None:  # fmt: skip
+                                                  tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from model.network import MCIEModel

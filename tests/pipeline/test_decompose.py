@@ -28,13 +28,13 @@ def test_decompose_command_prints_normalized_boxes(tmp_path: Path, monkeypatch) 
              "bbox_2d": [0.1 * width, 0.6 * height, 0.5 * width, 0.9 * height]},
             {"instruction": "remove the tree", "operation": "remove",
              "bbox_2d": [0.7 * width, 0.1 * height, 0.95 * width, 0.8 * height]},
-        ]}) + "\n```"  # fmt: skip
+        ]}) + "\n```"
 
     with chat_server(answer) as server:
         monkeypatch.setenv("MCIE_MLLM_BASE_URL", server.base_url)
         get_settings.cache_clear()
         result = runner.invoke(app, ["pipeline", "decompose", "--image", str(image), "--mllm", "openai",
-                                     "--instruction", "put a red car on the road and remove the tree"])  # fmt: skip
+                                     "--instruction", "put a red car on the road and remove the tree"])
     assert result.exit_code == 0, result.stdout + result.stderr
     out = json.loads(result.stdout)
     assert [e["operation"] for e in out["edits"]] == ["add", "remove"]

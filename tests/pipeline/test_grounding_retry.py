@@ -178,7 +178,7 @@ def test_failed_and_unparseable_grounding_is_retried_for_ready_samples_unless_no
         assert "grounding stage failed" in err and "unparseable" in err and "grounding-capable" in err
         grounding = _judgements(db, MllmStage.grounding)
         assert grounding and all(j.verdict == "unparseable" and j.parse_error and j.parsed is None
-                                 for j in grounding)  # fmt: skip
+                                 for j in grounding)
         assert all(j.rationale is None for j in grounding)
         with session_scope(db) as session:  # the conflict check passed: samples are ready with diff boxes
             assert set(session.scalars(select(Sample.status))) == {SampleStatus.ready}
@@ -204,7 +204,7 @@ def test_failed_and_unparseable_grounding_is_retried_for_ready_samples_unless_no
         per_turn = session.execute(
             select(BoxCandidate.turn_id, BoxCandidate.source, func.count()).group_by(BoxCandidate.turn_id,
                                                                                   BoxCandidate.source)
-        ).all()  # fmt: skip
+        ).all()
         assert all(n == 1 for _, source, n in per_turn if source == "mllm")  # one box asked once: one row
 
 
@@ -238,7 +238,7 @@ def test_grounding_cache_serves_the_same_images_and_instructions_ingested_again(
         assert cli("pipeline", "run")[0] == 0
         calls = len(server.requests)
         copy = [replace(r, dataset="copy") if hasattr(r, "dataset") else r
-                for r in read_source(demo, "seed-data-edit", None)]  # fmt: skip
+                for r in read_source(demo, "seed-data-edit", None)]
         report = ingest(copy, url=db, store=settings_store())
         assert report.ingested == 4
         code, out, _ = cli("pipeline", "run", "--json")
@@ -294,7 +294,7 @@ def test_retry_clears_the_no_box_flag_and_recomputes_the_priority_of_ready_sampl
             assert flagged and all(r == "no box was found for turn(s) 1" for r, _ in flagged.values())
             other = min(flagged)  # a reason of its own stays when the box is found
             session.execute(update(Sample).where(Sample.id == other)
-                            .values(flag_reason="image looks broken; no box was found for turn(s) 1"))  # fmt: skip
+                            .values(flag_reason="image looks broken; no box was found for turn(s) 1"))
             before = {s.id: s.priority for s in session.scalars(select(Sample))}
         mllm.grounding = "ok"
         code, out, err = cli("pipeline", "run", "--json")
@@ -347,7 +347,7 @@ def test_an_empty_grounding_answer_is_a_valid_answer_cached_and_not_asked_again(
         calls = len(server.requests)
         assert cli("pipeline", "run")[0] == 0 and len(server.requests) == calls  # not asked again
         copy = [replace(r, dataset="copy") if hasattr(r, "dataset") else r
-                for r in read_source(demo, "seed-data-edit", None)]  # fmt: skip
+                for r in read_source(demo, "seed-data-edit", None)]
         ingest(copy, url=db, store=settings_store())
         code, out, _ = cli("pipeline", "run", "--json")
         assert code == 0 and len(server.requests) == calls  # the copy's turns: served from the cache

@@ -18,7 +18,7 @@ from pipeline.load_stage import _flag_missing, box_doubt, priority, without_no_b
          "the MLLM's conflict answer could not be parsed: x"),
         ("no box was found for turn(s) of the cat", "no box was found for turn(s) of the cat"),  # not ours
     ],
-)  # fmt: skip
+)
 def test_without_no_box_reason_keeps_every_other_reason(reason: str | None, expected: str | None) -> None:
     assert without_no_box_reason(reason) == expected
 

@@ -35,7 +35,7 @@ def _rows(url: str) -> dict[str, set]:
                 .join(Sample, Sample.instance_id == Instance.id)
                 .join(SubInstruction, SubInstruction.sample_id == Sample.id)
             )
-        }  # fmt: skip
+        }
         candidates = {
             (ext, t.index, c.rank, str(c.source), c.box_x0, c.box_y0, c.box_x1, c.box_y1, round(c.score, 9), c.chosen)
             for ext, t, c in session.execute(
@@ -43,7 +43,7 @@ def _rows(url: str) -> dict[str, set]:
                 .join(Turn, Turn.instance_id == Instance.id)
                 .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
             )
-        }  # fmt: skip
+        }
     return {"samples": samples, "sub_instructions": subs, "box_candidates": candidates}
 
 
@@ -55,7 +55,7 @@ def test_ray_engine_gives_the_same_rows_as_local(tmp_path: Path) -> None:
         settings = load_settings(data_dir=tmp_path / engine, database_url=f"sqlite:///{tmp_path}/{engine}.db")
         migrate.upgrade(settings.database_url)
         ingest(read_source(demo, "seed-data-edit", None), url=settings.database_url,
-               store=ImageStore.from_settings(settings))  # fmt: skip
+               store=ImageStore.from_settings(settings))
         summary = run_pipeline(settings, engine=engine, mllm="none", scorer="pixel", ray_workers=2, progress=False)
         assert summary.engine == engine
         results[engine] = _rows(settings.database_url)

@@ -104,7 +104,7 @@ def test_demo_without_mllm_gives_review_ready_samples_with_boxes(demo: Path) -> 
 
 def _seed_line(source: str, turns: list[tuple[str, str]]) -> str:
     record: dict[str, str] = {"id": f"case-{len(turns)}-{turns[0][1]}-{turns[-1][0]}-{turns[-1][1]}",
-                              "source_image": source}  # fmt: skip
+                              "source_image": source}
     for i, (text, image) in enumerate(turns, start=1):
         record[f"instruction_{i}"] = text
         record[f"edit_image_{i}"] = image
@@ -128,7 +128,7 @@ def test_ingest_skips_bad_records_and_reports_them(tmp_path: Path, demo: Path) -
         json.dumps({"id": "gap", "source_image": src, "instruction_1": "a", "edit_image_1": e1,
                     "instruction_3": "c", "edit_image_3": e2}),
         "{not json",
-    ]  # fmt: skip
+    ]
     annotations = tmp_path / "bad" / "annotations"
     annotations.mkdir(parents=True)
     bad_file = annotations / "split_0001.jsonl"
@@ -239,7 +239,7 @@ def test_ingest_generic_jsonl_manifest(tmp_path: Path) -> None:
          "turns": [{"instruction": "make it green", "image": "b.png"},
                    {"instruction": "make it blue", "image": "c.png"}]},
         {"id": "two", "dataset": "mine", "source_image": "a.png", "turns": [{"instruction": "", "image": "b.png"}]},
-    ]  # fmt: skip
+    ]
     (folder / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     code, out, _ = cli("pipeline", "ingest", str(folder / "edits.jsonl"), "--format", "jsonl", "--json",
                        "--license", "CC-BY-4.0")

@@ -26,9 +26,9 @@ LEASED = "state = 'leased'"
 
 def upgrade() -> None:
     op.create_index("ix_samples_open_queue", "samples", [sa.text("priority DESC"), "id"],
-                    postgresql_where=sa.text(OPEN), sqlite_where=sa.text(OPEN))  # fmt: skip
+                    postgresql_where=sa.text(OPEN), sqlite_where=sa.text(OPEN))
     op.create_index("ix_assignments_active_leases", "assignments", ["lease_expires_at"],
-                    postgresql_where=sa.text(LEASED), sqlite_where=sa.text(LEASED))  # fmt: skip
+                    postgresql_where=sa.text(LEASED), sqlite_where=sa.text(LEASED))
     op.create_index("ix_decisions_sample_latest", "decisions", ["sample_id", "id"])
     op.create_index("ix_votes_assignment_id", "votes", ["assignment_id"])
 

@@ -24,7 +24,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("parse_error", sa.Text(), nullable=True))
     table = sa.table("mllm_judgements", sa.column("id", sa.Integer()), sa.column("stage", sa.String()),
                      sa.column("verdict", sa.String()), sa.column("rationale", sa.Text()),
-                     sa.column("parsed", sa.JSON()), sa.column("parse_error", sa.Text()))  # fmt: skip
+                     sa.column("parsed", sa.JSON()), sa.column("parse_error", sa.Text()))
     bind = op.get_bind()
     rows = bind.execute(
         sa.select(table.c.id, table.c.stage, table.c.rationale, table.c.parsed).where(table.c.verdict == "unparseable")
@@ -41,7 +41,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     table = sa.table("mllm_judgements", sa.column("id", sa.Integer()), sa.column("stage", sa.String()),
                      sa.column("verdict", sa.String()), sa.column("rationale", sa.Text()),
-                     sa.column("parsed", sa.JSON()), sa.column("parse_error", sa.Text()))  # fmt: skip
+                     sa.column("parsed", sa.JSON()), sa.column("parse_error", sa.Text()))
     bind = op.get_bind()
     rows = bind.execute(
         sa.select(table.c.id, table.c.stage, table.c.parse_error)

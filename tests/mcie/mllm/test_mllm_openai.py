@@ -54,7 +54,7 @@ def test_images_arrive_as_data_urls_in_order_with_the_request_fields() -> None:
     assert seen.messages[0] == {"role": "system", "content": "guideline"}
     assert [p["type"] for p in seen.messages[1]["content"]] == [
         "text", "image_url", "text", "image_url", "image_url", "text",
-    ]  # fmt: skip
+    ]
     urls = seen.image_urls()
     assert urls[0].startswith("data:image/png;base64,") and urls[2].startswith("data:image/jpeg;base64,")
     images = seen.images()
@@ -190,7 +190,7 @@ def test_response_format_is_sent_as_json_schema_when_accepted() -> None:
     }
     assert chat_payload(_text_request("q"), "m", "response_format").keys() == {
         "model", "messages", "max_tokens", "temperature",
-    }  # fmt: skip
+    }
 
 
 def test_malformed_server_answers_are_errors() -> None:

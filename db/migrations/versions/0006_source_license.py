@@ -1,7 +1,7 @@
 """Each instance's source-dataset licence, recorded at ingest and carried into the dataset card.
 
-Revision ID: 0007
-Revises: 0005 (0006 once part A's review-timing migration is merged: the lead re-chains)
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-05
 
 ``instances.license`` is the licence of the dataset the instance was read from (SPDX id, e.g. ``CC-BY-NC-4.0`` for
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0005"  # "0006" after merging issue 12 part A
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
