@@ -174,6 +174,7 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
         return on_b.get(f"/api/review/previews/{pid}").json()["status"] == "done"
 
     _wait(lambda: done(preview_id), 180, "the worker did not make the preview")
+    _wait(lambda: jobs.list_jobs(site.url, kind="preview")[0].status == "done", 60, "the job was not settled")
     [job] = jobs.list_jobs(site.url, kind="preview")
     assert job.payload == {"preview_id": preview_id} and f":{worker.pid}:" in (job.worker_id or "")
 
@@ -194,6 +195,8 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
     assert jobs.get(site.url, job2.id).status == "running"  # nobody knows yet
     rescuer = site.start("worker", "--kinds", "preview", name="worker-3")
     _wait(lambda: done(second), 180, "the second worker did not finish the killed worker's job")
+    # the preview row is committed before the job row is settled (two transactions): wait for the job too
+    _wait(lambda: jobs.get(site.url, job2.id).status == "done", 60, "the job was not settled after its preview")
     final = jobs.get(site.url, job2.id)
     assert final.status == "done" and final.attempts == 2 and f":{rescuer.pid}:" in (final.worker_id or "")
     rescuer.send_signal(signal.SIGTERM)
