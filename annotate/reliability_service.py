@@ -125,16 +125,24 @@ def latest_fit(session: Session) -> tuple[int | None, ReliabilityFit]:
     return int(fit_id), fit
 
 
+def _newest_fit_reviews(session: Session) -> int:
+    """How many reviews the newest stored fit saw (0 before the first fit)."""
+    return int(session.scalar(select(FitRow.n_reviews).order_by(FitRow.id.desc()).limit(1)) or 0)
+
+
 def reviews_since_fit(session: Session) -> int:
     """Reviews stored now minus the reviews the newest fit saw (all reviews before the first fit)."""
     n_now = int(session.scalar(select(func.count()).select_from(Review)) or 0)
-    last = session.scalar(select(FitRow.n_reviews).order_by(FitRow.id.desc()).limit(1))
-    return n_now - int(last or 0)
+    return n_now - _newest_fit_reviews(session)
 
 
 def refit_when_due(url: str) -> int | None:
     """The server's sweep: when ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only
-    transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one."""
+    transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one.
+
+    Every web replica runs this sweep: when another replica stored a fit that saw as many reviews while this one was
+    computing, this fit is dropped (None), so the fit history, which the adaptive gold rate compares against, holds
+    no near-copies. (The check narrows the race to the short write transaction; it does not lock.)"""
     from annotate.project import get_project_config
 
     with session_scope(url) as session:
@@ -142,6 +150,8 @@ def refit_when_due(url: str) -> int | None:
             return None
         fit = compute_fit(session)
     with session_scope(url, write=True) as session:
+        if _newest_fit_reviews(session) >= fit.n_reviews:
+            return None
         return store_fit(session, fit)
 
 

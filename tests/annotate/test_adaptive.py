@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from annotate import reliability_service
@@ -20,7 +20,7 @@ from annotate.queue import next_sample
 from annotate.reliability import default_fit
 from annotate.reviews import Answer, submit_review
 from db.migrate import upgrade
-from db.models import Decision, Sample, SampleStatus
+from db.models import Decision, ReliabilityFit, Sample, SampleStatus
 from db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
 
@@ -408,3 +408,24 @@ def test_the_server_sweep_refits_only_when_enough_new_reviews_came_in(sqlite_url
         stored_id, fit = reliability_service.latest_fit(session)
     assert stored_id == fit_id and fit.n_reviews == 12
     assert all("previous_skill" in report for report in fit.reports)
+
+
+def test_a_replica_drops_its_refit_when_another_stored_one_meanwhile(sqlite_url: str, monkeypatch) -> None:
+    """Two web replicas due at once: the one whose fit is stored second drops it instead of storing a near-copy."""
+    _, raters, _ = _project(sqlite_url, 12, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
+                            adaptive={"refit_every": 10})
+    for _ in range(6):
+        for rater in raters:
+            _review(sqlite_url, rater)
+    compute = reliability_service.compute_fit
+
+    def compute_while_another_replica_stores(session):
+        fit = compute(session)
+        with session_scope(sqlite_url, write=True) as other:
+            reliability_service.store_fit(other, compute(other))  # the other replica was faster
+        return fit
+
+    monkeypatch.setattr(reliability_service, "compute_fit", compute_while_another_replica_stores)
+    assert reliability_service.refit_when_due(sqlite_url) is None
+    with session_scope(sqlite_url) as session:
+        assert session.scalar(select(func.count()).select_from(ReliabilityFit)) == 1
