@@ -64,11 +64,11 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from annotate import reliability_service
-from annotate.aggregation import Aggregate, AggregationError, above, aggregate, answers
-from annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
-from annotate.queue import OPEN_STATUSES, is_calibration, is_gold_clause, reviews_wanted, utc, wanted_clause
-from annotate.reliability import (
+from mcie.annotate import reliability_service
+from mcie.annotate.aggregation import Aggregate, AggregationError, above, aggregate, answers
+from mcie.annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
+from mcie.annotate.queue import OPEN_STATUSES, is_calibration, is_gold_clause, reviews_wanted, utc, wanted_clause
+from mcie.annotate.reliability import (
     Posterior,
     ReliabilityFit,
     adaptive_next,
@@ -77,7 +77,7 @@ from annotate.reliability import (
     posterior_accept,
     weighted_outcome,
 )
-from db.models import (
+from mcie.db.models import (
     Assignment,
     AssignmentState,
     AuditLog,
@@ -94,7 +94,7 @@ from db.models import (
     User,
     utcnow,
 )
-from db.session import session_scope
+from mcie.db.session import session_scope
 
 RuleOutcome = Literal["accepted", "rejected", "needs_adjudication"]
 Criterion = Literal["pass", "fail", "disputed"]

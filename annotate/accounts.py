@@ -13,7 +13,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import AuditLog, Role, User
+from mcie.db.models import AuditLog, Role, User
 
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,63}$")
 MIN_PASSWORD_LENGTH = 8
@@ -104,7 +104,7 @@ def set_active(session: Session, username: str, active: bool, *, actor_id: int |
 
 def revoke_sessions(session: Session, username: str, *, reason: str = "revoked", actor_id: int | None = None) -> int:
     """End every live web session of the account at once (every replica refuses them on the next request)."""
-    from annotate.web import sessions
+    from mcie.annotate import sessions
 
     user = get_user(session, username)
     ended = sessions.revoke_user(session, user.id, reason)

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import case, func, select
 
-from annotate.aggregation import majority
-from annotate.agreement import (
+from mcie.annotate.aggregation import majority
+from mcie.annotate.agreement import (
     agreement_report,
     confusion,
     gold_accuracy,
@@ -38,8 +38,8 @@ from annotate.agreement import (
     pairwise_shared_counts,
     score_distribution,
 )
-from annotate.project import get_project_config
-from annotate.queue import (
+from mcie.annotate.project import get_project_config
+from mcie.annotate.queue import (
     HASH_MODULUS,
     HASH_MULTIPLIER,
     OPEN_STATUSES,
@@ -48,8 +48,8 @@ from annotate.queue import (
     utc,
     wanted_clause,
 )
-from annotate.reviews import conflict_of
-from db.models import (
+from mcie.annotate.reviews import conflict_of
+from mcie.db.models import (
     Assignment,
     AssignmentState,
     GoldAnswer,
@@ -60,7 +60,7 @@ from db.models import (
     SampleStatus,
     User,
 )
-from db.session import session_scope
+from mcie.db.session import session_scope
 
 REVIEW_COLUMNS: tuple[str, ...] = (
     "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "server_s", "created_at", "is_gold",
@@ -488,7 +488,7 @@ def reliability_figures(url: str, *, refit: bool = False) -> dict[str, Any]:
     The newest stored fit when it has seen every review, else a fresh fit (stored only with ``refit``). Keys:
     ``fit_id`` (None for an unstored fit), ``n_reviews``, ``n_samples``, ``n_informative`` (gold or 2+ reviews),
     ``mllm_prior`` (the calibrated MLLM: intercept, slope, n; or None), ``priors`` per question and ``raters``."""
-    from annotate import reliability_service as rs
+    from mcie.annotate import reliability_service as rs
 
     with session_scope(url, write=refit) as session:
         if refit:
@@ -518,8 +518,8 @@ def review_budget(url: str) -> dict[str, Any]:
 
     The policy of a decided sample is the ``review_policy`` recorded with its newest rule decision ("unknown" for
     decisions made before the decision recorded it, "lead" for lead decisions). Gold reviews are counted apart."""
-    from annotate import reliability_service as rs
-    from db.models import Decision, DecisionSource
+    from mcie.annotate import reliability_service as rs
+    from mcie.db.models import Decision, DecisionSource
 
     with session_scope(url) as session:
         work = select(Review.sample_id, func.count()).where(~is_gold_clause(Review.sample_id))
@@ -542,7 +542,7 @@ def review_budget(url: str) -> dict[str, Any]:
         if source == "rule" and p is not None:
             posteriors.append(float(p))
             accepted.append(outcome == "accepted")
-    from annotate.reliability import expected_wrong
+    from mcie.annotate.reliability import expected_wrong
 
     decided_counts = [n for counts in by_policy.values() for n in counts]
     total = max(len(decided_counts), 1)
@@ -588,7 +588,7 @@ def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     corrections: ``instance_id, turn_index, operation, review_id, x0, y0, x1, y1`` (one row per corrected turn per
     review); candidates: ``instance_id, turn_index, source, rank, chosen, x0, y0, x1, y1``.
     """
-    from db.models import BoxCandidate, SubInstruction, Turn
+    from mcie.db.models import BoxCandidate, SubInstruction, Turn
 
     corrections: list[dict[str, Any]] = []
     with session_scope(url) as session:

@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import pandas as pd
 from sqlalchemy import select
 
-from annotate import jobs
-from db.models import Export, SampleStatus, User
-from db.session import session_scope
+from mcie.annotate import jobs
 from mcie.config import Settings
+from mcie.db.models import Export, SampleStatus, User
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class ExportJobs:
         """Check the request and queue the export; raises ExportRequestError when it cannot be started."""
         from pydantic import ValidationError
 
-        from exports.api import ExportOptions
-        from exports.select import ExportFilter
+        from mcie.exports.api import ExportOptions
+        from mcie.exports.select import ExportFilter
 
         if not lead.is_lead:  # the handlers check first; this keeps the runner safe on its own
             raise PermissionError("only leads and admins may export the dataset")

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import event, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import AuditLog, Job, QueueStatus, utcnow
-from db.session import session_scope
+from mcie.db.models import AuditLog, Job, QueueStatus, utcnow
+from mcie.db.session import session_scope
 
 KINDS = ("export", "preview")
 ACTIVE = (QueueStatus.queued, QueueStatus.running)

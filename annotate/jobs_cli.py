@@ -39,8 +39,8 @@ def worker_command(
     """Run jobs from the queue until SIGTERM/SIGINT (the running ones finish, or go back to the queue)."""
     import logging
 
-    from annotate.worker import run_worker
-    from db import migrate
+    from mcie.annotate.worker import run_worker
+    from mcie.db import migrate
 
     cfg = _settings()
     wanted = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -60,7 +60,7 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The newest jobs first."""
-    from annotate import jobs
+    from mcie.annotate import jobs
 
     try:
         rows = jobs.list_jobs(_settings().database_url, status=status, kind=kind, limit=limit)
@@ -79,7 +79,7 @@ def jobs_list(
 @app.command("show")
 def jobs_show(job_id: int) -> None:
     """Every field of one job, as JSON."""
-    from annotate import jobs
+    from mcie.annotate import jobs
 
     try:
         print(json.dumps(jobs.get(_settings().database_url, job_id).as_dict(), indent=2))
@@ -90,7 +90,7 @@ def jobs_show(job_id: int) -> None:
 @app.command("retry")
 def jobs_retry(job_id: int) -> None:
     """Queue a failed or cancelled job again, with fresh tries."""
-    from annotate import jobs
+    from mcie.annotate import jobs
 
     try:
         job = jobs.retry(_settings().database_url, job_id)
@@ -102,7 +102,7 @@ def jobs_retry(job_id: int) -> None:
 @app.command("cancel")
 def jobs_cancel(job_id: int) -> None:
     """Cancel a queued or running job (a running one stops at its worker's next lease renewal)."""
-    from annotate import jobs
+    from mcie.annotate import jobs
 
     try:
         job = jobs.cancel(_settings().database_url, job_id)

@@ -47,10 +47,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from db.models import AuditLog, JobStatus, Preview, Role, Sample, User, utcnow
-from db.session import session_scope
-from db.store import ImageStore, register_images
 from mcie.config import Settings
+from mcie.db.models import AuditLog, JobStatus, Preview, Role, Sample, User, utcnow
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore, register_images
 from mcie.device import resolve_device
 
 __all__ = [
@@ -347,7 +347,7 @@ def request_preview(
                                          entity_id=str(row.id),
                                          details={"sample_id": sample_id, "model_version": version, "seed": seed}))
                     if worker is None:  # no in-process thread: a job for `mcie worker` (or the server's worker)
-                        from annotate import jobs
+                        from mcie.annotate import jobs
 
                         jobs.enqueue(session, "preview", {"preview_id": row.id}, requested_by=user_id,
                                      max_attempts=settings.job_max_attempts)
@@ -408,7 +408,7 @@ def load_preview_pipeline(settings: Settings) -> Any:
     ``clip_vision_checkpoint`` saved in the weights' config."""
     import torch
 
-    from model.pipeline import MCIEPipeline
+    from mcie.model.pipeline import MCIEPipeline
 
     reason = unavailable_reason(settings)
     if reason is not None:
@@ -616,7 +616,7 @@ class PreviewWorker:
 
     def _claim(self, preview_id: int) -> _Job | None:
         """Mark the row running if it is still queued for this model version, and read what the job needs."""
-        from annotate.reviews import sample_view
+        from mcie.annotate.reviews import sample_view
 
         with session_scope(self.url, write=True) as session:
             claimed = session.execute(
@@ -693,8 +693,8 @@ class PreviewWorker:
 def enqueue_orphans(url: str) -> int:
     """Queue a job for every preview row left ``queued`` or ``running`` without a live job (rows written by scripts,
     or by a version before the job queue); returns how many jobs were added."""
-    from annotate import jobs
-    from db.models import Job, QueueStatus
+    from mcie.annotate import jobs
+    from mcie.db.models import Job, QueueStatus
 
     with session_scope(url, write=True) as session:
         wanted = set(session.scalars(select(Preview.id).where(Preview.status.in_([JobStatus.queued,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import AuditLog, ProjectSetting
+from mcie.db.models import AuditLog, ProjectSetting
 
 
 class AcceptanceRule(BaseModel):

@@ -79,8 +79,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 
-from annotate.project import ProjectConfig, get_project_config
-from db.models import (
+from mcie.annotate.project import ProjectConfig, get_project_config
+from mcie.db.models import (
     Assignment,
     AssignmentPurpose,
     AssignmentState,
@@ -90,7 +90,7 @@ from db.models import (
     SampleStatus,
     User,
 )
-from db.session import session_scope
+from mcie.db.session import session_scope
 
 OPEN_STATUSES: tuple[SampleStatus, ...] = (SampleStatus.ready, SampleStatus.in_review)
 REVIEWER_ROLES: tuple[Role, ...] = (Role.rater, Role.lead, Role.admin)
@@ -432,8 +432,8 @@ def _expire_own(session: Session, user_id: int, now: datetime) -> None:
 def _adaptive_rater(session: Session, user_id: int, config: ProjectConfig) -> tuple[float, bool]:
     """The adaptive policy's view of a rater from the newest reliability fit: their gold rate
     (:func:`annotate.reliability.adaptive_gold_rate`) and whether they are among the less reliable raters."""
-    from annotate import reliability_service
-    from annotate.reliability import adaptive_gold_rate
+    from mcie.annotate import reliability_service
+    from mcie.annotate.reliability import adaptive_gold_rate
 
     _, fit = reliability_service.latest_fit(session)
     report = reliability_service.rater_report(fit, user_id)

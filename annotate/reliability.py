@@ -65,7 +65,7 @@ from scipy import optimize
 from scipy.special import expit, ndtr
 from scipy.stats import beta as beta_dist
 
-from annotate.aggregation import above
+from mcie.annotate.aggregation import above
 
 Question = Literal["consistency", "quality", "complexity"]
 QUESTIONS: tuple[Question, ...] = ("consistency", "quality", "complexity")

@@ -22,10 +22,10 @@ import pandas as pd
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from annotate.reliability import GOLD_COLUMNS, ReliabilityFit, default_fit, fit_reliability
-from db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
-from db.models import ReliabilityFit as FitRow
-from db.session import session_scope
+from mcie.annotate.reliability import GOLD_COLUMNS, ReliabilityFit, default_fit, fit_reliability
+from mcie.db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
+from mcie.db.models import ReliabilityFit as FitRow
+from mcie.db.session import session_scope
 
 _CACHE: dict[int, ReliabilityFit] = {}
 _CACHE_LOCK = threading.Lock()
@@ -143,7 +143,7 @@ def refit_when_due(url: str) -> int | None:
     Every web replica runs this sweep: when another replica stored a fit that saw as many reviews while this one was
     computing, this fit is dropped (None), so the fit history, which the adaptive gold rate compares against, holds
     no near-copies. (The check narrows the race to the short write transaction; it does not lock.)"""
-    from annotate.project import get_project_config
+    from mcie.annotate.project import get_project_config
 
     with session_scope(url) as session:
         if reviews_since_fit(session) < get_project_config(session).adaptive.refit_every:

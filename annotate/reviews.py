@@ -30,9 +30,9 @@ from sqlalchemy import Select, and_, exists, func, insert, select, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
-from annotate.acceptance import settle_loaded
-from annotate.project import ProjectConfig, get_project_config
-from annotate.queue import (
+from mcie.annotate.acceptance import settle_loaded
+from mcie.annotate.project import ProjectConfig, get_project_config
+from mcie.annotate.queue import (
     OPEN_STATUSES,
     QueueError,
     active_clause,
@@ -44,7 +44,7 @@ from annotate.queue import (
     utc,
     wanted_clause,
 )
-from db.models import (
+from mcie.db.models import (
     Assignment,
     AssignmentState,
     GoldAnswer,
@@ -59,8 +59,8 @@ from db.models import (
     SubInstruction,
     Turn,
 )
-from db.session import session_scope
-from db.windows import window_images
+from mcie.db.session import session_scope
+from mcie.db.windows import window_images
 
 MAX_COMMENT_CHARS = 5000
 MAX_HISTORY_PAGE = 500

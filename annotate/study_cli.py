@@ -48,7 +48,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _study_id(url: str, key: str) -> int:
-    from annotate.study import StudyError, resolve_study
+    from mcie.annotate.study import StudyError, resolve_study
 
     try:
         return resolve_study(url, key)
@@ -96,10 +96,10 @@ def create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a study from a folder; every problem in the folder is listed and nothing is written if there is any."""
-    from annotate.study import StudyError, create_study_from_folder
-    from db.models import StudyStatus
-    from db.store import ImageStore
+    from mcie.annotate.study import StudyError, create_study_from_folder
     from mcie.config import settings_or_exit as settings
+    from mcie.db.models import StudyStatus
+    from mcie.db.store import ImageStore
 
     cfg = settings()
     try:
@@ -160,8 +160,8 @@ def from_previews(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a study from review samples and the model's finished previews (one model version per method)."""
-    from annotate.study import StudyError, create_study_from_previews
-    from db.models import StudyStatus
+    from mcie.annotate.study import StudyError, create_study_from_previews
+    from mcie.db.models import StudyStatus
 
     ids = _sample_ids(samples, samples_file)
     try:
@@ -184,7 +184,7 @@ def list_command(as_json: JsonOpt = False) -> None:
     """Every study with its status and how many participants enrolled and finished."""
     from dataclasses import asdict
 
-    from annotate.study import list_studies
+    from mcie.annotate.study import list_studies
 
     rows = list_studies(_url())
     if as_json:
@@ -209,8 +209,8 @@ def invite(
 ) -> None:
     """Enrol participants and print one invitation link each ("username<TAB>link"); a link is shown only once, and
     inviting someone again replaces their link."""
-    from annotate.accounts import AccountError
-    from annotate.study import StudyError, enrol
+    from mcie.annotate.accounts import AccountError
+    from mcie.annotate.study import StudyError, enrol
 
     if count is not None and username:
         _fail("use either --count or --username")
@@ -235,7 +235,7 @@ def invite(
 @app.command("revoke")
 def revoke(study: StudyArg, user: UserArg) -> None:
     """Make a participant's link stop working (their votes are kept; `invite --username` issues a new one)."""
-    from annotate.study import StudyError, resolve_participant, revoke_invite
+    from mcie.annotate.study import StudyError, resolve_participant, revoke_invite
 
     url = _url()
     study_id = _study_id(url, study)
@@ -249,7 +249,7 @@ def revoke(study: StudyArg, user: UserArg) -> None:
 @app.command("status")
 def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
     """Every participant's progress: screens completed, finished, revoked, excluded."""
-    from annotate.web.study_routes import participants_json
+    from mcie.annotate.web.study_routes import participants_json
 
     url = _url()
     study_id = _study_id(url, study)
@@ -268,7 +268,7 @@ def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
 
 
 def _set_status(study: str, value: str) -> None:
-    from annotate.study import StudyError, set_study_status
+    from mcie.annotate.study import StudyError, set_study_status
 
     url = _url()
     study_id = _study_id(url, study)
@@ -299,7 +299,7 @@ def exclude(
     include: Annotated[bool, typer.Option("--include", help="Include the participant again.")] = False,
 ) -> None:
     """Exclude a participant from the results (with a reason), or include them again."""
-    from annotate.study import StudyError, resolve_participant, set_excluded
+    from mcie.annotate.study import StudyError, resolve_participant, set_excluded
 
     if include == bool(reason):
         _fail("give either --reason TEXT (to exclude) or --include")
@@ -318,7 +318,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="OUT.csv or OUT.parquet")],
 ) -> None:
     """Write every stored vote (one row per participant, item and question) to CSV or Parquet."""
-    from annotate.study import StudyError, export_votes
+    from mcie.annotate.study import StudyError, export_votes
 
     url = _url()
     study_id = _study_id(url, study)
@@ -352,7 +352,7 @@ def results(
 ) -> None:
     """Shares of first choices, preferred-method shares and Bradley-Terry strengths per question, with bootstrap
     intervals, after the recorded exclusions; and the quality checks."""
-    from annotate.study import study_results
+    from mcie.annotate.study import study_results
 
     url = _url()
     res = study_results(url, _study_id(url, study), n_boot=n_boot, seed=seed)

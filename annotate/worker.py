@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from annotate import jobs
+from mcie.annotate import jobs
 from mcie.config import Settings
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def _export_size(url: str, flt: dict[str, Any], since: int | None) -> int | None
     records are written, so they may leave fewer), or None when the filter cannot be read."""
     from sqlalchemy import func, select
 
-    from db.session import session_scope
-    from exports.select import ExportFilter, selection_query
+    from mcie.db.session import session_scope
+    from mcie.exports.select import ExportFilter, selection_query
 
     try:
         selection = ExportFilter.model_validate(flt or {})
@@ -93,8 +93,8 @@ def _export_size(url: str, flt: dict[str, Any], since: int | None) -> int | None
 
 
 def export_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
-    from db.store import ImageStore
-    from exports.api import run_export
+    from mcie.db.store import ImageStore
+    from mcie.exports.api import run_export
 
     total = _export_size(ctx.settings.database_url, payload.get("filter") or {}, payload.get("since"))
     of = "" if total is None else f" of at most {total}"
@@ -126,7 +126,7 @@ def export_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def preview_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
-    from annotate import previews
+    from mcie.annotate import previews
 
     runner = ctx.worker.preview_runner()
     status = runner.run_one(int(payload["preview_id"]))
@@ -187,7 +187,7 @@ class Worker:
 
     def preview_runner(self) -> Any:
         """The process's preview model runner (its model is loaded once, on the first preview)."""
-        from annotate import previews
+        from mcie.annotate import previews
 
         with self._runner_lock:
             if self._preview_runner is None:
@@ -205,7 +205,7 @@ class Worker:
         self.stopping.clear()
         if "preview" in self.kinds:
             try:
-                from annotate.previews import enqueue_orphans
+                from mcie.annotate.previews import enqueue_orphans
 
                 enqueue_orphans(self.url)
             except Exception:

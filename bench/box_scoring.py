@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline.boxes import Box, diff_boxes
-from pipeline.scoring import ClipScorer, PixelScorer
+from mcie.pipeline.boxes import Box, diff_boxes
+from mcie.pipeline.scoring import ClipScorer, PixelScorer
 
 SIZE = 512
 BATCH_SIZES = (1, 16, 64)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, os, resource, sys, threading, time
 sys.path.insert(0, sys.argv[1])
-from exports.importer import import_dataset
+from mcie.exports.importer import import_dataset
 import datasets, PIL.Image, torch  # noqa: F401  (datasets' streaming imports torch: before the baseline)
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -61,9 +61,9 @@ def _insert(session: Any, table: Any, rows: list[dict[str, Any]]) -> None:
 
 def build(url: str, blobs: str, n_samples: int, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Fill a migrated database and image store with ``n_samples`` accepted samples; returns setup facts."""
-    from db.models import Decision, Instance, MllmJudgement, Review, Sample, SubInstruction, Turn, User
-    from db.session import session_scope
-    from db.store import ImageStore, register_images
+    from mcie.db.models import Decision, Instance, MllmJudgement, Review, Sample, SubInstruction, Turn, User
+    from mcie.db.session import session_scope
+    from mcie.db.store import ImageStore, register_images
 
     rng = np.random.default_rng(seed)
     store = ImageStore(blobs)
@@ -130,8 +130,8 @@ def _status_mib(field: str) -> float:
 
 def child(fmt: str, url: str, blobs: str, out: str) -> dict[str, Any]:
     """Run one export in this process; measure it."""
-    from db.store import ImageStore
-    from exports.api import run_export
+    from mcie.db.store import ImageStore
+    from mcie.exports.api import run_export
 
     store = ImageStore(blobs)
     before = _status_mib("VmRSS")
@@ -164,7 +164,7 @@ def main() -> None:
         print(json.dumps(child(*args.child)))
         return
 
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mcie-bench-export-"))
     work.mkdir(parents=True, exist_ok=True)

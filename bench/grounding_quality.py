@@ -48,18 +48,18 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import select
 
-from db import migrate
-from db.models import BoxCandidate, Instance, Turn
-from db.session import session_scope
-from db.store import ImageStore
 from mcie.config import load_settings
+from mcie.db import migrate
+from mcie.db.models import BoxCandidate, Instance, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from mcie.demo import build_demo
-from pipeline.boxes import Box
-from pipeline.engines import LocalEngine
-from pipeline.expand_stage import expand_stage
-from pipeline.grounding_stage import grounding_stage
-from pipeline.ingest import ingest, read_source
-from pipeline.scoring import PixelScorer, SelectionRule
+from mcie.pipeline.boxes import Box
+from mcie.pipeline.engines import LocalEngine
+from mcie.pipeline.expand_stage import expand_stage
+from mcie.pipeline.grounding_stage import grounding_stage
+from mcie.pipeline.ingest import ingest, read_source
+from mcie.pipeline.scoring import PixelScorer, SelectionRule
 from tests.mcie.mllm.chat_server import chat_server
 
 SCENARIOS = {"truth+pads": 0.35, "pads": 0.15, "shifted": 0.15, "wrong": 0.1, "wrong+truth": 0.1, "nothing": 0.15}
@@ -216,7 +216,7 @@ def evaluate(scorer: Any, items: list[dict[str, Any]], rule: SelectionRule | Non
 
 def scorers(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"pixel": PixelScorer()}
-    from pipeline.scoring import ClipScorer
+    from mcie.pipeline.scoring import ClipScorer
 
     if args.clip_checkpoint:
         out["clip"] = ClipScorer(args.clip_model, Path(args.clip_checkpoint))

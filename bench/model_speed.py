@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from model.bcca import OpenClipPatchEncoder, build_vision_tower
-from model.config import MCIEConfig
-from model.network import MCIEModel, SubInstructionBatch
+from mcie.model.bcca import OpenClipPatchEncoder, build_vision_tower
+from mcie.model.config import MCIEConfig
+from mcie.model.network import MCIEModel, SubInstructionBatch
 
 GOAL = 1.3
 SUB_COUNTS = (1, 2, 3, 4)

@@ -17,10 +17,10 @@ import uuid
 
 import sqlalchemy as sa
 
-from db import migrate
-from db.models import Image, Instance, Turn
-from db.session import engine_for, session_scope
-from pipeline.expand_stage import expand_stage
+from mcie.db import migrate
+from mcie.db.models import Image, Instance, Turn
+from mcie.db.session import engine_for, session_scope
+from mcie.pipeline.expand_stage import expand_stage
 
 N_INSTANCES = int(os.environ.get("BENCH_INSTANCES", "21000"))
 VERBS = [

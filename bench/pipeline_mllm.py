@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from db import migrate
-from db.store import ImageStore
 from mcie.config import load_settings
+from mcie.db import migrate
+from mcie.db.store import ImageStore
 from mcie.demo import build_demo
-from pipeline.conflict_stage import conflict_stage
-from pipeline.engines import LocalEngine
-from pipeline.expand_stage import expand_stage
-from pipeline.ingest import ingest, read_source
+from mcie.pipeline.conflict_stage import conflict_stage
+from mcie.pipeline.engines import LocalEngine
+from mcie.pipeline.expand_stage import expand_stage
+from mcie.pipeline.ingest import ingest, read_source
 from tests.mcie.mllm.chat_server import chat_server
 
 ANSWER = json.dumps({"conflict": False, "turns": [], "reason": "different objects"})

@@ -106,8 +106,8 @@ def fill(url: str, truth: dict[str, np.ndarray], n_gold: int, raters: list[Rater
     """Samples (the first ``n_gold`` ids are gold), their MLLM judgements, the rater accounts; core bulk inserts."""
     from sqlalchemy import insert
 
-    from db.models import GoldAnswer, Image, Instance, MllmJudgement, Sample, Turn, User
-    from db.session import session_scope
+    from mcie.db.models import GoldAnswer, Image, Instance, MllmJudgement, Sample, Turn, User
+    from mcie.db.session import session_scope
 
     n = len(truth["accept"])
     sha = "0" * 64
@@ -154,16 +154,16 @@ def run_policy(
 ) -> dict[str, Any]:
     from sqlalchemy import select
 
-    from annotate import reliability_service
-    from annotate.acceptance import apply_rule
-    from annotate.aggregation import aggregate
-    from annotate.project import get_project_config, set_project_config
-    from annotate.queue import next_sample
-    from annotate.reliability import expected_wrong
-    from annotate.reviews import Answer, submit_review
-    from db.migrate import upgrade
-    from db.models import Decision, DecisionSource, Review, Sample, User
-    from db.session import session_scope
+    from mcie.annotate import reliability_service
+    from mcie.annotate.acceptance import apply_rule
+    from mcie.annotate.aggregation import aggregate
+    from mcie.annotate.project import get_project_config, set_project_config
+    from mcie.annotate.queue import next_sample
+    from mcie.annotate.reliability import expected_wrong
+    from mcie.annotate.reviews import Answer, submit_review
+    from mcie.db.migrate import upgrade
+    from mcie.db.models import Decision, DecisionSource, Review, Sample, User
+    from mcie.db.session import session_scope
 
     url = f"sqlite:///{workdir / (policy + '.db')}"
     upgrade(url)
@@ -254,8 +254,8 @@ def run_policy(
 def decisions(url: str, truth: dict[str, np.ndarray], n_gold: int) -> dict[str, np.ndarray]:
     from sqlalchemy import select
 
-    from db.models import Sample, SampleStatus
-    from db.session import session_scope
+    from mcie.db.models import Sample, SampleStatus
+    from mcie.db.session import session_scope
 
     accepted = np.zeros(len(truth["accept"]) - n_gold, dtype=bool)
     with session_scope(url) as session:

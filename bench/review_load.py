@@ -81,7 +81,7 @@ def create_database() -> tuple[str, str]:
 def drop_database(name: str, url: str) -> None:
     import sqlalchemy as sa
 
-    from db.session import engine_for
+    from mcie.db.session import engine_for
 
     engine_for(url).dispose()
     admin = sa.create_engine(admin_url(), isolation_level="AUTOCOMMIT")
@@ -105,10 +105,10 @@ def fill(url: str, blobs: str, n_samples: int, n_reviewers: int, seed: int = 0) 
     """Fill a migrated database with ``n_samples`` ready samples and the reviewer accounts; returns setup facts."""
     from sqlalchemy import insert, text
 
-    from annotate.accounts import hash_password
-    from db.models import GoldAnswer, Instance, Sample, SubInstruction, Turn, User
-    from db.session import session_scope
-    from db.store import ImageStore, register_images
+    from mcie.annotate.accounts import hash_password
+    from mcie.db.models import GoldAnswer, Instance, Sample, SubInstruction, Turn, User
+    from mcie.db.session import session_scope
+    from mcie.db.store import ImageStore, register_images
 
     rng = random.Random(seed)
     store = ImageStore(blobs)
@@ -159,7 +159,7 @@ def fill(url: str, blobs: str, n_samples: int, n_reviewers: int, seed: int = 0) 
         for table in ("users", "instances", "turns", "samples", "sub_instructions"):
             session.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                  f"(SELECT max(id) FROM {table}))"))
-    from db.session import engine_for
+    from mcie.db.session import engine_for
 
     with engine_for(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("ANALYZE")
@@ -395,9 +395,9 @@ def main() -> None:
     parser.add_argument("--decision-rule", choices=("paper", "weighted"), default="paper")
     args = parser.parse_args()
 
-    from db.migrate import upgrade
-    from db.models import Review
-    from db.session import session_scope
+    from mcie.db.migrate import upgrade
+    from mcie.db.models import Review
+    from mcie.db.session import session_scope
 
     work = Path(tempfile.mkdtemp(prefix="mcie-bench-review-"))
     name, url = create_database()
@@ -406,7 +406,7 @@ def main() -> None:
         start = time.perf_counter()
         upgrade(url)
         facts = fill(url, str(work / "blobs"), args.samples, args.reviewers)
-        from annotate.project import set_project_config
+        from mcie.annotate.project import set_project_config
 
         with session_scope(url, write=True) as session:
             set_project_config(session, {"review_policy": args.review_policy, "decision_rule": args.decision_rule},

@@ -47,8 +47,8 @@ def signed_cookie_app(settings: Any, secret: str) -> Any:
     from starlette.middleware import Middleware
     from starlette.middleware.sessions import SessionMiddleware
 
-    from annotate.web.server import create_app
-    from annotate.web.sessions import ServerSessionMiddleware
+    from mcie.annotate.web.server import create_app
+    from mcie.annotate.web.sessions import ServerSessionMiddleware
 
     app = create_app(settings, mount_ui=False, worker=False)
     swapped = [
@@ -103,12 +103,12 @@ def main() -> None:
 
     import review_load
 
-    from annotate.accounts import hash_password
-    from annotate.web.server import create_app
-    from db.migrate import upgrade
-    from db.models import Role, User
-    from db.session import session_scope
+    from mcie.annotate.accounts import hash_password
+    from mcie.annotate.web.server import create_app
     from mcie.config import load_settings
+    from mcie.db.migrate import upgrade
+    from mcie.db.models import Role, User
+    from mcie.db.session import session_scope
 
     work = Path(tempfile.mkdtemp(prefix="mcie-bench-session-"))
     name, url = review_load.create_database()

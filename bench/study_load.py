@@ -76,7 +76,7 @@ def _create_database(admin_url: str, name: str) -> None:
 def _drop_database(admin_url: str, name: str) -> None:
     import sqlalchemy as sa
 
-    from db.session import engine_for
+    from mcie.db.session import engine_for
 
     engine_for(_database(admin_url, name)).dispose()
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -120,7 +120,7 @@ def serve(config: str) -> None:
     """The server subprocess: the whole app (UI mounted) under uvicorn, one process, like ``mcie serve``."""
     import uvicorn
 
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
     from mcie.config import load_settings
 
     options = json.loads(config)
@@ -219,8 +219,8 @@ def _percentiles(values: list[float]) -> dict[str, float | int | None]:
 def _check_votes(url: str, study_id: int, stats: Stats) -> dict[str, int]:
     from sqlalchemy import select
 
-    from db.models import StudyAssignment, Vote
-    from db.session import session_scope
+    from mcie.db.models import StudyAssignment, Vote
+    from mcie.db.session import session_scope
 
     with session_scope(url) as session:
         rows = session.execute(
@@ -291,10 +291,10 @@ def main() -> None:
     low, high = (float(v) for v in args.think_ms.split(","))
     args.think = (low, high)
 
-    from annotate import study
-    from db.migrate import upgrade
-    from db.store import ImageStore
+    from mcie.annotate import study
     from mcie.config import load_settings
+    from mcie.db.migrate import upgrade
+    from mcie.db.store import ImageStore
 
     name = f"mcie_bench_study_{uuid.uuid4().hex[:10]}"
     work = Path(tempfile.mkdtemp(prefix="mcie-study-load-"))

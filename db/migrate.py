@@ -14,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from db.session import engine_for
+from mcie.db.session import engine_for
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

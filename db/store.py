@@ -252,7 +252,7 @@ def register_images(session: Session, images: Iterable[StoredImage]) -> None:
     from sqlalchemy.dialects.postgresql import insert as pg_insert
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-    from db.models import Image as ImageRow
+    from mcie.db.models import Image as ImageRow
 
     rows = {
         img.sha256: {

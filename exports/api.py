@@ -29,16 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from db.migrate import current
-from db.models import AuditLog, Export, ExportItem, Instance, JobStatus, Split, utcnow
-from db.session import session_scope
-from exports.card import CardStats, agreement_figures, plots, render_readme
-from exports.manifest import build_manifest, resolve_hashes, write_manifest
-from exports.records import SCHEMA_VERSION
-from exports.reviews import ReviewsExport, export_reviews
-from exports.select import DEFAULT_CHUNK, ExportFilter, iter_records
-from exports.splits import SPLITS
-from exports.writers import DEFAULT_SHARD_SIZE, FORMATS, FileEntry, make_writer, verified_fetch
+from mcie.db.migrate import current
+from mcie.db.models import AuditLog, Export, ExportItem, Instance, JobStatus, Split, utcnow
+from mcie.db.session import session_scope
+from mcie.exports.card import CardStats, agreement_figures, plots, render_readme
+from mcie.exports.manifest import build_manifest, resolve_hashes, write_manifest
+from mcie.exports.records import SCHEMA_VERSION
+from mcie.exports.reviews import ReviewsExport, export_reviews
+from mcie.exports.select import DEFAULT_CHUNK, ExportFilter, iter_records
+from mcie.exports.splits import SPLITS
+from mcie.exports.writers import DEFAULT_SHARD_SIZE, FORMATS, FileEntry, make_writer, verified_fetch
 
 __all__ = [
     "ExportError",

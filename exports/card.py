@@ -19,8 +19,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from exports.records import ExportRecord
-from exports.splits import SPLITS
+from mcie.exports.records import ExportRecord
+from mcie.exports.splits import SPLITS
 
 SCORES = (1, 2, 3, 4, 5)
 AGREEMENT_BOOTSTRAP = 200
@@ -89,7 +89,7 @@ def agreement_figures(stats: CardStats, n_boot: int = AGREEMENT_BOOTSTRAP) -> di
         return None
     import pandas as pd
 
-    from annotate.agreement import agreement_report
+    from mcie.annotate.agreement import agreement_report
 
     frame = pd.DataFrame(stats.multi_reviews, columns=["sample_id", "rater", "consistent", "quality", "complexity"])
     return agreement_report(frame, n_boot=n_boot, seed=0)
@@ -186,7 +186,7 @@ def plots(stats: CardStats) -> dict[str, bytes]:
 _LOADING = {
     "jsonl": """```python
 import pandas as pd
-from model.data import JsonlEditDataset
+from mcie.model.data import JsonlEditDataset
 
 train = pd.read_json("train.jsonl", lines=True)          # one row per sample; images under images/
 dataset = JsonlEditDataset(".", split="train", resolution=512)  # torch Dataset for MCIE-E1
@@ -198,7 +198,7 @@ ds = datasets.load_dataset("parquet", data_files={"train": "train-*.parquet", "v
 ds["train"][0]["source_image"]  # a PIL image
 ```""",
     "webdataset": """```python
-from model.data import webdataset_pipeline
+from mcie.model.data import webdataset_pipeline
 
 pipeline = webdataset_pipeline(sorted(glob.glob("train-*.tar")), resolution=512)
 ```""",

@@ -34,10 +34,10 @@ def _export(
 ) -> None:
     from pydantic import ValidationError
 
-    from db.store import ImageStore
-    from exports.api import ExportError, run_export
-    from exports.select import ExportFilter
     from mcie.config import settings_or_exit as settings
+    from mcie.db.store import ImageStore
+    from mcie.exports.api import ExportError, run_export
+    from mcie.exports.select import ExportFilter
 
     cfg = settings()
     raw = {"statuses": status, "min_quality": min_quality, "min_complexity": min_complexity, "reviewers": reviewer,
@@ -49,7 +49,7 @@ def _export(
         err.print(f"error: {problems}", highlight=False)
         raise typer.Exit(2) from None
     if background:
-        from annotate import jobs
+        from mcie.annotate import jobs
 
         payload = {"format": fmt, "out": str(out.absolute()), "filter": flt.model_dump(mode="json"), "since": since,
                    "val_fraction": val_fraction, "shard_size": shard_size, "include_reviewers": include_reviewers}
@@ -114,8 +114,8 @@ def reviews_command(
     path: Annotated[Path, typer.Argument(help="Output file: .csv or .parquet (decisions go beside it).")],
 ) -> None:
     """Every raw review and decision, for analysis (includes usernames and comments)."""
-    from exports.reviews import export_reviews
     from mcie.config import settings_or_exit as settings
+    from mcie.exports.reviews import export_reviews
 
     try:
         result = export_reviews(settings().database_url, path)

@@ -50,8 +50,8 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-from exports.manifest import build_manifest, resolve_hashes, write_manifest
-from exports.records import (
+from mcie.exports.manifest import build_manifest, resolve_hashes, write_manifest
+from mcie.exports.records import (
     FORMAT_EXTENSIONS,
     SCHEMA_VERSION,
     AggregatedScores,
@@ -60,8 +60,8 @@ from exports.records import (
     Provenance,
     SubInstructionRecord,
 )
-from exports.splits import SPLITS, split_for
-from exports.writers import DEFAULT_SHARD_SIZE, FileEntry, make_writer
+from mcie.exports.splits import SPLITS, split_for
+from mcie.exports.writers import DEFAULT_SHARD_SIZE, FileEntry, make_writer
 
 __all__ = [
     "PRESETS",

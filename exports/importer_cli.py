@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from exports.writers import FORMATS
+from mcie.exports.writers import FORMATS
 
 app = typer.Typer(no_args_is_help=True, help="Bring outside datasets into mcie's record format.")
 console = Console()
@@ -35,7 +35,7 @@ def import_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Import SOURCE into OUT in the record format of `mcie export`, boxes from masks, one named error per bad row."""
-    from exports.importer import DataImportError, import_dataset, parse_columns
+    from mcie.exports.importer import DataImportError, import_dataset, parse_columns
 
     def show(problem: dict) -> None:
         ident = f" (id {problem['id']})" if problem.get("id") else ""

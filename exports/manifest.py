@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from exports.writers import FileEntry, sha256_file
+from mcie.exports.writers import FileEntry, sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from annotate.aggregation import aggregate
-from db.windows import window_images
-from exports.splits import SplitName
+from mcie.annotate.aggregation import aggregate
+from mcie.db.windows import window_images
+from mcie.exports.splits import SplitName
 
 SCHEMA_VERSION = 1
 

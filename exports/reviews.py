@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import aliased
 
-from db.models import Decision, Instance, Review, Sample, User
-from db.session import session_scope
+from mcie.db.models import Decision, Instance, Review, Sample, User
+from mcie.db.session import session_scope
 
 SUFFIXES = (".csv", ".parquet")
 _BATCH = 5000

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import Select, and_, exists, func, select
 from sqlalchemy.orm import Session, aliased
 
-from annotate.aggregation import at_least
-from db.models import (
+from mcie.annotate.aggregation import at_least
+from mcie.db.models import (
     Decision,
     Export,
     ExportItem,
@@ -39,8 +39,8 @@ from db.models import (
     Turn,
     User,
 )
-from db.windows import window_images
-from exports.records import (
+from mcie.db.windows import window_images
+from mcie.exports.records import (
     DecisionRow,
     ExportRecord,
     JudgementRow,
@@ -49,7 +49,7 @@ from exports.records import (
     SubRow,
     build_record,
 )
-from exports.splits import split_for
+from mcie.exports.splits import split_for
 
 DEFAULT_CHUNK = 1000
 

@@ -31,8 +31,8 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exports.records import ExportRecord, record_dict
-from exports.splits import SPLITS, SplitName
+from mcie.exports.records import ExportRecord, record_dict
+from mcie.exports.splits import SPLITS, SplitName
 
 FORMATS = ("jsonl", "parquet", "webdataset")
 DEFAULT_SHARD_SIZE = 1000

@@ -33,14 +33,14 @@ app.add_typer(users_app, name="users")
 
 def _register_stage_commands() -> None:
     """Each stage owns its commands in ``<stage>/cli.py``; they are grouped here under one console script."""
-    from annotate.jobs_cli import app as jobs_app
-    from annotate.jobs_cli import worker_command
-    from annotate.study_cli import app as study_app
-    from exports.cli import app as export_app
-    from exports.importer_cli import app as data_app
+    from mcie.annotate.jobs_cli import app as jobs_app
+    from mcie.annotate.jobs_cli import worker_command
+    from mcie.annotate.study_cli import app as study_app
+    from mcie.exports.cli import app as export_app
+    from mcie.exports.importer_cli import app as data_app
+    from mcie.model.cli import register as register_model_commands
     from mcie.models_cli import app as models_app
-    from model.cli import register as register_model_commands
-    from pipeline.cli import app as pipeline_app
+    from mcie.pipeline.cli import app as pipeline_app
 
     app.add_typer(pipeline_app, name="pipeline")
     app.add_typer(export_app, name="export")
@@ -99,7 +99,7 @@ def config_show(as_json: Annotated[bool, typer.Option("--json", help="Print one 
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Upgrade the database schema (creates the SQLite file if needed)."""
-    from db import migrate
+    from mcie.db import migrate
 
     url = settings().database_url
     migrate.upgrade(url, revision)
@@ -109,7 +109,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Downgrade the database schema to REVISION."""
-    from db import migrate
+    from mcie.db import migrate
 
     url = settings().database_url
     migrate.downgrade(url, revision)
@@ -119,7 +119,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's schema revision and whether it is the newest."""
-    from db import migrate
+    from mcie.db import migrate
 
     url = settings().database_url
     rev = migrate.current(url)
@@ -148,8 +148,8 @@ def users_add(
     display_name: Annotated[str | None, typer.Option(help="Name shown in the app.")] = None,
 ) -> None:
     """Add an account."""
-    from annotate.accounts import AccountError, create_user
-    from db.session import session_scope
+    from mcie.annotate.accounts import AccountError, create_user
+    from mcie.db.session import session_scope
 
     url = settings().database_url
     password = None if role == "participant" and not password_stdin else _read_password(password_stdin)
@@ -164,8 +164,8 @@ def users_add(
 @users_app.command("list")
 def users_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List accounts."""
-    from annotate.accounts import list_users
-    from db.session import session_scope
+    from mcie.annotate.accounts import list_users
+    from mcie.db.session import session_scope
 
     with session_scope(settings().database_url) as session:
         rows = [
@@ -195,8 +195,8 @@ def users_enable(username: str) -> None:
 
 
 def _set_active(username: str, active: bool) -> None:
-    from annotate.accounts import AccountError, set_active
-    from db.session import session_scope
+    from mcie.annotate.accounts import AccountError, set_active
+    from mcie.db.session import session_scope
 
     try:
         with session_scope(settings().database_url) as session:
@@ -213,8 +213,8 @@ def users_set_password(
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
 ) -> None:
     """Set an account's password."""
-    from annotate.accounts import AccountError, set_password
-    from db.session import session_scope
+    from mcie.annotate.accounts import AccountError, set_password
+    from mcie.db.session import session_scope
 
     password = _read_password(password_stdin)
     try:
@@ -233,9 +233,9 @@ def users_sessions(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List an account's web sessions (where and when), or end them all with --revoke-all."""
-    from annotate.accounts import AccountError, get_user, revoke_sessions
-    from annotate.web import sessions
-    from db.session import session_scope
+    from mcie.annotate import sessions
+    from mcie.annotate.accounts import AccountError, get_user, revoke_sessions
+    from mcie.db.session import session_scope
 
     cfg = settings()
     try:
@@ -287,7 +287,7 @@ def serve_command(
     ] = True,
 ) -> None:
     """Upgrade the database, then serve the review app (/review) and the leads' dashboard (/dashboard)."""
-    from annotate.web.server import serve
+    from mcie.annotate.web.server import serve
 
     serve(host, port, settings(), secure_cookies=secure_cookies, worker=worker)
 
@@ -302,7 +302,7 @@ def agreement_command(
     ] = False,
 ) -> None:
     """Inter-rater agreement: Krippendorff's alpha with CIs, Fleiss' and Cohen's kappa, rater reliability, MLLM."""
-    from annotate.dashboard_data import agreement_figures, reliability_figures
+    from mcie.annotate.dashboard_data import agreement_figures, reliability_figures
 
     url = settings().database_url
     if refit:
@@ -363,10 +363,10 @@ def demo(
     Prints the password only of the accounts it created now; ``--no-pipeline`` stops after writing the data and
     prints the commands that ingest and process it.
     """
-    from annotate.accounts import create_user
-    from db import migrate
-    from db.models import User
-    from db.session import session_scope
+    from mcie.annotate.accounts import create_user
+    from mcie.db import migrate
+    from mcie.db.models import User
+    from mcie.db.session import session_scope
     from mcie.demo import build_demo
 
     cfg = settings()
@@ -399,10 +399,10 @@ def demo(
 
 
 def _demo_pipeline(cfg: Settings, out: Path) -> None:
-    from db.store import ImageStore
+    from mcie.db.store import ImageStore
     from mcie.demo import DEMO_LICENSE
-    from pipeline.ingest import ingest, read_source
-    from pipeline.run import run_pipeline
+    from mcie.pipeline.ingest import ingest, read_source
+    from mcie.pipeline.run import run_pipeline
 
     records = read_source(out, "seed-data-edit", None, license=DEMO_LICENSE)
     report = ingest(records, url=cfg.database_url, store=ImageStore.from_settings(cfg))

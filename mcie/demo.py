@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline import seed_format as sf
+from mcie.pipeline import seed_format as sf
 
 Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
 PixelBox = tuple[int, int, int, int]

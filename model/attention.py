@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from model.config import MCIEConfig
-from model.masks import background_gate, foreground_weights, latent_grid, masks_at
+from mcie.model.config import MCIEConfig
+from mcie.model.masks import background_gate, foreground_weights, latent_grid, masks_at
 
 __all__ = [
     "MCIEAttentionInputs",

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.saca import QueryTransformer
+from mcie.model.saca import QueryTransformer
 
 __all__ = ["BackgroundContext", "OpenClipPatchEncoder", "build_vision_tower", "load_state_file"]
 

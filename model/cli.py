@@ -68,8 +68,8 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Train MCIE-E1 (all stages of the config; paper 3.2, Eq. 12)."""
-    from model.train import TrainError, train
-    from model.train_config import TrainConfigError, load_train_config
+    from mcie.model.train import TrainError, train
+    from mcie.model.train_config import TrainConfigError, load_train_config
 
     try:
         cfg = load_train_config(config, output_dir=str(output_dir) if output_dir else None)
@@ -114,7 +114,7 @@ def _needs_decomposition(weights: Path | None) -> bool:
     """Whether the model reads sub-instructions (MCIE-E1 with SACA), from the saved config only."""
     if weights is None:
         return False
-    from model.weights import read_config
+    from mcie.model.weights import read_config
 
     try:
         return read_config(weights).use_saca
@@ -124,7 +124,7 @@ def _needs_decomposition(weights: Path | None) -> bool:
 
 def _decomposer(settings: Any) -> Any:
     from mcie.config import ConfigError
-    from model.evaluate import mllm_decompose
+    from mcie.model.evaluate import mllm_decompose
 
     if settings.mllm_backend == "none":
         _fail(
@@ -139,7 +139,7 @@ def _decomposer(settings: Any) -> Any:
 
 def _load(settings: Any, base: Path, weights: Path | None, vision: Path | None, decompose: Any, device: str | None,
           quiet: bool) -> Any:
-    from model.evaluate import EvalError, load_pipeline
+    from mcie.model.evaluate import EvalError, load_pipeline
 
     if weights is None and not quiet:
         err.print("note: no MCIE-E1 weights (MCIE_EDITING_WEIGHTS_PATH is not set): editing with plain "
@@ -177,7 +177,7 @@ def edit_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Edit an image (or a JSONL batch) with MCIE-E1, or with plain InstructPix2Pix when there are no weights."""
-    from model.evaluate import EditJob, EvalError, SubSpec, edit_one, parse_sub, read_jobs, run_edits
+    from mcie.model.evaluate import EditJob, EvalError, SubSpec, edit_one, parse_sub, read_jobs, run_edits
 
     if (image is None) == (batch is None):
         _fail("give either --image with --instruction and --out, or --batch with --out-dir")
@@ -279,7 +279,7 @@ def eval_command(
 ) -> None:
     """Score methods on a benchmark: CLIP-I, DINO-I, L1, L2 (against targets, or the sources when the bench has
     none), background L1 / L2 / DINO-I outside the edit regions, and the MLLM-judged IC / BC (paper 4.1)."""
-    from model.evaluate import (
+    from mcie.model.evaluate import (
         ClipImageEncoder,
         DinoImageEncoder,
         EvalError,

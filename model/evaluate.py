@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     import torch
 
     from mcie.config import Settings
-    from model.pipeline import MCIEPipeline
+    from mcie.model.pipeline import MCIEPipeline
 
 __all__ = [
     "BENCH_FILE",
@@ -158,7 +158,7 @@ class EditJob:
 
 
 def _box(value: Any, where: str) -> tuple[float, float, float, float] | None:
-    from model.masks import box_tuple
+    from mcie.model.masks import box_tuple
 
     if value is None:
         return None
@@ -347,7 +347,7 @@ def load_pipeline(
     """MCIE-E1 (``weights``) or plain InstructPix2Pix (no weights) on ``base``; fp16 on CUDA, fp32 elsewhere."""
     import torch
 
-    from model.pipeline import MCIEPipeline
+    from mcie.model.pipeline import MCIEPipeline
 
     device = resolve_device(device)
     if dtype is None:

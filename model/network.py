@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.attention import MCIEAttentionInputs, install_processors
-from model.bcca import BackgroundContext, OpenClipPatchEncoder
-from model.config import MCIEConfig
-from model.masks import FULL_BOX, boxes_tensor, mask_strength
-from model.saca import SpatialContext
+from mcie.model.attention import MCIEAttentionInputs, install_processors
+from mcie.model.bcca import BackgroundContext, OpenClipPatchEncoder
+from mcie.model.config import MCIEConfig
+from mcie.model.masks import FULL_BOX, boxes_tensor, mask_strength
+from mcie.model.saca import SpatialContext
 
 __all__ = ["BASE_SUBFOLDERS", "LORA_TARGET_MODULES", "MCIEModel", "SubInstructionBatch"]
 
@@ -173,7 +173,7 @@ class MCIEModel(nn.Module):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from mcie.hub import DIFFUSERS_IGNORE, DIFFUSERS_PATTERNS, resolve_folder
-        from model.weights import load_weights, read_config
+        from mcie.model.weights import load_weights, read_config
 
         base = resolve_folder(base_folder, "MCIE_EDITING_BASE_MODEL_PATH", allow=DIFFUSERS_PATTERNS,
                               ignore=DIFFUSERS_IGNORE)

@@ -33,8 +33,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from model.masks import box_tuple
-from model.network import MCIEModel, SubInstructionBatch
+from mcie.model.masks import box_tuple
+from mcie.model.network import MCIEModel, SubInstructionBatch
 
 __all__ = ["Decompose", "MCIEPipeline", "MCIEPipelineOutput", "SubInstruction", "parse_sub_instruction"]
 

@@ -52,11 +52,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.train_config import ConditioningDropout, DataConfig, StageConfig, TrainConfig, TrainConfigError
+from mcie.model.train_config import ConditioningDropout, DataConfig, StageConfig, TrainConfig, TrainConfigError
 
 if TYPE_CHECKING:
     from mcie.config import Settings
-    from model.network import MCIEModel
+    from mcie.model.network import MCIEModel
 
 __all__ = [
     "CHECKPOINTS",
@@ -150,7 +150,7 @@ def find_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _has_run(output_dir: Path) -> bool:
-    from model.weights import WEIGHTS_NAME
+    from mcie.model.weights import WEIGHTS_NAME
 
     return find_checkpoint(output_dir) is not None or (Path(output_dir) / WEIGHTS_NAME).is_file()
 
@@ -188,7 +188,7 @@ class StageData:
 
     def __init__(self, data: DataConfig, batch_size: int, seed: int, stage_index: int, *, rank: int = 0,
                  world: int = 1, max_sub_instructions: int | None = None, pin_memory: bool = False) -> None:
-        from model.data import ExportDataError, JsonlEditDataset
+        from mcie.model.data import ExportDataError, JsonlEditDataset
 
         self.data, self.batch_size, self.seed, self.stage_index = data, batch_size, seed, stage_index
         self.rank, self.world, self.max_sub, self.pin_memory = rank, world, max_sub_instructions, pin_memory
@@ -222,7 +222,7 @@ class StageData:
     def _loader(self, source: Any, sampler: Any = None) -> Any:
         from torch.utils.data import DataLoader
 
-        from model.data import collate_edit_batch
+        from mcie.model.data import collate_edit_batch
 
         return DataLoader(source, batch_size=self.batch_size, sampler=sampler, collate_fn=collate_edit_batch,
                           num_workers=self.data.num_workers, drop_last=True, pin_memory=self.pin_memory)
@@ -234,7 +234,7 @@ class StageData:
             if indices:
                 yield from self._loader(self.dataset, indices)
             return
-        from model.data import webdataset_pipeline
+        from mcie.model.data import webdataset_pipeline
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*shardshuffle.*")
@@ -362,8 +362,8 @@ class _Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
     def _load_model(self) -> None:
-        from model.network import MCIEModel
-        from model.weights import load_weights, save_weights
+        from mcie.model.network import MCIEModel
+        from mcie.model.weights import load_weights, save_weights
 
         config = self.config
         vision = self._vision_checkpoint()
@@ -532,7 +532,7 @@ class _Trainer:
     # --- the run ----------------------------------------------------------------------------------------------
 
     def run(self, resume: bool, resume_from: Path | None, stop_after: int | None) -> TrainResult:
-        from model.weights import save_weights
+        from mcie.model.weights import save_weights
 
         config = self.config
         checkpoint = None

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.config import MCIEConfig
+from mcie.model.config import MCIEConfig
 
 __all__ = [
     "ConditioningDropout",

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.config import MCIEConfig
+from mcie.model.config import MCIEConfig
 
 if TYPE_CHECKING:
-    from model.network import MCIEModel
+    from mcie.model.network import MCIEModel
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "WeightsError", "load_weights", "read_config", "save_weights"]
 

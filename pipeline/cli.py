@@ -40,10 +40,10 @@ def ingest_command(
 
     Exits 0 when the run finished, even with skipped records (listed); non-zero only when nothing could be read.
     """
-    from db import migrate
-    from db.store import ImageStore
-    from pipeline.ingest import ingest, read_source
-    from pipeline.sources import IngestLimits
+    from mcie.db import migrate
+    from mcie.db.store import ImageStore
+    from mcie.pipeline.ingest import ingest, read_source
+    from mcie.pipeline.sources import IngestLimits
 
     cfg = _settings()
     if fmt not in ("seed-data-edit", "jsonl"):
@@ -94,9 +94,9 @@ def run_command(
     Exits 1 when every MLLM call of a stage failed (the first error and a hint go to stderr); failed calls are kept
     and asked again by the next run.
     """
-    from db import migrate
     from mcie.config import ConfigError
-    from pipeline.run import error_lines, failed_stages, run_pipeline
+    from mcie.db import migrate
+    from mcie.pipeline.run import error_lines, failed_stages, run_pipeline
 
     cfg = _settings()
     if engine not in ("local", "ray"):
@@ -164,7 +164,7 @@ def _print_summary(summary) -> None:
 @app.command("status")
 def status_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Samples by status, flagged samples, unrecovered MLLM failures by stage and kind, and what a rerun retries."""
-    from pipeline.status import pipeline_status
+    from mcie.pipeline.status import pipeline_status
 
     out = pipeline_status(_settings())
     if as_json:

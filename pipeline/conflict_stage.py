@@ -22,12 +22,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, MllmJudgement, MllmStage, Sample, SampleStatus, Turn
-from db.session import session_scope
-from db.windows import window_images
 from mcie.config import Settings
-from pipeline.engines import Engine
-from pipeline.report import StageReport, recorded_model_name
+from mcie.db.models import Instance, MllmJudgement, MllmStage, Sample, SampleStatus, Turn
+from mcie.db.session import session_scope
+from mcie.db.windows import window_images
+from mcie.pipeline.engines import Engine
+from mcie.pipeline.report import StageReport, recorded_model_name
 
 STAGE = "conflict"
 
@@ -65,7 +65,7 @@ class ConflictWorker:
     mllm: str
 
     def __call__(self):
-        from db.store import ImageStore
+        from mcie.db.store import ImageStore
         from mcie.mllm.base import make_backend
 
         store = ImageStore.from_settings(self.settings)

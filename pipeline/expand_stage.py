@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from sqlalchemy import exists, func, insert, select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, Sample, SampleStatus, SubInstruction, Turn
-from db.session import session_scope
-from pipeline.expand import plan_samples
+from mcie.db.models import Instance, Sample, SampleStatus, SubInstruction, Turn
+from mcie.db.session import session_scope
+from mcie.pipeline.expand import plan_samples
 
 
 @dataclass

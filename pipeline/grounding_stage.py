@@ -33,7 +33,8 @@ from typing import Any
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (
+from mcie.config import Settings
+from mcie.db.models import (
     BoxCandidate,
     BoxSource,
     Instance,
@@ -44,11 +45,10 @@ from db.models import (
     SubInstruction,
     Turn,
 )
-from db.session import session_scope
-from mcie.config import Settings
-from pipeline.engines import Engine
-from pipeline.load_stage import refresh_ready
-from pipeline.report import StageReport, recorded_model_name
+from mcie.db.session import session_scope
+from mcie.pipeline.engines import Engine
+from mcie.pipeline.load_stage import refresh_ready
+from mcie.pipeline.report import StageReport, recorded_model_name
 
 STAGE = "grounding"
 ANSWERED = ("boxes", "empty")  # verdicts of a valid answer: not asked again, reused from the cache
@@ -114,8 +114,8 @@ class GroundingWorker:
     k: int
 
     def __call__(self):
-        from db.store import ImageStore
-        from pipeline.scoring import make_scorer
+        from mcie.db.store import ImageStore
+        from mcie.pipeline.scoring import make_scorer
 
         store = ImageStore.from_settings(self.settings)
         scorer = make_scorer(self.scorer, self.settings)  # type: ignore[arg-type]
@@ -130,8 +130,8 @@ class GroundingWorker:
 def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: Any, *, k: int) -> list[TurnOutcome]:
     """Candidates from the MLLM (asked, or from the cache) and the pixel difference for each turn, added to the
     turn's stored candidates, all scored in one batch and one chosen by :class:`pipeline.scoring.SelectionRule`."""
-    from pipeline.boxes import Box, diff_boxes
-    from pipeline.scoring import SelectionRule
+    from mcie.pipeline.boxes import Box, diff_boxes
+    from mcie.pipeline.scoring import SelectionRule
 
     rule = SelectionRule()
     pairs = [(store.open(t.before_sha), store.open(t.after_sha)) for t in tasks]
@@ -175,7 +175,7 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
 def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]], backend: Any, k: int):
     from mcie.mllm.parsing import ParseFailure, parse_grounding
     from mcie.mllm.prompts import PROMPT_VERSION, grounding_prompt
-    from pipeline.boxes import Box
+    from mcie.pipeline.boxes import Box
 
     prompts: list[Any] = [None] * len(tasks)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from db.models import Instance, Turn
-from db.session import session_scope
-from db.store import ImageRejected, ImageStore, StoredImage, register_images
-from pipeline.expand import classify_operation
-from pipeline.sources import IngestLimits, RawInstance, RecordError
+from mcie.db.models import Instance, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageRejected, ImageStore, StoredImage, register_images
+from mcie.pipeline.expand import classify_operation
+from mcie.pipeline.sources import IngestLimits, RawInstance, RecordError
 
 
 @dataclass(frozen=True)
@@ -176,8 +176,8 @@ def read_source(
     :class:`pipeline.sources.IngestLimits`: images inside the root, instructions and meta of bounded size).
     ``license`` is the source's licence where the data does not state one (SEED-Data-Edit's CC-BY-NC-4.0 by
     default for its layout; none for a manifest)."""
-    from pipeline.seed_format import DATASET_LICENSE
-    from pipeline.sources import read_jsonl_manifest, read_seed_data_edit
+    from mcie.pipeline.seed_format import DATASET_LICENSE
+    from mcie.pipeline.sources import read_jsonl_manifest, read_seed_data_edit
 
     if fmt == "seed-data-edit":
         return read_seed_data_edit(path, images_root, limits, license or DATASET_LICENSE)

@@ -21,9 +21,9 @@ from collections import defaultdict
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
-from db.session import session_scope
-from pipeline.report import StageReport
+from mcie.db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
+from mcie.db.session import session_scope
+from mcie.pipeline.report import StageReport
 
 CERTAIN_MARGIN = 0.05
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mcie.config import Settings
-from pipeline.conflict_stage import conflict_stage
-from pipeline.engines import make_stage_engine
-from pipeline.expand_stage import expand_stage
-from pipeline.grounding_stage import grounding_stage
-from pipeline.load_stage import load_stage
-from pipeline.report import StageReport, recorded_model_name
+from mcie.pipeline.conflict_stage import conflict_stage
+from mcie.pipeline.engines import make_stage_engine
+from mcie.pipeline.expand_stage import expand_stage
+from mcie.pipeline.grounding_stage import grounding_stage
+from mcie.pipeline.load_stage import load_stage
+from mcie.pipeline.report import StageReport, recorded_model_name
 
 
 @dataclass

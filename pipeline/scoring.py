@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from mcie.config import ConfigError, Settings, get_settings
-from pipeline.boxes import Box, Candidate, ImageLike, to_rgb_array
+from mcie.pipeline.boxes import Box, Candidate, ImageLike, to_rgb_array
 
 if TYPE_CHECKING:
     import torch

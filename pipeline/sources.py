@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import seed_format as sf
+from mcie.pipeline import seed_format as sf
 
 
 @dataclass(frozen=True)

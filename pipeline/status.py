@@ -14,10 +14,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Instance, MllmJudgement, MllmStage, Sample
-from db.session import session_scope
 from mcie.config import Settings
-from pipeline.report import failure_kind, recorded_model_name
+from mcie.db.models import Instance, MllmJudgement, MllmStage, Sample
+from mcie.db.session import session_scope
+from mcie.pipeline.report import failure_kind, recorded_model_name
 
 _NUMBERS = re.compile(r"\d+(?:, \d+)*")
 
@@ -62,7 +62,7 @@ def unrecovered_failures(session: Session) -> dict[str, dict[str, dict[str, Any]
 def rerun_plan(session: Session, settings: Settings, mllm: str, k: int = 3) -> dict[str, int]:
     """How many samples / turns the next run would ask the MLLM about (and how many of those are retries)."""
     from mcie.mllm.prompts import PROMPT_VERSION
-    from pipeline import conflict_stage, grounding_stage
+    from mcie.pipeline import conflict_stage, grounding_stage
 
     if mllm == "none":
         turns = grounding_stage.pending_tasks(session, None, None, k, retry=True)

@@ -74,7 +74,7 @@ def _database_url(name: str) -> str:
 
 
 def _drop(admin, name: str) -> None:
-    from db.session import engine_for
+    from mcie.db.session import engine_for
 
     url = _database_url(name)
     engine_for(url).dispose()
@@ -85,8 +85,8 @@ def _drop(admin, name: str) -> None:
 @pytest.fixture(scope="session")
 def _postgres_template(_postgres_admin) -> Iterator[str]:
     """A database migrated to the newest schema once per run, cloned by :func:`migrated_url` (fast)."""
-    from db.migrate import upgrade
-    from db.session import engine_for
+    from mcie.db.migrate import upgrade
+    from mcie.db.session import engine_for
 
     name = f"mcie_tpl_{uuid.uuid4().hex[:12]}"
     with _postgres_admin.connect() as conn:
@@ -131,7 +131,7 @@ def any_db_url(request: pytest.FixtureRequest) -> str:
 def migrated_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """An SQLite or PostgreSQL database at the newest schema (PostgreSQL ones are cloned from a template)."""
     if request.param == "sqlite":
-        from db.migrate import upgrade
+        from mcie.db.migrate import upgrade
 
         url = request.getfixturevalue("sqlite_url")
         upgrade(url)
@@ -144,7 +144,7 @@ def migrated_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture
 def store(tmp_path: Path):
-    from db.store import ImageStore
+    from mcie.db.store import ImageStore
 
     return ImageStore(str(tmp_path / "blobs"), max_pixels=50_000_000, max_bytes=20 * 1024 * 1024)
 

@@ -197,10 +197,22 @@ def copy_sources(path: Path) -> Iterator[tuple[Instruction, list[str]]]:
                 yield instruction, words[:-1]
 
 
-def top_level_packages() -> list[str]:
+def package_dirs() -> dict[str, str]:
+    """pyproject's ``package-dir``: installed package name -> its folder in the repository."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted({pattern.rstrip("*").split(".")[0] for pattern in include})
+    return pyproject["tool"]["setuptools"]["package-dir"]
+
+
+def top_level_packages() -> list[str]:
+    """The repository folders the package is built from (the stage folders and mcie/)."""
+    return sorted(set(package_dirs().values()))
+
+
+def package_folder(package: str) -> Path:
+    """Where an installed package's files live in the repository (``mcie.db.migrations`` -> ``db/migrations``)."""
+    mapping = package_dirs()
+    base = max((name for name in mapping if package == name or package.startswith(name + ".")), key=len)
+    return ROOT / mapping[base] / package[len(base) :].lstrip(".").replace(".", "/")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -259,7 +271,7 @@ def test_dockerfile_copy_sources_exist_and_are_in_the_context(dockerfile: Path) 
             matched += len(hits)
         assert matched, f"{dockerfile.name}:{instruction.line}: no source of `COPY {instruction.args}` exists"
     missing = [name for name in ["pyproject.toml", *top_level_packages()] if name not in copied]
-    assert not missing, f"{dockerfile.name} does not COPY {missing} (pyproject's packages.find include)"
+    assert not missing, f"{dockerfile.name} does not COPY {missing} (pyproject's package-dir)"
 
 
 def test_package_data_reaches_the_images() -> None:
@@ -268,7 +280,7 @@ def test_package_data_reaches_the_images() -> None:
     rules = dockerignore_rules()
     declared: set[Path] = set()
     for package, patterns in package_data.items():
-        folders = [ROOT / top for top in top_level_packages()] if package == "*" else [ROOT / package.replace(".", "/")]
+        folders = [ROOT / top for top in top_level_packages()] if package == "*" else [package_folder(package)]
         declared.update(hit for folder in folders for pattern in patterns for hit in folder.glob(pattern))
     undeclared = [
         path.relative_to(ROOT).as_posix()

@@ -1,6 +1,6 @@
 """The user study's database edge: creating a study from a folder, invites, the participant's flow, votes, results.
 
-One module per concern, every public name re-exported here (``from annotate.study import enrol``): ``common``
+One module per concern, every public name re-exported here (``from mcie.annotate.study import enrol``): ``common``
 (constants, errors, types, shared lookups), ``creation`` (from a folder or from previews; opening and closing),
 ``participants`` (invites, access, listing, sequences), ``flow`` (screens, votes, advancing) and ``results`` (the
 votes frame, export, exclusions, results).
@@ -51,7 +51,7 @@ calls :func:`annotate.study_analysis.results`.
 
 from __future__ import annotations
 
-from annotate.study.common import (
+from mcie.annotate.study.common import (
     CRITERION_RE,
     DEFAULT_CRITERIA,
     EXPORT_COLUMNS,
@@ -77,7 +77,7 @@ from annotate.study.common import (
     hash_token,
     study_scope,
 )
-from annotate.study.creation import (
+from mcie.annotate.study.creation import (
     ItemSpec,
     check_study_folder,
     create_study_from_folder,
@@ -85,14 +85,14 @@ from annotate.study.creation import (
     parse_items,
     set_study_status,
 )
-from annotate.study.flow import (
+from mcie.annotate.study.flow import (
     advance,
     cast_vote,
     current_item,
     participant_progress,
     quick_current_item,
 )
-from annotate.study.participants import (
+from mcie.annotate.study.participants import (
     INVITE_CLOSED,
     INVITE_DISABLED,
     INVITE_DRAFT,
@@ -112,7 +112,7 @@ from annotate.study.participants import (
     revoke_invite,
     upcoming_images,
 )
-from annotate.study.results import (
+from mcie.annotate.study.results import (
     VOTES_FRAME_COLUMNS,
     export_votes,
     set_excluded,

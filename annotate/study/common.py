@@ -15,13 +15,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from mcie.db.models import (
     Study,
     StudyAssignment,
     StudyParticipant,
     StudyStatus,
 )
-from db.session import session_scope
+from mcie.db.session import session_scope
 
 ITEMS_FILE = "items.jsonl"
 OUTPUT_SUFFIX = ".png"

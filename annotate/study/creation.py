@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from annotate import study_design
-from annotate.study.common import (
+from mcie.annotate import study_design
+from mcie.annotate.study.common import (
     CRITERION_RE,
     DEFAULT_CRITERIA,
     ITEM_FIELDS,
@@ -30,7 +30,7 @@ from annotate.study.common import (
     get_study,
     study_scope,
 )
-from db.models import (
+from mcie.db.models import (
     AuditLog,
     Instance,
     JobStatus,
@@ -42,8 +42,8 @@ from db.models import (
     StudyStatus,
     Turn,
 )
-from db.store import ImageRejected, ImageStore, StoredImage, register_images, validate_image
-from db.windows import window_images
+from mcie.db.store import ImageRejected, ImageStore, StoredImage, register_images, validate_image
+from mcie.db.windows import window_images
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
-from annotate.study.common import (
+from mcie.annotate.study.common import (
     LABELS,
     ItemScreen,
     ScreenOutput,
@@ -25,8 +25,8 @@ from annotate.study.common import (
     get_study,
     study_scope,
 )
-from annotate.study.participants import assign_participant
-from db.models import (
+from mcie.annotate.study.participants import assign_participant
+from mcie.db.models import (
     Study,
     StudyAssignment,
     StudyItem,

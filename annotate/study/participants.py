@@ -11,9 +11,9 @@ from datetime import datetime
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from annotate import study_design
-from annotate.accounts import check_username, create_user
-from annotate.study.common import (
+from mcie.annotate import study_design
+from mcie.annotate.accounts import check_username, create_user
+from mcie.annotate.study.common import (
     ParticipantStatus,
     StudyAccessError,
     StudyError,
@@ -23,7 +23,7 @@ from annotate.study.common import (
     hash_token,
     study_scope,
 )
-from db.models import (
+from mcie.db.models import (
     AuditLog,
     Role,
     Study,
@@ -95,7 +95,7 @@ def revoke_invite(db: str | Session, study_id: int, user_id: int, *, actor_id: i
         row = get_enrolment(session, study_id, user_id, active=False)
         if row.revoked_at is None:
             row.revoked_at = utcnow()
-            from annotate.web.sessions import revoke_user
+            from mcie.annotate.sessions import revoke_user
 
             revoke_user(session, user_id, "invitation revoked", study_id=study_id)  # the link's session ends now
             session.add(

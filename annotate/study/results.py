@@ -11,9 +11,9 @@ import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from annotate import study_analysis
-from annotate.study.common import EXPORT_COLUMNS, StudyError, get_enrolment, get_study, study_scope
-from db.models import (
+from mcie.annotate import study_analysis
+from mcie.annotate.study.common import EXPORT_COLUMNS, StudyError, get_enrolment, get_study, study_scope
+from mcie.db.models import (
     AuditLog,
     StudyAssignment,
     StudyItem,

@@ -58,9 +58,9 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from annotate import previews, queue
-from annotate.project import get_project_config
-from annotate.reviews import (
+from mcie.annotate import previews, queue
+from mcie.annotate.project import get_project_config
+from mcie.annotate.reviews import (
     Answer,
     ReviewError,
     SampleView,
@@ -70,10 +70,10 @@ from annotate.reviews import (
     submit_review,
     validate_answer,
 )
-from annotate.web.auth import WebUser, check_csrf, csrf_token, require_reviewer
-from annotate.web.deps import database_url, get_session
-from annotate.web.edges import ROUTE_LIMITS, user_message
-from db.models import Sample
+from mcie.annotate.web.auth import WebUser, check_csrf, csrf_token, require_reviewer
+from mcie.annotate.web.deps import database_url, get_session
+from mcie.annotate.web.edges import ROUTE_LIMITS, user_message
+from mcie.db.models import Sample
 
 PREFIX = "/api/review"
 CSRF_HEADER = "X-CSRF-Token"

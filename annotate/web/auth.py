@@ -1,6 +1,6 @@
 """Who is asking: login sessions, roles, the client's address and the key that signs the pre-login cookie.
 
-A login starts a server-side session (:mod:`annotate.web.sessions`: a ``web_sessions`` row, a random id in an HttpOnly,
+A login starts a server-side session (:mod:`annotate.sessions`: a ``web_sessions`` row, a random id in an HttpOnly,
 SameSite=Lax cookie) holding the user's id. Every request reads that row joined with the user again, so disabling an
 account or changing its role takes effect on the next request, not at the next login. Roles are checked on the server:
 
@@ -35,9 +35,9 @@ from fastapi import HTTPException, Request, status
 from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from annotate.web import sessions
-from db.models import Role, User
-from db.session import session_scope
+from mcie.annotate.web import sessions
+from mcie.db.models import Role, User
+from mcie.db.session import session_scope
 
 SESSION_COOKIE = sessions.COOKIE
 SECRET_KEY_FILE = "secret_key"
@@ -130,7 +130,7 @@ def snapshot(user: User | None) -> WebUser | None:
     return WebUser(user.id, user.username, Role(user.role), user.display_name, password_tag(user.password_hash))
 
 
-def _session_matches(user: WebUser | None, session: Any) -> WebUser | None:
+def session_matches(user: WebUser | None, session: Any) -> WebUser | None:
     """The user when the session was opened for this very account and password, else None."""
     if user is None or user.username != session.get("u") or user.session_tag != session.get("p"):
         return None  # the id was reused for another account, or the password changed since the login
@@ -164,7 +164,7 @@ def session_user(request: Request, database_url: str | None = None) -> WebUser |
     session = request.scope.get("session")
     if not session:
         return None
-    return _session_matches(scope_user(request.scope, database_url or _database_url(request)), session)
+    return session_matches(scope_user(request.scope, database_url or _database_url(request)), session)
 
 
 def scope_user(scope: Scope, database_url: str) -> WebUser | None:
@@ -286,9 +286,9 @@ class RoleGate:
             return
         session = scope.get("session") or {}
         if sessions.USER_KEY in scope:
-            user = _session_matches(scope_user(scope, self.database_url), session)
+            user = session_matches(scope_user(scope, self.database_url), session)
         else:
-            user = _session_matches(await anyio.to_thread.run_sync(scope_user, scope, self.database_url), session)
+            user = session_matches(await anyio.to_thread.run_sync(scope_user, scope, self.database_url), session)
         if user is not None and user.role in rule.roles:
             await self.app(scope, receive, send)
             return

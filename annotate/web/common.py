@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from annotate.web.auth import WebUser, gradio_auth_dependency, user_for_username
-from db.models import Role
+from mcie.annotate.web.auth import WebUser, gradio_auth_dependency, user_for_username
 from mcie.config import Settings
+from mcie.db.models import Role
 
 if TYPE_CHECKING:  # Gradio is imported where a screen is built, not by the plain routes
     import gradio as gr

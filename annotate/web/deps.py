@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from db.session import session_scope
+from mcie.db.session import session_scope
 
 
 def database_url(request: Request) -> str:

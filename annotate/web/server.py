@@ -38,8 +38,9 @@ from sqlalchemy import select
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from annotate.web import api_review
-from annotate.web.auth import (
+from mcie.annotate.sessions import SessionPolicy
+from mcie.annotate.web import api_review
+from mcie.annotate.web.auth import (
     LEAD_ROLES,
     REVIEWER_ROLES,
     GateRule,
@@ -57,17 +58,17 @@ from annotate.web.auth import (
     snapshot,
     start_session,
 )
-from annotate.web.common import STATIC_DIR, esc, mount_gradio
-from annotate.web.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
-from annotate.web.sessions import ServerSessionMiddleware, SessionPolicy
-from annotate.web.study_routes import register_study
-from annotate.web.throttle import LoginThrottle, ThrottlePolicy
-from annotate.worker import attach_job_worker
-from db.models import Assignment, AssignmentState, AuditLog
-from db.models import Image as ImageRow
-from db.session import session_scope
-from db.store import ImageStore
+from mcie.annotate.web.common import STATIC_DIR, esc, mount_gradio
+from mcie.annotate.web.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
+from mcie.annotate.web.sessions import ServerSessionMiddleware
+from mcie.annotate.web.study_routes import register_study
+from mcie.annotate.web.throttle import LoginThrottle, ThrottlePolicy
+from mcie.annotate.worker import attach_job_worker
 from mcie.config import Settings
+from mcie.db.models import Assignment, AssignmentState, AuditLog
+from mcie.db.models import Image as ImageRow
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: float = LEASE_SWEEP_S) -> None:
     """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
     ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
-    from annotate.queue import expire_leases
-    from annotate.reliability_service import refit_when_due
+    from mcie.annotate.queue import expire_leases
+    from mcie.annotate.reliability_service import refit_when_due
 
     sweeps = 0
     while True:
@@ -188,7 +189,7 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
 
 def _purge_runtime_tables(url: str, throttle: LoginThrottle) -> None:
     """The app's own throttle purges its counts, so 'old' is measured on the clock that wrote them."""
-    from annotate.web import sessions
+    from mcie.annotate import sessions
 
     with session_scope(url) as session:
         ended = sessions.purge(session)
@@ -198,7 +199,7 @@ def _purge_runtime_tables(url: str, throttle: LoginThrottle) -> None:
 
 
 def _mount_gradio(app: FastAPI, settings: Settings) -> None:
-    from annotate.web import ui_dashboard, ui_review  # Gradio loads only when the screens are mounted
+    from mcie.annotate.web import ui_dashboard, ui_review  # Gradio loads only when the screens are mounted
 
     mount_gradio(app, settings, REVIEW_PATH, ui_review.build(settings), REVIEWER_ROLES, ui_review.page_assets())
     mount_gradio(app, settings, DASHBOARD_PATH, ui_dashboard.build(settings), LEAD_ROLES, ui_dashboard.page_assets())
@@ -219,8 +220,8 @@ def serve(
     ``MCIE_TRUSTED_PROXIES`` (the app's own middleware; uvicorn's is off)."""
     import uvicorn
 
-    from db import migrate
     from mcie.config import get_settings
+    from mcie.db import migrate
 
     settings = settings or get_settings()
     migrate.upgrade(settings.database_url)
@@ -282,8 +283,8 @@ def _settings(request: Request) -> Settings:
 
 
 def healthz(request: Request) -> JSONResponse:
-    from db import migrate
-    from db.session import ping
+    from mcie.db import migrate
+    from mcie.db.session import ping
 
     url = _settings(request).database_url
     body: dict[str, Any] = {"ok": False, "database": False, "schema_revision": None, "schema_head": migrate.head()}
@@ -366,7 +367,7 @@ def login_submit(
     csrf: Annotated[str, Form(max_length=200)] = "",
     next: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
-    from annotate.accounts import authenticate
+    from mcie.annotate.accounts import authenticate
 
     settings = _settings(request)
     throttle: LoginThrottle = request.app.state.throttle
@@ -422,7 +423,7 @@ def logout(request: Request) -> Response:
 
 def release_leases(url: str, user_id: int) -> int:
     """Release every sample leased to ``user_id`` (through :func:`annotate.queue.release`); returns how many."""
-    from annotate import queue
+    from mcie.annotate import queue
 
     with session_scope(url) as session:
         sample_ids = list(
@@ -452,7 +453,7 @@ def whoami(user: WebUser = Depends(require_user)) -> JSONResponse:
 
 def api_status(request: Request, user: WebUser = Depends(require_lead)) -> JSONResponse:
     """Samples by status and the reviews still wanted (leads and admins)."""
-    from annotate import dashboard_data
+    from mcie.annotate import dashboard_data
 
     url = _settings(request).database_url
     body = {"samples": dashboard_data.status_counts(url), "remaining_reviews": dashboard_data.remaining_reviews(url)}
@@ -463,7 +464,7 @@ def api_agreement(
     request: Request, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000, user: WebUser = Depends(require_lead)
 ) -> JSONResponse:
     """Every agreement figure of the dashboard as JSON (leads and admins; what ``mcie agreement --json`` prints)."""
-    from annotate import dashboard_data
+    from mcie.annotate import dashboard_data
 
     figures = dashboard_data.agreement_figures(_settings(request).database_url, n_boot=n_boot)
     return JSONResponse(figures, headers={"cache-control": "no-store"})

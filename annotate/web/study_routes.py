@@ -46,25 +46,25 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from annotate import study
-from annotate.web.auth import (
+from mcie.annotate import study
+from mcie.annotate.web.auth import (
     LEAD_ROLES,
     SESSION_STUDY_KEY,
     WebUser,
-    _session_matches,
     client_ip,
     csrf_token,
     require_lead,
+    session_matches,
     session_study,
     session_user,
     snapshot,
     start_session,
 )
-from annotate.web.common import esc, mount_gradio
-from annotate.web.deps import get_session, get_write_session
-from db.models import AuditLog, Role, User
-from db.session import session_scope
+from mcie.annotate.web.common import esc, mount_gradio
+from mcie.annotate.web.deps import get_session, get_write_session
 from mcie.config import Settings
+from mcie.db.models import AuditLog, Role, User
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def register_study(app: FastAPI, settings: Settings, *, mount_ui: bool = True) -
 
 
 def _mount_pages(app: FastAPI, settings: Settings) -> None:
-    from annotate.web import ui_study  # Gradio loads only when the screens are mounted
+    from mcie.annotate.web import ui_study  # Gradio loads only when the screens are mounted
 
     mount_gradio(app, settings, STUDY_PATH, ui_study.build(settings), ALL_ROLES, ui_study.page_assets())
     mount_gradio(app, settings, RESULTS_PATH, ui_study.build_results(settings), LEAD_ROLES,
@@ -203,7 +203,7 @@ def _session_user(request: Request, session: Session) -> WebUser | None:
     uid = cookie.get("uid")
     if not isinstance(uid, int) or isinstance(uid, bool):
         return None
-    return _session_matches(snapshot(session.get(User, uid)), cookie)
+    return session_matches(snapshot(session.get(User, uid)), cookie)
 
 
 def _in_study(request: Request, study_id: int, session: Session) -> WebUser:
@@ -324,7 +324,7 @@ def screen_payload(
     else:
         body = screen_json(screen)
     if render:
-        from annotate.web import ui_study  # Gradio's modules load only when a page is rendered
+        from mcie.annotate.web import ui_study  # Gradio's modules load only when a page is rendered
 
         if screen is None:
             body.html = ui_study.render_finished(body.total)
@@ -496,7 +496,7 @@ async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, 
 
 
 async def _refuse(scope: Scope, send: Send, code: int, message: str, *, title: str | None = None) -> None:
-    from annotate.web.auth import refusal_page
+    from mcie.annotate.web.auth import refusal_page
 
     if _wants_html(scope):
         page = join_page(title, message) if title else refusal_page(code, message)

@@ -33,8 +33,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from db.models import AuditLog, LoginThrottleKey
-from db.session import session_scope
+from mcie.db.models import AuditLog, LoginThrottleKey
+from mcie.db.session import session_scope
 
 PAIR, IP, JOIN = "pair", "ip", "join"
 

@@ -46,18 +46,18 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from annotate import dashboard_data as dd
-from annotate import jobs
-from annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
-from annotate.export_jobs import EXPORT_FORMATS, ExportJobs, ExportRequestError, export_filter, exports_frame
-from annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
-from annotate.reviews import sample_view
-from annotate.web.common import esc, lead_of, render_kpis, render_topbar, review_page_assets, status_line
-from annotate.web.sample_html import render_sample
-from annotate.web.ui_study import study_results_tab
-from db.models import SampleStatus
-from db.session import session_scope
+from mcie.annotate import dashboard_data as dd
+from mcie.annotate import jobs
+from mcie.annotate.acceptance import adjudicate, adjudication_queue, apply_rule, preview_rule
+from mcie.annotate.export_jobs import EXPORT_FORMATS, ExportJobs, ExportRequestError, export_filter, exports_frame
+from mcie.annotate.project import AcceptanceRule, ProjectConfigError, get_project_config, set_project_config
+from mcie.annotate.reviews import sample_view
+from mcie.annotate.web.common import esc, lead_of, render_kpis, render_topbar, review_page_assets, status_line
+from mcie.annotate.web.sample_html import render_sample
+from mcie.annotate.web.ui_study import study_results_tab
 from mcie.config import Settings
+from mcie.db.models import SampleStatus
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from annotate import previews, queue
-from annotate.project import get_project_config
-from annotate.reviews import (
+from mcie.annotate import previews, queue
+from mcie.annotate.project import get_project_config
+from mcie.annotate.reviews import (
     Answer,
     flag_sample,
     reviewer_history,
@@ -46,11 +46,11 @@ from annotate.reviews import (
     skip_sample,
     submit_review,
 )
-from annotate.web.auth import WebUser
-from annotate.web.common import esc, render_topbar, review_page_assets, reviewer_of
-from annotate.web.sample_html import PANEL_SIZE, STRIP_SIZE, framed_image, render_sample, thumb_url
-from db.session import session_scope
+from mcie.annotate.web.auth import WebUser
+from mcie.annotate.web.common import esc, render_topbar, review_page_assets, reviewer_of
+from mcie.annotate.web.sample_html import PANEL_SIZE, STRIP_SIZE, framed_image, render_sample, thumb_url
 from mcie.config import Settings
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 

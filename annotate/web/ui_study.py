@@ -37,11 +37,11 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from annotate import study, study_analysis
-from annotate.web.auth import WebUser, session_study, user_for_username
-from annotate.web.common import esc, lead_of, render_kpis, static_text, status_line
-from db.models import StudyStatus
+from mcie.annotate import study, study_analysis
+from mcie.annotate.web.auth import WebUser, session_study, user_for_username
+from mcie.annotate.web.common import esc, lead_of, render_kpis, static_text, status_line
 from mcie.config import Settings
+from mcie.db.models import StudyStatus
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from db.models import Base
-from db.session import engine_for
+from mcie.db.models import Base
+from mcie.db.session import engine_for
 
 config = context.config
 target_metadata = Base.metadata

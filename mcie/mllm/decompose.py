@@ -41,7 +41,7 @@ def decompose(image: Image.Image, instruction: str, backend: Any) -> Decompositi
     """Split ``instruction`` on ``image`` into sub-edits with normalized boxes (None where the MLLM gave none)."""
     from mcie.mllm.parsing import ParseFailure, parse_decomposition
     from mcie.mllm.prompts import decompose_prompt
-    from pipeline.boxes import Box
+    from mcie.pipeline.boxes import Box
 
     prompt = decompose_prompt(image, instruction)
     response = backend.generate_one(prompt.request)

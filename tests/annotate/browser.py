@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     from playwright.sync_api import Page
     from sqlalchemy.orm import Session
 
-    from db.models import Instance
-    from db.store import ImageStore
     from mcie.config import Settings
+    from mcie.db.models import Instance
+    from mcie.db.store import ImageStore
 
 CHROMIUM = Path(os.environ.get("MCIE_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = (
@@ -72,7 +72,7 @@ def live_server(settings: Settings, **app_kwargs: Any) -> Iterator[str]:
     """The app of ``settings`` served by uvicorn in a thread on a free port; yields its base URL, stops it after."""
     import uvicorn
 
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     app = create_app(settings, **app_kwargs)
     port = free_port()
@@ -177,8 +177,8 @@ def scene_image(seed: int, step: int, size: tuple[int, int] = (320, 240)) -> PIL
 
 def make_image_instance(session: Session, store: ImageStore, n_turns: int, seed: int) -> Instance:
     """An instance whose source and turn results are real images in ``store`` (and rows in ``images``)."""
-    from db.models import Instance, Operation, Turn
-    from db.store import register_images
+    from mcie.db.models import Instance, Operation, Turn
+    from mcie.db.store import register_images
 
     stored = [store.put_pil(scene_image(seed, step)) for step in range(n_turns + 1)]
     register_images(session, stored)

@@ -20,9 +20,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from annotate.accounts import hash_password
-from annotate.project import ProjectConfig, set_project_config
-from db.models import (
+from mcie.annotate.accounts import hash_password
+from mcie.annotate.project import ProjectConfig, set_project_config
+from mcie.db.models import (
     Assignment,
     AssignmentPurpose,
     AssignmentState,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from annotate.acceptance import (
+from mcie.annotate.acceptance import (
     AcceptanceError,
     adjudicate,
     adjudication_queue,
@@ -18,11 +18,11 @@ from annotate.acceptance import (
     settle_complete,
     settle_sample,
 )
-from annotate.project import AcceptanceRule, get_project_config
-from annotate.queue import next_sample
-from annotate.reviews import Answer, submit_review
-from db.models import AuditLog, Decision, DecisionSource, ProjectSetting, Sample, SampleStatus
-from db.session import session_scope
+from mcie.annotate.project import AcceptanceRule, get_project_config
+from mcie.annotate.queue import next_sample
+from mcie.annotate.reviews import Answer, submit_review
+from mcie.db.models import AuditLog, Decision, DecisionSource, ProjectSetting, Sample, SampleStatus
+from mcie.db.session import session_scope
 from tests.annotate.factories import (
     add_conflict_judgement,
     add_reviews,

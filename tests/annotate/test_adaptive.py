@@ -12,16 +12,16 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from annotate import reliability_service
-from annotate.acceptance import apply_rule, preview_rule
-from annotate.dashboard_data import reliability_figures, review_budget
-from annotate.project import get_project_config
-from annotate.queue import next_sample
-from annotate.reliability import default_fit
-from annotate.reviews import Answer, submit_review
-from db.migrate import upgrade
-from db.models import Decision, ReliabilityFit, Sample, SampleStatus
-from db.session import session_scope
+from mcie.annotate import reliability_service
+from mcie.annotate.acceptance import apply_rule, preview_rule
+from mcie.annotate.dashboard_data import reliability_figures, review_budget
+from mcie.annotate.project import get_project_config
+from mcie.annotate.queue import next_sample
+from mcie.annotate.reliability import default_fit
+from mcie.annotate.reviews import Answer, submit_review
+from mcie.db.migrate import upgrade
+from mcie.db.models import Decision, ReliabilityFit, Sample, SampleStatus
+from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
 
 GOOD = Answer(consistent=True, quality=5, complexity=5)
@@ -155,7 +155,7 @@ def test_reviews_target_is_checked_by_the_database(any_db_url: str) -> None:
 
 
 def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> None:
-    from exports.select import iter_records
+    from mcie.exports.select import iter_records
 
     samples, raters, _ = _project(sqlite_url, 12, 4, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
                                   decision_rule="weighted")
@@ -179,7 +179,7 @@ def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> N
 
 
 def _usernames(url: str) -> list[str]:
-    from db.models import User
+    from mcie.db.models import User
 
     with session_scope(url) as session:
         return list(session.scalars(select(User.username)))
@@ -207,11 +207,11 @@ def test_seeded_review_economics(tmp_path: Path) -> None:
 
 
 def _dashboard(tmp_path: Path, url: str):
-    from annotate.web.ui_dashboard import Dashboard
+    from mcie.annotate.web.ui_dashboard import Dashboard
     from mcie.config import load_settings
 
     settings = load_settings(data_dir=tmp_path, database_url=url, blob_url=str(tmp_path / "blobs"), secret_key=None)
-    from annotate.web.ui_dashboard import DashboardWidgets, Table
+    from mcie.annotate.web.ui_dashboard import DashboardWidgets, Table
     from tests.annotate.web_fixtures import named_widgets
 
     dashboard = Dashboard(settings)
@@ -284,7 +284,7 @@ def test_dashboard_reliability_handlers_refuse_non_leads(sqlite_url: str, tmp_pa
 
 
 def test_dashboard_reliability_parts_render_flags_escaped() -> None:
-    from annotate.web.ui_dashboard import budget_parts, reliability_parts, render_flags
+    from mcie.annotate.web.ui_dashboard import budget_parts, reliability_parts, render_flags
 
     figures = {"reliability": {"fit_id": None, "n_reviews": 10, "n_informative": 5, "raters": [
         {"rank": 1, "rater": "<b>eve</b>", "skill": 0.1, "flags": [
@@ -300,7 +300,7 @@ def test_dashboard_reliability_parts_render_flags_escaped() -> None:
 
 
 def test_policy_settings_are_validated_and_partial_changes_keep_the_rest(sqlite_url: str) -> None:
-    from annotate.project import ProjectConfigError
+    from mcie.annotate.project import ProjectConfigError
 
     upgrade(sqlite_url)
     with session_scope(sqlite_url) as session:
@@ -350,7 +350,7 @@ def test_twenty_reviewers_at_once_under_the_adaptive_policy(db: str, request: py
     import threading
     from collections import Counter
 
-    from db.models import Assignment, Review
+    from mcie.db.models import Assignment, Review
 
     url = request.getfixturevalue(f"{db}_url")
     settings = ADAPTIVE | {"adaptive": {"band_low": 0.0, "band_high": 1.0, "max_reviews": 3}}

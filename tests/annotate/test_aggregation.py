@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from annotate.aggregation import (
+from mcie.annotate.aggregation import (
     AggregationError,
     above,
     aggregate,

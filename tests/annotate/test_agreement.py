@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats import inter_rater
 
-from annotate.agreement import (
+from mcie.annotate.agreement import (
     AlphaStatistic,
     agreement_report,
     bootstrap_ci,

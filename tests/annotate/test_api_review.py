@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from annotate.accounts import hash_password
-from db.models import Assignment, AssignmentState, Export, JobStatus, Review, ReviewRevision, Role, Sample, User
-from db.session import session_scope
+from mcie.annotate.accounts import hash_password
 from mcie.config import Settings
+from mcie.db.models import Assignment, AssignmentState, Export, JobStatus, Review, ReviewRevision, Role, Sample, User
+from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, add_review, configure, make_sample, make_user
 from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings
 from tests.annotate.web_fixtures import user_id as uid
@@ -66,7 +66,7 @@ def site(migrated_url: str, tmp_path: Path, password_hash: str) -> Site:
 
 @pytest.fixture
 def app(site: Site):
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     return create_app(site.settings, mount_ui=False)
 
@@ -284,7 +284,7 @@ def test_a_body_that_is_not_a_json_object_is_422(client: TestClient) -> None:
 
 
 def test_an_oversized_body_is_413_and_not_stored(site: Site, client: TestClient) -> None:
-    from annotate.web.api_review import MAX_BODY_BYTES
+    from mcie.annotate.web.api_review import MAX_BODY_BYTES
 
     headers = reviewer(client, "rater1")
     sample_id = client.get("/api/review/next").json()["sample_id"]
@@ -308,7 +308,7 @@ def test_conflicting_submits_are_409_and_unknown_samples_404(site: Site, client:
 
 
 def test_a_late_submit_on_a_sample_others_finished_is_409(site: Site, app) -> None:
-    from annotate.queue import release
+    from mcie.annotate.queue import release
 
     with TestClient(app, follow_redirects=False) as first, TestClient(app, follow_redirects=False) as second:
         h1, h2 = reviewer(first, "rater1"), reviewer(second, "rater2")
@@ -356,8 +356,8 @@ def test_skip_needs_a_reason_and_frees_the_sample_for_others(site: Site, app) ->
 
 def _export_site(tmp_path: Path, password_hash: str) -> Settings:
     """An SQLite site with two accepted samples whose images are real files in the store."""
-    from db.migrate import upgrade
-    from db.store import ImageStore
+    from mcie.db.migrate import upgrade
+    from mcie.db.store import ImageStore
     from tests.annotate.browser import make_image_instance
 
     settings = site_settings(tmp_path / "exporting", f"sqlite:///{tmp_path}/exporting.db")
@@ -396,7 +396,7 @@ def _wait_for_export(url: str, deadline_s: float = 120.0) -> Export:
 
 
 def test_a_lead_starts_an_export_over_http_and_it_completes(tmp_path: Path, password_hash: str) -> None:
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     settings = _export_site(tmp_path, password_hash)
     with TestClient(create_app(settings), follow_redirects=False) as client:
@@ -433,7 +433,7 @@ def test_a_lead_starts_an_export_over_http_and_it_completes(tmp_path: Path, pass
 def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     tmp_path: Path, password_hash: str
 ) -> None:
-    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
+    from mcie.annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     settings = _export_site(tmp_path, password_hash)
     dashboard = Dashboard(settings)
@@ -459,8 +459,8 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
 
     # a threshold filter that keeps nothing still completes (an empty export), through the handler directly; the
     # handler only queues a job, a worker (here in this process, as `mcie worker --kinds export`) runs it
-    from annotate import jobs
-    from annotate.worker import Worker, _export_size
+    from mcie.annotate import jobs
+    from mcie.annotate.worker import Worker, _export_size
 
     assert _export_size(settings.database_url, {}, None) == 2  # the job's progress counts against this
     assert _export_size(settings.database_url, {"statuses": ["rejected"]}, None) == 0
@@ -482,7 +482,7 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
 
 
 def test_the_server_times_reviews_the_client_does_not(site: Site, client: TestClient) -> None:
-    from annotate.dashboard_data import median_seconds_per_review, reviews_frame
+    from mcie.annotate.dashboard_data import median_seconds_per_review, reviews_frame
 
     headers = reviewer(client, "rater1")
     sample_id = client.get("/api/review/next").json()["sample_id"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from db.models import BoxCandidate, BoxSource, Role, Turn
-from db.session import session_scope
 from mcie.config import Settings, load_settings
+from mcie.db.models import BoxCandidate, BoxSource, Role, Turn
+from mcie.db.session import session_scope
 from tests.annotate.browser import chromium_page, live_server, login, require_chromium, shot
 from tests.annotate.factories import add_review, make_instance, make_sample, make_user
 
@@ -43,7 +43,7 @@ def _seed(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_chromium()
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     folder: Path = tmp_path_factory.mktemp("browser-grounding")
     settings = load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/browser.db",

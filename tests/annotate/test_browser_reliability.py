@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from db.models import Role
-from db.session import session_scope
 from mcie.config import Settings, load_settings
+from mcie.db.models import Role
+from mcie.db.session import session_scope
 from tests.annotate.browser import chromium_page, live_server, login, require_chromium, shot
 from tests.annotate.factories import add_reviews, configure, make_sample, make_user
 
@@ -27,7 +27,7 @@ PASSWORD = "browser-pass-1"
 
 def _seed(settings: Settings) -> None:
     """80 samples, each reviewed by three of four raters; "rex" answers at random."""
-    from annotate.acceptance import settle_complete
+    from mcie.annotate.acceptance import settle_complete
 
     rng = random.Random(7)
     with session_scope(settings.database_url) as session:
@@ -46,7 +46,7 @@ def _seed(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str]]:
     require_chromium()
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     folder: Path = tmp_path_factory.mktemp("browser-reliability")
     settings = load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/browser.db",
@@ -58,7 +58,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, s
 
 
 def test_a_lead_sees_reliability_applies_the_weighted_rule_and_the_adaptive_policy(site) -> None:
-    from annotate.project import get_project_config
+    from mcie.annotate.project import get_project_config
 
     settings, base = site
     with chromium_page() as page:

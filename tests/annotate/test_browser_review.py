@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import (
+from mcie.config import Settings, load_settings
+from mcie.db.models import (
     Assignment,
     AssignmentState,
     Decision,
@@ -28,9 +29,8 @@ from db.models import (
     SampleFlag,
     User,
 )
-from db.session import session_scope
-from db.store import ImageStore
-from mcie.config import Settings, load_settings
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from tests.annotate.browser import (
     chromium_page,
     live_server,
@@ -88,7 +88,7 @@ def _seed(settings: Settings) -> int:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     require_chromium()
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     folder: Path = tmp_path_factory.mktemp("browser")
     settings = load_settings(data_dir=folder, database_url=f"sqlite:///{folder}/browser.db",
@@ -270,7 +270,7 @@ def test_a_lead_adjudicates_a_sample_on_the_dashboard(site: Site) -> None:
 
 def test_an_empty_queue_shows_its_message_and_nothing_to_answer(tmp_path: Path) -> None:
     require_chromium()
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     settings = load_settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path}/empty.db",
                              blob_url=str(tmp_path / "blobs"), secret_key=None)

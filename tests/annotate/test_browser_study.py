@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from annotate import study as st
-from db.models import Role, StudyAssignment, Vote
-from db.session import session_scope
-from db.store import ImageStore
+from mcie.annotate import study as st
 from mcie.cli import app as cli_app
 from mcie.config import Settings, get_settings
+from mcie.db.models import Role, StudyAssignment, Vote
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from tests.annotate.browser import chromium_page, live_server, login, require_chromium, scene_image, shot
 from tests.annotate.factories import make_user
 
@@ -85,7 +85,7 @@ def _wait_saved(page) -> None:
 def test_participant_votes_with_the_keyboard_leaves_and_resumes(tmp_path: Path) -> None:
     require_chromium()
     settings: Settings = get_settings()  # this test's own SQLite database and data folder (tests/conftest.py)
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     upgrade(settings.database_url)
     store = ImageStore.from_settings(settings)

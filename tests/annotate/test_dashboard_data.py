@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from annotate.aggregation import aggregate_consistency
-from annotate.agreement import cohen_kappa, krippendorff_alpha, mllm_human_agreement
-from annotate.dashboard_data import (
+from mcie.annotate.aggregation import aggregate_consistency
+from mcie.annotate.agreement import cohen_kappa, krippendorff_alpha, mllm_human_agreement
+from mcie.annotate.dashboard_data import (
     REVIEW_COLUMNS,
     DashboardError,
     agreement_figures,
@@ -28,9 +28,9 @@ from annotate.dashboard_data import (
     throughput,
     throughput_freq,
 )
-from annotate.project import ProjectConfig
-from annotate.queue import is_calibration, reviews_wanted
-from db.session import session_scope
+from mcie.annotate.project import ProjectConfig
+from mcie.annotate.queue import is_calibration, reviews_wanted
+from mcie.db.session import session_scope
 from tests.annotate.factories import (
     add_conflict_judgement,
     add_review,

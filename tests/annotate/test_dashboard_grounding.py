@@ -8,9 +8,9 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from annotate import dashboard_data as dd
-from db.models import BoxCandidate, BoxSource, Role, Turn
-from db.session import session_scope
+from mcie.annotate import dashboard_data as dd
+from mcie.db.models import BoxCandidate, BoxSource, Role, Turn
+from mcie.db.session import session_scope
 from tests.annotate.factories import add_review, make_instance, make_sample, make_user
 
 TRUTH = (0.2, 0.2, 0.6, 0.6)
@@ -56,7 +56,7 @@ def test_grounding_vs_corrections_by_operation_and_source() -> None:
 
 
 def test_grounding_frames_read_corrections_and_candidates(migrated_url: str) -> None:
-    from annotate.web.ui_dashboard import grounding_view
+    from mcie.annotate.web.ui_dashboard import grounding_view
 
     with session_scope(migrated_url) as session:
         instance = make_instance(session, 3)

@@ -21,12 +21,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from annotate.accounts import hash_password
-from annotate.project import ProjectConfig
-from annotate.queue import expire_leases, reviews_wanted, utc
-from db.models import Assignment, AssignmentState, Review, Sample, SampleStatus
-from db.session import session_scope
+from mcie.annotate.accounts import hash_password
+from mcie.annotate.project import ProjectConfig
+from mcie.annotate.queue import expire_leases, reviews_wanted, utc
 from mcie.config import load_settings
+from mcie.db.models import Assignment, AssignmentState, Review, Sample, SampleStatus
+from mcie.db.session import session_scope
 from tests.annotate.browser import live_server
 from tests.annotate.factories import configure, make_samples, make_user
 

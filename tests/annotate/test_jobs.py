@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from annotate import jobs
-from annotate.worker import JobContext, Worker
-from db.models import AuditLog, Job
-from db.session import session_scope
+from mcie.annotate import jobs
+from mcie.annotate.worker import JobContext, Worker
 from mcie.config import load_settings
+from mcie.db.models import AuditLog, Job
+from mcie.db.session import session_scope
 
 
 def _settings(url: str, tmp_path, **extra: Any):
@@ -150,7 +150,7 @@ def test_a_handler_error_is_retried_then_recorded(migrated_url: str, tmp_path) -
 
 @pytest.mark.postgres
 def test_concurrent_claims_on_postgres_never_share_a_job(postgres_url: str) -> None:
-    from db import migrate
+    from mcie.db import migrate
 
     migrate.upgrade(postgres_url)
     with session_scope(postgres_url) as session:
@@ -184,9 +184,9 @@ def test_jobs_commands_and_background_exports(sqlite_url: str, tmp_path, monkeyp
 
     from typer.testing import CliRunner
 
-    from db.migrate import upgrade
     from mcie.cli import app as cli
     from mcie.config import get_settings
+    from mcie.db.migrate import upgrade
 
     upgrade(sqlite_url)
     monkeypatch.setenv("MCIE_DATABASE_URL", sqlite_url)

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from annotate import previews
-from annotate.previews import PreviewError, PreviewStatus, PreviewUnavailable, PreviewWorker
-from db.models import Image, Instance, JobStatus, Preview, Role, Turn
-from db.session import session_scope
-from db.store import ImageStore, register_images
+from mcie.annotate import previews
+from mcie.annotate.previews import PreviewError, PreviewStatus, PreviewUnavailable, PreviewWorker
 from mcie.config import Settings, load_settings
+from mcie.db.models import Image, Instance, JobStatus, Preview, Role, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import configure, make_sample, make_user
 from tests.annotate.web_fixtures import named_widgets
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config
@@ -50,7 +50,7 @@ class Model:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     """The tiny base folder and trained-looking MCIE-E1 weights whose config names the tiny vision checkpoint."""
-    from model.weights import save_weights
+    from mcie.model.weights import save_weights
 
     root = tmp_path_factory.mktemp("tiny-model")
     files: TinyFiles = make_tiny_files(root)
@@ -77,7 +77,7 @@ class Site:
 def _site(monkeypatch: pytest.MonkeyPatch, base: Path | None, weights: Path | None, folder: Path | None = None) -> Site:
     """A migrated database with one ready sample of real 64 x 64 images, and settings read from the environment
     (the data folder of tests/conftest.py, or ``folder``)."""
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     if base is not None:
         monkeypatch.setenv("MCIE_EDITING_BASE_MODEL_PATH", str(base))
@@ -241,7 +241,7 @@ def test_a_model_that_cannot_load_fails_the_job_with_the_error(model: Model, tmp
 
 
 def test_no_model_configured_is_a_clear_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from annotate.web.ui_review import ReviewApp, Widgets, build
+    from mcie.annotate.web.ui_review import ReviewApp, Widgets, build
 
     site = _site(monkeypatch, None, None)
     reason = previews.unavailable_reason(site.settings)
@@ -283,7 +283,7 @@ def _screen(site: Site) -> dict[str, Any]:
 
 
 def test_the_review_handlers_show_the_preview_beside_the_target(site: Site, worker_of) -> None:
-    from annotate.web.ui_review import ReviewApp, Widgets
+    from mcie.annotate.web.ui_review import ReviewApp, Widgets
 
     worker, pipe = worker_of(site.settings)
     app = ReviewApp(site.settings)
@@ -342,9 +342,9 @@ def test_a_restart_requeues_jobs_left_queued_or_running(site: Site, worker_of) -
 def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
     from fastapi.testclient import TestClient
 
-    from annotate import jobs
-    from annotate.web.server import create_app
-    from annotate.worker import Worker
+    from mcie.annotate import jobs
+    from mcie.annotate.web.server import create_app
+    from mcie.annotate.worker import Worker
 
     app = create_app(site.settings, mount_ui=False)
     worker: Worker = app.state.job_worker

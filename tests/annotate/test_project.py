@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from annotate.project import ProjectConfigError, get_project_config, set_project_config
-from db.models import AuditLog
-from db.session import session_scope
+from mcie.annotate.project import ProjectConfigError, get_project_config, set_project_config
+from mcie.db.models import AuditLog
+from mcie.db.session import session_scope
 
 
 def test_defaults_changes_and_audit(migrated_url: str) -> None:

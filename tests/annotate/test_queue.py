@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, literal, select
 
-from annotate.project import ProjectConfig
-from annotate.queue import (
+from mcie.annotate.project import ProjectConfig
+from mcie.annotate.queue import (
     MAX_LEASES,
     QueueError,
     calibration_clause,
@@ -23,10 +23,10 @@ from annotate.queue import (
     release,
     reviews_wanted,
 )
-from annotate.reviews import Answer, ReviewError, skip_sample, submit_review
-from db.migrate import upgrade
-from db.models import Assignment, AssignmentPurpose, AssignmentState, Decision, Review, Sample, SampleStatus
-from db.session import session_scope
+from mcie.annotate.reviews import Answer, ReviewError, skip_sample, submit_review
+from mcie.db.migrate import upgrade
+from mcie.db.models import Assignment, AssignmentPurpose, AssignmentState, Decision, Review, Sample, SampleStatus
+from mcie.db.session import session_scope
 from tests.annotate.factories import configure, make_gold, make_sample, make_samples, make_user, make_users
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from crowdkit.aggregation import DawidSkene
 
-from annotate.reliability import (
+from mcie.annotate.reliability import (
     MIN_FLAG_ITEMS,
     ReliabilityError,
     ReliabilityFit,
@@ -242,7 +242,7 @@ def test_adaptive_gold_rate_follows_uncertainty() -> None:
 
 
 def test_the_mllm_score_is_its_confidence_in_its_verdict() -> None:
-    from annotate.reliability_service import conflict_score
+    from mcie.annotate.reliability_service import conflict_score
 
     assert conflict_score("conflict", 0.9) == pytest.approx(0.9)
     assert conflict_score("no_conflict", 0.9) == pytest.approx(0.1)

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from annotate import jobs
-from db.models import Instance, Role, Turn
-from db.session import session_scope
-from db.store import ImageStore, register_images
+from mcie.annotate import jobs
 from mcie.config import load_settings
+from mcie.db.models import Instance, Role, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import configure, make_sample, make_user
 from tests.model.tiny import load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
@@ -79,8 +79,8 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, _postgres_admin) -> Iterator[Site]:
-    from db.migrate import upgrade
-    from model.weights import save_weights
+    from mcie.db.migrate import upgrade
+    from mcie.model.weights import save_weights
     from tests.conftest import _new_postgres_database
 
     folder = tmp_path_factory.mktemp("replicas")

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import event, func, select
 
-from annotate.acceptance import adjudicate
-from annotate.queue import expire_leases, next_sample
-from annotate.reviews import (
+from mcie.annotate.acceptance import adjudicate
+from mcie.annotate.queue import expire_leases, next_sample
+from mcie.annotate.reviews import (
     Answer,
     Progress,
     ReviewError,
@@ -23,7 +23,7 @@ from annotate.reviews import (
     submit_review,
     validate_answer,
 )
-from db.models import (
+from mcie.db.models import (
     Assignment,
     AssignmentState,
     Decision,
@@ -35,7 +35,7 @@ from db.models import (
     SampleStatus,
     Turn,
 )
-from db.session import engine_for, session_scope
+from mcie.db.session import engine_for, session_scope
 from tests.annotate.factories import (
     add_conflict_judgement,
     configure,

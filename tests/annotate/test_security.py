@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from annotate.web.sessions import hash_id
-from db.models import AuditLog, Role, User, WebSession, utcnow
-from db.session import session_scope
+from mcie.annotate.sessions import hash_id
 from mcie.config import Settings
+from mcie.db.models import AuditLog, Role, User, WebSession, utcnow
+from mcie.db.session import session_scope
 from tests.annotate.factories import configure, make_sample, make_user
 from tests.annotate.web_fixtures import PASSWORD, log_in, open_client, site_settings
 
@@ -31,7 +31,7 @@ def _settings(folder: Path, **extra) -> Settings:
 
 
 def _site(folder: Path, **extra) -> Settings:
-    from db.migrate import upgrade
+    from mcie.db.migrate import upgrade
 
     settings = _settings(folder, **extra)
     upgrade(settings.database_url)
@@ -46,7 +46,7 @@ def _site(folder: Path, **extra) -> Settings:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     return create_app(_site(tmp_path_factory.mktemp("security")))
 
@@ -242,7 +242,7 @@ def test_failed_passwords_elsewhere_never_lock_the_right_user_out(app: FastAPI) 
 
 
 def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(tmp_path: Path) -> None:
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     untrusted = create_app(_site(tmp_path / "a"), mount_ui=False)
     with TestClient(untrusted, follow_redirects=False, client=("127.0.0.1", 1)) as c:
@@ -262,7 +262,7 @@ def test_forwarded_for_is_ignored_unless_the_peer_is_a_trusted_proxy(tmp_path: P
 
 
 def test_an_expired_block_is_audited_as_an_unblock(tmp_path: Path) -> None:
-    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
+    from mcie.annotate.web.throttle import LoginThrottle, ThrottlePolicy
 
     settings = _site(tmp_path)
     clock = [1000.0]
@@ -293,7 +293,7 @@ def test_no_foreign_origin_is_reflected(client: TestClient) -> None:
 
 
 def test_an_allow_listed_origin_is_allowed(tmp_path: Path) -> None:
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     app = create_app(_site(tmp_path, cors_origins="https://tools.example.org"), mount_ui=False)
     with TestClient(app) as c:
@@ -304,8 +304,8 @@ def test_an_allow_listed_origin_is_allowed(tmp_path: Path) -> None:
 
 
 def test_cookies_are_secure_by_default_except_on_loopback_or_an_http_public_url(tmp_path: Path) -> None:
-    from annotate.web.edges import secure_cookies_for
-    from annotate.web.server import create_app
+    from mcie.annotate.web.edges import secure_cookies_for
+    from mcie.annotate.web.server import create_app
 
     assert secure_cookies_for(None, "0.0.0.0") is True
     assert secure_cookies_for(None, "review.example.org") is True
@@ -340,7 +340,7 @@ def _png(path: Path) -> None:
 
 
 def test_ingest_refuses_paths_outside_the_root_and_oversized_text(tmp_path: Path) -> None:
-    from pipeline.sources import IngestLimits, read_jsonl_manifest
+    from mcie.pipeline.sources import IngestLimits, read_jsonl_manifest
 
     root = tmp_path / "data"
     _png(root / "a.png")
@@ -393,9 +393,9 @@ def test_the_ingest_command_names_each_refused_record(tmp_path: Path, monkeypatc
 
 
 def test_ended_sessions_and_old_failure_counts_are_purged(tmp_path: Path) -> None:
-    from annotate.web import sessions
-    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
-    from db.models import LoginThrottleKey
+    from mcie.annotate import sessions
+    from mcie.annotate.web.throttle import LoginThrottle, ThrottlePolicy
+    from mcie.db.models import LoginThrottleKey
 
     settings = _site(tmp_path)
     url = settings.database_url
@@ -418,7 +418,7 @@ def test_ended_sessions_and_old_failure_counts_are_purged(tmp_path: Path) -> Non
 
 def test_the_preview_routes_refuse_anonymous_clients_participants_and_forged_posts(client: TestClient) -> None:
     with session_scope(url_of(client)) as session:
-        from db.models import Sample
+        from mcie.db.models import Sample
 
         sample_id = session.scalar(select(Sample.id))
     ask = f"/api/review/{sample_id}/preview"

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from annotate.web.auth import load_secret_key
-from db.models import Assignment, AssignmentState, Role
-from db.session import session_scope
-from db.store import ImageStore, register_images
+from mcie.annotate.web.auth import load_secret_key
 from mcie.config import Settings, load_settings
+from mcie.db.models import Assignment, AssignmentState, Role
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user
 from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings, user_id
 
@@ -47,8 +47,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    from annotate.web.server import create_app
-    from db.migrate import upgrade
+    from mcie.annotate.web.server import create_app
+    from mcie.db.migrate import upgrade
 
     settings = site_settings(tmp_path_factory.mktemp("web"), thumbnail_size=384)
     upgrade(settings.database_url)
@@ -82,7 +82,7 @@ def client(world: World) -> Iterator[TestClient]:
 
 
 def test_healthz_reports_database_and_schema(client: TestClient) -> None:
-    from db import migrate
+    from mcie.db import migrate
 
     response = client.get("/healthz")
     assert response.status_code == 200
@@ -92,7 +92,7 @@ def test_healthz_reports_database_and_schema(client: TestClient) -> None:
 
 
 def test_healthz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
-    from annotate.web.server import create_app
+    from mcie.annotate.web.server import create_app
 
     settings = load_settings(data_dir=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
                              blob_url=str(tmp_path / "blobs"))
@@ -161,7 +161,7 @@ def test_participants_are_not_let_into_the_review_app(client: TestClient) -> Non
 
 
 def test_logout_releases_the_users_leases_and_ends_the_session(world: World, client: TestClient) -> None:
-    from annotate.queue import next_sample
+    from mcie.annotate.queue import next_sample
 
     uid = user_id(world.url, "rater2")
     lease = next_sample(world.url, uid)
@@ -177,7 +177,7 @@ def test_logout_releases_the_users_leases_and_ends_the_session(world: World, cli
 
 
 def test_a_password_change_or_disabling_ends_existing_sessions(world: World, client: TestClient) -> None:
-    from annotate.accounts import set_active, set_password
+    from mcie.annotate.accounts import set_active, set_password
 
     with session_scope(world.url) as session:
         make_user(session, "temp1", Role.rater, password=PASSWORD)
@@ -210,16 +210,16 @@ class FakeClock:
 
 
 def test_pair_delays_grow_from_the_free_failures_and_are_capped() -> None:
-    from annotate.web.throttle import ThrottlePolicy, pair_delay
+    from mcie.annotate.web.throttle import ThrottlePolicy, pair_delay
 
     policy = ThrottlePolicy(free_failures=3, delay_base_s=2, max_delay_s=60)
     assert [pair_delay(n, policy) for n in range(1, 9)] == [0, 0, 2, 4, 8, 16, 32, 60]
 
 
 def _limited_app(tmp_path: Path, clock: FakeClock) -> FastAPI:
-    from annotate.web.server import create_app
-    from annotate.web.throttle import LoginThrottle, ThrottlePolicy
-    from db.migrate import upgrade
+    from mcie.annotate.web.server import create_app
+    from mcie.annotate.web.throttle import LoginThrottle, ThrottlePolicy
+    from mcie.db.migrate import upgrade
 
     settings = site_settings(tmp_path, thumbnail_size=384)
     upgrade(settings.database_url)
@@ -248,7 +248,7 @@ def test_login_is_throttled_per_username_and_ip_with_growing_delays(tmp_path: Pa
         # the victim, from an address that did not fail, is never refused
         assert log_in(victim, "victim", PASSWORD).status_code == 303
     with session_scope(app.state.settings.database_url) as session:
-        from db.models import AuditLog
+        from mcie.db.models import AuditLog
 
         actions = [a.action for a in session.scalars(select(AuditLog).where(AuditLog.entity == "login_throttle"))]
     assert actions.count("login.block") >= 1
@@ -328,7 +328,7 @@ def _request(username: str | None) -> Any:
 
 
 def test_lead_only_gradio_handlers_refuse_a_rater(world: World) -> None:
-    from annotate.web.ui_dashboard import Dashboard
+    from mcie.annotate.web.ui_dashboard import Dashboard
 
     dashboard = Dashboard(world.settings)
     calls = [
@@ -347,14 +347,14 @@ def test_lead_only_gradio_handlers_refuse_a_rater(world: World) -> None:
             with pytest.raises(gr.Error, match="Only leads and admins"):
                 call(_request(who))
     with session_scope(world.url) as session:
-        from annotate.project import get_project_config
+        from mcie.annotate.project import get_project_config
 
         assert get_project_config(session).show_mllm_verdict_before_submit is False
 
 
 def test_a_lead_changes_the_mllm_setting_through_the_handler(world: World) -> None:
-    from annotate.project import get_project_config
-    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
+    from mcie.annotate.project import get_project_config
+    from mcie.annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     dashboard = Dashboard(world.settings)
     dashboard.w = named_widgets(DashboardWidgets)
@@ -368,7 +368,7 @@ def test_a_lead_changes_the_mllm_setting_through_the_handler(world: World) -> No
 
 
 def test_review_handlers_refuse_users_who_may_not_review(world: World) -> None:
-    from annotate.web.ui_review import ReviewApp
+    from mcie.annotate.web.ui_review import ReviewApp
 
     app = ReviewApp(world.settings)
     for who in ("guest1", "gone1", None):
@@ -438,7 +438,7 @@ def test_images_need_a_login(world: World, client: TestClient) -> None:
 
 
 def test_the_review_screen_escapes_a_malicious_instruction(world: World) -> None:
-    from annotate.web.ui_review import ReviewApp, Widgets
+    from mcie.annotate.web.ui_review import ReviewApp, Widgets
 
     app = ReviewApp(world.settings)
     app.w = named_widgets(Widgets)
@@ -452,11 +452,11 @@ def test_the_review_screen_escapes_a_malicious_instruction(world: World) -> None
 def test_dashboard_and_history_renderers_escape_data() -> None:
     from datetime import UTC, datetime
 
-    from annotate.acceptance import AdjudicationItem, ReviewSide
-    from annotate.web.auth import WebUser
-    from annotate.web.common import render_topbar
-    from annotate.web.ui_dashboard import render_reviews
-    from annotate.web.ui_review import render_last
+    from mcie.annotate.acceptance import AdjudicationItem, ReviewSide
+    from mcie.annotate.web.auth import WebUser
+    from mcie.annotate.web.common import render_topbar
+    from mcie.annotate.web.ui_dashboard import render_reviews
+    from mcie.annotate.web.ui_review import render_last
 
     side = ReviewSide(1, "<i>rater</i>", False, 2, 3, EVIL, [{"turn_index": 1, "box": "<b>"}], 1, datetime.now(UTC))
     item = AdjudicationItem(5, EVIL, 0.0, [side], "<u>conflict</u>", EVIL, "<why>")
@@ -479,7 +479,7 @@ def test_the_login_page_escapes_what_was_typed(client: TestClient) -> None:
 
 
 def test_answers_are_built_from_the_form_with_clear_errors() -> None:
-    from annotate.web.ui_review import build_answer, parse_corrections
+    from mcie.annotate.web.ui_review import build_answer, parse_corrections
 
     answer = build_answer("no", 4, "3", "  fine  ", '[{"turn_index": 2, "box": [0.1, 0.2, 0.3, 0.4]}]')
     assert (answer.consistent, answer.quality, answer.complexity, answer.comment) == (False, 4, 3, "fine")
@@ -494,7 +494,7 @@ def test_answers_are_built_from_the_form_with_clear_errors() -> None:
 
 
 def test_a_refused_submit_keeps_the_answers_and_says_why(world: World) -> None:
-    from annotate.web.ui_review import ReviewApp, Widgets
+    from mcie.annotate.web.ui_review import ReviewApp, Widgets
 
     app = ReviewApp(world.settings)
     app.w = named_widgets(Widgets)
@@ -511,9 +511,9 @@ def test_a_refused_submit_keeps_the_answers_and_says_why(world: World) -> None:
 
 
 def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: World) -> None:
-    from annotate.project import set_project_config
-    from annotate.reviews import sample_view
-    from annotate.web.sample_html import render_sample
+    from mcie.annotate.project import set_project_config
+    from mcie.annotate.reviews import sample_view
+    from mcie.annotate.web.sample_html import render_sample
 
     view = sample_view(world.url, world.sample_id)
     hidden = render_sample(view, show_mllm=False)
@@ -523,7 +523,7 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
     with session_scope(world.url) as session:
         set_project_config(session, {"show_mllm_verdict_before_submit": True}, actor_id=None)
     try:
-        from annotate.web.ui_review import _show_mllm
+        from mcie.annotate.web.ui_review import _show_mllm
 
         assert _show_mllm(world.url) is True
     finally:
@@ -532,8 +532,8 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
 
 
 def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: World) -> None:
-    from annotate.reviews import sample_view
-    from annotate.web.sample_html import PALETTE, render_sample
+    from mcie.annotate.reviews import sample_view
+    from mcie.annotate.web.sample_html import PALETTE, render_sample
 
     view = sample_view(world.url, world.sample_id)
     page = render_sample(view, show_mllm=False)
@@ -544,8 +544,8 @@ def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: Worl
 
 
 def test_the_acceptance_rule_is_applied_only_after_a_preview(world: World) -> None:
-    from annotate.project import get_project_config
-    from annotate.web.ui_dashboard import Dashboard, DashboardWidgets
+    from mcie.annotate.project import get_project_config
+    from mcie.annotate.web.ui_dashboard import Dashboard, DashboardWidgets
 
     dashboard = Dashboard(world.settings)
     dashboard.w = named_widgets(DashboardWidgets)
@@ -577,7 +577,7 @@ def test_serve_migrates_the_database_then_serves(tmp_path: Path) -> None:
     env = {**os.environ, "MCIE_DATA_DIR": str(tmp_path), "MCIE_DATABASE_URL": f"sqlite:///{tmp_path}/served.db",
            "MCIE_CONFIG": str(tmp_path / "absent.toml")}
     (tmp_path / "absent.toml").write_text("")
-    code = f"from annotate.web.server import serve; serve('127.0.0.1', {port})"
+    code = f"from mcie.annotate.web.server import serve; serve('127.0.0.1', {port})"
     process = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 60
@@ -600,7 +600,7 @@ def test_serve_migrates_the_database_then_serves(tmp_path: Path) -> None:
 
 
 def test_an_empty_queue_shows_only_its_message_and_the_form_returns_with_a_sample(world: World) -> None:
-    from annotate.web.ui_review import ReviewApp, Widgets
+    from mcie.annotate.web.ui_review import ReviewApp, Widgets
 
     app = ReviewApp(world.settings)
     app.w = named_widgets(Widgets)
@@ -618,8 +618,8 @@ def test_an_empty_queue_shows_only_its_message_and_the_form_returns_with_a_sampl
 def test_the_throughput_axis_of_a_first_day_is_labelled_in_hours() -> None:
     import pandas as pd
 
-    from annotate.dashboard_data import throughput, throughput_freq
-    from annotate.web.ui_dashboard import throughput_figure
+    from mcie.annotate.dashboard_data import throughput, throughput_freq
+    from mcie.annotate.web.ui_dashboard import throughput_figure
 
     start = pd.Timestamp("2025-03-03 09:10", tz="UTC")
     frame = pd.DataFrame({"created_at": [start, start + pd.Timedelta(minutes=5), start + pd.Timedelta(hours=2)]})

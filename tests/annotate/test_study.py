@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from annotate.study import (
+from mcie.annotate.study import (
     EXPORT_COLUMNS,
     LABELS,
     StudyError,
@@ -34,9 +34,9 @@ from annotate.study import (
     study_results,
     votes_frame,
 )
-from annotate.study_analysis import VOTE_COLUMNS
-from annotate.study_design import design
-from db.models import (
+from mcie.annotate.study_analysis import VOTE_COLUMNS
+from mcie.annotate.study_design import design
+from mcie.db.models import (
     AuditLog,
     StudyAssignment,
     StudyItem,
@@ -45,9 +45,9 @@ from db.models import (
     StudyStatus,
     Vote,
 )
-from db.models import Image as ImageRow
-from db.session import session_scope
-from db.store import ImageStore
+from mcie.db.models import Image as ImageRow
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 
 METHODS = ("ip2p", "mcie-e1", "smartedit")
 

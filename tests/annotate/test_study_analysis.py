@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import pytest
 from scipy.optimize import minimize
 
-from annotate.study_analysis import (
+from mcie.annotate.study_analysis import (
     VOTE_COLUMNS,
     attention_failures,
     bradley_terry,
@@ -29,7 +29,7 @@ from annotate.study_analysis import (
     results,
     win_matrix,
 )
-from annotate.study_design import design
+from mcie.annotate.study_design import design
 
 METHODS = ("mcie-e1", "smartedit", "mgie", "ip2p", "ultraedit")
 

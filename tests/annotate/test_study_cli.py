@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from annotate import study as st
-from db.models import JobStatus, Preview, Study, StudyItem, StudyOutput, Turn, utcnow
-from db.session import session_scope
+from mcie.annotate import study as st
 from mcie.cli import app
+from mcie.db.models import JobStatus, Preview, Study, StudyItem, StudyOutput, Turn, utcnow
+from mcie.db.session import session_scope
 from tests.annotate.factories import make_image, make_instance, make_sample
 from tests.annotate.test_study_web import METHODS, make_study_folder
 
@@ -28,8 +28,8 @@ LINK_RE = re.compile(r"^(\S+)\t(https://study\.example/study/join/([A-Za-z0-9_-]
 
 @pytest.fixture
 def url() -> str:
-    from db.migrate import upgrade
     from mcie.config import get_settings
+    from mcie.db.migrate import upgrade
 
     database_url = get_settings().database_url  # tests/conftest.py points it at this test's own SQLite file
     upgrade(database_url)

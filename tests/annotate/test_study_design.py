@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from annotate.study_design import (
+from mcie.annotate.study_design import (
     Design,
     Screen,
     balance,

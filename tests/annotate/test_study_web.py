@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from annotate import study as st
-from db.models import Role, StudyAssignment, StudyItem, StudyOutput, Vote
-from db.session import session_scope
-from db.store import ImageStore
+from mcie.annotate import study as st
 from mcie.config import Settings
+from mcie.db.models import Role, StudyAssignment, StudyItem, StudyOutput, Vote
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from tests.annotate import web_fixtures
 from tests.annotate.factories import make_user
 
@@ -71,8 +71,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    from annotate.web.server import create_app
-    from db.migrate import upgrade
+    from mcie.annotate.web.server import create_app
+    from mcie.db.migrate import upgrade
 
     root = tmp_path_factory.mktemp("study-web")
     settings = site_settings(root / "site")
@@ -110,8 +110,8 @@ def join(client: TestClient, world: World, name: str) -> str:
 
 def session_of(client: TestClient) -> dict[str, Any]:
     """The data of the client's server-side session (the cookie holds only a random id; the table its hash)."""
-    from annotate.web.sessions import hash_id
-    from db.models import WebSession
+    from mcie.annotate.sessions import hash_id
+    from mcie.db.models import WebSession
 
     raw = client.cookies.get("mcie_session") or ""
     app = client.app
@@ -192,8 +192,8 @@ def test_a_withdrawn_invitation_stops_a_running_session(world: World, client: Te
 
 
 def test_guessing_invite_tokens_is_rate_limited(tmp_path: Path) -> None:
-    from annotate.web.server import create_app
-    from db.migrate import upgrade
+    from mcie.annotate.web.server import create_app
+    from mcie.db.migrate import upgrade
 
     settings = site_settings(tmp_path)
     upgrade(settings.database_url)
@@ -367,7 +367,7 @@ def test_leads_get_the_study_list_participants_results_and_votes(world: World, c
 
 
 def test_the_results_tab_handlers_check_the_role_and_fill_everything(world: World) -> None:
-    from annotate.web.ui_study import PLOTS, ResultsWidgets, StudyResultsTab
+    from mcie.annotate.web.ui_study import PLOTS, ResultsWidgets, StudyResultsTab
 
     tab = StudyResultsTab(world.url)
     tab.w = web_fixtures.named_widgets(ResultsWidgets)
@@ -401,7 +401,7 @@ def _gradio_request(username: str, session: dict[str, Any]) -> Any:
 
 
 def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
-    from annotate.web.ui_study import StudyScreen
+    from mcie.annotate.web.ui_study import StudyScreen
 
     uid = user_id(world, "dee")
     st.enrol(world.url, world.study_id, "dee")  # a fresh invitation (another test withdraws the first one)
@@ -430,7 +430,7 @@ def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
 
 
 def test_render_screen_marks_the_choices_already_made() -> None:
-    from annotate.web.ui_study import render_screen
+    from mcie.annotate.web.ui_study import render_screen
 
     screen = st.ItemScreen(
         study_id=1,

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from db.session import session_scope
 from mcie.config import Settings, load_settings
+from mcie.db.session import session_scope
 
 PASSWORD = "correct-horse-9"
 W = TypeVar("W")
@@ -63,7 +63,7 @@ def api_headers(client: TestClient) -> dict[str, str]:
 
 
 def user_id(url: str, username: str) -> int:
-    from db.models import User
+    from mcie.db.models import User
 
     with session_scope(url) as session:
         return int(session.scalar(select(User.id).where(User.username == username)))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from db import migrate
-from db.session import engine_for
+from mcie.db import migrate
+from mcie.db.session import engine_for
 
 KEY = "a" * 64
 

@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from db import migrate
-from db.models import (
+from mcie.db import migrate
+from mcie.db.models import (
     Base,
     Image,
     Instance,
@@ -19,7 +19,7 @@ from db.models import (
     Turn,
     User,
 )
-from db.session import engine_for, session_scope
+from mcie.db.session import engine_for, session_scope
 
 EXPECTED_TABLES = {
     "images", "instances", "turns", "samples", "sub_instructions", "box_candidates", "mllm_judgements", "users",

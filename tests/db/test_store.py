@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from db.store import ImageRejected, ImageStore, validate_image
+from mcie.db.store import ImageRejected, ImageStore, validate_image
 
 
 def _png(size=(64, 48), color=(200, 30, 30)) -> bytes:
@@ -132,9 +132,9 @@ def test_object_storage_url_works_alike() -> None:
 def test_register_images_is_idempotent(migrated_url: str, store: ImageStore) -> None:
     from sqlalchemy import func, select
 
-    from db.models import Image as ImageRow
-    from db.session import session_scope
-    from db.store import register_images
+    from mcie.db.models import Image as ImageRow
+    from mcie.db.session import session_scope
+    from mcie.db.store import register_images
 
     a = store.put_bytes(_png(), "a.png")
     b = store.put_bytes(_png(color=(1, 2, 3)), "b.png")

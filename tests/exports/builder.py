@@ -12,7 +12,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from mcie.db.models import (
     Decision,
     Instance,
     MllmJudgement,
@@ -22,8 +22,8 @@ from db.models import (
     Turn,
     User,
 )
-from db.session import session_scope
-from db.store import ImageStore, register_images
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore, register_images
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 OPERATIONS = ("add", "remove", "change")

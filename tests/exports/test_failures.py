@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from db.migrate import upgrade
-from db.models import Export, ExportItem, JobStatus, Sample, Turn
-from db.session import session_scope
-from db.store import ImageStore
-from exports.api import ExportError, run_export
+from mcie.db.migrate import upgrade
+from mcie.db.models import Export, ExportItem, JobStatus, Sample, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
+from mcie.exports.api import ExportError, run_export
 from tests.exports.builder import build_small_db
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +79,8 @@ KILLED_EXPORT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from db.store import ImageStore
-    from exports.api import run_export
+    from mcie.db.store import ImageStore
+    from mcie.exports.api import run_export
 
     store = ImageStore({blobs!r})
     calls = 0

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from db.migrate import current, upgrade
-from db.models import Export, ExportItem, Instance, JobStatus, Sample, SubInstruction, Turn
-from db.session import session_scope
-from exports.api import run_export
-from exports.manifest import verify_export
+from mcie.db.migrate import current, upgrade
+from mcie.db.models import Export, ExportItem, Instance, JobStatus, Sample, SubInstruction, Turn
+from mcie.db.session import session_scope
+from mcie.exports.api import run_export
+from mcie.exports.manifest import verify_export
 from tests.exports.builder import Builder, build_small_db
 
 
@@ -210,7 +210,7 @@ def test_since_exports_only_new_acceptances_and_reviewers_on_request(sqlite_url,
     with session_scope(sqlite_url) as session:
         b = Builder(session, store)
         inst = b.instance("demo", "late", 2)
-        from db.models import utcnow
+        from mcie.db.models import utcnow
 
         new_id = b.sample(inst, 1, 2, reviews=(("alice", True, 5, 5),), decided_at=utcnow())
     second = run_export(sqlite_url, store, tmp_path / "v2", "jsonl", since=first.export_id, val_fraction=0,

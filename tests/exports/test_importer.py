@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from exports.importer import (
+from mcie.exports.importer import (
     DataImportError,
     import_dataset,
     mask_box,
     operation_of,
     parse_columns,
 )
-from exports.manifest import verify_export
+from mcie.exports.manifest import verify_export
 
 
 def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 32)) -> bytes:
@@ -110,7 +110,7 @@ def test_mask_box_and_operation_are_pure() -> None:
 
 
 def test_magicbrush_preset_boxes_from_masks_bad_row_named(tmp_path: Path) -> None:
-    from model.data import JsonlEditDataset, collate_edit_batch
+    from mcie.model.data import JsonlEditDataset, collate_edit_batch
 
     source = magicbrush_parquet(tmp_path / "mb")
     problems: list[dict] = []
@@ -243,8 +243,8 @@ def test_image_folder_and_arrow_sources(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 def test_mcie_train_runs_on_an_import(tmp_path: Path) -> None:
     """Stage 1 on imported data: `mcie train`'s own loop takes the folder as it takes an export."""
-    from model.train import train
-    from model.train_config import TrainConfig
+    from mcie.model.train import train
+    from mcie.model.train_config import TrainConfig
     from tests.model.test_train import tiny_config_data
     from tests.model.tiny import make_tiny_files
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Decision, Review, User
-from db.session import session_scope
-from exports.api import export_reviews
+from mcie.db.models import Decision, Review, User
+from mcie.db.session import session_scope
+from mcie.exports.api import export_reviews
 from tests.exports.builder import T0, build_small_db
 
 

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from db.models import Decision, Export, ExportItem, JobStatus, Sample
-from db.session import session_scope
-from exports.select import ExportFilter, iter_records
+from mcie.db.models import Decision, Export, ExportItem, JobStatus, Sample
+from mcie.db.session import session_scope
+from mcie.exports.select import ExportFilter, iter_records
 from tests.exports.builder import T0, Builder, build_small_db
 
 

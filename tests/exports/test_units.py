@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from exports.card import CardStats, bar_chart, plots, render_readme
-from exports.manifest import build_manifest, resolve_hashes, verify_export, write_manifest
-from exports.records import (
+from mcie.exports.card import CardStats, bar_chart, plots, render_readme
+from mcie.exports.manifest import build_manifest, resolve_hashes, verify_export, write_manifest
+from mcie.exports.records import (
     DecisionRow,
     RecordError,
     ReviewRow,
@@ -24,9 +24,9 @@ from exports.records import (
     record_dict,
     record_window,
 )
-from exports.select import ExportFilter
-from exports.splits import instance_unit, split_for
-from exports.writers import FileEntry, tar_member, webdataset_members
+from mcie.exports.select import ExportFilter
+from mcie.exports.splits import instance_unit, split_for
+from mcie.exports.writers import FileEntry, tar_member, webdataset_members
 
 SHA = {k: c * 64 for k, c in zip(("src", "t1", "t2", "t3"), "abcd", strict=True)}
 IMAGES = {sha: ("PNG", 8, 6) for sha in SHA.values()}

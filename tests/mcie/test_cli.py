@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import json
 
-from typer.testing import CliRunner
-
-from mcie.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str, stdin: str | None = None):
-    return runner.invoke(app, list(args), input=stdin, catch_exceptions=False)
+from tests.cli import invoke
 
 
 def test_config_show_json_and_bad_setting(monkeypatch) -> None:
@@ -53,8 +45,8 @@ def test_users_lifecycle() -> None:
     assert invoke("users", "set-password", "alice", "--password-stdin", stdin="another secret\n").exit_code == 0
     assert invoke("users", "enable", "alice").exit_code == 0
 
-    from annotate.accounts import authenticate
-    from db.session import session_scope
+    from mcie.annotate.accounts import authenticate
+    from mcie.db.session import session_scope
 
     with session_scope() as session:
         assert authenticate(session, "alice", "correct horse") is None
@@ -64,7 +56,7 @@ def test_users_lifecycle() -> None:
 
 
 def test_agreement_command_prints_the_figures() -> None:
-    from db.session import session_scope
+    from mcie.db.session import session_scope
     from tests.annotate.factories import add_reviews, make_samples, make_users
 
     invoke("db", "upgrade")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from mcie import demo
-from pipeline import seed_format as sf
-from pipeline.boxes import Box
-from pipeline.sources import RawInstance, read_seed_data_edit
+from mcie.pipeline import seed_format as sf
+from mcie.pipeline.boxes import Box
+from mcie.pipeline.sources import RawInstance, read_seed_data_edit
 
 INSTANCES = 30
 

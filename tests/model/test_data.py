@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from db.migrate import upgrade
-from exports.api import run_export
-from model.data import ExportDataError, JsonlEditDataset, collate_edit_batch, webdataset_pipeline
+from mcie.db.migrate import upgrade
+from mcie.exports.api import run_export
+from mcie.model.data import ExportDataError, JsonlEditDataset, collate_edit_batch, webdataset_pipeline
 from tests.exports.builder import build_small_db, png
 
 EVERY_STATUS = {"statuses": ["accepted", "rejected", "in_review", "needs_adjudication"]}

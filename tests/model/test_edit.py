@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mcie.cli import app
-from model.evaluate import EvalError, SubSpec, parse_sub
-from model.pipeline import MCIEPipeline
-from model.weights import save_weights
+from mcie.model.evaluate import EvalError, SubSpec, parse_sub
+from mcie.model.pipeline import MCIEPipeline
+from mcie.model.weights import save_weights
 from tests.mcie.mllm.chat_server import RecordedRequest, chat_server
 from tests.model.tiny import (
     TINY_IMAGE,

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import MCIEAttentionInputs
-from model.config import MCIEConfig
-from model.masks import background_gate, box_coverage, foreground_weights
+from mcie.model.attention import MCIEAttentionInputs
+from mcie.model.config import MCIEConfig
+from mcie.model.masks import background_gate, box_coverage, foreground_weights
 from tests.model.test_network import HW, _box_cells, _data, _inputs, _layer
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config, tiny_images
 
@@ -64,7 +64,7 @@ def test_eq11_fusion_is_lambda_fg_plus_one_minus_lambda_bg() -> None:
 
 
 def test_eq11_lambda_comes_from_the_config(files: TinyFiles) -> None:
-    from model.attention import cross_attention_processors
+    from mcie.model.attention import cross_attention_processors
 
     model = load_tiny_model(files, tiny_config(lambda_fg=0.8))
     processors = cross_attention_processors(model.unet)
@@ -79,9 +79,9 @@ def test_eq12_training_regresses_the_added_noise(files: TinyFiles, tmp_path: Pat
     """A model that predicts exactly the noise the scheduler added has loss 0; against x0 (or v) it would not."""
     from diffusers import DDPMScheduler
 
-    from model.network import MCIEModel
-    from model.train import train
-    from model.train_config import TrainConfig
+    from mcie.model.network import MCIEModel
+    from mcie.model.train import train
+    from mcie.model.train_config import TrainConfig
     from tests.model.test_train import tiny_config_data, write_jsonl_export
 
     seen: dict[str, torch.Tensor] = {}
@@ -109,7 +109,7 @@ def test_eq12_training_regresses_the_added_noise(files: TinyFiles, tmp_path: Pat
 
 def test_unconditional_branch_gets_the_empty_image_bcca_tokens(files: TinyFiles,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.pipeline import MCIEPipeline
+    from mcie.model.pipeline import MCIEPipeline
 
     model = load_tiny_model(files, tiny_config())
     randomize_trained(model)

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mcie.cli import app
-from model.evaluate import (
+from mcie.model.evaluate import (
     ClipImageEncoder,
     DinoImageEncoder,
     EvalError,
@@ -245,7 +245,7 @@ def test_eval_runs_models_on_the_fly(bench: Path, tmp_path: Path, monkeypatch) -
     files: TinyFiles = make_tiny_files(tmp_path / "tiny")
     model = load_tiny_model(files, tiny_config(clip_vision_checkpoint=str(files.vision)))
     randomize_trained(model)
-    from model.weights import save_weights
+    from mcie.model.weights import save_weights
 
     weights = save_weights(model, tmp_path / "weights")
     configure(monkeypatch, editing_base_model_path=files.base, editing_weights_path=weights)
@@ -338,7 +338,7 @@ def test_reference_free_bench_scores_against_the_source_and_its_background(
 
 
 def test_background_mask() -> None:
-    from model.evaluate import background_mask
+    from mcie.model.evaluate import background_mask
 
     mask = background_mask([(0.0, 0.0, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)], 4)
     assert mask.tolist() == [[False, False, True, True], [False, False, True, True],

@@ -25,8 +25,8 @@ def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_editing_model_by_hub_ids_matches_local_paths(hf_home: Path, tmp_path: Path) -> None:
-    from model.network import MCIEModel
-    from model.weights import save_weights
+    from mcie.model.network import MCIEModel
+    from mcie.model.weights import save_weights
 
     files = make_tiny_files(tmp_path / "files")
     model = load_tiny_model(files, tiny_config())
@@ -57,8 +57,8 @@ def test_eval_encoders_and_box_scorer_by_hub_id(hf_home: Path, tmp_path: Path, m
     from transformers import Dinov2Config, Dinov2Model
 
     from mcie.config import load_settings
-    from model.evaluate import ClipImageEncoder, DinoImageEncoder
-    from pipeline.scoring import ClipScorer, make_scorer
+    from mcie.model.evaluate import ClipImageEncoder, DinoImageEncoder
+    from mcie.pipeline.scoring import ClipScorer, make_scorer
     from tests.tiny_clip import save_tiny_clip
 
     register_tiny_clip()

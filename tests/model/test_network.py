@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from model.attention import MCIEAttentionInputs, MCIEAttnProcessor, cross_attention_processors
-from model.bcca import OpenClipPatchEncoder
-from model.config import MCIEConfig
-from model.masks import (
+from mcie.model.attention import MCIEAttentionInputs, MCIEAttnProcessor, cross_attention_processors
+from mcie.model.bcca import OpenClipPatchEncoder
+from mcie.model.config import MCIEConfig
+from mcie.model.masks import (
     box_coverage,
     box_raster,
     foreground_weights,
@@ -24,9 +24,9 @@ from model.masks import (
     resize_pixel_masks,
     union_mask,
 )
-from model.network import MCIEModel, SubInstructionBatch
-from model.saca import FourierBoxEmbedding, SpatialContext
-from model.weights import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_weights, save_weights
+from mcie.model.network import MCIEModel, SubInstructionBatch
+from mcie.model.saca import FourierBoxEmbedding, SpatialContext
+from mcie.model.weights import CONFIG_NAME, WEIGHTS_NAME, WeightsError, load_weights, save_weights
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
 # diffusers' Euler schedulers call np.array(tensor, copy=False) internally (numpy 2 deprecation, not ours)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.pipeline import MCIEPipeline, parse_sub_instruction
-from model.weights import save_weights
+from mcie.model.pipeline import MCIEPipeline, parse_sub_instruction
+from mcie.model.weights import save_weights
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config, tiny_images
 
 STEPS = 3

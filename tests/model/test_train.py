@@ -17,18 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mcie.cli import app
-from model.train import StageData, condition_dropout, find_checkpoint, sub_instruction_lists, train
-from model.train_config import ConditioningDropout, DataConfig, TrainConfig, TrainConfigError, load_train_config
+from mcie.model.train import StageData, condition_dropout, find_checkpoint, sub_instruction_lists, train
+from mcie.model.train_config import ConditioningDropout, DataConfig, TrainConfig, TrainConfigError, load_train_config
+from tests.cli import invoke
 from tests.model.tiny import TINY_IMAGE, TinyFiles, build_tiny_components, make_tiny_files, tiny_images
 
 # diffusers' Euler schedulers call np.array(tensor, copy=False) internally (numpy 2 deprecation, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 REPO = Path(__file__).resolve().parents[2]
 TINY_TOML = REPO / "configs" / "train_tiny.toml"
-runner = CliRunner()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -150,10 +148,6 @@ def weights_of(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "mcie_e1.safetensors"))
 
 
-def invoke(*args: str) -> Any:
-    return runner.invoke(app, list(args), catch_exceptions=False)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # config
 
@@ -226,7 +220,7 @@ def test_condition_dropout_follows_instruct_pix2pix() -> None:
 
 
 def test_batches_become_per_sample_sub_instructions(data: dict[str, Path]) -> None:
-    from model.data import JsonlEditDataset, collate_edit_batch
+    from mcie.model.data import JsonlEditDataset, collate_edit_batch
 
     dataset = JsonlEditDataset(data["jsonl"], resolution=TINY_IMAGE)
     batch = collate_edit_batch([dataset[i] for i in range(4)])
@@ -268,7 +262,7 @@ def test_tiny_model_overfits_a_handful_of_samples(files: TinyFiles, data: dict[s
                                                   tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from model.network import MCIEModel
+    from mcie.model.network import MCIEModel
 
     out = tmp_path / "run"
     config = TrainConfig.from_data(tiny_config_data(wide_base, files.vision, data["jsonl"], out))

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from model.config import MCIEConfig
+from mcie.model.config import MCIEConfig
 from tests.tiny_clip import TINY_CLIP_CONFIG, TINY_CLIP_NAME, save_tiny_clip
 
 TINY_MERGES = 2000
@@ -163,7 +163,7 @@ def load_tiny_model(
     files: TinyFiles, config: MCIEConfig | None = None, weights: Path | None = None, seed: int = 0
 ) -> Any:
     """``MCIEModel.from_pretrained`` on the tiny files; the new modules are initialised under ``seed``."""
-    from model.network import MCIEModel
+    from mcie.model.network import MCIEModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.expand import (
+from mcie.pipeline.expand import (
     SubInstruction,
     WindowPlan,
     classify_operation,

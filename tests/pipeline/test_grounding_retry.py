@@ -18,21 +18,17 @@ import pytest
 from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
-from db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
-from db.session import session_scope
-from db.store import ImageStore
 from mcie.cli import app
 from mcie.config import get_settings
+from mcie.db.models import BoxCandidate, MllmJudgement, MllmStage, Sample, SampleStatus, SubInstruction, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from mcie.demo import build_demo
-from pipeline.ingest import ingest, read_source
+from mcie.pipeline.ingest import ingest, read_source
+from tests.cli import cli
 from tests.mcie.mllm.chat_server import Reply, chat_server
 
 runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture
@@ -313,7 +309,7 @@ def test_retry_clears_the_no_box_flag_and_recomputes_the_priority_of_ready_sampl
                 assert not sample.flagged and sample.flag_reason is None
                 assert sample.priority <= before[sample_id] - 0.2 + 1e-9  # the flag's 0.2 is gone
         # every ready sample's priority is what the load stage would give it now (conflict answered: no MLLM doubt)
-        from pipeline.load_stage import box_doubt, priority
+        from mcie.pipeline.load_stage import box_doubt, priority
 
         scores: dict[int, dict[int, list[float]]] = {}
         for instance_id, index, score in session.execute(
@@ -358,7 +354,7 @@ def test_an_empty_grounding_answer_is_a_valid_answer_cached_and_not_asked_again(
 
 
 def test_unparseable_grounding_is_asked_at_most_three_times_failed_requests_always(demo, db, monkeypatch) -> None:
-    from pipeline.grounding_stage import MAX_UNPARSEABLE
+    from mcie.pipeline.grounding_stage import MAX_UNPARSEABLE
 
     assert cli("pipeline", "ingest", str(demo))[0] == 0
     mllm = Mllm(demo)

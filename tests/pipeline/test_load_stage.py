@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from db.models import Sample
-from pipeline.load_stage import _flag_missing, box_doubt, priority, without_no_box_reason
+from mcie.db.models import Sample
+from mcie.pipeline.load_stage import _flag_missing, box_doubt, priority, without_no_box_reason
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db import migrate
-from db.models import BoxCandidate, Instance, Sample, SubInstruction, Turn
-from db.session import session_scope
-from db.store import ImageStore
 from mcie.config import load_settings
+from mcie.db import migrate
+from mcie.db.models import BoxCandidate, Instance, Sample, SubInstruction, Turn
+from mcie.db.session import session_scope
+from mcie.db.store import ImageStore
 from mcie.demo import build_demo
-from pipeline.ingest import ingest, read_source
-from pipeline.run import run_pipeline
+from mcie.pipeline.ingest import ingest, read_source
+from mcie.pipeline.run import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ class _Double:
 def test_ray_engine_uses_an_actor_pool_not_the_deprecated_concurrency_argument(monkeypatch) -> None:
     import ray.data
 
-    from pipeline.engines import RayEngine
+    from mcie.pipeline.engines import RayEngine
 
     seen: list[dict] = []
     original = ray.data.Dataset.map_batches

@@ -12,22 +12,14 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
-from typer.testing import CliRunner
 
-from db.models import BoxCandidate, Instance, MllmJudgement, Sample, SampleStatus, SubInstruction, Turn
-from db.session import session_scope
-from mcie.cli import app
 from mcie.config import get_settings
+from mcie.db.models import BoxCandidate, Instance, MllmJudgement, Sample, SampleStatus, SubInstruction, Turn
+from mcie.db.session import session_scope
 from mcie.demo import build_demo
-from pipeline.boxes import Box
+from mcie.pipeline.boxes import Box
+from tests.cli import cli
 from tests.mcie.mllm.chat_server import chat_server
-
-runner = CliRunner()
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture

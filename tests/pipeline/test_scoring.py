@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mcie.config import ConfigError, load_settings
-from pipeline.boxes import Box, Candidate, diff_boxes
-from pipeline.scoring import ClipScorer, Evidence, PixelScorer, SelectionRule, make_scorer, select
+from mcie.pipeline.boxes import Box, Candidate, diff_boxes
+from mcie.pipeline.scoring import ClipScorer, Evidence, PixelScorer, SelectionRule, make_scorer, select
 from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
 from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
 

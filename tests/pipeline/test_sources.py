@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from mcie.demo import build_demo
-from pipeline import seed_format as sf
-from pipeline.sources import RawInstance, RecordError, read_jsonl_manifest, read_seed_data_edit
+from mcie.pipeline import seed_format as sf
+from mcie.pipeline.sources import RawInstance, RecordError, read_jsonl_manifest, read_seed_data_edit
 
 
 def _image(path: Path, shade: int = 100) -> None:
