@@ -1,7 +1,9 @@
 """The only place that opens database connections: engines, sessions and transactions.
 
 Every other module gets a :class:`sqlalchemy.orm.Session` from :func:`session_scope` (or a sessionmaker from
-:func:`sessionmaker_for`) and never builds an engine itself. SQLite gets the pragmas a multi-user app needs (foreign
+:func:`sessionmaker_for`) and never builds an engine itself. Services take that ``Session`` and never commit: the
+caller (a FastAPI dependency, a CLI command, the worker) owns the transaction; a service that reads then writes
+checks it was given a write transaction (:func:`require_write`). SQLite gets the pragmas a multi-user app needs (foreign
 keys on, WAL journal, a busy timeout) and ``session_scope(write=True)`` starts a write transaction up front so
 concurrent writers queue instead of failing half-way; PostgreSQL uses a normal pool.
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+WRITE_KEY = "mcie.write"  # Session.info: begun by session_scope(write=True)
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -81,7 +85,7 @@ def session_scope(url: str | None = None, *, write: bool = False) -> Iterator[Se
     engine = engine_for(url or _default_url())
     if write and engine.dialect.name == "sqlite":
         engine = engine.execution_options(sqlite_begin="IMMEDIATE")
-    session = Session(engine, expire_on_commit=False)
+    session = Session(engine, expire_on_commit=False, info={WRITE_KEY: write})
     try:
         yield session
         session.commit()
@@ -90,6 +94,14 @@ def session_scope(url: str | None = None, *, write: bool = False) -> Iterator[Se
         raise
     finally:
         session.close()
+
+
+def require_write(session: Session, what: str) -> None:
+    """Refuse a read-then-write service (a lease, a review, a vote ...) on a session that did not begin as a write
+    transaction: on SQLite two such transactions could both read, then one would fail at its first write. The
+    service's caller opens it: ``with session_scope(url, write=True) as session: service(session, ...)``."""
+    if not session.info.get(WRITE_KEY):
+        raise RuntimeError(f"{what} reads then writes: call it with a session from session_scope(url, write=True)")
 
 
 def ping(url: str) -> None:
