@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mcie.pipeline.boxes import Box, diff_boxes
+from mcie.geometry import Box
+from mcie.pipeline.boxes import diff_boxes
 from mcie.pipeline.scoring import ClipScorer, PixelScorer
 
 SIZE = 512

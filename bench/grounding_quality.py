@@ -54,7 +54,7 @@ from mcie.db.models import BoxCandidate, Instance, Turn
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore
 from mcie.demo import build_demo
-from mcie.pipeline.boxes import Box
+from mcie.geometry import Box
 from mcie.pipeline.engines import LocalEngine
 from mcie.pipeline.expand_stage import expand_stage
 from mcie.pipeline.grounding_stage import grounding_stage

@@ -1,7 +1,7 @@
 """Boxes to attention masks at every UNet resolution, their union, and the timestep schedule (paper Eq. 7, 8, 10).
 
 Boxes are normalised ``(x0, y0, x1, y1)`` in [0, 1] with (x0, y0) the top-left edge (the convention of
-:class:`pipeline.boxes.Box`); a sub-instruction without a box (a global edit such as "make it sunny") gets the whole
+:class:`mcie.geometry.Box`); a sub-instruction without a box (a global edit such as "make it sunny") gets the whole
 image. A mask at a resolution h x w is a float tensor in [0, 1] over latent cells, flattened row-major as the
 diffusers transformer blocks flatten ``(h, w)`` into tokens.
 

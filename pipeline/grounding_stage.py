@@ -130,7 +130,8 @@ class GroundingWorker:
 def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: Any, *, k: int) -> list[TurnOutcome]:
     """Candidates from the MLLM (asked, or from the cache) and the pixel difference for each turn, added to the
     turn's stored candidates, all scored in one batch and one chosen by :class:`pipeline.scoring.SelectionRule`."""
-    from mcie.pipeline.boxes import Box, diff_boxes
+    from mcie.geometry import Box
+    from mcie.pipeline.boxes import diff_boxes
     from mcie.pipeline.scoring import SelectionRule
 
     rule = SelectionRule()
@@ -173,9 +174,9 @@ def ground_turns(tasks: Sequence[TurnTask], store: Any, scorer: Any, backend: An
 
 
 def _mllm_candidates(tasks: Sequence[TurnTask], pairs: Sequence[tuple[Any, Any]], backend: Any, k: int):
+    from mcie.geometry import Box
     from mcie.mllm.parsing import ParseFailure, parse_grounding
     from mcie.mllm.prompts import PROMPT_VERSION, grounding_prompt
-    from mcie.pipeline.boxes import Box
 
     prompts: list[Any] = [None] * len(tasks)
 

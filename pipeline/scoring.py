@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 
 from mcie.config import ConfigError, Settings, get_settings
-from mcie.pipeline.boxes import Box, Candidate, ImageLike, to_rgb_array
+from mcie.geometry import Box
+from mcie.pipeline.boxes import Candidate, ImageLike, to_rgb_array
 
 if TYPE_CHECKING:
     import torch

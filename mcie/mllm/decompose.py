@@ -39,9 +39,9 @@ class DecompositionResult:
 
 def decompose(image: Image.Image, instruction: str, backend: Any) -> DecompositionResult:
     """Split ``instruction`` on ``image`` into sub-edits with normalized boxes (None where the MLLM gave none)."""
+    from mcie.geometry import Box
     from mcie.mllm.parsing import ParseFailure, parse_decomposition
     from mcie.mllm.prompts import decompose_prompt
-    from mcie.pipeline.boxes import Box
 
     prompt = decompose_prompt(image, instruction)
     response = backend.generate_one(prompt.request)

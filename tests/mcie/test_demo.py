@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from mcie import demo
+from mcie.geometry import Box
 from mcie.pipeline import seed_format as sf
-from mcie.pipeline.boxes import Box
 from mcie.pipeline.sources import RawInstance, read_seed_data_edit
 
 INSTANCES = 30

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mcie.pipeline.boxes import Box, Candidate, change_mask, dedupe, diff_boxes, to_rgb_array, union_mask
+from mcie.geometry import Box
+from mcie.pipeline.boxes import Candidate, change_mask, dedupe, diff_boxes, to_rgb_array, union_mask
 
 # --- synthetic scenes ---------------------------------------------------------------------------------------
 

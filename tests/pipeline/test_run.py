@@ -17,7 +17,7 @@ from mcie.config import get_settings
 from mcie.db.models import BoxCandidate, Instance, MllmJudgement, Sample, SampleStatus, SubInstruction, Turn
 from mcie.db.session import session_scope
 from mcie.demo import build_demo
-from mcie.pipeline.boxes import Box
+from mcie.geometry import Box
 from tests.cli import cli
 from tests.mcie.mllm.chat_server import chat_server
 

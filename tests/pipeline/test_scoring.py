@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mcie.config import ConfigError, load_settings
-from mcie.pipeline.boxes import Box, Candidate, diff_boxes
+from mcie.geometry import Box
+from mcie.pipeline.boxes import Candidate, diff_boxes
 from mcie.pipeline.scoring import ClipScorer, Evidence, PixelScorer, SelectionRule, make_scorer, select
 from tests.pipeline.test_boxes import EDITS, RECT, jpeg, scene, truth
 from tests.tiny_clip import TINY_CLIP_NAME, build_tiny_clip, save_tiny_clip
