@@ -123,6 +123,14 @@ def lookup(
     return None if row is None else (row[0], row[1])
 
 
+def touch(session: Session, id_hash: str, now: datetime, data: dict[str, Any] | None = None) -> None:
+    """Record that the session was seen at ``now`` (and store its data dict when it changed)."""
+    values: dict[str, Any] = {"last_seen_at": now}
+    if data is not None:
+        values.update(data=data, study_id=study_of(data))
+    session.execute(update(WebSession).where(WebSession.id_hash == id_hash).values(**values))
+
+
 def revoke(session: Session, id_hash: str, reason: str) -> None:
     session.execute(
         update(WebSession)

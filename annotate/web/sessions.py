@@ -22,11 +22,10 @@ from typing import Any
 
 import anyio.to_thread
 import itsdangerous
-from sqlalchemy import update
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcie.annotate.sessions import SessionPolicy, aware, create, lookup, revoke, study_of
-from mcie.db.models import WebSession, utcnow
+from mcie.annotate.sessions import SessionPolicy, aware, create, lookup, revoke, touch
+from mcie.db.models import utcnow
 from mcie.db.session import session_scope
 
 COOKIE = "mcie_session"
@@ -116,10 +115,7 @@ class ServerSessionMiddleware:
             stale = (now - loaded.last_seen_at).total_seconds() >= self.policy.touch_interval_s
             if changed or stale:
                 with session_scope(self.url) as session:
-                    values: dict[str, Any] = {"last_seen_at": now}
-                    if changed:
-                        values.update(data=data, study_id=study_of(data))
-                    session.execute(update(WebSession).where(WebSession.id_hash == loaded.id_hash).values(**values))
+                    touch(session, loaded.id_hash, now, data if changed else None)
             return None
         if logged_in:
             headers = dict(scope.get("headers") or [])
