@@ -15,15 +15,6 @@ from tests.model.tiny import load_tiny_model, make_tiny_files, randomize_trained
 from tests.tiny_clip import TINY_CLIP_NAME, register_tiny_clip
 
 
-@pytest.fixture
-def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 def test_editing_model_by_hub_ids_matches_local_paths(hf_home: Path, tmp_path: Path) -> None:
     from mcie.model.network import MCIEModel
     from mcie.model.weights import save_weights
