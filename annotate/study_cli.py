@@ -1,7 +1,8 @@
 """``mcie study ...``: create a user study, invite participants, follow them, exclude, export the votes, results.
 
-Each command is one call into :mod:`annotate.study` (see ``docs/user-study.md``); STUDY is a study's name or id and
-USER a participant's username or user id. A refused request (a folder with gaps, an unknown study, a closed study)
+Each command is one call into :mod:`annotate.study` (see ``docs/user-study.md``) in a transaction the command opens
+(``session_scope``; a write one for the commands that change something); STUDY is a study's name or id and USER a
+participant's username or user id. A refused request (a folder with gaps, an unknown study, a closed study)
 ends with exit code 1 and the reason on stderr.
 
     mcie study create FOLDER --name NAME [--items-per-participant 100] [--seed 0] [--criteria instruction,background]
@@ -19,12 +20,16 @@ ends with exit code 1 and the reason on stderr.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 app = typer.Typer(no_args_is_help=True, help="User studies: create, invite participants, follow, export, results.")
 console = Console()
@@ -47,11 +52,18 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _study_id(url: str, key: str) -> int:
+def _scope(*, write: bool = False) -> AbstractContextManager[Session]:
+    """A transaction on the configured database (``write=True`` for the commands that change something)."""
+    from mcie.db.session import session_scope
+
+    return session_scope(_url(), write=write)
+
+
+def _study_id(session: Session, key: str) -> int:
     from mcie.annotate.study import StudyError, resolve_study
 
     try:
-        return resolve_study(url, key)
+        return resolve_study(session, key)
     except StudyError as exc:
         _fail(str(exc))
 
@@ -165,11 +177,12 @@ def from_previews(
 
     ids = _sample_ids(samples, samples_file)
     try:
-        report = create_study_from_previews(
-            _url(), name, ids, _method_option(method), reference=reference, reference_name=reference_name,
-            preview_seed=preview_seed, items_per_participant=items_per_participant, seed=seed,
-            criteria=_criteria(criteria), status=StudyStatus.draft if draft else StudyStatus.open,
-        )
+        with _scope(write=True) as session:
+            report = create_study_from_previews(
+                session, name, ids, _method_option(method), reference=reference, reference_name=reference_name,
+                preview_seed=preview_seed, items_per_participant=items_per_participant, seed=seed,
+                criteria=_criteria(criteria), status=StudyStatus.draft if draft else StudyStatus.open,
+            )
     except StudyError as exc:
         _fail(str(exc))
     _report(report, as_json)
@@ -186,7 +199,8 @@ def list_command(as_json: JsonOpt = False) -> None:
 
     from mcie.annotate.study import list_studies
 
-    rows = list_studies(_url())
+    with _scope() as session:
+        rows = list_studies(session)
     if as_json:
         _print_json([asdict(s) for s in rows])
         return
@@ -214,14 +228,15 @@ def invite(
 
     if count is not None and username:
         _fail("use either --count or --username")
-    url = _url()
-    study_id = _study_id(url, study)
+    with _scope() as session:
+        study_id = _study_id(session, study)
     names: list[str | None] = list(username) if username else [None] * (count or 1)
     base = base_url.rstrip("/")
     links = []
     for name in names:
         try:
-            user, token = enrol(url, study_id, name)
+            with _scope(write=True) as session:  # one transaction per participant, as each link is made
+                user, token = enrol(session, study_id, name)
         except (StudyError, AccountError) as exc:
             _fail(str(exc))
         links.append({"username": user.username, "user_id": user.id, "link": f"{base}/study/join/{token}"})
@@ -237,10 +252,10 @@ def revoke(study: StudyArg, user: UserArg) -> None:
     """Make a participant's link stop working (their votes are kept; `invite --username` issues a new one)."""
     from mcie.annotate.study import StudyError, resolve_participant, revoke_invite
 
-    url = _url()
-    study_id = _study_id(url, study)
     try:
-        revoke_invite(url, study_id, resolve_participant(url, study_id, user))
+        with _scope(write=True) as session:
+            study_id = _study_id(session, study)
+            revoke_invite(session, study_id, resolve_participant(session, study_id, user))
     except StudyError as exc:
         _fail(str(exc))
     console.print(f"revoked the invitation of {user} to study {study_id}", highlight=False)
@@ -251,9 +266,9 @@ def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
     """Every participant's progress: screens completed, finished, revoked, excluded."""
     from mcie.annotate.web.study_routes import participants_json
 
-    url = _url()
-    study_id = _study_id(url, study)
-    rows = [row.model_dump() for row in participants_json(url, study_id)]
+    with _scope() as session:
+        study_id = _study_id(session, study)
+        rows = [row.model_dump() for row in participants_json(session, study_id)]
     if as_json:
         _print_json(rows)
         return
@@ -270,10 +285,10 @@ def status_command(study: StudyArg, as_json: JsonOpt = False) -> None:
 def _set_status(study: str, value: str) -> None:
     from mcie.annotate.study import StudyError, set_study_status
 
-    url = _url()
-    study_id = _study_id(url, study)
     try:
-        set_study_status(url, study_id, value)
+        with _scope(write=True) as session:
+            study_id = _study_id(session, study)
+            set_study_status(session, study_id, value)
     except StudyError as exc:
         _fail(str(exc))
     console.print(f"study {study_id} is {value}", highlight=False)
@@ -303,10 +318,10 @@ def exclude(
 
     if include == bool(reason):
         _fail("give either --reason TEXT (to exclude) or --include")
-    url = _url()
-    study_id = _study_id(url, study)
     try:
-        set_excluded(url, study_id, resolve_participant(url, study_id, user), not include, reason)
+        with _scope(write=True) as session:
+            study_id = _study_id(session, study)
+            set_excluded(session, study_id, resolve_participant(session, study_id, user), not include, reason)
     except StudyError as exc:
         _fail(str(exc))
     console.print(f"{'included' if include else 'excluded'} {user} in study {study_id}", highlight=False)
@@ -320,10 +335,10 @@ def export(
     """Write every stored vote (one row per participant, item and question) to CSV or Parquet."""
     from mcie.annotate.study import StudyError, export_votes
 
-    url = _url()
-    study_id = _study_id(url, study)
     try:
-        n = export_votes(url, study_id, out)
+        with _scope() as session:
+            study_id = _study_id(session, study)
+            n = export_votes(session, study_id, out)
     except StudyError as exc:
         _fail(str(exc))
     console.print(f"{n} votes written to {out}", highlight=False)
@@ -354,8 +369,8 @@ def results(
     intervals, after the recorded exclusions; and the quality checks."""
     from mcie.annotate.study import study_results
 
-    url = _url()
-    res = study_results(url, _study_id(url, study), n_boot=n_boot, seed=seed)
+    with _scope() as session:
+        res = study_results(session, _study_id(session, study), n_boot=n_boot, seed=seed)
     if as_json:
         _print_json(res)
         return

@@ -294,6 +294,7 @@ def main() -> None:
     from mcie.annotate import study
     from mcie.config import load_settings
     from mcie.db.migrate import upgrade
+    from mcie.db.session import session_scope
     from mcie.db.store import ImageStore
 
     name = f"mcie_bench_study_{uuid.uuid4().hex[:10]}"
@@ -310,9 +311,10 @@ def main() -> None:
                                                  _study_folder(work / "folder", args.items, args.methods), "load",
                                                  items_per_participant=args.items_per_participant)
         people = []
-        for _ in range(args.participants):
-            user, token = study.enrol(url, created.study_id)
-            people.append((user.id, token))
+        with session_scope(url, write=True) as session:
+            for _ in range(args.participants):
+                user, token = study.enrol(session, created.study_id)
+                people.append((user.id, token))
         setup_s = time.perf_counter() - t0
         port = _free_port()
         config = json.dumps({**options, "port": port})

@@ -5,9 +5,14 @@ One module per concern, every public name re-exported here (``from mcie.annotate
 ``participants`` (invites, access, listing, sequences), ``flow`` (screens, votes, advancing) and ``results`` (the
 votes frame, export, exclusions, results).
 
-Every function takes the database as ``db``: a SQLAlchemy URL (the function opens and commits its own transaction
-with :func:`db.session.session_scope`) or an open :class:`~sqlalchemy.orm.Session` (the caller's transaction; nothing
-is committed here). Images go through the :class:`~db.store.ImageStore` passed in. The design
+Every function takes the caller's :class:`~sqlalchemy.orm.Session` as its first parameter and never commits: the
+caller owns the transaction (``with session_scope(url, write=True) as session: enrol(session, study_id)``). Those
+that read then write refuse a session not begun with ``session_scope(write=True)`` (:func:`db.session.require_write`):
+:func:`create_study_from_previews`, :func:`set_study_status`, :func:`enrol`, :func:`revoke_invite`,
+:func:`assign_participant`, :func:`current_item` (it assigns the sequence on first use; :func:`quick_current_item` is
+the read-only path), :func:`cast_vote`, :func:`advance` and :func:`set_excluded`. :func:`create_study_from_folder`
+alone takes the database URL: it stores the images between its read and its write transaction, so no lock is held
+while files are copied. Images go through the :class:`~db.store.ImageStore` passed in. The design
 (:mod:`annotate.study_design`) and the statistics (:mod:`annotate.study_analysis`) are pure modules called from here.
 
 Creating a study from a folder (:func:`create_study_from_folder`)::
@@ -75,7 +80,6 @@ from mcie.annotate.study.common import (
     get_enrolment,
     get_study,
     hash_token,
-    study_scope,
 )
 from mcie.annotate.study.creation import (
     ItemSpec,
@@ -176,7 +180,6 @@ __all__ = [
     "set_excluded",
     "set_study_status",
     "study_results",
-    "study_scope",
     "upcoming_images",
     "votes_frame",
 ]

@@ -1,13 +1,12 @@
 """The user study's shared parts: constants, errors, the screens' and reports' types, and the lookups every
-study module uses (a session from ``db``, a study, an enrolment). See :mod:`annotate.study` for the whole picture."""
+study module uses (a study, an enrolment). See :mod:`annotate.study` for the whole picture."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import string
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,6 @@ from mcie.db.models import (
     StudyParticipant,
     StudyStatus,
 )
-from mcie.db.session import session_scope
 
 ITEMS_FILE = "items.jsonl"
 OUTPUT_SUFFIX = ".png"
@@ -143,20 +141,6 @@ class ParticipantStatus:
     finished_at: datetime | None
     excluded: bool
     exclusion_reason: str | None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sessions
-
-
-@contextmanager
-def study_scope(db: str | Session, *, write: bool = False) -> Iterator[Session]:
-    """The caller's session as is, or a new transaction on the URL ``db``."""
-    if isinstance(db, Session):
-        yield db
-    else:
-        with session_scope(db, write=write) as session:
-            yield session
 
 
 def hash_token(token: str) -> str:

@@ -28,7 +28,6 @@ from mcie.annotate.study.common import (
     StudyPreviewsError,
     StudyReport,
     get_study,
-    study_scope,
 )
 from mcie.db.models import (
     AuditLog,
@@ -42,6 +41,7 @@ from mcie.db.models import (
     StudyStatus,
     Turn,
 )
+from mcie.db.session import require_write, session_scope
 from mcie.db.store import ImageRejected, ImageStore, StoredImage, register_images, validate_image
 from mcie.db.windows import window_images
 
@@ -204,7 +204,7 @@ def _check_criteria(criteria: Sequence[str]) -> tuple[str, ...]:
 
 
 def create_study_from_folder(
-    db: str | Session,
+    url: str,
     store: ImageStore,
     folder: str | Path,
     name: str,
@@ -217,7 +217,11 @@ def create_study_from_folder(
     status: StudyStatus = StudyStatus.open,
     actor_id: int | None = None,
 ) -> StudyReport:
-    """Create a study from ``folder`` (layout in the module docstring); refuses, listing every problem, on any gap."""
+    """Create a study from ``folder`` (layout in the module docstring); refuses, listing every problem, on any gap.
+
+    Runs its own transactions on the database ``url``: a read that the name is free, then - outside any transaction,
+    so no database lock is held while the files are copied - the images are stored, then one write transaction
+    inserts the study (checking the name again)."""
     folder = Path(folder)
     criteria = _check_criteria(criteria)
     if not name or not name.strip() or len(name) > 128:
@@ -230,7 +234,7 @@ def create_study_from_folder(
         study_design.design(len(items), len(found), 0, items_per_participant, seed, attention)
     except ValueError as exc:
         raise StudyError(f"{folder}: {exc}") from None
-    with study_scope(db) as session:
+    with session_scope(url) as session:
         if session.scalar(select(Study.id).where(Study.name == name)) is not None:
             raise StudyError(f"a study named {name!r} already exists")
     stored: dict[Path, StoredImage] = {}  # stored before the write transaction, so it holds no lock meanwhile
@@ -238,7 +242,7 @@ def create_study_from_folder(
         for path in _item_paths(folder, item, found):
             if path not in stored:
                 stored[path] = store.put_file(path)
-    with study_scope(db, write=True) as session:
+    with session_scope(url, write=True) as session:
         if session.scalar(select(Study.id).where(Study.name == name)) is not None:
             raise StudyError(f"a study named {name!r} already exists")
         register_images(session, stored.values())
@@ -359,7 +363,7 @@ def _method_versions(methods: Sequence[str] | Mapping[str, str]) -> dict[str, st
 
 
 def create_study_from_previews(
-    db: str | Session,
+    session: Session,
     name: str,
     sample_ids: Sequence[int],
     methods: Sequence[str] | Mapping[str, str],
@@ -389,6 +393,7 @@ def create_study_from_previews(
     (sample, method) without a finished preview (with what was found instead: queued, running, failed and the
     error), are reported together in one :class:`StudyPreviewsError`, and no study is created.
     """
+    require_write(session, "create_study_from_previews")
     criteria = _check_criteria(criteria)
     if not name or not name.strip() or len(name) > 128:
         raise StudyError(f"a study name must have 1-128 characters; got {name!r}")
@@ -424,111 +429,110 @@ def create_study_from_previews(
         if answer not in names:
             problems.append(f"attention check of sample {sample_id}: {answer!r} is not one of the methods {names}")
     order = list(dict.fromkeys(ids))
-    with study_scope(db, write=True) as session:
-        samples = {s.id: s for s in session.scalars(select(Sample).where(Sample.id.in_(order)))}
-        problems.extend(f"sample {i}: no such sample" for i in order if i not in samples)
-        windows = _window_images(session, list(samples.values()))
-        stmt = select(Preview).where(Preview.sample_id.in_(order), Preview.model_version.in_(set(versions.values())))
-        if preview_seed is not None:
-            stmt = stmt.where(Preview.seed == preview_seed)
-        found: dict[tuple[int, str], list[Preview]] = {}
-        for row in session.scalars(stmt):
-            found.setdefault((row.sample_id, row.model_version), []).append(row)
-        outputs: dict[int, dict[str, str]] = {}
-        for sample_id in order:
-            if sample_id not in samples:
-                continue
-            source, target = windows[sample_id]
-            if source is None:
-                problems.append(
-                    f"sample {sample_id}: its window source image (before turn "
-                    f"{samples[sample_id].first_turn}) is missing"
-                )
-            picked: dict[str, str] = {}
-            for method, version in versions.items():
-                pick = _pick_preview(found.get((sample_id, version), []), sample_id, method, version)
-                if pick.problem:
-                    problems.append(pick.problem)
-                elif pick.image is not None:
-                    picked[method] = pick.image
-                    if pick.n_candidates > 1:
-                        warnings.append(
-                            f"sample {sample_id}: {pick.n_candidates} finished previews of {method!r}; "
-                            "took the newest (pass preview_seed to choose)"
-                        )
-            if reference:
-                if target is None:
-                    problems.append(
-                        f"sample {sample_id}: its ground-truth target (turn {samples[sample_id].last_turn}) is missing"
-                    )
-                else:
-                    picked[reference_name] = target
-            outputs[sample_id] = picked
-        attention_index = [k for k, sample_id in enumerate(order) if sample_id in attention]
-        if not problems:
-            try:  # validates items_per_participant and seed against the items
-                study_design.design(len(order), len(names), 0, items_per_participant, seed, attention_index)
-            except ValueError as exc:
-                problems.append(str(exc))
-        if session.scalar(select(Study.id).where(Study.name == name)) is not None:
-            problems.append(f"a study named {name!r} already exists")
-        if problems:
-            raise StudyPreviewsError(problems)
-        study = _insert_study(session, name, description, status, items_per_participant, criteria, seed, actor_id)
-        images: set[str] = set()
-        for sample_id in order:
-            sample = samples[sample_id]
-            source = windows[sample_id][0]
-            assert source is not None
-            item = StudyItem(
-                study_id=study.id,
-                external_id=f"sample-{sample_id}",
-                source_image=source,
-                instruction=sample.instruction,
-                sample_id=sample_id,
-                is_attention_check=sample_id in attention,
-                attention_answer=attention.get(sample_id),
+    samples = {s.id: s for s in session.scalars(select(Sample).where(Sample.id.in_(order)))}
+    problems.extend(f"sample {i}: no such sample" for i in order if i not in samples)
+    windows = _window_images(session, list(samples.values()))
+    stmt = select(Preview).where(Preview.sample_id.in_(order), Preview.model_version.in_(set(versions.values())))
+    if preview_seed is not None:
+        stmt = stmt.where(Preview.seed == preview_seed)
+    found: dict[tuple[int, str], list[Preview]] = {}
+    for row in session.scalars(stmt):
+        found.setdefault((row.sample_id, row.model_version), []).append(row)
+    outputs: dict[int, dict[str, str]] = {}
+    for sample_id in order:
+        if sample_id not in samples:
+            continue
+        source, target = windows[sample_id]
+        if source is None:
+            problems.append(
+                f"sample {sample_id}: its window source image (before turn "
+                f"{samples[sample_id].first_turn}) is missing"
             )
-            _insert_item(session, item, outputs[sample_id])
-            images |= {source, *outputs[sample_id].values()}
-        details = {
-            "name": name,
-            "from": "previews",
-            "samples": order,
-            "methods": versions,
-            "reference": reference_name if reference else None,
-        }
-        _audit_create(session, actor_id, study.id, details)
-        return StudyReport(
-            study.id,
-            name,
-            "previews",
-            len(order),
-            len(attention_index),
-            tuple(sorted(names)),
-            criteria,
-            items_per_participant,
-            len(images),
-            tuple(warnings),
+        picked: dict[str, str] = {}
+        for method, version in versions.items():
+            pick = _pick_preview(found.get((sample_id, version), []), sample_id, method, version)
+            if pick.problem:
+                problems.append(pick.problem)
+            elif pick.image is not None:
+                picked[method] = pick.image
+                if pick.n_candidates > 1:
+                    warnings.append(
+                        f"sample {sample_id}: {pick.n_candidates} finished previews of {method!r}; "
+                        "took the newest (pass preview_seed to choose)"
+                    )
+        if reference:
+            if target is None:
+                problems.append(
+                    f"sample {sample_id}: its ground-truth target (turn {samples[sample_id].last_turn}) is missing"
+                )
+            else:
+                picked[reference_name] = target
+        outputs[sample_id] = picked
+    attention_index = [k for k, sample_id in enumerate(order) if sample_id in attention]
+    if not problems:
+        try:  # validates items_per_participant and seed against the items
+            study_design.design(len(order), len(names), 0, items_per_participant, seed, attention_index)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if session.scalar(select(Study.id).where(Study.name == name)) is not None:
+        problems.append(f"a study named {name!r} already exists")
+    if problems:
+        raise StudyPreviewsError(problems)
+    study = _insert_study(session, name, description, status, items_per_participant, criteria, seed, actor_id)
+    images: set[str] = set()
+    for sample_id in order:
+        sample = samples[sample_id]
+        source = windows[sample_id][0]
+        assert source is not None
+        item = StudyItem(
+            study_id=study.id,
+            external_id=f"sample-{sample_id}",
+            source_image=source,
+            instruction=sample.instruction,
+            sample_id=sample_id,
+            is_attention_check=sample_id in attention,
+            attention_answer=attention.get(sample_id),
         )
+        _insert_item(session, item, outputs[sample_id])
+        images |= {source, *outputs[sample_id].values()}
+    details = {
+        "name": name,
+        "from": "previews",
+        "samples": order,
+        "methods": versions,
+        "reference": reference_name if reference else None,
+    }
+    _audit_create(session, actor_id, study.id, details)
+    return StudyReport(
+        study.id,
+        name,
+        "previews",
+        len(order),
+        len(attention_index),
+        tuple(sorted(names)),
+        criteria,
+        items_per_participant,
+        len(images),
+        tuple(warnings),
+    )
 
 
 def set_study_status(
-    db: str | Session, study_id: int, status: StudyStatus | str, *, actor_id: int | None = None
+    session: Session, study_id: int, status: StudyStatus | str, *, actor_id: int | None = None
 ) -> None:
     """Open, close or re-draft a study; participants can vote only while it is open."""
+    require_write(session, "set_study_status")
     try:
         status = StudyStatus(status)
     except ValueError:
         raise StudyError(f"unknown study status {status!r}: expected one of {[s.value for s in StudyStatus]}") from None
-    with study_scope(db, write=True) as session:
-        get_study(session, study_id).status = status
-        session.add(
-            AuditLog(
-                user_id=actor_id,
-                action="study.status",
-                entity="study",
-                entity_id=str(study_id),
-                details={"status": status.value},
-            )
+    get_study(session, study_id).status = status
+    session.add(
+        AuditLog(
+            user_id=actor_id,
+            action="study.status",
+            entity="study",
+            entity_id=str(study_id),
+            details={"status": status.value},
         )
+    )

@@ -23,7 +23,6 @@ from mcie.annotate.study.common import (
     assignment_count,
     get_enrolment,
     get_study,
-    study_scope,
 )
 from mcie.annotate.study.participants import assign_participant
 from mcie.db.models import (
@@ -36,6 +35,7 @@ from mcie.db.models import (
     Vote,
     utcnow,
 )
+from mcie.db.session import require_write
 
 
 def _open_study(session: Session, study_id: int) -> Study:
@@ -58,21 +58,23 @@ def _current(session: Session, study_id: int, user_id: int) -> StudyAssignment |
     )
 
 
-def current_item(db: str | Session, study_id: int, user_id: int) -> ItemScreen | None:
-    """The participant's first screen not yet completed (assigning their sequence on first use); None when done."""
-    with study_scope(db) as session:
-        screen = quick_current_item(session, study_id, user_id)
-        if screen is not None:  # the usual case: three reads
-            return screen
-        study = _open_study(session, study_id)
-        get_enrolment(session, study_id, user_id)
-        total = assignment_count(session, study_id, user_id)
-        if total:  # the usual case: one transaction
-            return _screen(session, study, user_id, total)
-    assign_participant(db, study_id, user_id)
-    with study_scope(db) as session:
-        study = _open_study(session, study_id)
-        return _screen(session, study, user_id, assignment_count(session, study_id, user_id))
+def current_item(session: Session, study_id: int, user_id: int) -> ItemScreen | None:
+    """The participant's first screen not yet completed (assigning their sequence on first use); None when done.
+
+    It may write (the assignment), so it needs a write session; :func:`quick_current_item` is the read-only path
+    for a participant whose sequence is assigned and who has a screen left."""
+    require_write(session, "current_item (it assigns the participant's sequence on first use)")
+    screen = quick_current_item(session, study_id, user_id)
+    if screen is not None:  # the usual case: three reads
+        return screen
+    study = _open_study(session, study_id)
+    get_enrolment(session, study_id, user_id)
+    total = assignment_count(session, study_id, user_id)
+    if total:
+        return _screen(session, study, user_id, total)
+    assign_participant(session, study_id, user_id)
+    study = _open_study(session, study_id)
+    return _screen(session, study, user_id, assignment_count(session, study_id, user_id))
 
 
 _ENROLMENT = (StudyParticipant.study_id == StudyAssignment.study_id) & (
@@ -161,24 +163,23 @@ def _screen(session: Session, study: Study, user_id: int, total: int) -> ItemScr
     )
 
 
-def participant_progress(db: str | Session, study_id: int, user_id: int) -> StudyProgress:
+def participant_progress(session: Session, study_id: int, user_id: int) -> StudyProgress:
     """How far the participant is: screens completed, screens in their sequence, and whether they finished."""
-    with study_scope(db) as session:
-        enrolment = get_enrolment(session, study_id, user_id, active=False)
-        total = assignment_count(session, study_id, user_id)
-        done = (
-            session.scalar(
-                select(func.count())
-                .select_from(StudyAssignment)
-                .where(
-                    StudyAssignment.study_id == study_id,
-                    StudyAssignment.participant_id == user_id,
-                    StudyAssignment.completed_at.is_not(None),
-                )
+    enrolment = get_enrolment(session, study_id, user_id, active=False)
+    total = assignment_count(session, study_id, user_id)
+    done = (
+        session.scalar(
+            select(func.count())
+            .select_from(StudyAssignment)
+            .where(
+                StudyAssignment.study_id == study_id,
+                StudyAssignment.participant_id == user_id,
+                StudyAssignment.completed_at.is_not(None),
             )
-            or 0
         )
-        return StudyProgress(int(done), int(total), enrolment.finished_at is not None)
+        or 0
+    )
+    return StudyProgress(int(done), int(total), enrolment.finished_at is not None)
 
 
 def _editable_assignment(session: Session, study_id: int, user_id: int, item_id: int) -> StudyAssignment:
@@ -253,7 +254,7 @@ def _checked_screen(session: Session, study_id: int, user_id: int, item_id: int)
 
 
 def cast_vote(
-    db: str | Session,
+    session: Session,
     study_id: int,
     user_id: int,
     item_id: int,
@@ -263,75 +264,75 @@ def cast_vote(
 ) -> None:
     """Record (or change) the participant's choice on the current screen for one criterion; ``choice_label`` None =
     none is acceptable. Refused once the participant has moved past the screen."""
+    require_write(session, "cast_vote")
     if latency_ms is not None and (not math.isfinite(latency_ms) or latency_ms < 0):
         raise StudyError(f"latency_ms must be a non-negative number; got {latency_ms!r}")
-    with study_scope(db, write=True) as session:
-        screen = _checked_screen(session, study_id, user_id, item_id)
-        if criterion not in screen.criteria:
-            raise StudyError(f"unknown criterion {criterion!r}: study {study_id} asks for {', '.join(screen.criteria)}")
-        order = screen.order
-        output_id: Any = None
-        position = None
-        if choice_label is not None:
-            if choice_label not in LABELS[: len(order)]:
-                raise StudyError(
-                    f"unknown choice {choice_label!r}: expected one of {', '.join(LABELS[: len(order)])} "
-                    "or None (none acceptable)"
-                )
-            position = LABELS.index(choice_label) + 1
-            output_id = (  # looked up by the insert itself: one statement less on the vote path
-                select(StudyOutput.id)
-                .where(StudyOutput.item_id == item_id, StudyOutput.method == order[position - 1])
-                .scalar_subquery()
+    screen = _checked_screen(session, study_id, user_id, item_id)
+    if criterion not in screen.criteria:
+        raise StudyError(f"unknown criterion {criterion!r}: study {study_id} asks for {', '.join(screen.criteria)}")
+    order = screen.order
+    output_id: Any = None
+    position = None
+    if choice_label is not None:
+        if choice_label not in LABELS[: len(order)]:
+            raise StudyError(
+                f"unknown choice {choice_label!r}: expected one of {', '.join(LABELS[: len(order)])} "
+                "or None (none acceptable)"
             )
-        insert = (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(Vote).values(
-            assignment_id=screen.assignment_id,
-            participant_id=user_id,
-            item_id=item_id,
-            criterion=criterion,
-            chosen_output_id=output_id,
-            shown_position=position,
-            shown_order=order,
-            latency_ms=latency_ms,
+        position = LABELS.index(choice_label) + 1
+        output_id = (  # looked up by the insert itself: one statement less on the vote path
+            select(StudyOutput.id)
+            .where(StudyOutput.item_id == item_id, StudyOutput.method == order[position - 1])
+            .scalar_subquery()
         )
-        changed = ("chosen_output_id", "shown_position", "shown_order", "latency_ms")
-        session.execute(
-            insert.on_conflict_do_update(
-                index_elements=["participant_id", "item_id", "criterion"],
-                set_={**{k: insert.excluded[k] for k in changed}, "updated_at": utcnow()},
-            )
+    insert = (pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert)(Vote).values(
+        assignment_id=screen.assignment_id,
+        participant_id=user_id,
+        item_id=item_id,
+        criterion=criterion,
+        chosen_output_id=output_id,
+        shown_position=position,
+        shown_order=order,
+        latency_ms=latency_ms,
+    )
+    changed = ("chosen_output_id", "shown_position", "shown_order", "latency_ms")
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["participant_id", "item_id", "criterion"],
+            set_={**{k: insert.excluded[k] for k in changed}, "updated_at": utcnow()},
         )
+    )
 
 
-def advance(db: str | Session, study_id: int, user_id: int, item_id: int) -> StudyProgress:
+def advance(session: Session, study_id: int, user_id: int, item_id: int) -> StudyProgress:
     """Complete the current screen (a vote on every criterion is required) and move on; after the last screen the
     participant is marked finished."""
-    with study_scope(db, write=True) as session:
-        screen = _checked_screen(session, study_id, user_id, item_id)
-        voted = set(session.scalars(select(Vote.criterion).where(Vote.assignment_id == screen.assignment_id)))
-        missing = [c for c in screen.criteria if c not in voted]
-        if missing:
-            raise StudyError(f"item {item_id} (screen {screen.position}) still needs a vote on: {', '.join(missing)}")
+    require_write(session, "advance")
+    screen = _checked_screen(session, study_id, user_id, item_id)
+    voted = set(session.scalars(select(Vote.criterion).where(Vote.assignment_id == screen.assignment_id)))
+    missing = [c for c in screen.criteria if c not in voted]
+    if missing:
+        raise StudyError(f"item {item_id} (screen {screen.position}) still needs a vote on: {', '.join(missing)}")
+    session.execute(
+        update(StudyAssignment)
+        .where(StudyAssignment.id == screen.assignment_id)
+        .values(completed_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    total, done = session.execute(
+        select(func.count(), func.count(StudyAssignment.completed_at)).where(
+            StudyAssignment.study_id == study_id, StudyAssignment.participant_id == user_id
+        )
+    ).one()
+    if done == total:
         session.execute(
-            update(StudyAssignment)
-            .where(StudyAssignment.id == screen.assignment_id)
-            .values(completed_at=utcnow())
+            update(StudyParticipant)
+            .where(
+                StudyParticipant.study_id == study_id,
+                StudyParticipant.user_id == user_id,
+                StudyParticipant.finished_at.is_(None),
+            )
+            .values(finished_at=utcnow())
             .execution_options(synchronize_session=False)
         )
-        total, done = session.execute(
-            select(func.count(), func.count(StudyAssignment.completed_at)).where(
-                StudyAssignment.study_id == study_id, StudyAssignment.participant_id == user_id
-            )
-        ).one()
-        if done == total:
-            session.execute(
-                update(StudyParticipant)
-                .where(
-                    StudyParticipant.study_id == study_id,
-                    StudyParticipant.user_id == user_id,
-                    StudyParticipant.finished_at.is_(None),
-                )
-                .values(finished_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-        return StudyProgress(int(done), int(total), done == total)
+    return StudyProgress(int(done), int(total), done == total)

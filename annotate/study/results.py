@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mcie.annotate import study_analysis
-from mcie.annotate.study.common import EXPORT_COLUMNS, StudyError, get_enrolment, get_study, study_scope
+from mcie.annotate.study.common import EXPORT_COLUMNS, StudyError, get_enrolment, get_study
 from mcie.db.models import (
     AuditLog,
     StudyAssignment,
@@ -22,6 +22,7 @@ from mcie.db.models import (
     User,
     Vote,
 )
+from mcie.db.session import require_write
 
 
 def _vote_rows(session: Session, study_id: int) -> list[dict[str, Any]]:
@@ -79,26 +80,25 @@ VOTES_FRAME_COLUMNS: tuple[str, ...] = (
 )
 
 
-def votes_frame(db: str | Session, study_id: int, *, completed_only: bool = True) -> pd.DataFrame:
+def votes_frame(session: Session, study_id: int, *, completed_only: bool = True) -> pd.DataFrame:
     """The study's votes as the analysis input (:data:`annotate.study_analysis.VOTE_COLUMNS`, ``participant`` is the
     user id and ``item`` the item's id from items.jsonl) plus ``username``, ``item_id``, ``shown_position``,
     ``completed``, ``excluded`` and ``voted_at``. By default only the votes of completed screens (final answers)."""
-    with study_scope(db) as session:
-        get_study(session, study_id)
-        rows = _vote_rows(session, study_id)
+    get_study(session, study_id)
+    rows = _vote_rows(session, study_id)
     frame = pd.DataFrame(rows, columns=list(VOTES_FRAME_COLUMNS))
     frame["shown_position"] = frame["shown_position"].astype("Int64")
     return frame.loc[frame["completed"].astype(bool)].reset_index(drop=True) if completed_only else frame
 
 
-def export_votes(db: str | Session, study_id: int, path: str | Path) -> int:
+def export_votes(session: Session, study_id: int, path: str | Path) -> int:
     """Write every stored vote (raw, completed screens or not) to ``path``: CSV (shown order as a JSON list) or
     Parquet (a list column), by the suffix. Returns the number of votes written."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise StudyError(f"{path}: expected a .csv or .parquet file name")
-    frame = votes_frame(db, study_id, completed_only=False).rename(
+    frame = votes_frame(session, study_id, completed_only=False).rename(
         columns={"chosen_method": "method", "shown_position": "position"}
     )[list(EXPORT_COLUMNS)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,7 @@ def export_votes(db: str | Session, study_id: int, path: str | Path) -> int:
 
 
 def set_excluded(
-    db: str | Session,
+    session: Session,
     study_id: int,
     user_id: int,
     excluded: bool,
@@ -119,25 +119,25 @@ def set_excluded(
     actor_id: int | None = None,
 ) -> None:
     """Exclude a participant from the results (a reason is required) or include them again."""
+    require_write(session, "set_excluded")
     if excluded and not (reason and reason.strip()):
         raise StudyError("excluding a participant needs a reason (e.g. 'failed 2 of 3 attention checks')")
-    with study_scope(db, write=True) as session:
-        row = get_enrolment(session, study_id, user_id, active=False)
-        row.excluded = excluded
-        row.exclusion_reason = reason.strip() if excluded and reason else None
-        session.add(
-            AuditLog(
-                user_id=actor_id,
-                action="study.exclude" if excluded else "study.include",
-                entity="study",
-                entity_id=str(study_id),
-                details={"user_id": user_id, "reason": row.exclusion_reason},
-            )
+    row = get_enrolment(session, study_id, user_id, active=False)
+    row.excluded = excluded
+    row.exclusion_reason = reason.strip() if excluded and reason else None
+    session.add(
+        AuditLog(
+            user_id=actor_id,
+            action="study.exclude" if excluded else "study.include",
+            entity="study",
+            entity_id=str(study_id),
+            details={"user_id": user_id, "reason": row.exclusion_reason},
         )
+    )
 
 
 def study_results(
-    db: str | Session, study_id: int, n_boot: int = 1000, seed: int | None = None, **options: Any
+    session: Session, study_id: int, n_boot: int = 1000, seed: int | None = None, **options: Any
 ) -> dict[str, Any]:
     """:func:`annotate.study_analysis.results` of the study's final votes with the recorded exclusions applied;
     ``seed`` defaults to the study's seed and ``options`` go to ``results`` (``min_median_latency_ms`` ...).
@@ -145,29 +145,28 @@ def study_results(
     obvious; an output that ignores the instruction may well preserve the background best) unless
     ``attention_criteria`` says otherwise. Adds ``study`` (id, name, status, criteria) and ``participants``
     (enrolled, finished) to the report."""
-    with study_scope(db) as session:
-        study = get_study(session, study_id)
-        excluded = set(
-            session.scalars(
-                select(StudyParticipant.user_id).where(StudyParticipant.study_id == study_id, StudyParticipant.excluded)
-            )
+    study = get_study(session, study_id)
+    excluded = set(
+        session.scalars(
+            select(StudyParticipant.user_id).where(StudyParticipant.study_id == study_id, StudyParticipant.excluded)
         )
-        enrolled = (
-            session.scalar(
-                select(func.count()).select_from(StudyParticipant).where(StudyParticipant.study_id == study_id)
-            )
-            or 0
+    )
+    enrolled = (
+        session.scalar(
+            select(func.count()).select_from(StudyParticipant).where(StudyParticipant.study_id == study_id)
         )
-        finished = (
-            session.scalar(
-                select(func.count())
-                .select_from(StudyParticipant)
-                .where(StudyParticipant.study_id == study_id, StudyParticipant.finished_at.is_not(None))
-            )
-            or 0
+        or 0
+    )
+    finished = (
+        session.scalar(
+            select(func.count())
+            .select_from(StudyParticipant)
+            .where(StudyParticipant.study_id == study_id, StudyParticipant.finished_at.is_not(None))
         )
-        info = {"id": study.id, "name": study.name, "status": study.status.value, "criteria": list(study.criteria)}
-        frame = votes_frame(session, study_id)
+        or 0
+    )
+    info = {"id": study.id, "name": study.name, "status": study.status.value, "criteria": list(study.criteria)}
+    frame = votes_frame(session, study_id)
     options.setdefault("attention_criteria", info["criteria"][:1])
     report = study_analysis.results(
         frame, exclude=excluded, n_boot=n_boot, seed=study.seed if seed is None else seed, **options

@@ -110,10 +110,9 @@ def _mount_pages(app: FastAPI, settings: Settings) -> None:
 
 
 router = APIRouter()
-
-
-def _url(request: Request) -> str:
-    return request.app.state.settings.database_url
+ReadDB = Annotated[Session, Depends(get_session, scope="function")]
+# A write session takes SQLite's write lock only when first used: a route can hold both and write only when needed.
+WriteDB = Annotated[Session, Depends(get_write_session, scope="function")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,9 +132,9 @@ def join_page(title: str, message: str, *, link: tuple[str, str] | None = None) 
 
 
 @router.get(JOIN_PREFIX + "{token}", response_class=HTMLResponse)
-def join(request: Request, token: str) -> Response:
-    """Open an invite link: a session limited to the link's study, then the study screen."""
-    url = _url(request)
+def join(request: Request, token: str, session: ReadDB, write: WriteDB) -> Response:
+    """Open an invite link: a session limited to the link's study, then the study screen (the token is checked in
+    the read transaction; only a working link writes, its audit row)."""
     throttle = request.app.state.throttle
     ip = client_ip(request)
     if throttle.retry_after(ip, join=True) is not None:
@@ -143,8 +142,8 @@ def join(request: Request, token: str) -> Response:
                          "wait a few minutes and open your link again.")
         return HTMLResponse(body, status_code=status.HTTP_429_TOO_MANY_REQUESTS, headers=NO_STORE)
     token = token.strip()
-    problem = study.invite_problem(url, token) if len(token) <= 200 else study.INVITE_UNKNOWN
-    found = None if problem else study.participant_from_token(url, token)
+    problem = study.invite_problem(session, token) if len(token) <= 200 else study.INVITE_UNKNOWN
+    found = None if problem else study.participant_from_token(session, token)
     if found is None:
         problem = problem or study.INVITE_UNKNOWN
         unknown = problem == study.INVITE_UNKNOWN
@@ -154,17 +153,16 @@ def join(request: Request, token: str) -> Response:
         code = status.HTTP_404_NOT_FOUND if unknown else status.HTTP_403_FORBIDDEN
         return HTMLResponse(join_page(title, problem), status_code=code, headers=NO_STORE)
     study_id, user_id = found
-    with session_scope(url, write=True) as session:  # a write: BEGIN IMMEDIATE on SQLite
-        user = snapshot(session.get(User, user_id))
-        session.add(
-            AuditLog(
-                user_id=user_id,
-                action="study.join",
-                entity="study",
-                entity_id=str(study_id),
-                details={"ip": ip},
-            )
+    user = snapshot(write.get(User, user_id))  # the write transaction: BEGIN IMMEDIATE on SQLite
+    write.add(
+        AuditLog(
+            user_id=user_id,
+            action="study.join",
+            entity="study",
+            entity_id=str(study_id),
+            details={"ip": ip},
         )
+    )
     if user is None:  # disabled between the two reads
         return HTMLResponse(join_page("This link does not open the study", study.INVITE_DISABLED), status_code=403)
     start_session(request, user)
@@ -214,10 +212,6 @@ def _in_study(request: Request, study_id: int, session: Session) -> WebUser:
     if limited is not None and limited != study_id:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this session belongs to another study")
     return user
-
-
-ReadDB = Annotated[Session, Depends(get_session, scope="function")]
-WriteDB = Annotated[Session, Depends(get_write_session, scope="function")]
 
 
 def participant(request: Request, study_id: int, session: ReadDB) -> WebUser:
@@ -307,7 +301,7 @@ def screen_json(screen: study.ItemScreen) -> ScreenOut:
 
 
 def screen_payload(
-    db: str | Session,
+    session: Session,
     study_id: int,
     user_id: int,
     *,
@@ -316,10 +310,11 @@ def screen_payload(
     screen: study.ItemScreen | None = None,
 ) -> ScreenOut:
     """The participant's current screen (or ``finished`` with their progress), with its HTML if asked; ``screen``
-    when it was read already. ``db``: a URL, or the route's session (to see its own uncommitted writes)."""
-    screen = screen or study.current_item(db, study_id, user_id)
+    when it was read already (a read session is then enough; otherwise :func:`annotate.study.current_item` needs a
+    write session: it assigns the sequence on first use)."""
+    screen = screen or study.current_item(session, study_id, user_id)
     if screen is None:
-        progress = study.participant_progress(db, study_id, user_id)
+        progress = study.participant_progress(session, study_id, user_id)
         body = ScreenOut(finished=True, study_id=study_id, completed=progress.completed, total=progress.total)
     else:
         body = screen_json(screen)
@@ -329,7 +324,7 @@ def screen_payload(
         if screen is None:
             body.html = ui_study.render_finished(body.total)
         else:
-            upcoming = study.upcoming_images(db, study_id, user_id, screen.position)
+            upcoming = study.upcoming_images(session, study_id, user_id, screen.position)
             body.html = ui_study.render_screen(screen, csrf=csrf, prefetch=upcoming)
     return body
 
@@ -343,14 +338,21 @@ SCREEN = {"response_model_exclude_unset": True, "dependencies": [Depends(_no_sto
 
 @router.get(API_PREFIX + "/{study_id}/current", **SCREEN)
 def api_current(
-    request: Request, study_id: int, user: Participant, session: ReadDB, render: Annotated[bool, Query()] = False
+    request: Request,
+    study_id: int,
+    user: Participant,
+    session: ReadDB,
+    write: WriteDB,
+    render: Annotated[bool, Query()] = False,
 ) -> ScreenOut:
     """The participant's current screen (their sequence is assigned on the first call), with the session's CSRF
     token for the POSTs (a same-origin read: other sites cannot read it)."""
     try:
-        screen = study.quick_current_item(session, study_id, user.id)  # the usual case: one transaction
+        screen = study.quick_current_item(session, study_id, user.id)  # the usual case: reads only
         csrf = csrf_token(request)
-        body = screen_payload(session, study_id, user.id, render=render, csrf=csrf, screen=screen)
+        # No screen yet (the first call assigns the sequence), finished, or refused: the write transaction.
+        body = screen_payload(session if screen else write, study_id, user.id, render=render, csrf=csrf,
+                              screen=screen)
     except study.StudyError as exc:
         raise _study_error(exc) from None
     body.csrf = csrf
@@ -384,9 +386,9 @@ def api_advance(request: Request, study_id: int, step: AdvanceBody, user: Voter,
 # the leads' study API
 
 
-def _lead_study(request: Request, key: str) -> int:
+def _lead_study(session: Session, key: str) -> int:
     try:
-        return study.resolve_study(_url(request), key)
+        return study.resolve_study(session, key)
     except study.StudyError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc), headers=NO_STORE) from None
 
@@ -421,49 +423,49 @@ class ParticipantOut(BaseModel):
 
 
 @router.get(API_PREFIX, **LEADS)
-def api_studies(request: Request, user: Lead) -> list[StudyOut]:
+def api_studies(user: Lead, session: ReadDB) -> list[StudyOut]:
     """Every study with its counts (leads and admins)."""
     return [
         StudyOut(id=s.id, name=s.name, status=s.status, items=s.n_items, methods=list(s.methods),
                  criteria=list(s.criteria), items_per_participant=s.items_per_participant, enrolled=s.enrolled,
                  finished=s.finished, created_at=s.created_at.isoformat())
-        for s in study.list_studies(_url(request))
+        for s in study.list_studies(session)
     ]
 
 
-def participants_json(url: str, study_id: int) -> list[ParticipantOut]:
+def participants_json(session: Session, study_id: int) -> list[ParticipantOut]:
     """Every participant of a study with their progress (the API's and ``mcie study participants --json``'s)."""
     return [
         ParticipantOut(user_id=p.user_id, username=p.username, invited_at=p.invited_at.isoformat(),
                        revoked=p.revoked, assigned=p.n_assigned, completed=p.n_completed,
                        finished_at=p.finished_at.isoformat() if p.finished_at else None, excluded=p.excluded,
                        exclusion_reason=p.exclusion_reason)
-        for p in study.participants_status(url, study_id)
+        for p in study.participants_status(session, study_id)
     ]
 
 
 @router.get(API_PREFIX + "/{key}/participants", **LEADS)
-def api_participants(request: Request, key: str, user: Lead) -> list[ParticipantOut]:
+def api_participants(key: str, user: Lead, session: ReadDB) -> list[ParticipantOut]:
     """Every participant of the study with their progress (leads and admins)."""
-    return participants_json(_url(request), _lead_study(request, key))
+    return participants_json(session, _lead_study(session, key))
 
 
 @router.get(API_PREFIX + "/{key}/results", **LEADS)
 def api_results(
-    request: Request, key: str, user: Lead, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000
+    key: str, user: Lead, session: ReadDB, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000
 ) -> dict[str, Any]:
     """The study's results (:func:`annotate.study.study_results`; what ``mcie study results --json`` prints)."""
-    body = study.study_results(_url(request), _lead_study(request, key), n_boot=n_boot)
+    body = study.study_results(session, _lead_study(session, key), n_boot=n_boot)
     return json.loads(json.dumps(body, default=str))
 
 
 @router.get(API_PREFIX + "/{key}/votes.csv")
-def api_votes_csv(request: Request, key: str, user: Lead) -> Response:
+def api_votes_csv(key: str, user: Lead, session: ReadDB) -> Response:
     """Every stored vote as CSV (:func:`annotate.study.export_votes`)."""
-    study_id = _lead_study(request, key)
+    study_id = _lead_study(session, key)
     with tempfile.TemporaryDirectory(prefix="mcie-votes-") as folder:
         path = Path(folder) / f"study-{study_id}-votes.csv"
-        study.export_votes(_url(request), study_id, path)
+        study.export_votes(session, study_id, path)
         data = path.read_bytes()
     headers = {**NO_STORE, "content-disposition": f'attachment; filename="study-{study_id}-votes.csv"'}
     return Response(data, media_type="text/csv; charset=utf-8", headers=headers)
@@ -554,6 +556,14 @@ class StudyGate:
     def _user(self, scope: Scope) -> WebUser | None:
         return session_user(Request(scope), self.database_url)
 
+    def _participant_study(self, user_id: int) -> int | None:
+        with session_scope(self.database_url) as session:
+            return study.participant_study(session, user_id)
+
+    def _may_see_image(self, user_id: int, sha256: str, study_id: int | None) -> bool:
+        with session_scope(self.database_url) as session:
+            return study.may_see_image(session, user_id, sha256, study_id)
+
     async def _anonymous(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         if PARTICIPANT_API_RE.match(path):  # refused before anything reads the body
             await _refuse(scope, send, 401, "your session has ended: open your invitation link again")
@@ -578,7 +588,7 @@ class StudyGate:
         """A participant's request: their study screen, API and images only."""
         session = scope["session"]
         if path == "/":
-            target = study_id or await anyio.to_thread.run_sync(study.participant_study, self.database_url, user_id)
+            target = study_id or await anyio.to_thread.run_sync(self._participant_study, user_id)
             if target is not None:
                 await _redirect(scope, send, STUDY_PATH + "/")
                 return
@@ -598,9 +608,7 @@ class StudyGate:
             return
         image = IMAGE_RE.match(path)
         if image is not None:
-            allowed = await anyio.to_thread.run_sync(
-                study.may_see_image, self.database_url, user_id, image.group(1), study_id
-            )
+            allowed = await anyio.to_thread.run_sync(self._may_see_image, user_id, image.group(1), study_id)
             if allowed:
                 await self.app(scope, receive, send)
             else:

@@ -42,6 +42,7 @@ from mcie.annotate.web.auth import WebUser, session_study, user_for_username
 from mcie.annotate.web.common import esc, lead_of, render_kpis, static_text, status_line
 from mcie.config import Settings
 from mcie.db.models import StudyStatus
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,11 @@ class StudyScreen:
         topbar = render_topbar(user, invited=limited is not None)
         if user is None:
             return topbar, render_message("Your session has ended", "Open your invitation link again to continue.")
-        study_id = limited if limited is not None else study.participant_study(self.url, user.id)
+        if limited is not None:
+            study_id: int | None = limited
+        else:
+            with session_scope(self.url) as session:
+                study_id = study.participant_study(session, user.id)
         if study_id is None:
             return topbar, render_message(
                 "No study to take part in",
@@ -203,10 +208,15 @@ class StudyScreen:
     def screen_html(self, study_id: int, user_id: int, csrf: str) -> str:
         """The current screen, the thank-you screen, or why there is none."""
         try:
-            screen = study.current_item(self.url, study_id, user_id)
-            if screen is None:
-                return render_finished(study.participant_progress(self.url, study_id, user_id).total)
-            upcoming = study.upcoming_images(self.url, study_id, user_id, screen.position)
+            with session_scope(self.url) as session:  # the usual case: reads only
+                screen = study.quick_current_item(session, study_id, user_id)
+                upcoming = study.upcoming_images(session, study_id, user_id, screen.position) if screen else []
+            if screen is None:  # no screen yet (the first visit assigns the sequence), finished, or refused
+                with session_scope(self.url, write=True) as session:
+                    screen = study.current_item(session, study_id, user_id)
+                    if screen is None:
+                        return render_finished(study.participant_progress(session, study_id, user_id).total)
+                    upcoming = study.upcoming_images(session, study_id, user_id, screen.position)
         except study.StudyAccessError:
             return render_message("Invitation withdrawn", study.INVITE_REVOKED)
         except study.StudyNotOpenError as exc:
@@ -352,7 +362,8 @@ class StudyResultsTab:
     # --- events ---------------------------------------------------------------------------------------------
     def refresh_list(self, current: Any, request: gr.Request) -> Any:
         lead_of(self.url, request, refusal=RESULTS_REFUSAL)
-        studies = study.list_studies(self.url)
+        with session_scope(self.url) as session:
+            studies = study.list_studies(session)
         choices = [(f"{s.name} (#{s.id}, {s.status}, {s.enrolled} enrolled)", s.id) for s in studies]
         ids = [value for _, value in choices]
         value = current if current in ids else (ids[0] if ids else None)
@@ -370,10 +381,11 @@ class StudyResultsTab:
                     w.votes_csv: gr.DownloadButton(value=None, interactive=False),
                     w.status: status_line("No study yet: create one with `mcie study create`.")}
         study_id = int(study_id)
-        summary = next((s for s in study.list_studies(self.url) if s.id == study_id), None)
-        statuses = study.participants_status(self.url, study_id)
         path = _fresh_file(".csv", f"study-{study_id}-votes")
-        n_votes = study.export_votes(self.url, study_id, path)
+        with session_scope(self.url) as session:
+            summary = next((s for s in study.list_studies(session) if s.id == study_id), None)
+            statuses = study.participants_status(session, study_id)
+            n_votes = study.export_votes(session, study_id, path)
         kpis = [
             ("study-kpi-status", summary.status if summary else "-", "status"),
             ("study-kpi-items", str(summary.n_items if summary else 0), "items"),
@@ -399,7 +411,8 @@ class StudyResultsTab:
         if not 0 <= n <= 5000:
             return {w.status: status_line("Bootstrap resamples must be between 0 and 5000.", error=True)}
         try:
-            res = study.study_results(self.url, int(study_id), n_boot=n)
+            with session_scope(self.url) as session:
+                res = study.study_results(session, int(study_id), n_boot=n)
         except (study.StudyError, ValueError) as exc:
             return {w.status: status_line(str(exc), error=True)}
         return self._results_view(int(study_id), res, f"Results computed with {n} bootstrap resamples.")
@@ -436,9 +449,11 @@ class StudyResultsTab:
         if study_id is None or not (username or "").strip():
             return {w.status: status_line("Pick a study and type a participant's username.", error=True)}
         try:
-            user_id = study.resolve_participant(self.url, int(study_id), username)
-            study.set_excluded(self.url, int(study_id), user_id, excluded, reason, actor_id=lead.id)
-            res = study.study_results(self.url, int(study_id), n_boot=max(0, min(int(n_boot or 0), 5000)))
+            with session_scope(self.url, write=True) as session:
+                user_id = study.resolve_participant(session, int(study_id), username)
+                study.set_excluded(session, int(study_id), user_id, excluded, reason, actor_id=lead.id)
+            with session_scope(self.url) as session:  # computed after the decision is committed
+                res = study.study_results(session, int(study_id), n_boot=max(0, min(int(n_boot or 0), 5000)))
         except (study.StudyError, ValueError) as exc:
             return {w.status: status_line(str(exc), error=True)}
         done = f"{'Excluded' if excluded else 'Included'} {username.strip()}; the results were computed again."

@@ -94,7 +94,8 @@ def test_participant_votes_with_the_keyboard_leaves_and_resumes(tmp_path: Path) 
     study_id = created.study_id
     with session_scope(settings.database_url) as session:
         make_user(session, "lena", Role.lead, password=PASSWORD)
-    participant, token = st.enrol(settings.database_url, study_id, "pia")
+    with session_scope(settings.database_url, write=True) as session:
+        participant, token = st.enrol(session, study_id, "pia")
 
     with live_server(settings) as base:
         link = f"{base}/study/join/{token}"

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from mcie.annotate.study import (
     EXPORT_COLUMNS,
     LABELS,
+    ItemScreen,
     StudyError,
     StudyFolderError,
     advance,
@@ -26,6 +27,7 @@ from mcie.annotate.study import (
     current_item,
     enrol,
     export_votes,
+    list_studies,
     participant_from_token,
     participants_status,
     revoke_invite,
@@ -43,6 +45,7 @@ from mcie.db.models import (
     StudyOutput,
     StudyParticipant,
     StudyStatus,
+    User,
     Vote,
 )
 from mcie.db.models import Image as ImageRow
@@ -87,7 +90,7 @@ def _output_images(url: str, study_id: int) -> dict[tuple[int, str], str]:
 def _finish(url: str, study_id: int, user_id: int, choose) -> int:
     """Answer every screen: ``choose(methods_in_screen_order, criterion)`` returns a label or None."""
     screens = 0
-    while (screen := current_item(url, study_id, user_id)) is not None:
+    while (screen := _current(url, study_id, user_id)) is not None:
         with session_scope(url) as session:
             order = session.scalar(
                 select(StudyAssignment.shown_order).where(
@@ -95,10 +98,29 @@ def _finish(url: str, study_id: int, user_id: int, choose) -> int:
                 )
             )
         for criterion in screen.criteria:
-            cast_vote(url, study_id, user_id, screen.item_id, criterion, choose(order, criterion), 2500.0 + screens)
-        advance(url, study_id, user_id, screen.item_id)
+            label = choose(order, criterion)
+            with session_scope(url, write=True) as session:
+                cast_vote(session, study_id, user_id, screen.item_id, criterion, label, 2500.0 + screens)
+        with session_scope(url, write=True) as session:
+            advance(session, study_id, user_id, screen.item_id)
         screens += 1
     return screens
+
+
+def _current(url: str, study_id: int, user_id: int) -> ItemScreen | None:
+    """:func:`current_item` in a transaction of its own (it may assign the sequence: a write one)."""
+    with session_scope(url, write=True) as session:
+        return current_item(session, study_id, user_id)
+
+
+def _enrol(url: str, study_id: int, username: str | None = None) -> tuple[User, str]:
+    with session_scope(url, write=True) as session:
+        return enrol(session, study_id, username)
+
+
+def _vote(url: str, study_id: int, user_id: int, item_id: int, criterion: str, label: str | None, ms: float) -> None:
+    with session_scope(url, write=True) as session:
+        cast_vote(session, study_id, user_id, item_id, criterion, label, ms)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,38 +195,66 @@ def test_enrol_invite_tokens_and_revoke(migrated_url: str, store: ImageStore, tm
     study = create_study_from_folder(
         migrated_url, store, make_folder(tmp_path / "s"), "invites", items_per_participant=3
     )
-    anonymous, token_a = enrol(migrated_url, study.study_id)
-    alice, token_b = enrol(migrated_url, study.study_id, "alice")
+    anonymous, token_a = _enrol(migrated_url, study.study_id)
+    alice, token_b = _enrol(migrated_url, study.study_id, "alice")
     assert anonymous.username.startswith(f"study{study.study_id}-") and alice.role.value == "participant"
     assert anonymous.password_hash is None and token_a != token_b and len(token_a) >= 40
     with session_scope(migrated_url) as session:
         hashes = set(session.scalars(select(StudyParticipant.invite_token_hash)))
     assert hashes == {hashlib.sha256(t.encode()).hexdigest() for t in (token_a, token_b)}
-    assert participant_from_token(migrated_url, token_a) == (study.study_id, anonymous.id)
-    assert participant_from_token(migrated_url, token_b) == (study.study_id, alice.id)
-    assert participant_from_token(migrated_url, token_b + "x") is None
-    assert participant_from_token(migrated_url, "") is None
+    with session_scope(migrated_url) as session:
+        assert participant_from_token(session, token_a) == (study.study_id, anonymous.id)
+        assert participant_from_token(session, token_b) == (study.study_id, alice.id)
+        assert participant_from_token(session, token_b + "x") is None
+        assert participant_from_token(session, "") is None
 
-    revoke_invite(migrated_url, study.study_id, alice.id)
-    assert participant_from_token(migrated_url, token_b) is None
+    with session_scope(migrated_url, write=True) as session:
+        revoke_invite(session, study.study_id, alice.id)
+    with session_scope(migrated_url) as session:
+        assert participant_from_token(session, token_b) is None
     with pytest.raises(StudyError, match="revoked"):
-        current_item(migrated_url, study.study_id, alice.id)
-    again, token_c = enrol(migrated_url, study.study_id, "alice")  # a new link; the old one stays dead
+        _current(migrated_url, study.study_id, alice.id)
+    again, token_c = _enrol(migrated_url, study.study_id, "alice")  # a new link; the old one stays dead
     assert again.id == alice.id
-    assert participant_from_token(migrated_url, token_c) == (study.study_id, alice.id)
-    assert participant_from_token(migrated_url, token_b) is None
+    with session_scope(migrated_url) as session:
+        assert participant_from_token(session, token_c) == (study.study_id, alice.id)
+        assert participant_from_token(session, token_b) is None
 
-    set_study_status(migrated_url, study.study_id, "closed")
-    assert participant_from_token(migrated_url, token_c) is None
+    with session_scope(migrated_url, write=True) as session:
+        set_study_status(session, study.study_id, "closed")
+    with session_scope(migrated_url) as session:
+        assert participant_from_token(session, token_c) is None
     with pytest.raises(StudyError, match="closed"):
-        enrol(migrated_url, study.study_id, "bob")
-    with pytest.raises(StudyError, match="unknown study status"):
-        set_study_status(migrated_url, study.study_id, "paused")
-    statuses = participants_status(migrated_url, study.study_id)
+        _enrol(migrated_url, study.study_id, "bob")
+    with pytest.raises(StudyError, match="unknown study status"), session_scope(migrated_url, write=True) as session:
+        set_study_status(session, study.study_id, "paused")
+    with session_scope(migrated_url) as session:
+        statuses = participants_status(session, study.study_id)
     assert [(s.username, s.revoked, s.n_assigned) for s in statuses] == [
         (anonymous.username, False, 0),
         ("alice", False, 0),
     ]
+
+
+def test_write_services_refuse_a_read_session(migrated_url: str, store: ImageStore, tmp_path: Path) -> None:
+    """Every read-then-write service (one per module here) needs a session from session_scope(write=True)."""
+    folder = make_folder(tmp_path / "s")
+    study = create_study_from_folder(migrated_url, store, folder, "writes", items_per_participant=2)
+    user, _ = _enrol(migrated_url, study.study_id, "wendy")
+    calls = [
+        lambda s: set_study_status(s, study.study_id, "closed"),  # creation
+        lambda s: enrol(s, study.study_id, "walt"),  # participants
+        lambda s: current_item(s, study.study_id, user.id),  # flow (it assigns the sequence)
+        lambda s: set_excluded(s, study.study_id, user.id, True, "test"),  # results
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"session_scope\(url, write=True\)"), session_scope(migrated_url) as s:
+            call(s)
+    with session_scope(migrated_url) as session:  # nothing was written
+        (status,) = participants_status(session, study.study_id)
+        (summary,) = list_studies(session)
+    assert (status.username, status.n_assigned, status.excluded) == ("wendy", 0, False)
+    assert summary.status == "open"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,8 +264,8 @@ def test_enrol_invite_tokens_and_revoke(migrated_url: str, store: ImageStore, tm
 def test_participant_flow_resume_and_locked_votes(migrated_url: str, store: ImageStore, tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "s", n_items=6, attention={0: "mcie-e1"})
     study = create_study_from_folder(migrated_url, store, folder, "flow", items_per_participant=3, seed=1)
-    user, _ = enrol(migrated_url, study.study_id, "carol")
-    first = current_item(migrated_url, study.study_id, user.id)
+    user, _ = _enrol(migrated_url, study.study_id, "carol")
+    first = _current(migrated_url, study.study_id, user.id)
     assert first is not None and first.progress == "1 of 4" and first.choices == {}
     assert [o.label for o in first.outputs] == ["A", "B", "C"]
     assert not any(m in json.dumps(dataclasses.asdict(first)) for m in METHODS)  # method names never shown
@@ -227,25 +277,28 @@ def test_participant_flow_resume_and_locked_votes(migrated_url: str, store: Imag
     order = assignments[0].shown_order
     assert [o.image for o in first.outputs] == [images[(first.item_id, m)] for m in order]
 
-    cast_vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "A", 1200.0)
-    cast_vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "C", 3400.0)  # changed its mind
-    resumed = current_item(migrated_url, study.study_id, user.id)  # the browser was closed and opened again
+    _vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "A", 1200.0)
+    _vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "C", 3400.0)  # changed its mind
+    resumed = _current(migrated_url, study.study_id, user.id)  # the browser was closed and opened again
     assert resumed is not None and resumed.item_id == first.item_id and resumed.choices == {"instruction": "C"}
-    with pytest.raises(StudyError, match="still needs a vote on: background"):
-        advance(migrated_url, study.study_id, user.id, first.item_id)
+    with pytest.raises(StudyError, match="still needs a vote on: background"), session_scope(
+        migrated_url, write=True
+    ) as session:
+        advance(session, study.study_id, user.id, first.item_id)
     with pytest.raises(StudyError, match="not the current screen"):
-        cast_vote(migrated_url, study.study_id, user.id, assignments[1].item_id, "instruction", "A", 10.0)
+        _vote(migrated_url, study.study_id, user.id, assignments[1].item_id, "instruction", "A", 10.0)
     with pytest.raises(StudyError, match="unknown choice 'D'"):
-        cast_vote(migrated_url, study.study_id, user.id, first.item_id, "background", "D", 10.0)
+        _vote(migrated_url, study.study_id, user.id, first.item_id, "background", "D", 10.0)
     with pytest.raises(StudyError, match="unknown criterion 'style'"):
-        cast_vote(migrated_url, study.study_id, user.id, first.item_id, "style", "A", 10.0)
+        _vote(migrated_url, study.study_id, user.id, first.item_id, "style", "A", 10.0)
     with pytest.raises(StudyError, match="latency_ms"):
-        cast_vote(migrated_url, study.study_id, user.id, first.item_id, "background", "A", -5.0)
-    cast_vote(migrated_url, study.study_id, user.id, first.item_id, "background", None, 800.0)  # none acceptable
-    progress = advance(migrated_url, study.study_id, user.id, first.item_id)
+        _vote(migrated_url, study.study_id, user.id, first.item_id, "background", "A", -5.0)
+    _vote(migrated_url, study.study_id, user.id, first.item_id, "background", None, 800.0)  # none acceptable
+    with session_scope(migrated_url, write=True) as session:
+        progress = advance(session, study.study_id, user.id, first.item_id)
     assert (progress.completed, progress.total, progress.finished) == (1, 4, False)
     with pytest.raises(StudyError, match="completed; its votes can no longer change"):
-        cast_vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "B", 10.0)
+        _vote(migrated_url, study.study_id, user.id, first.item_id, "instruction", "B", 10.0)
 
     with session_scope(migrated_url) as session:
         votes = {v.criterion: v for v in session.scalars(select(Vote).where(Vote.item_id == first.item_id))}
@@ -255,16 +308,19 @@ def test_participant_flow_resume_and_locked_votes(migrated_url: str, store: Imag
     assert votes["instruction"].shown_order == order and votes["background"].shown_order == order
     assert (votes["background"].chosen_output_id, votes["background"].shown_position) == (None, None)
 
-    second = current_item(migrated_url, study.study_id, user.id)
+    second = _current(migrated_url, study.study_id, user.id)
     assert second is not None and second.progress == "2 of 4" and second.item_id == assignments[1].item_id
-    assert assign_participant(migrated_url, study.study_id, user.id) == 4  # idempotent
+    with session_scope(migrated_url, write=True) as session:
+        assert assign_participant(session, study.study_id, user.id) == 4  # idempotent
     assert _finish(migrated_url, study.study_id, user.id, lambda order, c: "B") == 3
-    assert current_item(migrated_url, study.study_id, user.id) is None
-    (status,) = participants_status(migrated_url, study.study_id)
+    assert _current(migrated_url, study.study_id, user.id) is None
+    with session_scope(migrated_url) as session:
+        (status,) = participants_status(session, study.study_id)
     assert (status.n_assigned, status.n_completed) == (4, 4) and status.finished_at is not None
-    set_study_status(migrated_url, study.study_id, StudyStatus.closed)
+    with session_scope(migrated_url, write=True) as session:
+        set_study_status(session, study.study_id, StudyStatus.closed)
     with pytest.raises(StudyError, match="closed, not open"):
-        current_item(migrated_url, study.study_id, user.id)
+        _current(migrated_url, study.study_id, user.id)
 
 
 def test_assignments_follow_the_design_and_stay_balanced(migrated_url: str, store: ImageStore, tmp_path: Path) -> None:
@@ -272,9 +328,10 @@ def test_assignments_follow_the_design_and_stay_balanced(migrated_url: str, stor
     by at most 1 and per-(method, position) counts by at most 1."""
     study = create_study_from_folder(migrated_url, store, make_folder(tmp_path / "s", n_items=12), "balance",
                                      items_per_participant=6, seed=9)
-    users = [enrol(migrated_url, study.study_id, f"user-{k}")[0] for k in range(8)]
+    users = [_enrol(migrated_url, study.study_id, f"user-{k}")[0] for k in range(8)]
     for user in users:
-        assert assign_participant(migrated_url, study.study_id, user.id) == 6
+        with session_scope(migrated_url, write=True) as session:
+            assert assign_participant(session, study.study_id, user.id) == 6
     with session_scope(migrated_url) as session:
         rows = session.execute(
             select(StudyAssignment.participant_id, StudyAssignment.position, StudyItem.external_id,
@@ -300,8 +357,8 @@ def test_assignments_follow_the_design_and_stay_balanced(migrated_url: str, stor
 def test_votes_export_exclusion_and_results(migrated_url: str, store: ImageStore, tmp_path: Path) -> None:
     folder = make_folder(tmp_path / "s", n_items=8, attention={7: "mcie-e1"})
     study = create_study_from_folder(migrated_url, store, folder, "results", items_per_participant=4, seed=2)
-    fans = [enrol(migrated_url, study.study_id, f"fan-{k}")[0] for k in range(3)]
-    rogue, _ = enrol(migrated_url, study.study_id, "rogue")
+    fans = [_enrol(migrated_url, study.study_id, f"fan-{k}")[0] for k in range(3)]
+    rogue, _ = _enrol(migrated_url, study.study_id, "rogue")
 
     def favour(method: str):
         return lambda order, criterion: LABELS[order.index(method)] if criterion == "instruction" else None
@@ -310,7 +367,8 @@ def test_votes_export_exclusion_and_results(migrated_url: str, store: ImageStore
         assert _finish(migrated_url, study.study_id, user.id, favour("mcie-e1")) == 5
     assert _finish(migrated_url, study.study_id, rogue.id, favour("ip2p")) == 5
 
-    frame = votes_frame(migrated_url, study.study_id)
+    with session_scope(migrated_url) as session:
+        frame = votes_frame(session, study.study_id)
     assert set(VOTE_COLUMNS) <= set(frame.columns) and len(frame) == 4 * 5 * 2
     assert frame["latency_ms"].between(2500, 2505).all() and frame["completed"].all()
     instruction = frame[frame["criterion"] == "instruction"]
@@ -322,43 +380,51 @@ def test_votes_export_exclusion_and_results(migrated_url: str, store: ImageStore
 
     for suffix in ("csv", "parquet"):
         path = tmp_path / f"votes.{suffix}"
-        assert export_votes(migrated_url, study.study_id, path) == 40
+        with session_scope(migrated_url) as session:
+            assert export_votes(session, study.study_id, path) == 40
         back = pd.read_csv(path) if suffix == "csv" else pd.read_parquet(path)
         assert list(back.columns) == list(EXPORT_COLUMNS)
         orders = [json.loads(o) if suffix == "csv" else list(o) for o in back["shown_order"]]
         assert sorted(orders[0]) == list(METHODS) and back["position"].notna().sum() == 20
-    with pytest.raises(StudyError, match=r"expected a \.csv or \.parquet"):
-        export_votes(migrated_url, study.study_id, tmp_path / "votes.xlsx")
+    with pytest.raises(StudyError, match=r"expected a \.csv or \.parquet"), session_scope(migrated_url) as session:
+        export_votes(session, study.study_id, tmp_path / "votes.xlsx")
 
-    before = study_results(migrated_url, study.study_id, n_boot=50)
+    with session_scope(migrated_url) as session:
+        before = study_results(session, study.study_id, n_boot=50)
     block = before["by_criterion"]["instruction"]
     assert before["participants"] == {"enrolled": 4, "finished": 4} and before["n_participants"] == 4
     assert block["shares"]["mcie-e1"]["share"] == pytest.approx(0.75)
     assert block["preferred"]["ip2p"]["share"] == pytest.approx(0.25)
     assert before["quality"]["failed_attention"] == [rogue.id]
 
-    with pytest.raises(StudyError, match="needs a reason"):
-        set_excluded(migrated_url, study.study_id, rogue.id, True, "")
-    set_excluded(migrated_url, study.study_id, rogue.id, True, "failed the attention check")
-    after = study_results(migrated_url, study.study_id, n_boot=50)
+    with pytest.raises(StudyError, match="needs a reason"), session_scope(migrated_url, write=True) as session:
+        set_excluded(session, study.study_id, rogue.id, True, "")
+    with session_scope(migrated_url, write=True) as session:
+        set_excluded(session, study.study_id, rogue.id, True, "failed the attention check")
+    with session_scope(migrated_url) as session:
+        after = study_results(session, study.study_id, n_boot=50)
     assert after["excluded"] == [rogue.id] and after["n_participants"] == 3
     assert after["by_criterion"]["instruction"]["shares"]["mcie-e1"]["share"] == 1.0
     assert after["by_criterion"]["instruction"]["preferred"]["mcie-e1"]["share"] == 1.0
-    (status,) = [s for s in participants_status(migrated_url, study.study_id) if s.user_id == rogue.id]
+    with session_scope(migrated_url) as session:
+        (status,) = [s for s in participants_status(session, study.study_id) if s.user_id == rogue.id]
     assert status.excluded and status.exclusion_reason == "failed the attention check"
-    set_excluded(migrated_url, study.study_id, rogue.id, False)
-    assert study_results(migrated_url, study.study_id, n_boot=0)["n_participants"] == 4
+    with session_scope(migrated_url, write=True) as session:
+        set_excluded(session, study.study_id, rogue.id, False)
+    with session_scope(migrated_url) as session:
+        assert study_results(session, study.study_id, n_boot=0)["n_participants"] == 4
     assert after["by_criterion"]["instruction"]["bradley_terry"]["exists"] is False  # only one method ever won
     assert before["by_criterion"]["instruction"]["bradley_terry"]["exists"] is False  # smartedit never won
 
 
 def test_results_of_a_study_without_votes(migrated_url: str, store: ImageStore, tmp_path: Path) -> None:
     study = create_study_from_folder(migrated_url, store, make_folder(tmp_path / "s"), "empty", items_per_participant=2)
-    user, _ = enrol(migrated_url, study.study_id)
-    screen = current_item(migrated_url, study.study_id, user.id)
+    user, _ = _enrol(migrated_url, study.study_id)
+    screen = _current(migrated_url, study.study_id, user.id)
     assert screen is not None
-    cast_vote(migrated_url, study.study_id, user.id, screen.item_id, "instruction", "A", 100.0)  # not completed
-    assert votes_frame(migrated_url, study.study_id).empty
-    assert len(votes_frame(migrated_url, study.study_id, completed_only=False)) == 1
-    report = study_results(migrated_url, study.study_id, n_boot=10)
+    _vote(migrated_url, study.study_id, user.id, screen.item_id, "instruction", "A", 100.0)  # not completed
+    with session_scope(migrated_url) as session:
+        assert votes_frame(session, study.study_id).empty
+        assert len(votes_frame(session, study.study_id, completed_only=False)) == 1
+        report = study_results(session, study.study_id, n_boot=10)
     assert report["n_votes"] == 0 and report["by_criterion"] == {} and report["participants"]["enrolled"] == 1

@@ -45,12 +45,23 @@ def mcie(*args: str, code: int = 0) -> Any:
 def finish(url: str, study_id: int, user_id: int, label: str) -> int:
     """Answer every screen of the participant with ``label`` on every question."""
     n = 0
-    while (screen := st.current_item(url, study_id, user_id)) is not None:
+    while True:
+        with session_scope(url, write=True) as session:  # current_item may assign the sequence: a write
+            screen = st.current_item(session, study_id, user_id)
+        if screen is None:
+            return n
         for criterion in screen.criteria:
-            st.cast_vote(url, study_id, user_id, screen.item_id, criterion, label, 2500.0)
-        st.advance(url, study_id, user_id, screen.item_id)
+            with session_scope(url, write=True) as session:
+                st.cast_vote(session, study_id, user_id, screen.item_id, criterion, label, 2500.0)
+        with session_scope(url, write=True) as session:
+            st.advance(session, study_id, user_id, screen.item_id)
         n += 1
-    return n
+
+
+def from_previews(url: str, *args: Any, **kwargs: Any) -> st.StudyReport:
+    """:func:`annotate.study.create_study_from_previews` in a write transaction of its own (as the CLI calls it)."""
+    with session_scope(url, write=True) as session:
+        return st.create_study_from_previews(session, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,7 +78,8 @@ def test_create_invite_status_results_and_export(url: str, tmp_path: Path) -> No
     lines = mcie("study", "invite", "pilot", "--count", "3", "--base-url", "https://study.example/").stdout
     links = [LINK_RE.match(line) for line in lines.splitlines()]
     assert len(links) == 3 and all(links), lines
-    people = [(m.group(1), st.participant_from_token(url, m.group(3))) for m in links if m]
+    with session_scope(url) as session:
+        people = [(m.group(1), st.participant_from_token(session, m.group(3))) for m in links if m]
     assert all(found is not None and found[0] == study_id for _, found in people)
     named = json.loads(mcie("study", "invite", str(study_id), "--username", "alice", "--json").stdout)
     assert named[0]["username"] == "alice" and named[0]["link"].startswith("http://127.0.0.1:7860/study/join/")
@@ -106,7 +118,8 @@ def test_create_invite_status_results_and_export(url: str, tmp_path: Path) -> No
 
     token = links[2].group(3) if links[2] else ""
     mcie("study", "revoke", "pilot", people[2][0])
-    assert st.participant_from_token(url, token) is None
+    with session_scope(url) as session:
+        assert st.participant_from_token(session, token) is None
     mcie("study", "close", "pilot")
     assert json.loads(mcie("study", "list", "--json").stdout)[0]["status"] == "closed"
     mcie("study", "invite", "pilot", code=1)  # a closed study takes nobody new
@@ -172,9 +185,8 @@ def _samples_with_previews(url: str) -> tuple[list[int], dict[str, Any]]:
 
 def test_create_study_from_previews(migrated_url: str) -> None:
     ids, expected = _samples_with_previews(migrated_url)
-    report = st.create_study_from_previews(migrated_url, "from-previews", ids, {"mcie-e1": "v1", "base": "v2"},
-                                           reference=True, attention_checks={ids[2]: "reference"},
-                                           items_per_participant=2, seed=3)
+    report = from_previews(migrated_url, "from-previews", ids, {"mcie-e1": "v1", "base": "v2"},
+                           reference=True, attention_checks={ids[2]: "reference"}, items_per_participant=2, seed=3)
     assert (report.n_items, report.n_attention_items, report.methods) == (3, 1, ("base", "mcie-e1", "reference"))
     assert any(f"sample {ids[0]}: 2 finished previews of 'mcie-e1'" in w for w in report.warnings)
     with session_scope(migrated_url) as session:
@@ -190,8 +202,8 @@ def test_create_study_from_previews(migrated_url: str) -> None:
         assert outputs[(item.id, "base")] == expected["v2"][item.sample_id]
         assert outputs[(item.id, "reference")] == expected["target"][item.sample_id]
     assert [(i.is_attention_check, i.attention_answer) for i in items][2] == (True, "reference")
-    seeded = st.create_study_from_previews(migrated_url, "seed-7", [ids[0]], {"mcie-e1": "v1"}, reference=True,
-                                           preview_seed=7, items_per_participant=1)
+    seeded = from_previews(migrated_url, "seed-7", [ids[0]], {"mcie-e1": "v1"}, reference=True, preview_seed=7,
+                           items_per_participant=1)
     with session_scope(migrated_url) as session:
         image = session.scalar(select(StudyOutput.image).join(StudyItem, StudyItem.id == StudyOutput.item_id).where(
             StudyItem.study_id == seeded.study_id, StudyOutput.method == "mcie-e1"))
@@ -212,8 +224,8 @@ def test_previews_gaps_are_all_reported_and_nothing_is_written(migrated_url: str
         _preview(session, lonely, "v1", JobStatus.failed, seed=1, error="CUDA out of memory\ntraceback ...")
         before = session.scalar(select(func.count()).select_from(Study))
     with pytest.raises(st.StudyPreviewsError) as caught:
-        st.create_study_from_previews(migrated_url, "gaps", [*ids, lonely, 999_999, ids[0]], ["v1", "v3"],
-                                      attention_checks={ids[0]: "nobody"})
+        from_previews(migrated_url, "gaps", [*ids, lonely, 999_999, ids[0]], ["v1", "v3"],
+                      attention_checks={ids[0]: "nobody"})
     text = "\n".join(caught.value.problems)
     assert f"sample {lonely}: no finished preview for method 'v1' (model version 'v1'): found 1 failed, 1 queued; " \
            "last errors: CUDA out of memory" in text
@@ -224,9 +236,9 @@ def test_previews_gaps_are_all_reported_and_nothing_is_written(migrated_url: str
     with session_scope(migrated_url) as session:
         assert session.scalar(select(func.count()).select_from(Study)) == before
     with pytest.raises(st.StudyPreviewsError, match="at least two methods"):
-        st.create_study_from_previews(migrated_url, "one", ids, ["v1"])
+        from_previews(migrated_url, "one", ids, ["v1"])
     with pytest.raises(st.StudyPreviewsError, match="must be 1-64 letters"):
-        st.create_study_from_previews(migrated_url, "bad-name", ids, ["weights/v1.safetensors", "v2"])
+        from_previews(migrated_url, "bad-name", ids, ["weights/v1.safetensors", "v2"])
 
 
 def test_from_previews_command(url: str, tmp_path: Path) -> None:

@@ -89,8 +89,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         make_user(session, "lonely", Role.participant, password=PASSWORD)
     tokens = {}
     for name in ("ann", "bob", "cy", "dee", "rater1", "pat"):
-        tokens[name] = st.enrol(settings.database_url, main.study_id, name)[1]
-    tokens["olga"] = st.enrol(settings.database_url, other.study_id, "olga")[1]
+        with session_scope(settings.database_url, write=True) as session:
+            tokens[name] = st.enrol(session, main.study_id, name)[1]
+    with session_scope(settings.database_url, write=True) as session:
+        tokens["olga"] = st.enrol(session, other.study_id, "olga")[1]
     return World(settings, create_app(settings), main.study_id, other.study_id, tokens)
 
 
@@ -125,6 +127,12 @@ def log_in(client: TestClient, username: str) -> Any:
     return web_fixtures.log_in(client, username, PASSWORD)
 
 
+def current(url: str, study_id: int, uid: int) -> st.ItemScreen | None:
+    """:func:`annotate.study.current_item` in a transaction of its own (a write one: it may assign the sequence)."""
+    with session_scope(url, write=True) as session:
+        return st.current_item(session, study_id, uid)
+
+
 def user_id(world: World, username: str) -> int:
     return web_fixtures.user_id(world.url, username)
 
@@ -137,6 +145,11 @@ def item_images(world: World, study_id: int, item_ids: list[int] | None = None) 
         sources = set(session.scalars(select(StudyItem.source_image).where(StudyItem.id.in_(items))))
         outputs = set(session.scalars(select(StudyOutput.image).where(StudyOutput.item_id.in_(items))))
     return sources | outputs
+
+
+def set_status(world: World, study_id: int, status: str) -> None:
+    with session_scope(world.url, write=True) as session:
+        st.set_study_status(session, study_id, status)
 
 
 def vote(client: TestClient, study_id: int, csrf: str, item_id: int, criterion: str, choice: str | None) -> Any:
@@ -167,28 +180,31 @@ def test_unknown_withdrawn_and_closed_links_are_refused_with_a_page(world: World
         and "not valid" in unknown.text
         and "mcie_session" not in unknown.headers.get("set-cookie", "")
     )
-    st.revoke_invite(world.url, world.study_id, user_id(world, "dee"))
+    with session_scope(world.url, write=True) as session:
+        st.revoke_invite(session, world.study_id, user_id(world, "dee"))
     withdrawn = client.get(f"/study/join/{world.tokens['dee']}", headers=HTML)
     assert withdrawn.status_code == 403 and "withdrawn" in withdrawn.text
     assert client.get(f"/api/study/{world.study_id}/current").status_code == 401  # no session was started
-    st.set_study_status(world.url, world.other_id, "closed")
+    set_status(world, world.other_id, "closed")
     try:
         closed = client.get(f"/study/join/{world.tokens['olga']}", headers=HTML)
         assert closed.status_code == 403 and "closed" in closed.text
     finally:
-        st.set_study_status(world.url, world.other_id, "open")
+        set_status(world, world.other_id, "open")
 
 
 def test_a_withdrawn_invitation_stops_a_running_session(world: World, client: TestClient) -> None:
     csrf = join(client, world, "cy")
     screen = client.get(f"/api/study/{world.study_id}/current").json()
-    st.revoke_invite(world.url, world.study_id, user_id(world, "cy"))
+    with session_scope(world.url, write=True) as session:
+        st.revoke_invite(session, world.study_id, user_id(world, "cy"))
     try:
         refused = vote(client, world.study_id, csrf, screen["item_id"], "instruction", "A")
         assert refused.status_code == 401  # the invite's session ended with the invitation, server-side
         assert client.get(f"/img/{screen['source_image']}").status_code == 401
     finally:
-        st.enrol(world.url, world.study_id, "cy")
+        with session_scope(world.url, write=True) as session:
+            st.enrol(session, world.study_id, "cy")
 
 
 def test_guessing_invite_tokens_is_rate_limited(tmp_path: Path) -> None:
@@ -404,10 +420,11 @@ def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
     from mcie.annotate.web.ui_study import StudyScreen
 
     uid = user_id(world, "dee")
-    st.enrol(world.url, world.study_id, "dee")  # a fresh invitation (another test withdraws the first one)
+    with session_scope(world.url, write=True) as session:  # a fresh invitation (another test withdraws the first one)
+        st.enrol(session, world.study_id, "dee")
     screen_app = StudyScreen(world.settings)
     request = _gradio_request("dee", {"study": world.study_id, "csrf": "tok"})
-    while (screen := st.current_item(world.url, world.study_id, uid)) is not None:
+    while (screen := current(world.url, world.study_id, uid)) is not None:
         topbar, page = screen_app.on_load(request)
         assert 'data-csrf="tok"' in page and "Log out" not in topbar  # an invited participant cannot log out
         assert f'data-item="{screen.item_id}"' in page
@@ -415,18 +432,20 @@ def test_the_study_screen_renders_each_screen_then_thanks(world: World) -> None:
         assert not any(m in page for m in METHODS) and "<img src=x" not in page
         assert all(f'data-label="{label}"' in page for label in "ABC")
         for criterion in screen.criteria:
-            st.cast_vote(world.url, world.study_id, uid, screen.item_id, criterion, "A", 2000.0)
-        st.advance(world.url, world.study_id, uid, screen.item_id)
+            with session_scope(world.url, write=True) as session:
+                st.cast_vote(session, world.study_id, uid, screen.item_id, criterion, "A", 2000.0)
+        with session_scope(world.url, write=True) as session:
+            st.advance(session, world.study_id, uid, screen.item_id)
     _, page = screen_app.on_load(request)
     assert 'data-state="finished"' in page and "all 2 items" in page
     topbar, page = screen_app.on_load(_gradio_request("lonely", {}))
     assert "not taking part in an open study" in page and "Log out" in topbar
-    st.set_study_status(world.url, world.other_id, "closed")
+    set_status(world, world.other_id, "closed")
     try:
         _, page = screen_app.on_load(_gradio_request("olga", {"study": world.other_id}))
         assert "The study is not open" in page and "closed" in page
     finally:
-        st.set_study_status(world.url, world.other_id, "open")
+        set_status(world, world.other_id, "open")
 
 
 def test_render_screen_marks_the_choices_already_made() -> None:
@@ -460,16 +479,19 @@ def test_a_vote_racing_an_advance_never_changes_a_completed_screen(migrated_url:
     store = ImageStore(str(tmp_path / "blobs"), max_pixels=10_000, max_bytes=100_000)
     created = st.create_study_from_folder(migrated_url, store, make_study_folder(tmp_path / "s", 3), "race",
                                           items_per_participant=2)
-    user, _ = st.enrol(migrated_url, created.study_id, "racer")
-    screen = st.current_item(migrated_url, created.study_id, user.id)
+    with session_scope(migrated_url, write=True) as session:
+        user, _ = st.enrol(session, created.study_id, "racer")
+    screen = current(migrated_url, created.study_id, user.id)
     assert screen is not None
     for criterion in screen.criteria:
-        st.cast_vote(migrated_url, created.study_id, user.id, screen.item_id, criterion, "A", 100.0)
+        with session_scope(migrated_url, write=True) as session:
+            st.cast_vote(session, created.study_id, user.id, screen.item_id, criterion, "A", 100.0)
     outcome: dict[str, str] = {}
 
     def late_vote() -> None:
         try:
-            st.cast_vote(migrated_url, created.study_id, user.id, screen.item_id, "instruction", "B", 200.0)
+            with session_scope(migrated_url, write=True) as session:  # one transaction, as the vote route's
+                st.cast_vote(session, created.study_id, user.id, screen.item_id, "instruction", "B", 200.0)
             outcome["result"] = "stored"
         except st.StudyError as exc:
             outcome["result"] = str(exc)
