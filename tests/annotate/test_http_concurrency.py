@@ -29,6 +29,7 @@ from mcie.db.models import Assignment, AssignmentState, Review, Sample, SampleSt
 from mcie.db.session import session_scope
 from tests.annotate.browser import live_server
 from tests.annotate.factories import configure, make_samples, make_user
+from tests.annotate.tx import write_tx
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -138,7 +139,7 @@ def test_twenty_reviewers_over_http_on_postgres(migrated_url: str, tmp_path: Pat
             assert all(first_round[s] + held[s] == wanted[s] for s in samples)  # the held slots are all that is left
             # the leases run out: expire them as the server's sweep would after the lease time
             later = max(utc(t) for _, _, t in leased) + timedelta(seconds=1)
-            assert expire_leases(url, now=later) == len(abandoned)
+            assert write_tx(url, expire_leases, now=later) == len(abandoned)
             with session_scope(url) as session:
                 states = dict(session.execute(select(Sample.id, Sample.status)).all())
             assert all(states[s] in (SampleStatus.ready, SampleStatus.in_review) for s in abandoned.values())
