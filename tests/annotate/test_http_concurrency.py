@@ -2,8 +2,8 @@
 each reviewer with their own httpx client and login, using the JSON review API (lease -> submit) in threads.
 
 Half of them walk away from their first lease (they keep it and ask for another one next to it). When the queue is
-empty for everybody, those leases are expired with ``queue.expire_leases(url, now=<after the lease time>)``, and a
-second round finishes their samples. Checked: no duplicate review, no sample over its target (``reviews_wanted``),
+empty for everybody, those leases are expired with ``queue.expire_leases(session, now=<after the lease time>)``,
+and a second round finishes their samples. Checked: no duplicate review, no sample over its target (``reviews_wanted``),
 no lost submit (every 201 is in the database, with its id, and nothing else is), the expired leases went back to
 the queue and were finished by others, and a late submit on an abandoned sample is refused with 409.
 """
