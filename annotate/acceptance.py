@@ -47,6 +47,10 @@ without writing; :func:`apply_rule` stores it in the project settings and re-set
 :func:`adjudicate` records a lead's accept/reject with its reason. Only leads and admins may apply rules or
 adjudicate (:class:`PermissionError` otherwise). :func:`settle_complete` settles open samples that already have
 the reviews they want, for when a lead lowers ``reviews_per_sample`` or ``calibration_share``.
+
+Transactions: :func:`settle_complete`, :func:`adjudication_queue`, :func:`adjudicate` and :func:`decision_history`
+take the caller's ``Session`` and never commit; the writers (settle, adjudicate) need a write transaction,
+``session_scope(url, write=True)`` (checked by :func:`db.session.require_write`).
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ from mcie.db.models import (
     User,
     utcnow,
 )
-from mcie.db.session import session_scope
+from mcie.db.session import require_write, session_scope
 
 RuleOutcome = Literal["accepted", "rejected", "needs_adjudication"]
 Criterion = Literal["pass", "fail", "disputed"]
@@ -540,33 +544,34 @@ def _record_changes(
             session.execute(insert(table), rows[start : start + chunk])
 
 
-def settle_complete(url: str) -> int:
+def settle_complete(session: Session) -> int:
     """Settle every open non-gold sample that already has all the reviews it wants (after a lead lowers
-    ``reviews_per_sample`` or ``calibration_share``, such samples would otherwise wait in review); returns how many."""
-    with session_scope(url, write=True) as session:
-        config = get_project_config(session)
-        submitted = (
-            select(func.count())
-            .select_from(Assignment)
-            .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
-            .scalar_subquery()
-        )
-        ids = list(
-            session.scalars(
-                select(Sample.id)
-                .where(
-                    Sample.status.in_(OPEN_STATUSES),
-                    ~is_gold_clause(Sample.id),
-                    submitted >= wanted_clause(Sample.id, config, Sample.reviews_target),
-                    submitted > 0,
-                )
-                .order_by(Sample.id)
-                .with_for_update(skip_locked=True, of=Sample)
+    ``reviews_per_sample`` or ``calibration_share``, such samples would otherwise wait in review); returns how many.
+    One transaction (rows another writer holds are skipped): needs a write session; the caller commits."""
+    require_write(session, "settle_complete")
+    config = get_project_config(session)
+    submitted = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
+        .scalar_subquery()
+    )
+    ids = list(
+        session.scalars(
+            select(Sample.id)
+            .where(
+                Sample.status.in_(OPEN_STATUSES),
+                ~is_gold_clause(Sample.id),
+                submitted >= wanted_clause(Sample.id, config, Sample.reviews_target),
+                submitted > 0,
             )
+            .order_by(Sample.id)
+            .with_for_update(skip_locked=True, of=Sample)
         )
-        for sample_id in ids:
-            settle_sample(session, sample_id, config)
-        return len(ids)
+    )
+    for sample_id in ids:
+        settle_sample(session, sample_id, config)
+    return len(ids)
 
 
 def _latest_conflict(session: Session, sample_ids: Sequence[int]) -> dict[int, tuple[str | None, str | None]]:
@@ -608,92 +613,93 @@ class AdjudicationItem:
     why: str  # the rule's reasons for sending it to a lead
 
 
-def adjudication_queue(url: str) -> list[AdjudicationItem]:
+def adjudication_queue(session: Session) -> list[AdjudicationItem]:
     """Samples waiting for a lead (status needs_adjudication), highest priority first, every review side by side."""
-    with session_scope(url) as session:
-        config = get_project_config(session)
-        samples = list(
-            session.scalars(
-                select(Sample)
-                .where(Sample.status == SampleStatus.needs_adjudication)
-                .order_by(Sample.priority.desc(), Sample.id)
-            )
+    config = get_project_config(session)
+    samples = list(
+        session.scalars(
+            select(Sample)
+            .where(Sample.status == SampleStatus.needs_adjudication)
+            .order_by(Sample.priority.desc(), Sample.id)
         )
-        ids = [s.id for s in samples]
-        sides: dict[int, list[ReviewSide]] = defaultdict(list)
-        if ids:
-            rows = session.execute(
-                select(Review, User.username)
-                .join(User, User.id == Review.user_id)
-                .where(Review.sample_id.in_(ids))
-                .order_by(Review.sample_id, Review.id)
-            )
-            for review, username in rows:
-                sides[review.sample_id].append(
-                    ReviewSide(
-                        review_id=review.id,
-                        reviewer=username,
-                        consistent=review.consistent,
-                        quality=review.quality,
-                        complexity=review.complexity,
-                        comment=review.comment,
-                        box_corrections=review.box_corrections,
-                        revision=review.revision,
-                        updated_at=utc(review.updated_at),
-                    )
+    )
+    ids = [s.id for s in samples]
+    sides: dict[int, list[ReviewSide]] = defaultdict(list)
+    if ids:
+        rows = session.execute(
+            select(Review, User.username)
+            .join(User, User.id == Review.user_id)
+            .where(Review.sample_id.in_(ids))
+            .order_by(Review.sample_id, Review.id)
+        )
+        for review, username in rows:
+            sides[review.sample_id].append(
+                ReviewSide(
+                    review_id=review.id,
+                    reviewer=username,
+                    consistent=review.consistent,
+                    quality=review.quality,
+                    complexity=review.complexity,
+                    comment=review.comment,
+                    box_corrections=review.box_corrections,
+                    revision=review.revision,
+                    updated_at=utc(review.updated_at),
                 )
-        verdicts = _latest_conflict(session, ids)
-        items = []
-        for sample in samples:
-            reviews = sides.get(sample.id, [])
-            why = evaluate(reviews, config.acceptance).reason if reviews else "no reviews"
-            verdict, reason = verdicts.get(sample.id, (None, None))
-            items.append(
-                AdjudicationItem(sample.id, sample.instruction, sample.priority, reviews, verdict, reason, why)
             )
-        return items
+    verdicts = _latest_conflict(session, ids)
+    items = []
+    for sample in samples:
+        reviews = sides.get(sample.id, [])
+        why = evaluate(reviews, config.acceptance).reason if reviews else "no reviews"
+        verdict, reason = verdicts.get(sample.id, (None, None))
+        items.append(
+            AdjudicationItem(sample.id, sample.instruction, sample.priority, reviews, verdict, reason, why)
+        )
+    return items
 
 
-def adjudicate(url: str, sample_id: int, outcome: str | Outcome, lead_id: int, reason: str) -> int:
+def adjudicate(session: Session, sample_id: int, outcome: str | Outcome, lead_id: int, reason: str) -> int:
     """A lead's accept/reject of a sample, with a required reason; returns the decision id.
 
     Records who, when and why (``decisions`` row with source lead, and ``audit_log``) and sets the status; the rule
     never overrides it afterwards. Raises PermissionError unless ``lead_id`` is an active lead or admin, and
-    AcceptanceError for an empty reason, an unknown outcome or sample, or a gold sample.
+    AcceptanceError for an empty reason, an unknown outcome or sample, or a gold sample. Needs a write session; the
+    caller commits.
     """
+    require_write(session, "adjudicate")
     try:
         decided = Outcome(outcome)
     except ValueError:
         raise AcceptanceError(f"outcome must be 'accepted' or 'rejected'; got {outcome!r}") from None
     if not isinstance(reason, str) or not reason.strip():
         raise AcceptanceError("a reason is required to adjudicate a sample")
-    with session_scope(url, write=True) as session:
-        _check_lead(session, lead_id, "adjudicate samples")
-        sample = session.get(Sample, sample_id, with_for_update=True)
-        if sample is None:
-            raise AcceptanceError(f"no sample with id {sample_id}")
-        if session.get(GoldAnswer, sample_id) is not None:
-            raise AcceptanceError(f"sample {sample_id} is a gold sample; edit its gold answer instead")
-        decision = Decision(
-            sample_id=sample_id,
-            outcome=decided,
-            source=DecisionSource.lead,
-            decided_by=lead_id,
-            reason=reason.strip(),
+    _check_lead(session, lead_id, "adjudicate samples")
+    sample = session.get(Sample, sample_id, with_for_update=True)
+    if sample is None:
+        raise AcceptanceError(f"no sample with id {sample_id}")
+    if session.get(GoldAnswer, sample_id) is not None:
+        raise AcceptanceError(f"sample {sample_id} is a gold sample; edit its gold answer instead")
+    decision = Decision(
+        sample_id=sample_id,
+        outcome=decided,
+        source=DecisionSource.lead,
+        decided_by=lead_id,
+        reason=reason.strip(),
+    )
+    session.add(decision)
+    session.flush()
+    session.add(
+        AuditLog(
+            user_id=lead_id,
+            action="sample.adjudicate",
+            entity="sample",
+            entity_id=str(sample_id),
+            details={"outcome": decided.value, "previous": sample.status.value, "decision_id": decision.id},
         )
-        session.add(decision)
-        session.flush()
-        session.add(
-            AuditLog(
-                user_id=lead_id,
-                action="sample.adjudicate",
-                entity="sample",
-                entity_id=str(sample_id),
-                details={"outcome": decided.value, "previous": sample.status.value, "decision_id": decision.id},
-            )
-        )
-        sample.status = SampleStatus(decided.value)
-        return decision.id
+    )
+    sample.status = SampleStatus(decided.value)
+    session.flush()
+    return decision.id
 
 
 @dataclass(frozen=True)
@@ -709,46 +715,45 @@ class DecisionEntry:
     created_at: datetime
 
 
-def decision_history(url: str, sample_id: int) -> list[DecisionEntry]:
+def decision_history(session: Session, sample_id: int) -> list[DecisionEntry]:
     """A sample's decisions and moves to adjudication, oldest first."""
-    with session_scope(url) as session:
-        rows: list[DecisionEntry] = []
-        for decision, username in session.execute(
-            select(Decision, User.username)
-            .outerjoin(User, User.id == Decision.decided_by)
-            .where(Decision.sample_id == sample_id)
-        ):
-            rows.append(
-                DecisionEntry(
-                    decision.id,
-                    decision.outcome.value,
-                    decision.source.value,
-                    username,
-                    decision.reason,
-                    decision.rule,
-                    utc(decision.created_at),
-                )
+    rows: list[DecisionEntry] = []
+    for decision, username in session.execute(
+        select(Decision, User.username)
+        .outerjoin(User, User.id == Decision.decided_by)
+        .where(Decision.sample_id == sample_id)
+    ):
+        rows.append(
+            DecisionEntry(
+                decision.id,
+                decision.outcome.value,
+                decision.source.value,
+                username,
+                decision.reason,
+                decision.rule,
+                utc(decision.created_at),
             )
-        for entry, username in session.execute(
-            select(AuditLog, User.username)
-            .outerjoin(User, User.id == AuditLog.user_id)
-            .where(
-                AuditLog.action == NEEDS_ADJUDICATION_ACTION,
-                AuditLog.entity == "sample",
-                AuditLog.entity_id == str(sample_id),
+        )
+    for entry, username in session.execute(
+        select(AuditLog, User.username)
+        .outerjoin(User, User.id == AuditLog.user_id)
+        .where(
+            AuditLog.action == NEEDS_ADJUDICATION_ACTION,
+            AuditLog.entity == "sample",
+            AuditLog.entity_id == str(sample_id),
+        )
+    ):
+        details = entry.details or {}
+        rows.append(
+            DecisionEntry(
+                None,
+                SampleStatus.needs_adjudication.value,
+                DecisionSource.rule.value,
+                username,
+                details.get("reason"),
+                details.get("rule"),
+                utc(entry.at),
             )
-        ):
-            details = entry.details or {}
-            rows.append(
-                DecisionEntry(
-                    None,
-                    SampleStatus.needs_adjudication.value,
-                    DecisionSource.rule.value,
-                    username,
-                    details.get("reason"),
-                    details.get("rule"),
-                    utc(entry.at),
-                )
-            )
-        rows.sort(key=lambda r: (r.created_at, math.inf if r.decision_id is None else r.decision_id))
-        return rows
+        )
+    rows.sort(key=lambda r: (r.created_at, math.inf if r.decision_id is None else r.decision_id))
+    return rows

@@ -630,7 +630,8 @@ class PreviewWorker:
             row = session.get(Preview, preview_id)
             assert row is not None
             sample_id, seed, params = row.sample_id, row.seed, dict(row.params or {})
-        view = sample_view(self.url, sample_id)
+        with session_scope(self.url) as session:  # after the claim is committed: a broken view fails the job
+            view = sample_view(session, sample_id)
         subs = [(s.text, s.operation, s.box) for s in view.sub_instructions]
         return _Job(preview_id, sample_id, seed, normalize_params(params), view.instruction, subs, view.steps[0][1])
 

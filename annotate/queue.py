@@ -9,7 +9,7 @@ Rules (the web app calls only :func:`next_sample`, :func:`release` and :func:`ex
 * **Nobody sees a sample twice.** A user is never given a sample they have an assignment for, whatever its state
   (skipped, expired and released ones included); the ``(sample_id, user_id)`` unique key enforces it.
 * **Leases.** A lease lasts ``lease_minutes``. A user holds at most :data:`MAX_LEASES` (2) unexpired leases: the
-  sample on screen and the prefetched next one (``next_sample(url, uid, exclude=[current])``). ``next_sample`` first
+  sample on screen and the prefetched next one (``next_sample(session, uid, exclude=[current])``). ``next_sample`` first
   returns the user's oldest unexpired lease not in ``exclude`` (a page reload gets the same sample) and only then
   leases a new sample. Asking for a third raises :class:`QueueError`. A user's own leases on samples that left the
   pool meanwhile (settled, or decided by a lead) are expired instead of being returned.
@@ -40,9 +40,12 @@ takes the candidate sample row with ``SELECT ... FOR UPDATE SKIP LOCKED`` (20 re
 candidates), then recounts the sample's active assignments in a fresh statement while holding the lock, because a
 lease committed between the query's snapshot and the lock would be invisible to it. Every transaction that adds an
 active assignment or a review to a sample holds that sample's row lock, so the recount is exact and no sample gets
-more reviews than it wants. On SQLite the whole call is one ``BEGIN IMMEDIATE`` transaction
-(``session_scope(url, write=True)``), which serializes writers. The same code runs on both; ``FOR UPDATE`` renders
-to nothing on SQLite.
+more reviews than it wants. On SQLite the whole call is one ``BEGIN IMMEDIATE`` transaction, which serializes
+writers. The same code runs on both; ``FOR UPDATE`` renders to nothing on SQLite.
+
+Transactions. :func:`next_sample`, :func:`release` and :func:`expire_leases` take the caller's ``Session``, which
+must come from ``session_scope(url, write=True)`` (checked by :func:`db.session.require_write`), and never commit:
+the caller does, and a lease counts for others only once it is committed.
 
 Speed. Candidates are looked for in windows of the queue order (the first 32 open samples, then 1024 more, then the
 rest), and only the window's rows are checked against the assignments, so a call touches a handful of rows. Finding
@@ -90,7 +93,7 @@ from mcie.db.models import (
     SampleStatus,
     User,
 )
-from mcie.db.session import session_scope
+from mcie.db.session import require_write
 
 OPEN_STATUSES: tuple[SampleStatus, ...] = (SampleStatus.ready, SampleStatus.in_review)
 REVIEWER_ROLES: tuple[Role, ...] = (Role.rater, Role.lead, Role.admin)
@@ -442,112 +445,116 @@ def _adaptive_rater(session: Session, user_id: int, config: ProjectConfig) -> tu
     return rate, reliability_service.is_less_reliable(fit, user_id)
 
 
-def next_sample(url: str, user_id: int, *, exclude: Sequence[int] = (), now: datetime | None = None) -> Lease | None:
+def next_sample(
+    session: Session, user_id: int, *, exclude: Sequence[int] = (), now: datetime | None = None
+) -> Lease | None:
     """The sample this reviewer should look at now, leased to them; None when there is nothing left for them.
 
     Returns their oldest unexpired lease whose sample is not in ``exclude`` (reloads get the same sample; the UI
     prefetches with ``exclude=[current]``), otherwise leases a new sample (gold at ``gold_rate``). Raises
     :class:`QueueError` for an unknown, disabled or non-reviewer user, or when they already hold two leases that are
-    both excluded.
+    both excluded. Needs a write session; the caller commits.
     """
+    require_write(session, "next_sample")
     now = utc(now)
     excluded = set(exclude)
-    with session_scope(url, write=True) as session:
-        ensure_reviewer(session, user_id, lock=True)
-        config = get_project_config(session)
-        # the user's leases, each with whether _expire_own would expire it: the updates run only when one would
+    ensure_reviewer(session, user_id, lock=True)
+    config = get_project_config(session)
+    # the user's leases, each with whether _expire_own would expire it: the updates run only when one would
+    held = _held(session, user_id, now)
+    if any(row.stale for row in held):
+        _expire_own(session, user_id, now)
         held = _held(session, user_id, now)
-        if any(row.stale for row in held):
-            _expire_own(session, user_id, now)
-            held = _held(session, user_id, now)
-        for row in held:
-            if row.sample_id not in excluded:
-                return _lease_of_row(row)
-        if len(held) >= MAX_LEASES:
-            ids = ", ".join(str(a.sample_id) for a in held)
-            raise QueueError(
-                f"user {user_id} already holds {len(held)} leased samples ({ids}); submit, skip or release one first"
-            )
-        n_assigned = int(
-            session.scalar(select(func.count()).select_from(Assignment).where(Assignment.user_id == user_id)) or 0
+    for row in held:
+        if row.sample_id not in excluded:
+            return _lease_of_row(row)
+    if len(held) >= MAX_LEASES:
+        ids = ", ".join(str(a.sample_id) for a in held)
+        raise QueueError(
+            f"user {user_id} already holds {len(held)} leased samples ({ids}); submit, skip or release one first"
         )
-        gold_rate = config.gold_rate
-        sample_id = None
-        if config.review_policy == "adaptive":
-            gold_rate, less_reliable = _adaptive_rater(session, user_id, config)
-            if less_reliable:  # follow-up reviews go preferably to more reliable raters
-                sample_id = _pick_pool_sample(session, user_id, config, now, fresh_only=True)
-        if sample_id is None:
-            sample_id = _pick_pool_sample(session, user_id, config, now)
-        if sample_id is None:
-            return None  # gold samples are only mixed into real work
-        gold = False
-        if gold_rate > 0 and gold_draw(user_id, n_assigned, gold_rate):
-            gold_id = _pick_gold_sample(session, user_id)
-            if gold_id is not None:  # the pool sample's row lock is simply released at commit
-                sample_id, gold = gold_id, True
-        purpose = purpose_of(sample_id, config, gold=gold)
-        expires_at = now + timedelta(minutes=config.lease_minutes)
-        assignment_id = session.scalar(
-            insert(Assignment)
-            .values(
-                sample_id=sample_id,
-                user_id=user_id,
-                state=AssignmentState.leased,
-                purpose=purpose,
-                leased_at=now,
-                lease_expires_at=expires_at,
-            )
-            .returning(Assignment.id)
+    n_assigned = int(
+        session.scalar(select(func.count()).select_from(Assignment).where(Assignment.user_id == user_id)) or 0
+    )
+    gold_rate = config.gold_rate
+    sample_id = None
+    if config.review_policy == "adaptive":
+        gold_rate, less_reliable = _adaptive_rater(session, user_id, config)
+        if less_reliable:  # follow-up reviews go preferably to more reliable raters
+            sample_id = _pick_pool_sample(session, user_id, config, now, fresh_only=True)
+    if sample_id is None:
+        sample_id = _pick_pool_sample(session, user_id, config, now)
+    if sample_id is None:
+        return None  # gold samples are only mixed into real work
+    gold = False
+    if gold_rate > 0 and gold_draw(user_id, n_assigned, gold_rate):
+        gold_id = _pick_gold_sample(session, user_id)
+        if gold_id is not None:  # the pool sample's row lock is simply released at commit
+            sample_id, gold = gold_id, True
+    purpose = purpose_of(sample_id, config, gold=gold)
+    expires_at = now + timedelta(minutes=config.lease_minutes)
+    assignment_id = session.scalar(
+        insert(Assignment)
+        .values(
+            sample_id=sample_id,
+            user_id=user_id,
+            state=AssignmentState.leased,
+            purpose=purpose,
+            leased_at=now,
+            lease_expires_at=expires_at,
         )
-        if not gold:
-            session.execute(
-                update(Sample)
-                .where(Sample.id == sample_id, Sample.status == SampleStatus.ready)
-                .values(status=SampleStatus.in_review)
-                .execution_options(synchronize_session=False)
-            )
-        return Lease(
-            assignment_id=int(assignment_id),
-            sample_id=int(sample_id),
-            purpose=purpose.value,
-            expires_at=utc(expires_at),
+        .returning(Assignment.id)
+    )
+    if not gold:
+        session.execute(
+            update(Sample)
+            .where(Sample.id == sample_id, Sample.status == SampleStatus.ready)
+            .values(status=SampleStatus.in_review)
+            .execution_options(synchronize_session=False)
         )
+    return Lease(
+        assignment_id=int(assignment_id),
+        sample_id=int(sample_id),
+        purpose=purpose.value,
+        expires_at=utc(expires_at),
+    )
 
 
-def release(url: str, user_id: int, sample_id: int, *, now: datetime | None = None) -> bool:
+def release(session: Session, user_id: int, sample_id: int, *, now: datetime | None = None) -> bool:
     """Give a lease back (logout, closing the tab): it ends now and frees the slot for others. The user will not be
     given this sample again (nobody sees a sample twice); a review they still submit for it is accepted while the
-    sample needs it. Returns False when the user held no lease on the sample."""
+    sample needs it. Returns False when the user held no lease on the sample. Needs a write session; the caller
+    commits."""
+    require_write(session, "release")
     now = utc(now)
-    with session_scope(url, write=True) as session:
-        result = session.execute(
-            update(Assignment)
-            .where(
-                Assignment.user_id == user_id,
-                Assignment.sample_id == sample_id,
-                Assignment.state == AssignmentState.leased,
-            )
-            .values(state=AssignmentState.expired, finished_at=now)
-            .execution_options(synchronize_session=False)
+    result = session.execute(
+        update(Assignment)
+        .where(
+            Assignment.user_id == user_id,
+            Assignment.sample_id == sample_id,
+            Assignment.state == AssignmentState.leased,
         )
-        if not result.rowcount:
-            return False
-        reopen_idle(session, [sample_id], now)
-        return True
+        .values(state=AssignmentState.expired, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if not result.rowcount:
+        return False
+    reopen_idle(session, [sample_id], now)
+    return True
 
 
-def expire_leases(url: str, now: datetime | None = None) -> int:
+def expire_leases(session: Session, now: datetime | None = None) -> int:
     """Mark every lease that ran out by ``now`` as expired (their samples go back to ``ready`` when nothing else is
-    active on them); returns the number of leases expired. Safe to run at any time, e.g. every minute."""
+    active on them); returns the number of leases expired. Safe to run at any time, e.g. every minute. Needs a write
+    session; the caller commits."""
+    require_write(session, "expire_leases")
     now = utc(now)
-    with session_scope(url, write=True) as session:
-        rows = session.execute(
-            update(Assignment)
-            .where(Assignment.state == AssignmentState.leased, Assignment.lease_expires_at <= now)
-            .values(state=AssignmentState.expired, finished_at=Assignment.lease_expires_at)
-            .returning(Assignment.sample_id)
-            .execution_options(synchronize_session=False)
-        ).all()
-        reopen_idle(session, [r[0] for r in rows], now)
-        return len(rows)
+    rows = session.execute(
+        update(Assignment)
+        .where(Assignment.state == AssignmentState.leased, Assignment.lease_expires_at <= now)
+        .values(state=AssignmentState.expired, finished_at=Assignment.lease_expires_at)
+        .returning(Assignment.sample_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    reopen_idle(session, [r[0] for r in rows], now)
+    return len(rows)

@@ -11,6 +11,8 @@ normalized 0..1, k a turn of the sample's window).
   with the acceptance rule in the same transaction. Gold reviews are stored the same way but never settle anything.
 * :func:`revise_review` (author only) keeps every version in ``review_revisions`` and re-settles a settled sample
   (a lead's decision is kept). The review's ``time_spent_s`` is the total over its revisions.
+* Every function takes the caller's ``Session`` and never commits. The writers (submit, revise, skip, flag) need a
+  write transaction, ``session_scope(url, write=True)`` (checked by :func:`db.session.require_write`).
 * Writers lock the sample's row (``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), like the queue, so
   the review count of a sample never exceeds what it wants.
 * "Today" in :func:`reviewer_progress` is the UTC day of ``now``.
@@ -59,7 +61,7 @@ from mcie.db.models import (
     SubInstruction,
     Turn,
 )
-from mcie.db.session import session_scope
+from mcie.db.session import require_write
 from mcie.db.windows import window_images
 
 MAX_COMMENT_CHARS = 5000
@@ -252,7 +254,7 @@ def _settle_if_complete(session: Session, sample: Sample) -> None:
 
 
 def submit_review(
-    url: str,
+    session: Session,
     user_id: int,
     sample_id: int,
     answer: Answer,
@@ -260,100 +262,101 @@ def submit_review(
     time_spent_s: float | None = None,
     now: datetime | None = None,
 ) -> ReviewRecord:
-    """Store a reviewer's first answer for a sample they were assigned (see the module docstring)."""
+    """Store a reviewer's first answer for a sample they were assigned (see the module docstring). Needs a write
+    session (``session_scope(url, write=True)``); the caller commits."""
+    require_write(session, "submit_review")
     now = utc(now)
     spent = _check_time(time_spent_s)
-    with session_scope(url, write=True) as session:
-        _reviewer(session, user_id)
-        sample = _locked_sample(session, sample_id)
-        answer = validate_answer(answer, sample)
-        existing_q = select(Review.id).where(Review.sample_id == sample_id, Review.user_id == user_id).scalar_subquery()
-        row = session.execute(
-            select(Assignment.id, Assignment.state, existing_q).where(
-                Assignment.sample_id == sample_id, Assignment.user_id == user_id
-            )
-        ).first()
-        if row is None:
-            raise ReviewError(f"sample {sample_id} was not assigned to you; take samples from the queue")
-        assignment_id, state, existing = row
-        if existing is not None or state == AssignmentState.submitted:
-            which = f" (review {existing})" if existing is not None else ""
-            raise ReviewError(f"you already reviewed sample {sample_id}; revise it instead{which}")
-        if state == AssignmentState.skipped:
-            raise ReviewError(f"you skipped sample {sample_id}; a skipped sample cannot be reviewed")
-        others_q = (
-            select(func.count())
-            .select_from(Assignment)
-            .where(
-                Assignment.sample_id == sample_id,
-                Assignment.state == AssignmentState.submitted,
-                Assignment.user_id != user_id,
-            )
-            .scalar_subquery()
+    _reviewer(session, user_id)
+    sample = _locked_sample(session, sample_id)
+    answer = validate_answer(answer, sample)
+    existing_q = select(Review.id).where(Review.sample_id == sample_id, Review.user_id == user_id).scalar_subquery()
+    row = session.execute(
+        select(Assignment.id, Assignment.state, existing_q).where(
+            Assignment.sample_id == sample_id, Assignment.user_id == user_id
         )
-        gold_q = select(GoldAnswer.sample_id).where(GoldAnswer.sample_id == sample_id).scalar_subquery()
-        gold_id, others = session.execute(select(gold_q, others_q)).one()
-        gold = gold_id is not None
-        config: ProjectConfig | None = None
-        wanted = 0
-        if not gold:
-            config = get_project_config(session)
-            wanted = reviews_wanted(sample_id, config, sample.reviews_target)
-            if int(others or 0) >= wanted:
-                raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
-        # core statements, no ORM flush: the review, its revision 1, the assignment, and a late submit's status
-        review_id = session.scalar(
-            insert(Review)
-            .values(
-                sample_id=sample_id,
-                user_id=user_id,
-                consistent=answer.consistent,
-                quality=answer.quality,
-                complexity=answer.complexity,
-                comment=answer.comment,
-                box_corrections=answer.box_corrections,
-                time_spent_s=spent,
-                revision=1,
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(Review.id)
+    ).first()
+    if row is None:
+        raise ReviewError(f"sample {sample_id} was not assigned to you; take samples from the queue")
+    assignment_id, state, existing = row
+    if existing is not None or state == AssignmentState.submitted:
+        which = f" (review {existing})" if existing is not None else ""
+        raise ReviewError(f"you already reviewed sample {sample_id}; revise it instead{which}")
+    if state == AssignmentState.skipped:
+        raise ReviewError(f"you skipped sample {sample_id}; a skipped sample cannot be reviewed")
+    others_q = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(
+            Assignment.sample_id == sample_id,
+            Assignment.state == AssignmentState.submitted,
+            Assignment.user_id != user_id,
         )
+        .scalar_subquery()
+    )
+    gold_q = select(GoldAnswer.sample_id).where(GoldAnswer.sample_id == sample_id).scalar_subquery()
+    gold_id, others = session.execute(select(gold_q, others_q)).one()
+    gold = gold_id is not None
+    config: ProjectConfig | None = None
+    wanted = 0
+    if not gold:
+        config = get_project_config(session)
+        wanted = reviews_wanted(sample_id, config, sample.reviews_target)
+        if int(others or 0) >= wanted:
+            raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
+    # core statements, no ORM flush: the review, its revision 1, the assignment, and a late submit's status
+    review_id = session.scalar(
+        insert(Review)
+        .values(
+            sample_id=sample_id,
+            user_id=user_id,
+            consistent=answer.consistent,
+            quality=answer.quality,
+            complexity=answer.complexity,
+            comment=answer.comment,
+            box_corrections=answer.box_corrections,
+            time_spent_s=spent,
+            revision=1,
+            created_at=now,
+            updated_at=now,
+        )
+        .returning(Review.id)
+    )
+    session.execute(
+        insert(ReviewRevision).values(
+            review_id=review_id,
+            revision=1,
+            consistent=answer.consistent,
+            quality=answer.quality,
+            complexity=answer.complexity,
+            comment=answer.comment,
+            box_corrections=answer.box_corrections,
+            time_spent_s=spent,
+            created_at=now,
+        )
+    )
+    session.execute(
+        update(Assignment)
+        .where(Assignment.id == assignment_id)
+        .values(state=AssignmentState.submitted, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if not gold and sample.status == SampleStatus.ready:  # a late submit after the sample went back to ready
         session.execute(
-            insert(ReviewRevision).values(
-                review_id=review_id,
-                revision=1,
-                consistent=answer.consistent,
-                quality=answer.quality,
-                complexity=answer.complexity,
-                comment=answer.comment,
-                box_corrections=answer.box_corrections,
-                time_spent_s=spent,
-                created_at=now,
-            )
-        )
-        session.execute(
-            update(Assignment)
-            .where(Assignment.id == assignment_id)
-            .values(state=AssignmentState.submitted, finished_at=now)
+            update(Sample)
+            .where(Sample.id == sample_id)
+            .values(status=SampleStatus.in_review)
             .execution_options(synchronize_session=False)
         )
-        if not gold and sample.status == SampleStatus.ready:  # a late submit after the sample went back to ready
-            session.execute(
-                update(Sample)
-                .where(Sample.id == sample_id)
-                .values(status=SampleStatus.in_review)
-                .execution_options(synchronize_session=False)
-            )
-            set_committed_value(sample, "status", SampleStatus.in_review)
-        # every other submitted review is counted in ``others`` (one assignment per user and sample)
-        if config is not None and int(others or 0) + 1 >= wanted:
-            settle_loaded(session, sample, config)
-        return ReviewRecord(int(review_id), sample_id, 1, now)
+        set_committed_value(sample, "status", SampleStatus.in_review)
+    # every other submitted review is counted in ``others`` (one assignment per user and sample)
+    if config is not None and int(others or 0) + 1 >= wanted:
+        settle_loaded(session, sample, config)
+    return ReviewRecord(int(review_id), sample_id, 1, now)
 
 
 def revise_review(
-    url: str,
+    session: Session,
     user_id: int,
     review_id: int,
     answer: Answer,
@@ -361,34 +364,35 @@ def revise_review(
     time_spent_s: float | None = None,
     now: datetime | None = None,
 ) -> ReviewRecord:
-    """Replace the author's answer with a new revision (every revision is kept) and re-settle a settled sample."""
+    """Replace the author's answer with a new revision (every revision is kept) and re-settle a settled sample.
+    Needs a write session; the caller commits."""
+    require_write(session, "revise_review")
     now = utc(now)
     spent = _check_time(time_spent_s)
-    with session_scope(url, write=True) as session:
-        sample_id = session.scalar(select(Review.sample_id).where(Review.id == review_id))
-        if sample_id is None:
-            raise ReviewError(f"no review with id {review_id}")
-        sample = _locked_sample(session, sample_id)
-        review = session.get(Review, review_id, populate_existing=True)
-        assert review is not None
-        if review.user_id != user_id:
-            raise PermissionError(f"review {review_id} belongs to another reviewer; only its author may revise it")
-        answer = validate_answer(answer, sample)
-        review.revision += 1
-        review.consistent = answer.consistent
-        review.quality = answer.quality
-        review.complexity = answer.complexity
-        review.comment = answer.comment
-        review.box_corrections = answer.box_corrections
-        if spent is not None:
-            review.time_spent_s = (review.time_spent_s or 0.0) + spent
-        review.updated_at = now
-        session.flush()
-        session.add(_revision_row(review, answer, spent, now))
-        session.flush()
-        if sample.status in (SampleStatus.accepted, SampleStatus.rejected, SampleStatus.needs_adjudication):
-            _settle_if_complete(session, sample)
-        return ReviewRecord(review.id, sample_id, review.revision, utc(review.created_at))
+    sample_id = session.scalar(select(Review.sample_id).where(Review.id == review_id))
+    if sample_id is None:
+        raise ReviewError(f"no review with id {review_id}")
+    sample = _locked_sample(session, sample_id)
+    review = session.get(Review, review_id, populate_existing=True)
+    assert review is not None
+    if review.user_id != user_id:
+        raise PermissionError(f"review {review_id} belongs to another reviewer; only its author may revise it")
+    answer = validate_answer(answer, sample)
+    review.revision += 1
+    review.consistent = answer.consistent
+    review.quality = answer.quality
+    review.complexity = answer.complexity
+    review.comment = answer.comment
+    review.box_corrections = answer.box_corrections
+    if spent is not None:
+        review.time_spent_s = (review.time_spent_s or 0.0) + spent
+    review.updated_at = now
+    session.flush()
+    session.add(_revision_row(review, answer, spent, now))
+    session.flush()
+    if sample.status in (SampleStatus.accepted, SampleStatus.rejected, SampleStatus.needs_adjudication):
+        _settle_if_complete(session, sample)
+    return ReviewRecord(review.id, sample_id, review.revision, utc(review.created_at))
 
 
 def _required_reason(reason: str, what: str) -> str:
@@ -397,41 +401,43 @@ def _required_reason(reason: str, what: str) -> str:
     return reason.strip()
 
 
-def skip_sample(url: str, user_id: int, sample_id: int, reason: str, *, now: datetime | None = None) -> None:
-    """Give up a leased sample with a reason: its slot goes to someone else and this user never gets it again."""
+def skip_sample(session: Session, user_id: int, sample_id: int, reason: str, *, now: datetime | None = None) -> None:
+    """Give up a leased sample with a reason: its slot goes to someone else and this user never gets it again.
+    Needs a write session; the caller commits."""
+    require_write(session, "skip_sample")
     now = utc(now)
     reason = _required_reason(reason, "skip a sample")
-    with session_scope(url, write=True) as session:
-        _reviewer(session, user_id)
-        _locked_sample(session, sample_id)
-        assignment = session.scalar(
-            select(Assignment).where(Assignment.sample_id == sample_id, Assignment.user_id == user_id)
-        )
-        if assignment is None:
-            raise ReviewError(f"sample {sample_id} was not assigned to you")
-        if assignment.state == AssignmentState.submitted:
-            raise ReviewError(f"you already reviewed sample {sample_id}; a reviewed sample cannot be skipped")
-        if assignment.state == AssignmentState.skipped:
-            raise ReviewError(f"you already skipped sample {sample_id}")
-        assignment.state = AssignmentState.skipped
-        assignment.skip_reason = reason
-        assignment.finished_at = now
-        session.flush()
-        reopen_idle(session, [sample_id], now)
+    _reviewer(session, user_id)
+    _locked_sample(session, sample_id)
+    assignment = session.scalar(
+        select(Assignment).where(Assignment.sample_id == sample_id, Assignment.user_id == user_id)
+    )
+    if assignment is None:
+        raise ReviewError(f"sample {sample_id} was not assigned to you")
+    if assignment.state == AssignmentState.submitted:
+        raise ReviewError(f"you already reviewed sample {sample_id}; a reviewed sample cannot be skipped")
+    if assignment.state == AssignmentState.skipped:
+        raise ReviewError(f"you already skipped sample {sample_id}")
+    assignment.state = AssignmentState.skipped
+    assignment.skip_reason = reason
+    assignment.finished_at = now
+    session.flush()
+    reopen_idle(session, [sample_id], now)
 
 
-def flag_sample(url: str, user_id: int, sample_id: int, reason: str) -> int:
-    """Flag a sample for a lead (broken images, offensive content ...); returns the flag id. The review goes on."""
+def flag_sample(session: Session, user_id: int, sample_id: int, reason: str) -> int:
+    """Flag a sample for a lead (broken images, offensive content ...); returns the flag id. The review goes on.
+    Needs a write session; the caller commits."""
+    require_write(session, "flag_sample")
     reason = _required_reason(reason, "flag a sample")
-    with session_scope(url, write=True) as session:
-        _reviewer(session, user_id)
-        sample = _locked_sample(session, sample_id)
-        flag = SampleFlag(sample_id=sample_id, user_id=user_id, reason=reason)
-        session.add(flag)
-        sample.flagged = True
-        sample.flag_reason = f"{sample.flag_reason}; {reason}" if sample.flag_reason else reason
-        session.flush()
-        return flag.id
+    _reviewer(session, user_id)
+    sample = _locked_sample(session, sample_id)
+    flag = SampleFlag(sample_id=sample_id, user_id=user_id, reason=reason)
+    session.add(flag)
+    sample.flagged = True
+    sample.flag_reason = f"{sample.flag_reason}; {reason}" if sample.flag_reason else reason
+    session.flush()
+    return flag.id
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,47 +467,44 @@ def queue_left_query(user_id: int, config: ProjectConfig, now: datetime) -> Sele
     )
 
 
-def reviewer_progress(url: str, user_id: int, *, now: datetime | None = None) -> Progress:
+def reviewer_progress(session: Session, user_id: int, *, now: datetime | None = None) -> Progress:
     """Reviews done today (UTC day of ``now``) and in total, and how many pool samples this user could still get
     (gold samples are not counted: they are only mixed into real work)."""
     now = utc(now)
     midnight = datetime.combine(now.date(), time(0), tzinfo=now.tzinfo)
-    with session_scope(url) as session:
-        config = get_project_config(session)
-        total, today = session.execute(
-            select(func.count(), func.count().filter(Review.created_at >= midnight)).where(Review.user_id == user_id)
-        ).one()
-        left = int(session.scalar(queue_left_query(user_id, config, now)) or 0)
-        return Progress(done_today=int(today or 0), done_total=int(total or 0), queue_left=left)
+    config = get_project_config(session)
+    total, today = session.execute(
+        select(func.count(), func.count().filter(Review.created_at >= midnight)).where(Review.user_id == user_id)
+    ).one()
+    left = int(session.scalar(queue_left_query(user_id, config, now)) or 0)
+    return Progress(done_today=int(today or 0), done_total=int(total or 0), queue_left=left)
 
 
-def reviewer_history(url: str, user_id: int, *, limit: int = 50, offset: int = 0) -> list[HistoryRow]:
+def reviewer_history(session: Session, user_id: int, *, limit: int = 50, offset: int = 0) -> list[HistoryRow]:
     """The user's reviews, most recently updated first (paged by ``limit`` and ``offset``)."""
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_HISTORY_PAGE:
         raise ReviewError(f"limit must be 1..{MAX_HISTORY_PAGE}; got {limit!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ReviewError(f"offset must be a non-negative integer; got {offset!r}")
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Review, Sample.instruction)
-            .join(Sample, Sample.id == Review.sample_id)
-            .where(Review.user_id == user_id)
-            .order_by(Review.updated_at.desc(), Review.id.desc())
-            .limit(limit)
-            .offset(offset)
-        )
-        return [_history_row(r, instruction) for r, instruction in rows]
+    rows = session.execute(
+        select(Review, Sample.instruction)
+        .join(Sample, Sample.id == Review.sample_id)
+        .where(Review.user_id == user_id)
+        .order_by(Review.updated_at.desc(), Review.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return [_history_row(r, instruction) for r, instruction in rows]
 
 
-def reviewer_review(url: str, user_id: int, review_id: int) -> HistoryRow | None:
+def reviewer_review(session: Session, user_id: int, review_id: int) -> HistoryRow | None:
     """One of the user's reviews as a history row (None when ``review_id`` is not theirs): one indexed read."""
-    with session_scope(url) as session:
-        found = session.execute(
-            select(Review, Sample.instruction)
-            .join(Sample, Sample.id == Review.sample_id)
-            .where(Review.id == review_id, Review.user_id == user_id)
-        ).first()
-        return None if found is None else _history_row(*found)
+    found = session.execute(
+        select(Review, Sample.instruction)
+        .join(Sample, Sample.id == Review.sample_id)
+        .where(Review.id == review_id, Review.user_id == user_id)
+    ).first()
+    return None if found is None else _history_row(*found)
 
 
 def _history_row(r: Review, instruction: str) -> HistoryRow:
@@ -525,14 +528,8 @@ def conflict_of(verdict: str | None) -> bool | None:
     return {"conflict": True, "no_conflict": False}.get(verdict or "")
 
 
-def sample_view(url: str, sample_id: int) -> SampleView:
+def sample_view(session: Session, sample_id: int) -> SampleView:
     """Everything the review screen shows for one sample, in two queries. Raises ReviewError for an unknown id."""
-    with session_scope(url) as session:
-        return load_sample_view(session, sample_id)
-
-
-def load_sample_view(session: Session, sample_id: int) -> SampleView:
-    """:func:`sample_view` in the caller's session."""
     j = aliased(MllmJudgement)
     latest = (
         select(j.id)

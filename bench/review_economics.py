@@ -183,14 +183,16 @@ def run_policy(
             uid = user_ids[int(k)]
             if uid not in active:
                 continue
-            lease = next_sample(url, uid)
+            with session_scope(url, write=True) as session:
+                lease = next_sample(session, uid)
             if lease is None:
                 active.discard(uid)
                 continue
             i = lease.sample_id - 1
             a = answer(raters[uid - 1], rng, bool(truth["consistent"][i]), int(truth["quality"][i]),
                        int(truth["complexity"][i]))
-            submit_review(url, uid, lease.sample_id, Answer(**a))
+            with session_scope(url, write=True) as session:
+                submit_review(session, uid, lease.sample_id, Answer(**a))
             n_reviews += 1
             n_gold_reviews += lease.purpose == "gold"
             if policy == "adaptive-weighted" and n_reviews % 50 == 0:

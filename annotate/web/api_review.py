@@ -35,7 +35,8 @@ The MLLM's verdict is in the sample only when the project shows it before submit
 never said.
 
 Serving. FastAPI's idiom: pydantic models in and out, the user, the anti-forgery check and the database session
-through ``Depends``. Every route first takes a working slot (:func:`work_slot`): at most :data:`MAX_WORKING` API
+through ``Depends`` (a write transaction, :func:`annotate.web.deps.get_write_session`, for the routes that lease,
+submit or skip). Every route first takes a working slot (:func:`work_slot`): at most :data:`MAX_WORKING` API
 requests do their login check and database work at once, and the others wait first come, first served. The app is
 one Python process, so more threads would only take turns on the interpreter lock: under load, a few working at a
 time finish each request sooner than twenty sharing it, and the API never takes more than a few of the database
@@ -64,14 +65,14 @@ from mcie.annotate.reviews import (
     Answer,
     ReviewError,
     SampleView,
-    load_sample_view,
     reviewer_progress,
+    sample_view,
     skip_sample,
     submit_review,
     validate_answer,
 )
 from mcie.annotate.web.auth import WebUser, check_csrf, csrf_token, require_reviewer
-from mcie.annotate.web.deps import database_url, get_session
+from mcie.annotate.web.deps import database_url, get_session, get_write_session
 from mcie.annotate.web.edges import ROUTE_LIMITS, user_message
 from mcie.db.models import Sample
 
@@ -123,6 +124,7 @@ def csrf_checked(request: Request, user: Reviewer, token: Annotated[str | None, 
 
 Writer = Annotated[WebUser, Depends(csrf_checked)]
 DB = Annotated[Session, Depends(get_session, scope="function")]
+WriteDB = Annotated[Session, Depends(get_write_session, scope="function")]  # leases, reviews, skips
 
 router = APIRouter(prefix=PREFIX, dependencies=[Depends(work_slot, scope="function")])
 
@@ -346,21 +348,20 @@ def get_csrf(request: Request, user: Reviewer) -> CsrfOut:
 @router.get("/next", response_model=SampleOut, response_model_exclude_unset=True,
             responses={204: {"description": "nothing left for the caller"}})
 def get_next(
-    request: Request,
     user: Reviewer,
-    session: DB,
+    session: WriteDB,
     exclude: Annotated[list[int] | None, Query(max_length=queue.MAX_LEASES)] = None,
 ) -> SampleOut | Response:
     """Lease (or get back) the caller's sample; 204 when there is nothing left for them."""
-    url = database_url(request)
     try:
-        lease = queue.next_sample(url, user.id, exclude=exclude or [])
+        lease = queue.next_sample(session, user.id, exclude=exclude or [])
     except queue.QueueError as exc:
         raise _error(status.HTTP_409_CONFLICT, str(exc)) from None
     if lease is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT, headers=NO_STORE)
-    try:  # the view and the project setting in one read transaction, begun after the lease was committed
-        view = load_sample_view(session, lease.sample_id)
+    session.commit()  # the lease stays even when reading the sample's view below fails
+    try:  # the view and the project setting in one transaction, begun after the lease was committed
+        view = sample_view(session, lease.sample_id)
         show_mllm = get_project_config(session).show_mllm_verdict_before_submit
     except ReviewError as exc:  # broken data (images missing): the lease stays, a lead must look at the sample
         raise _error(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc)) from None
@@ -368,12 +369,11 @@ def get_next(
 
 
 @router.post("/{sample_id}", status_code=status.HTTP_201_CREATED)
-def post_review(request: Request, sample_id: int, body: AnswerIn, user: Writer, session: DB) -> ReviewOut:
+def post_review(sample_id: int, body: AnswerIn, user: Writer, session: WriteDB) -> ReviewOut:
     """Submit the caller's answer for a sample they were given: 201, or 404/409/422 with the reason."""
-    url = database_url(request)
     answer = body.answer()
     try:
-        record = submit_review(url, user.id, sample_id, answer, time_spent_s=body.time_spent_s)
+        record = submit_review(session, user.id, sample_id, answer, time_spent_s=body.time_spent_s)
     except ReviewError as exc:
         raise _refusal(session, sample_id, answer, exc) from None
     except PermissionError as exc:
@@ -396,10 +396,10 @@ def _refusal(session: Session, sample_id: int, answer: Answer, exc: ReviewError)
 
 
 @router.post("/{sample_id}/skip")
-def post_skip(request: Request, sample_id: int, body: SkipIn, user: Writer, session: DB) -> SkipOut:
+def post_skip(sample_id: int, body: SkipIn, user: Writer, session: WriteDB) -> SkipOut:
     """Give up a leased sample with a reason; nobody gets it twice, its slot goes to another reviewer."""
     try:
-        skip_sample(database_url(request), user.id, sample_id, body.reason)
+        skip_sample(session, user.id, sample_id, body.reason)
     except ReviewError as exc:
         if session.get(Sample, sample_id) is None:
             raise _error(status.HTTP_404_NOT_FOUND, f"no sample with id {sample_id}") from None
@@ -408,9 +408,9 @@ def post_skip(request: Request, sample_id: int, body: SkipIn, user: Writer, sess
 
 
 @router.get("/progress")
-def get_progress(request: Request, user: Reviewer) -> ProgressOut:
+def get_progress(user: Reviewer, session: DB) -> ProgressOut:
     """Reviews done today (UTC) and in total, and how many pool samples the caller could still be given."""
-    progress = reviewer_progress(database_url(request), user.id)
+    progress = reviewer_progress(session, user.id)
     return ProgressOut(done_today=progress.done_today, done_total=progress.done_total, queue_left=progress.queue_left)
 
 

@@ -170,10 +170,14 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
     from mcie.annotate.queue import expire_leases
     from mcie.annotate.reliability_service import refit_when_due
 
+    def sweep_leases() -> int:
+        with session_scope(url, write=True) as session:
+            return expire_leases(session)
+
     sweeps = 0
     while True:
         try:
-            expired = await anyio.to_thread.run_sync(expire_leases, url)
+            expired = await anyio.to_thread.run_sync(sweep_leases)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
             fit_id = await anyio.to_thread.run_sync(refit_when_due, url)
@@ -434,8 +438,9 @@ def release_leases(url: str, user_id: int) -> int:
             )
         )
     for sample_id in sample_ids:
-        try:
-            queue.release(url, user_id, sample_id)
+        try:  # one transaction per sample: a failed one does not undo the others
+            with session_scope(url, write=True) as session:
+                queue.release(session, user_id, sample_id)
         except Exception:  # one failed release must not keep the user logged in
             log.exception("could not release sample %s of user %s", sample_id, user_id)
     return len(sample_ids)

@@ -583,7 +583,8 @@ class Dashboard:
     # --- adjudication ---------------------------------------------------------------------------------------
     def on_adjudication(self, request: gr.Request) -> dict[Any, Any]:
         lead_of(self.url, request)
-        items = adjudication_queue(self.url)
+        with session_scope(self.url) as session:
+            items = adjudication_queue(session)
         w = self.w
         info = "No sample waits for a lead."
         if items:
@@ -600,10 +601,11 @@ class Dashboard:
 
     def show_adjudication(self, sample_id: int) -> dict[Any, Any]:
         w = self.w
-        item = next((i for i in adjudication_queue(self.url) if i.sample_id == sample_id), None)
-        if item is None:
+        with session_scope(self.url) as session:  # the queue and the sample in one read transaction
+            item = next((i for i in adjudication_queue(session) if i.sample_id == sample_id), None)
+            view = None if item is None else sample_view(session, sample_id)
+        if item is None or view is None:
             return {w.adj_status: status_line(f"Sample {sample_id} no longer waits for a lead.", error=True)}
-        view = sample_view(self.url, sample_id)
         return {
             w.adj_sample: render_sample(view, show_mllm=True, mode="adjudicate"),
             w.adj_reviews: render_reviews(item),
@@ -621,7 +623,8 @@ class Dashboard:
         if outcome not in ("accepted", "rejected"):
             return {w.adj_status: status_line("Choose accept or reject.", error=True)}
         try:
-            adjudicate(self.url, int(sample_id), outcome, lead.id, reason or "")
+            with session_scope(self.url, write=True) as session:
+                adjudicate(session, int(sample_id), outcome, lead.id, reason or "")
         except (ValueError, PermissionError) as exc:
             return {w.adj_status: status_line(str(exc), error=True)}
         out = self.on_adjudication(request)

@@ -284,7 +284,8 @@ def _show_mllm(url: str) -> bool:
 
 
 def card_for(url: str, lease: Any, *, show_mllm: bool) -> Card:
-    view = sample_view(url, lease.sample_id)
+    with session_scope(url) as session:
+        view = sample_view(session, lease.sample_id)
     return Card(
         sample_id=lease.sample_id,
         assignment_id=lease.assignment_id,
@@ -299,7 +300,8 @@ def card_for(url: str, lease: Any, *, show_mllm: bool) -> Card:
 
 def lease_card(url: str, user_id: int, exclude: Sequence[int] = ()) -> Card | None:
     """Lease (or get back) a sample for the user and render it; None when their queue is empty."""
-    lease = queue.next_sample(url, user_id, exclude=list(exclude))
+    with session_scope(url, write=True) as session:  # committed before the view is read: a broken view keeps it
+        lease = queue.next_sample(session, user_id, exclude=list(exclude))
     if lease is None:
         return None
     return card_for(url, lease, show_mllm=_show_mllm(url))
@@ -307,12 +309,15 @@ def lease_card(url: str, user_id: int, exclude: Sequence[int] = ()) -> Card | No
 
 def _progress_html(url: str, user_id: int, screen: dict[str, Any]) -> str:
     held = sum(1 for key in ("current", "next") if screen.get(key) is not None)
-    return render_progress(reviewer_progress(url, user_id), held)
+    with session_scope(url) as session:
+        progress = reviewer_progress(session, user_id)
+    return render_progress(progress, held)
 
 
 def history_frame(url: str, user_id: int, offset: int) -> tuple[pd.DataFrame, list[int]]:
     """One page of the user's reviews as a table (text shown as plain text) and the review ids of its rows."""
-    rows = reviewer_history(url, user_id, limit=HISTORY_PAGE, offset=offset)
+    with session_scope(url) as session:
+        rows = reviewer_history(session, user_id, limit=HISTORY_PAGE, offset=offset)
     table = [
         [r.review_id, r.sample_id, r.updated_at.strftime("%Y-%m-%d %H:%M"), _yes_no(r.consistent), r.quality,
          r.complexity, r.revision, _clip(r.instruction, 90), _clip(r.comment or "", 60)]
@@ -326,7 +331,8 @@ def _clip(text: str, n: int) -> str:
 
 
 def _own_review(url: str, user_id: int, review_id: int) -> Any:
-    row = reviewer_review(url, user_id, review_id)
+    with session_scope(url) as session:
+        row = reviewer_review(session, user_id, review_id)
     if row is None:
         raise gr.Error(f"Review {review_id} is not one of yours.")
     return row
@@ -501,7 +507,8 @@ class ReviewApp:
 
     def _submit(self, user: WebUser, current: dict[str, Any], answer: Answer) -> Any:
         spent = max(0.0, time.time() - float(current.get("shown_at") or time.time()))
-        return submit_review(self.url, user.id, current["sample_id"], answer, time_spent_s=round(spent, 1))
+        with session_scope(self.url, write=True) as session:  # commits before the screen moves on
+            return submit_review(session, user.id, current["sample_id"], answer, time_spent_s=round(spent, 1))
 
     def on_skip(self, screen: dict[str, Any], reason: str, request: gr.Request) -> dict[Any, Any]:
         user = reviewer_of(self.url, request)
@@ -510,7 +517,8 @@ class ReviewApp:
         if screen.get("revise") or current is None:
             return {w.status: render_status("Only a sample from your queue can be skipped.", error=True)}
         try:
-            skip_sample(self.url, user.id, current["sample_id"], reason or "")
+            with session_scope(self.url, write=True) as session:
+                skip_sample(session, user.id, current["sample_id"], reason or "")
         except (ValueError, PermissionError) as exc:
             return {w.status: render_status(str(exc), error=True)}
         out = self._advance(screen, user) | _cleared(w)
@@ -523,7 +531,8 @@ class ReviewApp:
         if target is None:
             return {w.status: render_status("There is no sample on screen to flag.", error=True)}
         try:
-            flag_sample(self.url, user.id, target["sample_id"], reason or "")
+            with session_scope(self.url, write=True) as session:
+                flag_sample(session, user.id, target["sample_id"], reason or "")
         except (ValueError, PermissionError) as exc:
             return {w.status: render_status(str(exc), error=True)}
         return {
@@ -572,7 +581,8 @@ class ReviewApp:
         if screen.get("revise"):  # reopening another review while revising: keep the first stash
             stash = screen["revise"].get("stash")
         row = _own_review(self.url, user.id, review_id)
-        view = sample_view(self.url, row.sample_id)
+        with session_scope(self.url) as session:
+            view = sample_view(session, row.sample_id)
         banner = (f"Revising your review {row.review_id} of sample {row.sample_id} (now revision {row.revision}; "
                   f"saving makes revision {row.revision + 1}). Enter saves, Esc cancels.")
         screen["revise"] = {"review_id": row.review_id, "sample_id": row.sample_id, "revision": row.revision,
@@ -602,7 +612,8 @@ class ReviewApp:
         try:
             answer = build_answer(consistent, quality, complexity, comment, boxes)
             spent = max(0.0, time.time() - float(revise["shown_at"]))
-            record = revise_review(self.url, user.id, revise["review_id"], answer, time_spent_s=round(spent, 1))
+            with session_scope(self.url, write=True) as session:
+                record = revise_review(session, user.id, revise["review_id"], answer, time_spent_s=round(spent, 1))
         except (ValueError, PermissionError) as exc:
             return {w.status: render_status(str(exc), error=True)}
         except Exception as exc:

@@ -32,6 +32,7 @@ from tests.annotate.factories import (
     make_user,
     make_users,
 )
+from tests.annotate.tx import read_tx, write_tx
 
 PAPER = AcceptanceRule()  # consistent, quality > 3, complexity > 3, max spread 2
 
@@ -115,7 +116,7 @@ def _reviewed_project(url: str) -> dict[str, int]:
             settle_sample(session, sample.id, config)
             ids[name] = sample.id
         add_conflict_judgement(session, session.get(Sample, ids["split"]), "no_conflict", "distinct objects")
-    adjudicate(url, ids["vetoed"], "rejected", ids["lead"], "the target image is a near duplicate")
+    write_tx(url, adjudicate, ids["vetoed"], "rejected", ids["lead"], "the target image is a near duplicate")
     return ids
 
 
@@ -195,14 +196,14 @@ def test_preview_writes_nothing_and_apply_resettles_but_keeps_lead_decisions(mig
     with session_scope(url) as session:
         assert get_project_config(session).acceptance == lenient
 
-    history = decision_history(url, ids["meh"])
+    history = read_tx(url, decision_history, ids["meh"])
     assert [(h.outcome, h.source) for h in history] == [("rejected", "rule"), ("accepted", "rule")]
     assert history[1].rule["quality_above"] == 2 and history[1].decided_by is not None
 
     strict = AcceptanceRule(require_consistent=False, quality_above=4)
     apply_rule(url, strict, ids["lead"])  # the split sample now fails on quality: rejected
     assert _statuses(url)[ids["split"]] == SampleStatus.rejected
-    assert [(h.outcome, h.decision_id is None) for h in decision_history(url, ids["split"])] == [
+    assert [(h.outcome, h.decision_id is None) for h in read_tx(url, decision_history, ids["split"])] == [
         ("needs_adjudication", True),
         ("rejected", False),
     ]
@@ -211,7 +212,7 @@ def test_preview_writes_nothing_and_apply_resettles_but_keeps_lead_decisions(mig
 def test_adjudication_needs_a_lead_and_a_reason(migrated_url: str) -> None:
     url = migrated_url
     ids = _reviewed_project(url)
-    queue = adjudication_queue(url)
+    queue = read_tx(url, adjudication_queue)
     assert [item.sample_id for item in queue] == [ids["split"]]
     item = queue[0]
     assert [(r.consistent, r.quality) for r in item.reviews] == [(True, 4), (False, 4)]
@@ -220,16 +221,16 @@ def test_adjudication_needs_a_lead_and_a_reason(migrated_url: str) -> None:
     assert "consistency split: 1 yes, 1 no" in item.why
 
     with pytest.raises(PermissionError, match="only an active lead or admin may adjudicate"):
-        adjudicate(url, ids["split"], "accepted", ids["rater"], "looks fine")
+        write_tx(url, adjudicate, ids["split"], "accepted", ids["rater"], "looks fine")
     with pytest.raises(AcceptanceError, match="reason is required"):
-        adjudicate(url, ids["split"], "accepted", ids["lead"], "   ")
+        write_tx(url, adjudicate, ids["split"], "accepted", ids["lead"], "   ")
     with pytest.raises(AcceptanceError, match="outcome must be 'accepted' or 'rejected'"):
-        adjudicate(url, ids["split"], "maybe", ids["lead"], "unsure")
-    decision_id = adjudicate(url, ids["split"], "accepted", ids["lead"], "the two edits touch different cars")
+        write_tx(url, adjudicate, ids["split"], "maybe", ids["lead"], "unsure")
+    decision_id = write_tx(url, adjudicate, ids["split"], "accepted", ids["lead"], "the two edits touch different cars")
 
-    assert adjudication_queue(url) == []
+    assert read_tx(url, adjudication_queue) == []
     assert _statuses(url)[ids["split"]] == SampleStatus.accepted
-    last = decision_history(url, ids["split"])[-1]
+    last = read_tx(url, decision_history, ids["split"])[-1]
     assert (last.decision_id, last.outcome, last.source) == (decision_id, "accepted", "lead")
     assert last.reason == "the two edits touch different cars" and last.decided_by is not None
     with session_scope(url) as session:
@@ -247,8 +248,8 @@ def test_a_calibration_split_reached_through_the_queue_goes_to_a_lead(migrated_u
         sample = make_sample(session).id
         raters = [u.id for u in make_users(session, 3)]
     for rater, consistent in zip(raters, (True, True, False), strict=True):
-        assert next_sample(url, rater).sample_id == sample
-        submit_review(url, rater, sample, Answer(consistent, 4, 4))
+        assert write_tx(url, next_sample, rater).sample_id == sample
+        write_tx(url, submit_review, rater, sample, Answer(consistent, 4, 4))
         expected = SampleStatus.needs_adjudication if rater == raters[-1] else SampleStatus.in_review
         assert _statuses(url)[sample] == expected
 
@@ -263,9 +264,19 @@ def test_settle_complete_after_the_target_is_lowered(migrated_url: str) -> None:
         make_gold(session, gold)
         add_reviews(session, gold, make_users(session, 1), [(True, 5, 4)])
         ids = (done.id, untouched.id, gold.id)
-    assert settle_complete(url) == 0  # one review of the two wanted
+    assert write_tx(url, settle_complete) == 0  # one review of the two wanted
     with session_scope(url) as session:
         configure(session, reviews_per_sample=1)
-    assert settle_complete(url) == 1
+    assert write_tx(url, settle_complete) == 1
     statuses = _statuses(url)
     assert [statuses[i] for i in ids] == [SampleStatus.accepted, SampleStatus.in_review, SampleStatus.in_review]
+
+
+@pytest.mark.parametrize(
+    ("service", "args"),
+    [(adjudicate, (1, "accepted", 1, "fine")), (settle_complete, ())],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_the_writers_refuse_a_session_that_is_not_a_write_transaction(sqlite_url: str, service, args) -> None:
+    with session_scope(sqlite_url) as session, pytest.raises(RuntimeError, match=f"{service.__name__} reads then"):
+        service(session, *args)

@@ -23,6 +23,7 @@ from mcie.db.migrate import upgrade
 from mcie.db.models import Decision, ReliabilityFit, Sample, SampleStatus
 from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
+from tests.annotate.tx import write_tx
 
 GOOD = Answer(consistent=True, quality=5, complexity=5)
 ADAPTIVE = {"gold_rate": 0.0, "calibration_share": 0.0, "review_policy": "adaptive",
@@ -46,9 +47,9 @@ def _sample(url: str, sample_id: int) -> tuple[SampleStatus, int | None, float]:
 
 
 def _review(url: str, user_id: int, answer: Answer = GOOD, **kwargs) -> int:
-    lease = next_sample(url, user_id, **kwargs)
+    lease = write_tx(url, next_sample, user_id, **kwargs)
     assert lease is not None
-    submit_review(url, user_id, lease.sample_id, answer)
+    write_tx(url, submit_review, user_id, lease.sample_id, answer)
     return lease.sample_id
 
 
@@ -66,7 +67,7 @@ def test_adaptive_policy_asks_another_review_while_uncertain(any_db_url: str) ->
     assert rule["review_policy"] == "adaptive" and rule["decision_rule"] == "paper"
     assert rule["posterior"]["p_accept"] > 0.9
     assert _review(any_db_url, a) == second  # never the same sample twice
-    assert next_sample(any_db_url, c) is not None
+    assert write_tx(any_db_url, next_sample, c) is not None
 
 
 def test_adaptive_policy_stops_at_the_cap(sqlite_url: str) -> None:
@@ -76,7 +77,7 @@ def test_adaptive_policy_stops_at_the_cap(sqlite_url: str) -> None:
         _review(sqlite_url, rater)
     status, target, _ = _sample(sqlite_url, sample)
     assert status == SampleStatus.accepted and target == 2
-    assert next_sample(sqlite_url, raters[2]) is None
+    assert write_tx(sqlite_url, next_sample, raters[2]) is None
 
 
 def test_mllm_disagreement_goes_up_the_queue(sqlite_url: str) -> None:
@@ -98,8 +99,8 @@ def test_less_reliable_raters_get_fresh_samples_before_follow_ups(sqlite_url: st
         reliability_service.store_fit(session, fit)
     assert _review(sqlite_url, a) == follow
     assert _sample(sqlite_url, follow)[1] == 2
-    assert next_sample(sqlite_url, careless).sample_id == fresh
-    assert next_sample(sqlite_url, good).sample_id == follow
+    assert write_tx(sqlite_url, next_sample, careless).sample_id == fresh
+    assert write_tx(sqlite_url, next_sample, good).sample_id == follow
 
 
 def test_fixed_policy_keeps_todays_behaviour(sqlite_url: str) -> None:
@@ -107,7 +108,7 @@ def test_fixed_policy_keeps_todays_behaviour(sqlite_url: str) -> None:
     _review(sqlite_url, a, Answer(consistent=True, quality=4, complexity=3))
     status, target, priority = _sample(sqlite_url, sample)
     assert (status, target, priority) == (SampleStatus.rejected, None, 0.0)
-    assert next_sample(sqlite_url, b) is None
+    assert write_tx(sqlite_url, next_sample, b) is None
 
 
 def test_weighted_rule_decides_with_the_posterior_and_never_adjudicates(sqlite_url: str) -> None:
@@ -161,9 +162,9 @@ def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> N
                                   decision_rule="weighted")
     for _ in samples:
         for rater in raters[:2]:
-            lease = next_sample(sqlite_url, rater)
+            lease = write_tx(sqlite_url, next_sample, rater)
             if lease is not None:
-                submit_review(sqlite_url, rater, lease.sample_id, GOOD)
+                write_tx(sqlite_url, submit_review, rater, lease.sample_id, GOOD)
     figures = reliability_figures(sqlite_url, refit=True)
     assert figures["fit_id"] is not None and {r["rater"] for r in figures["raters"]} <= {
         f"{name}" for name in _usernames(sqlite_url)
@@ -364,9 +365,9 @@ def test_twenty_reviewers_at_once_under_the_adaptive_policy(db: str, request: py
         rng = random.Random(index)
         try:
             barrier.wait()
-            while (lease := next_sample(url, user_id)) is not None:
+            while (lease := write_tx(url, next_sample, user_id)) is not None:
                 answer = Answer(consistent=rng.random() < 0.8, quality=rng.randint(2, 5), complexity=rng.randint(2, 5))
-                submit_review(url, user_id, lease.sample_id, answer)
+                write_tx(url, submit_review, user_id, lease.sample_id, answer)
                 done[index] += 1
         except BaseException as exc:
             errors.append(exc)

@@ -16,13 +16,25 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from mcie.annotate.accounts import hash_password
 from mcie.config import Settings
-from mcie.db.models import Assignment, AssignmentState, Export, JobStatus, Review, ReviewRevision, Role, Sample, User
+from mcie.db.models import (
+    Assignment,
+    AssignmentState,
+    Export,
+    JobStatus,
+    Review,
+    ReviewRevision,
+    Role,
+    Sample,
+    Turn,
+    User,
+)
 from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, add_review, configure, make_sample, make_user
+from tests.annotate.tx import write_tx
 from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings
 from tests.annotate.web_fixtures import user_id as uid
 
@@ -193,6 +205,19 @@ def test_next_leases_the_head_of_the_queue_and_a_reload_gets_it_again(site: Site
     assert client.get("/api/review/next").json()["sample_id"] == site.samples[0]
 
 
+def test_a_sample_that_cannot_be_shown_keeps_its_lease(site: Site, client: TestClient) -> None:
+    """GET /next commits the lease before it reads the sample: broken data answers 500 and the lease stays."""
+    with session_scope(site.url, write=True) as session:
+        instance_id = session.get(Sample, site.samples[0]).instance_id
+        session.execute(delete(Turn).where(Turn.instance_id == instance_id, Turn.index == 3))
+    reviewer(client, "rater1")
+    response = client.get("/api/review/next")
+    assert response.status_code == 500 and "lacks the images for target" in response.json()["detail"]
+    with session_scope(site.url) as session:
+        states = session.execute(select(Assignment.sample_id, Assignment.state)).all()
+    assert [tuple(s) for s in states] == [(site.samples[0], AssignmentState.leased)]
+
+
 def test_exclude_prefetches_a_second_lease_and_a_third_is_refused(site: Site, client: TestClient) -> None:
     reviewer(client, "rater1")
     first = client.get("/api/review/next").json()["sample_id"]
@@ -313,7 +338,8 @@ def test_a_late_submit_on_a_sample_others_finished_is_409(site: Site, app) -> No
     with TestClient(app, follow_redirects=False) as first, TestClient(app, follow_redirects=False) as second:
         h1, h2 = reviewer(first, "rater1"), reviewer(second, "rater2")
         sample_id = first.get("/api/review/next").json()["sample_id"]
-        release(site.url, uid(site.url, "rater1"), sample_id)  # e.g. logged out elsewhere: the slot is free again
+        # e.g. logged out elsewhere: the slot is free again
+        write_tx(site.url, release, uid(site.url, "rater1"), sample_id)
         assert second.get("/api/review/next").json()["sample_id"] == sample_id
         assert second.post(f"/api/review/{sample_id}", json=YES, headers=h2).status_code == 201
         late = first.post(f"/api/review/{sample_id}", json=YES, headers=h1)

@@ -15,6 +15,7 @@ from mcie.db.models import Role
 from mcie.db.session import session_scope
 from tests.annotate.browser import chromium_page, live_server, login, require_chromium, shot
 from tests.annotate.factories import add_reviews, configure, make_sample, make_user
+from tests.annotate.tx import write_tx
 
 pytestmark = [
     pytest.mark.browser,
@@ -40,7 +41,7 @@ def _seed(settings: Settings) -> None:
                        (rng.random() < 0.5, rng.randint(1, 5), rng.randint(1, 5))]
             chosen = [*rng.sample(range(3), 2), 3]
             add_reviews(session, make_sample(session), [raters[k] for k in chosen], [answers[k] for k in chosen])
-    settle_complete(settings.database_url)
+    write_tx(settings.database_url, settle_complete)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 each reviewer with their own httpx client and login, using the JSON review API (lease -> submit) in threads.
 
 Half of them walk away from their first lease (they keep it and ask for another one next to it). When the queue is
-empty for everybody, those leases are expired with ``queue.expire_leases(url, now=<after the lease time>)``, and a
-second round finishes their samples. Checked: no duplicate review, no sample over its target (``reviews_wanted``),
+empty for everybody, those leases are expired with ``queue.expire_leases(session, now=<after the lease time>)``,
+and a second round finishes their samples. Checked: no duplicate review, no sample over its target (``reviews_wanted``),
 no lost submit (every 201 is in the database, with its id, and nothing else is), the expired leases went back to
 the queue and were finished by others, and a late submit on an abandoned sample is refused with 409.
 """
@@ -29,6 +29,7 @@ from mcie.db.models import Assignment, AssignmentState, Review, Sample, SampleSt
 from mcie.db.session import session_scope
 from tests.annotate.browser import live_server
 from tests.annotate.factories import configure, make_samples, make_user
+from tests.annotate.tx import write_tx
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -138,7 +139,7 @@ def test_twenty_reviewers_over_http_on_postgres(migrated_url: str, tmp_path: Pat
             assert all(first_round[s] + held[s] == wanted[s] for s in samples)  # the held slots are all that is left
             # the leases run out: expire them as the server's sweep would after the lease time
             later = max(utc(t) for _, _, t in leased) + timedelta(seconds=1)
-            assert expire_leases(url, now=later) == len(abandoned)
+            assert write_tx(url, expire_leases, now=later) == len(abandoned)
             with session_scope(url) as session:
                 states = dict(session.execute(select(Sample.id, Sample.status)).all())
             assert all(states[s] in (SampleStatus.ready, SampleStatus.in_review) for s in abandoned.values())

@@ -28,6 +28,7 @@ from mcie.db.migrate import upgrade
 from mcie.db.models import Assignment, AssignmentPurpose, AssignmentState, Decision, Review, Sample, SampleStatus
 from mcie.db.session import session_scope
 from tests.annotate.factories import configure, make_gold, make_sample, make_samples, make_user, make_users
+from tests.annotate.tx import write_tx
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 YES = Answer(consistent=True, quality=4, complexity=4)
@@ -97,25 +98,25 @@ def test_priority_order_reload_prefetch_and_two_lease_limit(migrated_url: str) -
         low, high_a, high_b, mid = (make_sample(session, priority=p).id for p in (0.2, 0.9, 0.9, 0.5))
         rita = make_user(session).id
 
-    first = next_sample(url, rita, now=T0)
+    first = write_tx(url, next_sample, rita, now=T0)
     assert first is not None and first.sample_id == high_a and first.purpose == "regular"
     assert first.expires_at == T0 + timedelta(minutes=20)
-    assert next_sample(url, rita, now=T0 + timedelta(minutes=1)) == first  # a reload gets the same sample
-    prefetched = next_sample(url, rita, exclude=[first.sample_id], now=T0)
+    assert write_tx(url, next_sample, rita, now=T0 + timedelta(minutes=1)) == first  # a reload gets the same sample
+    prefetched = write_tx(url, next_sample, rita, exclude=[first.sample_id], now=T0)
     assert prefetched is not None and prefetched.sample_id == high_b  # same priority: lower id first
-    assert next_sample(url, rita, exclude=[first.sample_id], now=T0) == prefetched
+    assert write_tx(url, next_sample, rita, exclude=[first.sample_id], now=T0) == prefetched
     with pytest.raises(QueueError, match=f"already holds {MAX_LEASES} leased samples"):
-        next_sample(url, rita, exclude=[high_a, high_b], now=T0)
+        write_tx(url, next_sample, rita, exclude=[high_a, high_b], now=T0)
     assert _status(url, high_a) == _status(url, high_b) == SampleStatus.in_review
     assert _status(url, mid) == SampleStatus.ready
 
-    submit_review(url, rita, high_a, YES, time_spent_s=12, now=T0)
-    assert next_sample(url, rita, now=T0) == prefetched  # the prefetched one becomes current
-    submit_review(url, rita, high_b, YES, time_spent_s=12, now=T0)
+    write_tx(url, submit_review, rita, high_a, YES, time_spent_s=12, now=T0)
+    assert write_tx(url, next_sample, rita, now=T0) == prefetched  # the prefetched one becomes current
+    write_tx(url, submit_review, rita, high_b, YES, time_spent_s=12, now=T0)
     order = []
-    while (lease := next_sample(url, rita, now=T0)) is not None:
+    while (lease := write_tx(url, next_sample, rita, now=T0)) is not None:
         order.append(lease.sample_id)
-        submit_review(url, rita, lease.sample_id, YES, now=T0)
+        write_tx(url, submit_review, rita, lease.sample_id, YES, now=T0)
     assert order == [mid, low]
 
 
@@ -125,11 +126,11 @@ def test_only_active_reviewers_get_samples(migrated_url: str) -> None:
         participant = make_user(session, role="participant").id
         disabled = make_user(session, active=False).id
     with pytest.raises(QueueError, match="participant"):
-        next_sample(migrated_url, participant)
+        write_tx(migrated_url, next_sample, participant)
     with pytest.raises(QueueError, match="disabled"):
-        next_sample(migrated_url, disabled)
+        write_tx(migrated_url, next_sample, disabled)
     with pytest.raises(QueueError, match="no user"):
-        next_sample(migrated_url, 999_999)
+        write_tx(migrated_url, next_sample, 999_999)
 
 
 def test_never_the_same_sample_twice_and_skip_frees_the_slot(migrated_url: str) -> None:
@@ -139,19 +140,19 @@ def test_never_the_same_sample_twice_and_skip_frees_the_slot(migrated_url: str) 
         sample = make_sample(session).id
         ann, bob = (u.id for u in make_users(session, 2))
 
-    assert next_sample(url, ann, now=T0).sample_id == sample
-    assert next_sample(url, bob, now=T0) is None  # its only slot is leased
+    assert write_tx(url, next_sample, ann, now=T0).sample_id == sample
+    assert write_tx(url, next_sample, bob, now=T0) is None  # its only slot is leased
     with pytest.raises(ReviewError, match="reason is required"):
-        skip_sample(url, ann, sample, "  ")
-    skip_sample(url, ann, sample, "the target image does not load", now=T0)
+        write_tx(url, skip_sample, ann, sample, "  ")
+    write_tx(url, skip_sample, ann, sample, "the target image does not load", now=T0)
     assert _assignment_state(url, ann, sample) == AssignmentState.skipped
     assert _status(url, sample) == SampleStatus.ready
-    assert next_sample(url, ann, now=T0) is None  # never again, though it still needs a review
-    assert next_sample(url, bob, now=T0).sample_id == sample
+    assert write_tx(url, next_sample, ann, now=T0) is None  # never again, though it still needs a review
+    assert write_tx(url, next_sample, bob, now=T0).sample_id == sample
     bob_expired = T0 + timedelta(hours=2)
-    assert next_sample(url, ann, now=bob_expired) is None  # not even once bob's lease is over
+    assert write_tx(url, next_sample, ann, now=bob_expired) is None  # not even once bob's lease is over
     with pytest.raises(ReviewError, match="skipped"):
-        submit_review(url, ann, sample, YES)
+        write_tx(url, submit_review, ann, sample, YES)
 
 
 def test_expired_leases_return_the_sample(migrated_url: str) -> None:
@@ -161,15 +162,15 @@ def test_expired_leases_return_the_sample(migrated_url: str) -> None:
         sample = make_sample(session).id
         ann, bob = (u.id for u in make_users(session, 2))
 
-    next_sample(url, ann, now=T0)
-    assert next_sample(url, bob, now=T0 + timedelta(minutes=19)) is None
-    assert expire_leases(url, now=T0 + timedelta(minutes=10)) == 0
-    assert expire_leases(url, now=T0 + timedelta(minutes=20)) == 1
+    write_tx(url, next_sample, ann, now=T0)
+    assert write_tx(url, next_sample, bob, now=T0 + timedelta(minutes=19)) is None
+    assert write_tx(url, expire_leases, now=T0 + timedelta(minutes=10)) == 0
+    assert write_tx(url, expire_leases, now=T0 + timedelta(minutes=20)) == 1
     assert _assignment_state(url, ann, sample) == AssignmentState.expired
     assert _status(url, sample) == SampleStatus.ready
-    assert next_sample(url, bob, now=T0 + timedelta(minutes=21)).sample_id == sample
+    assert write_tx(url, next_sample, bob, now=T0 + timedelta(minutes=21)).sample_id == sample
     assert _status(url, sample) == SampleStatus.in_review
-    assert next_sample(url, ann, now=T0 + timedelta(minutes=21)) is None  # ann saw it already
+    assert write_tx(url, next_sample, ann, now=T0 + timedelta(minutes=21)) is None  # ann saw it already
 
 
 def test_an_expired_lease_frees_the_slot_before_any_sweep(migrated_url: str) -> None:
@@ -178,9 +179,9 @@ def test_an_expired_lease_frees_the_slot_before_any_sweep(migrated_url: str) -> 
     with session_scope(url) as session:
         sample = make_sample(session).id
         ann, bob = (u.id for u in make_users(session, 2))
-    next_sample(url, ann, now=T0)
-    assert next_sample(url, bob, now=T0 + timedelta(minutes=25)).sample_id == sample  # no expire_leases call
-    assert next_sample(url, ann, now=T0 + timedelta(minutes=26)) is None
+    write_tx(url, next_sample, ann, now=T0)
+    assert write_tx(url, next_sample, bob, now=T0 + timedelta(minutes=25)).sample_id == sample  # no expire_leases call
+    assert write_tx(url, next_sample, ann, now=T0 + timedelta(minutes=26)) is None
     assert _assignment_state(url, ann, sample) == AssignmentState.expired  # ann's own call expired it
 
 
@@ -190,11 +191,11 @@ def test_release_gives_the_lease_back(migrated_url: str) -> None:
     with session_scope(url) as session:
         sample = make_sample(session).id
         ann, bob = (u.id for u in make_users(session, 2))
-    next_sample(url, ann, now=T0)
-    assert release(url, ann, sample, now=T0) is True
-    assert release(url, ann, sample, now=T0) is False
+    write_tx(url, next_sample, ann, now=T0)
+    assert write_tx(url, release, ann, sample, now=T0) is True
+    assert write_tx(url, release, ann, sample, now=T0) is False
     assert _status(url, sample) == SampleStatus.ready
-    assert next_sample(url, bob, now=T0).sample_id == sample
+    assert write_tx(url, next_sample, bob, now=T0).sample_id == sample
 
 
 def test_calibration_samples_collect_three_reviews_and_others_one(migrated_url: str) -> None:
@@ -208,9 +209,9 @@ def test_calibration_samples_collect_three_reviews_and_others_one(migrated_url: 
 
     purposes = {}
     for rater in raters:
-        while (lease := next_sample(url, rater, now=T0)) is not None:
+        while (lease := write_tx(url, next_sample, rater, now=T0)) is not None:
             purposes[lease.sample_id] = lease.purpose
-            submit_review(url, rater, lease.sample_id, YES, now=T0)
+            write_tx(url, submit_review, rater, lease.sample_id, YES, now=T0)
     with session_scope(url) as session:
         counts = dict(session.execute(select(Review.sample_id, func.count()).group_by(Review.sample_id)).all())
         statuses = dict(session.execute(select(Sample.id, Sample.status)).all())
@@ -231,9 +232,9 @@ def test_gold_is_mixed_in_at_the_rate_and_never_counted(migrated_url: str) -> No
         rita, rob = (u.id for u in make_users(session, 2))
 
     leases = []
-    while (lease := next_sample(url, rita, now=T0)) is not None:
+    while (lease := write_tx(url, next_sample, rita, now=T0)) is not None:
         leases.append(lease)
-        submit_review(url, rita, lease.sample_id, Answer(False, 1, 1), now=T0)
+        write_tx(url, submit_review, rita, lease.sample_id, Answer(False, 1, 1), now=T0)
     # the k-th lease is gold exactly when the draw says so and an unseen gold sample is left
     expected, gold_left = [], len(gold)
     for k in range(len(leases)):
@@ -249,7 +250,7 @@ def test_gold_is_mixed_in_at_the_rate_and_never_counted(migrated_url: str) -> No
         assert {session.get(Sample, s).status for s in regular} == {SampleStatus.rejected}
     # a gold review never fills a pool slot, and with gold_rate 0 nobody gets gold
     _plain_project(url, gold_rate=0.0)
-    assert next_sample(url, rob, now=T0) is None
+    assert write_tx(url, next_sample, rob, now=T0) is None
 
 
 def test_a_long_blocked_front_is_paged_through(migrated_url: str) -> None:
@@ -272,7 +273,7 @@ def test_a_long_blocked_front_is_paged_through(migrated_url: str) -> None:
                 )
             )
         rita_id = rita.id
-    assert next_sample(url, rita_id, now=T0).sample_id == target
+    assert write_tx(url, next_sample, rita_id, now=T0).sample_id == target
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def _work_the_queue_at_once(url: str) -> None:
 
     def submit(user_id: int, sample_id: int, now: datetime, seconds: float) -> None:
         try:
-            submit_review(url, user_id, sample_id, YES, time_spent_s=seconds, now=now)
+            write_tx(url, submit_review, user_id, sample_id, YES, time_spent_s=seconds, now=now)
         except ReviewError as exc:  # only a late submit on a sample that got all its reviews may be refused
             with lock:
                 refused.append(str(exc))
@@ -319,7 +320,9 @@ def _work_the_queue_at_once(url: str) -> None:
     def work(user_id: int, now: datetime, rng: random.Random, abandon: bool) -> int | None:
         """Review until the queue is empty; with ``abandon``, walk away from one lease (kept until it expires)."""
         left_behind: int | None = None
-        while (lease := next_sample(url, user_id, exclude=[left_behind] if left_behind else [], now=now)) is not None:
+        while (
+            lease := write_tx(url, next_sample, user_id, exclude=[left_behind] if left_behind else [], now=now)
+        ) is not None:
             if abandon and left_behind is None and rng.random() < 0.5:
                 left_behind = lease.sample_id
                 with lock:
@@ -365,3 +368,13 @@ def _work_the_queue_at_once(url: str) -> None:
     assert per_sample == {s: wanted[s] for s in samples}  # and abandoned samples came back and got done
     assert all(status == SampleStatus.accepted for status in statuses.values())
     assert {s for _, s in abandoned} <= set(per_sample)
+
+
+@pytest.mark.parametrize(
+    ("service", "args"),
+    [(next_sample, (1,)), (release, (1, 1)), (expire_leases, ())],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_the_queue_refuses_a_session_that_is_not_a_write_transaction(sqlite_url: str, service, args) -> None:
+    with session_scope(sqlite_url) as session, pytest.raises(RuntimeError, match=f"{service.__name__} reads then"):
+        service(session, *args)

@@ -20,6 +20,7 @@ from mcie.annotate.reviews import (
     reviewer_progress,
     revise_review,
     sample_view,
+    skip_sample,
     submit_review,
     validate_answer,
 )
@@ -47,6 +48,7 @@ from tests.annotate.factories import (
     make_users,
     sha,
 )
+from tests.annotate.tx import read_tx, write_tx
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 WINDOW = SimpleNamespace(first_turn=2, last_turn=3)
@@ -108,27 +110,27 @@ def test_submit_then_revise_keeps_every_revision_and_resettles(migrated_url: str
     with session_scope(url) as session:
         sample = make_sample(session, n_turns=3, first_turn=2, last_turn=3).id
         ann, bob = (u.id for u in make_users(session, 2))
-    next_sample(url, ann, now=T0)
-    first = submit_review(url, ann, sample, Answer(True, 4, 4, comment="fine"), time_spent_s=40, now=T0)
+    write_tx(url, next_sample, ann, now=T0)
+    first = write_tx(url, submit_review, ann, sample, Answer(True, 4, 4, comment="fine"), time_spent_s=40, now=T0)
     assert (first.sample_id, first.revision, first.created_at) == (sample, 1, T0)
     with session_scope(url) as session:
         assert session.get(Sample, sample).status == SampleStatus.accepted  # settled in the same transaction
         assignment = session.scalar(select(Assignment).where(Assignment.sample_id == sample))
         assert assignment.state == AssignmentState.submitted and assignment.finished_at is not None
     with pytest.raises(ReviewError, match=r"already reviewed sample .*revise it instead"):
-        submit_review(url, ann, sample, Answer(True, 5, 5), time_spent_s=1)
+        write_tx(url, submit_review, ann, sample, Answer(True, 5, 5), time_spent_s=1)
 
     boxes = [{"turn_index": 2, "box": [0.2, 0.2, 0.6, 0.7]}]
     later = T0 + timedelta(minutes=5)
-    second = revise_review(url, ann, first.review_id, Answer(False, 4, 4, box_corrections=boxes), time_spent_s=10,
-                           now=later)
-    third = revise_review(url, ann, first.review_id, Answer(False, 2, 3), time_spent_s=5, now=later)
+    second = write_tx(url, revise_review, ann, first.review_id, Answer(False, 4, 4, box_corrections=boxes),
+                      time_spent_s=10, now=later)
+    third = write_tx(url, revise_review, ann, first.review_id, Answer(False, 2, 3), time_spent_s=5, now=later)
     assert (second.revision, third.revision) == (2, 3)
     assert second.review_id == third.review_id == first.review_id and third.created_at == T0
     with pytest.raises(PermissionError, match="only its author"):
-        revise_review(url, bob, first.review_id, Answer(True, 5, 5), time_spent_s=1)
+        write_tx(url, revise_review, bob, first.review_id, Answer(True, 5, 5), time_spent_s=1)
     with pytest.raises(ReviewError, match="no review with id"):
-        revise_review(url, ann, 999_999, Answer(True, 5, 5))
+        write_tx(url, revise_review, ann, 999_999, Answer(True, 5, 5))
 
     with session_scope(url) as session:
         revisions = session.execute(
@@ -157,10 +159,10 @@ def test_revising_never_overrides_a_lead_decision(migrated_url: str) -> None:
         sample = make_sample(session).id
         ann = make_user(session).id
         lead = make_user(session, role="lead").id
-    next_sample(url, ann, now=T0)
-    record = submit_review(url, ann, sample, Answer(False, 2, 2), now=T0)
-    adjudicate(url, sample, "accepted", lead, "the conflict is only apparent: different cars")
-    revise_review(url, ann, record.review_id, Answer(False, 1, 1))
+    write_tx(url, next_sample, ann, now=T0)
+    record = write_tx(url, submit_review, ann, sample, Answer(False, 2, 2), now=T0)
+    write_tx(url, adjudicate, sample, "accepted", lead, "the conflict is only apparent: different cars")
+    write_tx(url, revise_review, ann, record.review_id, Answer(False, 1, 1))
     with session_scope(url) as session:
         assert session.get(Sample, sample).status == SampleStatus.accepted
         assert session.scalar(select(func.count()).select_from(ReviewRevision)) == 2
@@ -173,19 +175,19 @@ def test_submit_needs_an_assignment_and_a_valid_answer(migrated_url: str) -> Non
         sample = make_sample(session).id
         ann, bob = (u.id for u in make_users(session, 2))
     with pytest.raises(ReviewError, match="not assigned to you"):
-        submit_review(url, ann, sample, Answer(True, 4, 4))
+        write_tx(url, submit_review, ann, sample, Answer(True, 4, 4))
     with pytest.raises(ReviewError, match="no sample with id"):
-        submit_review(url, ann, 999_999, Answer(True, 4, 4))
-    next_sample(url, ann, now=T0)
+        write_tx(url, submit_review, ann, 999_999, Answer(True, 4, 4))
+    write_tx(url, next_sample, ann, now=T0)
     with pytest.raises(ReviewError, match="quality"):
-        submit_review(url, ann, sample, Answer(True, 9, 4))
+        write_tx(url, submit_review, ann, sample, Answer(True, 9, 4))
     with pytest.raises(ReviewError, match="time_spent_s cannot be negative"):
-        submit_review(url, ann, sample, Answer(True, 4, 4), time_spent_s=-3)
+        write_tx(url, submit_review, ann, sample, Answer(True, 4, 4), time_spent_s=-3)
     with session_scope(url) as session:  # nothing was written by the refused submits
         assert session.scalar(select(func.count()).select_from(Review)) == 0
         assert session.scalar(select(Assignment.state).where(Assignment.user_id == ann)) == AssignmentState.leased
     with pytest.raises(ReviewError, match="not assigned to you"):
-        submit_review(url, bob, sample, Answer(True, 4, 4))
+        write_tx(url, submit_review, bob, sample, Answer(True, 4, 4))
 
 
 def test_a_late_submit_on_an_expired_lease_is_kept_unless_others_finished(migrated_url: str) -> None:
@@ -194,14 +196,15 @@ def test_a_late_submit_on_an_expired_lease_is_kept_unless_others_finished(migrat
     with session_scope(url) as session:
         first, second = (s.id for s in make_samples(session, 2))
         ann, bob = (u.id for u in make_users(session, 2))
-    assert next_sample(url, ann, now=T0).sample_id == first
-    assert next_sample(url, bob, now=T0 + timedelta(minutes=25)).sample_id == first  # ann's lease ran out
-    record = submit_review(url, ann, first, Answer(True, 5, 4), now=T0 + timedelta(minutes=26))  # nothing lost
+    assert write_tx(url, next_sample, ann, now=T0).sample_id == first
+    assert write_tx(url, next_sample, bob, now=T0 + timedelta(minutes=25)).sample_id == first  # ann's lease ran out
+    # nothing lost
+    record = write_tx(url, submit_review, ann, first, Answer(True, 5, 4), now=T0 + timedelta(minutes=26))
     assert record.revision == 1
     with pytest.raises(ReviewError, match="already has all its reviews from others"):
-        submit_review(url, bob, first, Answer(True, 4, 4), now=T0 + timedelta(minutes=27))
+        write_tx(url, submit_review, bob, first, Answer(True, 4, 4), now=T0 + timedelta(minutes=27))
     # bob's lease on the finished sample is dropped: he is given the next one
-    assert next_sample(url, bob, now=T0 + timedelta(minutes=28)).sample_id == second
+    assert write_tx(url, next_sample, bob, now=T0 + timedelta(minutes=28)).sample_id == second
     with session_scope(url) as session:
         assert session.scalar(select(func.count()).where(Review.sample_id == first)) == 1
         state = session.scalar(select(Assignment.state).where(Assignment.user_id == bob, Assignment.sample_id == first))
@@ -214,11 +217,11 @@ def test_a_late_submit_puts_a_returned_sample_back_in_review(migrated_url: str) 
     with session_scope(url) as session:
         sample = make_sample(session).id
         ann = make_user(session).id
-    next_sample(url, ann, now=T0)
-    assert expire_leases(url, now=T0 + timedelta(hours=1)) == 1
+    write_tx(url, next_sample, ann, now=T0)
+    assert write_tx(url, expire_leases, now=T0 + timedelta(hours=1)) == 1
     with session_scope(url) as session:
         assert session.get(Sample, sample).status == SampleStatus.ready
-    submit_review(url, ann, sample, Answer(True, 4, 4), now=T0 + timedelta(hours=1))
+    write_tx(url, submit_review, ann, sample, Answer(True, 4, 4), now=T0 + timedelta(hours=1))
     with session_scope(url) as session:
         assert session.get(Sample, sample).status == SampleStatus.in_review  # 1 of 3 reviews: no longer "ready"
 
@@ -231,13 +234,13 @@ def test_gold_reviews_are_stored_but_settle_nothing(migrated_url: str) -> None:
         make_gold(session, sample)
         sample_id = sample.id
         rita = make_user(session).id
-    assert next_sample(url, rita, now=T0) is None  # gold is never served alone: the pool is empty
+    assert write_tx(url, next_sample, rita, now=T0) is None  # gold is never served alone: the pool is empty
     with session_scope(url) as session:
         make_samples(session, 10)
-    while (lease := next_sample(url, rita, now=T0)) is not None and lease.purpose != "gold":
-        submit_review(url, rita, lease.sample_id, Answer(True, 4, 4), now=T0)
+    while (lease := write_tx(url, next_sample, rita, now=T0)) is not None and lease.purpose != "gold":
+        write_tx(url, submit_review, rita, lease.sample_id, Answer(True, 4, 4), now=T0)
     assert lease is not None and lease.sample_id == sample_id
-    submit_review(url, rita, sample_id, Answer(False, 2, 2), now=T0)
+    write_tx(url, submit_review, rita, sample_id, Answer(False, 2, 2), now=T0)
     with session_scope(url) as session:
         assert session.get(Sample, sample_id).status == SampleStatus.ready
         assert session.scalar(select(func.count()).where(Decision.sample_id == sample_id)) == 0
@@ -249,12 +252,12 @@ def test_flagging_records_the_reason_and_the_review_goes_on(migrated_url: str) -
     with session_scope(url) as session:
         sample = make_sample(session).id
         ann = make_user(session).id
-    next_sample(url, ann, now=T0)
+    write_tx(url, next_sample, ann, now=T0)
     with pytest.raises(ReviewError, match="reason is required to flag"):
-        flag_sample(url, ann, sample, "")
-    flag_id = flag_sample(url, ann, sample, "offensive content in the target")
-    flag_sample(url, ann, sample, "watermark")
-    submit_review(url, ann, sample, Answer(True, 4, 4), now=T0)
+        write_tx(url, flag_sample, ann, sample, "")
+    flag_id = write_tx(url, flag_sample, ann, sample, "offensive content in the target")
+    write_tx(url, flag_sample, ann, sample, "watermark")
+    write_tx(url, submit_review, ann, sample, Answer(True, 4, 4), now=T0)
     with session_scope(url) as session:
         flag = session.get(SampleFlag, flag_id)
         row = session.get(Sample, sample)
@@ -274,27 +277,27 @@ def test_progress_and_history(migrated_url: str) -> None:
         samples = [s.id for s in make_samples(session, 5)]
         ann, bob = (u.id for u in make_users(session, 2))
     yesterday, today = T0 - timedelta(days=1), T0 + timedelta(hours=3)
-    assert reviewer_progress(url, ann, now=today) == Progress(done_today=0, done_total=0, queue_left=5)
+    assert read_tx(url, reviewer_progress, ann, now=today) == Progress(done_today=0, done_total=0, queue_left=5)
     records = []
     for when in (yesterday, yesterday, today):
-        lease = next_sample(url, ann, now=when)
-        records.append(submit_review(url, ann, lease.sample_id, Answer(True, 3, 4), now=when))
-    lease = next_sample(url, bob, now=today)  # bob leases the first sample, which wants one more review
+        lease = write_tx(url, next_sample, ann, now=when)
+        records.append(write_tx(url, submit_review, ann, lease.sample_id, Answer(True, 3, 4), now=when))
+    lease = write_tx(url, next_sample, bob, now=today)  # bob leases the first sample, which wants one more review
     assert lease.sample_id == samples[0]
-    progress = reviewer_progress(url, ann, now=today)
+    progress = read_tx(url, reviewer_progress, ann, now=today)
     assert (progress.done_today, progress.done_total, progress.queue_left) == (1, 3, 2)
-    assert reviewer_progress(url, bob, now=today).queue_left == 4  # his own lease is not "left"
+    assert read_tx(url, reviewer_progress, bob, now=today).queue_left == 4  # his own lease is not "left"
 
-    revise_review(url, ann, records[0].review_id, Answer(False, 2, 2), now=today + timedelta(minutes=1))
-    history = reviewer_history(url, ann)
+    write_tx(url, revise_review, ann, records[0].review_id, Answer(False, 2, 2), now=today + timedelta(minutes=1))
+    history = read_tx(url, reviewer_history, ann)
     assert [h.review_id for h in history] == [records[0].review_id, records[2].review_id, records[1].review_id]
     assert (history[0].revision, history[0].consistent, history[0].quality) == (2, False, 2)
     assert history[0].instruction == "edit number 1, then edit number 2"
     assert history[0].updated_at == today + timedelta(minutes=1)
-    assert [h.review_id for h in reviewer_history(url, ann, limit=1, offset=1)] == [records[2].review_id]
-    assert reviewer_history(url, bob) == []
+    assert [h.review_id for h in read_tx(url, reviewer_history, ann, limit=1, offset=1)] == [records[2].review_id]
+    assert read_tx(url, reviewer_history, bob) == []
     with pytest.raises(ReviewError, match="limit"):
-        reviewer_history(url, ann, limit=0)
+        read_tx(url, reviewer_history, ann, limit=0)
 
 
 def test_sample_view_shows_the_window_in_two_queries(migrated_url: str) -> None:
@@ -322,7 +325,7 @@ def test_sample_view_shows_the_window_in_two_queries(migrated_url: str) -> None:
     engine = engine_for(url)
     event.listen(engine, "before_cursor_execute", count)
     try:
-        view = sample_view(url, ids[0])
+        view = read_tx(url, sample_view, ids[0])
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert len(statements) <= 2
@@ -339,10 +342,25 @@ def test_sample_view_shows_the_window_in_two_queries(migrated_url: str) -> None:
     assert view.flagged and view.flag_reason == "no box was found for turn(s) 3"
     assert view.n_reviews == 0 and view.status == "ready"
 
-    first = sample_view(url, ids[1])
+    first = read_tx(url, sample_view, ids[1])
     assert first.steps == [("source", source), ("after turn 1", turns[1]), ("target", turns[2])]
     assert first.sub_instructions[0].box == (0.1, 0.2, 0.5, 0.6) and first.sub_instructions[0].box_source == "mllm"
     assert (first.mllm_verdict, first.mllm_conflict, first.flagged) == (None, None, False)
     assert source == sha("demo/car-7/0")
     with pytest.raises(ReviewError, match="no sample with id"):
-        sample_view(url, 999_999)
+        read_tx(url, sample_view, 999_999)
+
+
+@pytest.mark.parametrize(
+    ("service", "args"),
+    [
+        (submit_review, (1, 1, Answer(True, 4, 4))),
+        (revise_review, (1, 1, Answer(True, 4, 4))),
+        (skip_sample, (1, 1, "broken")),
+        (flag_sample, (1, 1, "broken")),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_the_writers_refuse_a_session_that_is_not_a_write_transaction(sqlite_url: str, service, args) -> None:
+    with session_scope(sqlite_url) as session, pytest.raises(RuntimeError, match=f"{service.__name__} reads then"):
+        service(session, *args)

@@ -23,6 +23,7 @@ from mcie.db.models import Assignment, AssignmentState, Role
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user
+from tests.annotate.tx import read_tx, write_tx
 from tests.annotate.web_fixtures import PASSWORD, log_in, named_widgets, open_client, site_settings, user_id
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")  # from gradio's own queue code
@@ -164,7 +165,7 @@ def test_logout_releases_the_users_leases_and_ends_the_session(world: World, cli
     from mcie.annotate.queue import next_sample
 
     uid = user_id(world.url, "rater2")
-    lease = next_sample(world.url, uid)
+    lease = write_tx(world.url, next_sample, uid)
     assert lease is not None
     log_in(client, "rater2")
     assert client.get(f"/img/{world.image}").status_code == 200
@@ -515,7 +516,7 @@ def test_mllm_verdict_is_hidden_until_submit_unless_the_project_says_so(world: W
     from mcie.annotate.reviews import sample_view
     from mcie.annotate.web.sample_html import render_sample
 
-    view = sample_view(world.url, world.sample_id)
+    view = read_tx(world.url, sample_view, world.sample_id)
     hidden = render_sample(view, show_mllm=False)
     assert "no_conflict" not in hidden and "shown after you submit" in hidden
     shown = render_sample(view, show_mllm=True)
@@ -535,7 +536,7 @@ def test_each_sub_instruction_box_has_the_colour_of_its_legend_entry(world: Worl
     from mcie.annotate.reviews import sample_view
     from mcie.annotate.web.sample_html import PALETTE, render_sample
 
-    view = sample_view(world.url, world.sample_id)
+    view = read_tx(world.url, sample_view, world.sample_id)
     page = render_sample(view, show_mllm=False)
     for k, sub in enumerate(view.sub_instructions):
         assert f'data-turn="{sub.turn_index}" data-color="{PALETTE[k]}"' in page
