@@ -4,7 +4,9 @@ those frames, and the JSON-ready agreement figures that ``mcie agreement --json`
 Loaders (one query each): :func:`reviews_frame` (one row per review, the rater's username in ``rater``, times in UTC,
 ``is_gold`` / ``is_calibration`` flags), :func:`samples_frame` and :func:`grounding_frames` (reviewers' box
 corrections and the pipeline's candidate boxes, for :func:`grounding_vs_corrections`); :func:`status_counts` and
-:func:`remaining_reviews` are single aggregate queries. Everything else is pure and takes a reviews frame.
+:func:`remaining_reviews` are single aggregate queries. They, :func:`agreement_figures`, :func:`reliability_figures`
+and :func:`review_budget` take the caller's ``Session`` (any read transaction; ``with session_scope(url) as
+session:``) and never commit. Everything else is pure and takes a reviews frame.
 
 Conventions: days are UTC days; gold reviews count as work done (per-reviewer and throughput figures) but not
 toward the remaining work or the finish forecast, and they are left out of inter-rater agreement (gold samples are
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from mcie.annotate.aggregation import majority
 from mcie.annotate.agreement import (
@@ -60,7 +63,7 @@ from mcie.db.models import (
     SampleStatus,
     User,
 )
-from mcie.db.session import session_scope
+from mcie.db.session import require_write
 
 REVIEW_COLUMNS: tuple[str, ...] = (
     "sample_id", "rater", "consistent", "quality", "complexity", "time_spent_s", "server_s", "created_at", "is_gold",
@@ -93,33 +96,32 @@ def calibration_mask(sample_ids: pd.Series | np.ndarray, share: float) -> np.nda
     return hashed < np.uint64(calibration_threshold(share))
 
 
-def reviews_frame(url: str) -> pd.DataFrame:
+def reviews_frame(session: Session) -> pd.DataFrame:
     """One row per review: ``sample_id, rater (username), consistent, quality, complexity, time_spent_s (the
     client's figure), server_s (:func:`server_seconds`), created_at (UTC), is_gold, is_calibration``."""
-    with session_scope(url) as session:
-        share = get_project_config(session).calibration_share
-        rows = session.execute(
-            select(
-                Review.sample_id,
-                User.username,
-                Review.consistent,
-                Review.quality,
-                Review.complexity,
-                Review.time_spent_s,
-                Review.created_at,
-                is_gold_clause(Review.sample_id),
-                Assignment.leased_at,
-                Assignment.finished_at,
-            )
-            .join(User, User.id == Review.user_id)
-            .outerjoin(  # one assignment per user and sample (queue.lease); reviews imported without one get NaN
-                Assignment,
-                (Assignment.sample_id == Review.sample_id)
-                & (Assignment.user_id == Review.user_id)
-                & (Assignment.state == AssignmentState.submitted),
-            )
-            .order_by(Review.id)
-        ).all()
+    share = get_project_config(session).calibration_share
+    rows = session.execute(
+        select(
+            Review.sample_id,
+            User.username,
+            Review.consistent,
+            Review.quality,
+            Review.complexity,
+            Review.time_spent_s,
+            Review.created_at,
+            is_gold_clause(Review.sample_id),
+            Assignment.leased_at,
+            Assignment.finished_at,
+        )
+        .join(User, User.id == Review.user_id)
+        .outerjoin(  # one assignment per user and sample (queue.lease); reviews imported without one get NaN
+            Assignment,
+            (Assignment.sample_id == Review.sample_id)
+            & (Assignment.user_id == Review.user_id)
+            & (Assignment.state == AssignmentState.submitted),
+        )
+        .order_by(Review.id)
+    ).all()
     columns = [c for c in REVIEW_COLUMNS[:-1] if c != "server_s"] + ["leased_at", "submitted_at"]
     frame = pd.DataFrame([tuple(r) for r in rows], columns=columns)
     server = server_seconds(frame["rater"], frame["leased_at"], frame["submitted_at"])
@@ -134,7 +136,7 @@ def reviews_frame(url: str) -> pd.DataFrame:
     return frame
 
 
-def _latest_verdicts(session: Any, decisive_only: bool) -> dict[int, str | None]:
+def _latest_verdicts(session: Session, decisive_only: bool) -> dict[int, str | None]:
     query = select(MllmJudgement.sample_id, MllmJudgement.verdict).where(
         MllmJudgement.stage == MllmStage.conflict, MllmJudgement.sample_id.is_not(None)
     )
@@ -146,28 +148,27 @@ def _latest_verdicts(session: Any, decisive_only: bool) -> dict[int, str | None]
     return out
 
 
-def samples_frame(url: str) -> pd.DataFrame:
+def samples_frame(session: Session) -> pd.DataFrame:
     """One row per sample: ``sample_id, instance_id, first_turn, last_turn, status, priority, flagged, is_gold,
     is_calibration, n_reviews, mllm_verdict`` (newest conflict verdict), ``created_at, updated_at`` (UTC)."""
     n_reviews = select(func.count()).where(Review.sample_id == Sample.id).scalar_subquery()
-    with session_scope(url) as session:
-        share = get_project_config(session).calibration_share
-        rows = session.execute(
-            select(
-                Sample.id,
-                Sample.instance_id,
-                Sample.first_turn,
-                Sample.last_turn,
-                Sample.status,
-                Sample.priority,
-                Sample.flagged,
-                is_gold_clause(Sample.id),
-                n_reviews,
-                Sample.created_at,
-                Sample.updated_at,
-            ).order_by(Sample.id)
-        ).all()
-        verdicts = _latest_verdicts(session, decisive_only=False)
+    share = get_project_config(session).calibration_share
+    rows = session.execute(
+        select(
+            Sample.id,
+            Sample.instance_id,
+            Sample.first_turn,
+            Sample.last_turn,
+            Sample.status,
+            Sample.priority,
+            Sample.flagged,
+            is_gold_clause(Sample.id),
+            n_reviews,
+            Sample.created_at,
+            Sample.updated_at,
+        ).order_by(Sample.id)
+    ).all()
+    verdicts = _latest_verdicts(session, decisive_only=False)
     frame = pd.DataFrame(
         [(*r[:4], SampleStatus(r[4]).value, *r[5:9], r[9], r[10]) for r in rows],
         columns=["sample_id", "instance_id", "first_turn", "last_turn", "status", "priority", "flagged", "is_gold",
@@ -181,34 +182,32 @@ def samples_frame(url: str) -> pd.DataFrame:
     return frame[list(SAMPLE_COLUMNS)]
 
 
-def status_counts(url: str) -> dict[str, int]:
+def status_counts(session: Session) -> dict[str, int]:
     """Number of samples in each status (every status listed, zeros included)."""
-    with session_scope(url) as session:
-        rows = session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all()
+    rows = session.execute(select(Sample.status, func.count()).group_by(Sample.status)).all()
     counts = {status.value: 0 for status in SampleStatus}
     for status, n in rows:
         counts[SampleStatus(status).value] = int(n)
     return counts
 
 
-def remaining_reviews(url: str) -> int:
+def remaining_reviews(session: Session) -> int:
     """Reviews still wanted by the pool (open, non-gold samples): sum of wanted - submitted, never negative."""
-    with session_scope(url) as session:
-        config = get_project_config(session)
-        submitted = (
-            select(func.count())
-            .select_from(Assignment)
-            .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
-            .scalar_subquery()
+    config = get_project_config(session)
+    submitted = (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
+        .scalar_subquery()
+    )
+    wanted = wanted_clause(Sample.id, config, Sample.reviews_target)
+    missing = case((wanted > submitted, wanted - submitted), else_=0)
+    total = session.scalar(
+        select(func.coalesce(func.sum(missing), 0)).where(
+            Sample.status.in_(OPEN_STATUSES), ~is_gold_clause(Sample.id)
         )
-        wanted = wanted_clause(Sample.id, config, Sample.reviews_target)
-        missing = case((wanted > submitted, wanted - submitted), else_=0)
-        total = session.scalar(
-            select(func.coalesce(func.sum(missing), 0)).where(
-                Sample.status.in_(OPEN_STATUSES), ~is_gold_clause(Sample.id)
-            )
-        )
-        return int(total or 0)
+    )
+    return int(total or 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,7 +430,7 @@ def _mllm_vs_human(work: pd.DataFrame, verdicts: dict[int, str | None]) -> dict[
     }
 
 
-def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared: int = 10) -> dict[str, Any]:
+def agreement_figures(session: Session, n_boot: int = 1000, seed: int = 0, *, min_shared: int = 10) -> dict[str, Any]:
     """Every agreement figure of the dashboard as one JSON-ready object (what ``mcie agreement --json`` prints).
 
     Keys: ``n_reviews``, ``n_reviewers``, ``n_gold_reviews``; ``calibration`` and ``overlapping``:
@@ -443,18 +442,17 @@ def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared
     ``mllm_vs_human``: the MLLM conflict verdict (newest decisive one) against the reviewers' majority consistency,
     as a confusion table with agreement and Cohen's kappa; ``reliability``: :func:`reliability_figures`.
     """
-    reviews = reviews_frame(url)
-    with session_scope(url) as session:
-        gold_rows = session.execute(
-            select(
-                GoldAnswer.sample_id,
-                GoldAnswer.consistent,
-                GoldAnswer.quality,
-                GoldAnswer.complexity,
-                GoldAnswer.tolerance,
-            )
-        ).all()
-        verdicts = _latest_verdicts(session, decisive_only=True)
+    reviews = reviews_frame(session)
+    gold_rows = session.execute(
+        select(
+            GoldAnswer.sample_id,
+            GoldAnswer.consistent,
+            GoldAnswer.quality,
+            GoldAnswer.complexity,
+            GoldAnswer.tolerance,
+        )
+    ).all()
+    verdicts = _latest_verdicts(session, decisive_only=True)
     gold = pd.DataFrame(
         [tuple(r) for r in gold_rows], columns=["sample_id", "consistent", "quality", "complexity", "tolerance"]
     )
@@ -476,28 +474,29 @@ def agreement_figures(url: str, n_boot: int = 1000, seed: int = 0, *, min_shared
             for name, column in (("quality", "quality"), ("complexity", "complexity"))
         },
         "mllm_vs_human": _mllm_vs_human(work, verdicts),
-        "reliability": reliability_figures(url),
+        "reliability": reliability_figures(session),
     }
     return plain(figures)
 
 
-def reliability_figures(url: str, *, refit: bool = False) -> dict[str, Any]:
+def reliability_figures(session: Session, *, refit: bool = False) -> dict[str, Any]:
     """Each rater's reliability (:mod:`annotate.reliability`): skill with a 95% interval per question and overall,
     rank, bias, and careless/biased flags with their evidence; raters by username.
 
-    The newest stored fit when it has seen every review, else a fresh fit (stored only with ``refit``). Keys:
+    The newest stored fit when it has seen every review, else a fresh fit (stored only with ``refit``, which reads
+    then writes: ``session`` must then come from ``session_scope(url, write=True)``). Keys:
     ``fit_id`` (None for an unstored fit), ``n_reviews``, ``n_samples``, ``n_informative`` (gold or 2+ reviews),
     ``mllm_prior`` (the calibrated MLLM: intercept, slope, n; or None), ``priors`` per question and ``raters``."""
     from mcie.annotate import reliability_service as rs
 
-    with session_scope(url, write=refit) as session:
-        if refit:
-            fit_id, fit = rs.refit(session)
-        elif rs.reviews_since_fit(session) == 0:
-            fit_id, fit = rs.latest_fit(session)
-        else:
-            fit_id, fit = None, rs.compute_fit(session)
-        names = rs.usernames(session, [r["rater"] for r in fit.reports])
+    if refit:
+        require_write(session, "refitting rater reliability")
+        fit_id, fit = rs.refit(session)
+    elif rs.reviews_since_fit(session) == 0:
+        fit_id, fit = rs.latest_fit(session)
+    else:
+        fit_id, fit = None, rs.compute_fit(session)
+    names = rs.usernames(session, [r["rater"] for r in fit.reports])
     raters = [r | {"user_id": r["rater"], "rater": names.get(str(r["rater"]), str(r["rater"]))} for r in fit.reports]
     return plain({
         "fit_id": fit_id,
@@ -511,7 +510,7 @@ def reliability_figures(url: str, *, refit: bool = False) -> dict[str, Any]:
     })
 
 
-def review_budget(url: str) -> dict[str, Any]:
+def review_budget(session: Session) -> dict[str, Any]:
     """The "Review budget" figures: reviews spent per sample by policy, the share of decided samples decided after
     1/2/3+ reviews, the expected number of wrong decisions from the posteriors of the newest rule decisions, and
     each rater's overall skill over the stored reliability fits.
@@ -521,18 +520,17 @@ def review_budget(url: str) -> dict[str, Any]:
     from mcie.annotate import reliability_service as rs
     from mcie.db.models import Decision, DecisionSource
 
-    with session_scope(url) as session:
-        work = select(Review.sample_id, func.count()).where(~is_gold_clause(Review.sample_id))
-        per_sample = dict(session.execute(work.group_by(Review.sample_id)).all())
-        n_gold = int(session.scalar(select(func.count()).select_from(Review).where(is_gold_clause(Review.sample_id)))
-                     or 0)
-        newest: dict[int, tuple[str, dict[str, Any] | None, str]] = {}
-        for sample_id, source, rule, outcome in session.execute(
-            select(Decision.sample_id, Decision.source, Decision.rule, Decision.outcome).order_by(Decision.id)
-        ):
-            newest[int(sample_id)] = (DecisionSource(source).value, rule, str(getattr(outcome, "value", outcome)))
-        history = rs.fit_history(session)
-        names = rs.usernames(session, {h["rater"] for h in history})
+    work = select(Review.sample_id, func.count()).where(~is_gold_clause(Review.sample_id))
+    per_sample = dict(session.execute(work.group_by(Review.sample_id)).all())
+    n_gold = int(session.scalar(select(func.count()).select_from(Review).where(is_gold_clause(Review.sample_id)))
+                 or 0)
+    newest: dict[int, tuple[str, dict[str, Any] | None, str]] = {}
+    for sample_id, source, rule, outcome in session.execute(
+        select(Decision.sample_id, Decision.source, Decision.rule, Decision.outcome).order_by(Decision.id)
+    ):
+        newest[int(sample_id)] = (DecisionSource(source).value, rule, str(getattr(outcome, "value", outcome)))
+    history = rs.fit_history(session)
+    names = rs.usernames(session, {h["rater"] for h in history})
     by_policy: dict[str, list[int]] = {}
     posteriors, accepted = [], []
     for sample_id, (source, rule, outcome) in newest.items():
@@ -582,7 +580,7 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def grounding_frames(session: Session) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(corrections, candidates): every reviewer's box correction with its turn's operation, and every candidate box.
 
     corrections: ``instance_id, turn_index, operation, review_id, x0, y0, x1, y1`` (one row per corrected turn per
@@ -591,37 +589,36 @@ def grounding_frames(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     from mcie.db.models import BoxCandidate, SubInstruction, Turn
 
     corrections: list[dict[str, Any]] = []
-    with session_scope(url) as session:
-        operations = {
-            (sample_id, turn): str(op)
-            for sample_id, turn, op in session.execute(
-                select(SubInstruction.sample_id, SubInstruction.turn_index, SubInstruction.operation)
-                .join(Review, Review.sample_id == SubInstruction.sample_id)
-                .where(Review.box_corrections.is_not(None))
-            )
-        }
-        for review_id, sample_id, instance_id, boxes in session.execute(
-            select(Review.id, Review.sample_id, Sample.instance_id, Review.box_corrections)
-            .join(Sample, Sample.id == Review.sample_id)
+    operations = {
+        (sample_id, turn): str(op)
+        for sample_id, turn, op in session.execute(
+            select(SubInstruction.sample_id, SubInstruction.turn_index, SubInstruction.operation)
+            .join(Review, Review.sample_id == SubInstruction.sample_id)
             .where(Review.box_corrections.is_not(None))
-        ):
-            for item in boxes or []:
-                x0, y0, x1, y1 = item["box"]
-                turn = int(item["turn_index"])
-                corrections.append({"instance_id": instance_id, "turn_index": turn,
-                                    "operation": operations.get((sample_id, turn)), "review_id": review_id,
-                                    "x0": x0, "y0": y0, "x1": x1, "y1": y1})
-        instance_ids = sorted({c["instance_id"] for c in corrections})
-        candidates = [
-            {"instance_id": instance_id, "turn_index": index, "source": str(c.source), "rank": c.rank,
-             "chosen": bool(c.chosen), "x0": c.box_x0, "y0": c.box_y0, "x1": c.box_x1, "y1": c.box_y1}
-            for start in range(0, len(instance_ids), 5000)
-            for instance_id, index, c in session.execute(
-                select(Turn.instance_id, Turn.index, BoxCandidate)
-                .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
-                .where(Turn.instance_id.in_(instance_ids[start : start + 5000]))
-            )
-        ]
+        )
+    }
+    for review_id, sample_id, instance_id, boxes in session.execute(
+        select(Review.id, Review.sample_id, Sample.instance_id, Review.box_corrections)
+        .join(Sample, Sample.id == Review.sample_id)
+        .where(Review.box_corrections.is_not(None))
+    ):
+        for item in boxes or []:
+            x0, y0, x1, y1 = item["box"]
+            turn = int(item["turn_index"])
+            corrections.append({"instance_id": instance_id, "turn_index": turn,
+                                "operation": operations.get((sample_id, turn)), "review_id": review_id,
+                                "x0": x0, "y0": y0, "x1": x1, "y1": y1})
+    instance_ids = sorted({c["instance_id"] for c in corrections})
+    candidates = [
+        {"instance_id": instance_id, "turn_index": index, "source": str(c.source), "rank": c.rank,
+         "chosen": bool(c.chosen), "x0": c.box_x0, "y0": c.box_y0, "x1": c.box_x1, "y1": c.box_y1}
+        for start in range(0, len(instance_ids), 5000)
+        for instance_id, index, c in session.execute(
+            select(Turn.instance_id, Turn.index, BoxCandidate)
+            .join(BoxCandidate, BoxCandidate.turn_id == Turn.id)
+            .where(Turn.instance_id.in_(instance_ids[start : start + 5000]))
+        )
+    ]
     columns = ["instance_id", "turn_index", "operation", "review_id", "x0", "y0", "x1", "y1"]
     cand_columns = ["instance_id", "turn_index", "source", "rank", "chosen", "x0", "y0", "x1", "y1"]
     return pd.DataFrame(corrections, columns=columns), pd.DataFrame(candidates, columns=cand_columns)

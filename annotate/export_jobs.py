@@ -1,6 +1,10 @@
 """Dataset exports started from the dashboard: the request's checks (format, settings, a folder name that cannot
 leave ``<data_dir>/exports``), the ``export`` jobs that a worker runs (:mod:`annotate.jobs`), and the list of recorded
 exports. The dashboard (:mod:`annotate.web.ui_dashboard`) only renders what this module returns.
+
+The functions take the caller's ``Session`` and never commit (the dashboard's callbacks open the transaction);
+:meth:`ExportJobs.start` reads the active export jobs then queues one, so it wants ``session_scope(url,
+write=True)``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Any, Protocol
 
 import pandas as pd
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from mcie.annotate import jobs
 from mcie.config import Settings
 from mcie.db.models import Export, SampleStatus, User
-from mcie.db.session import session_scope
+from mcie.db.session import require_write, session_scope
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +85,17 @@ def export_filter(
     return flt
 
 
-def exports_frame(url: str, limit: int = EXPORT_LIST_LIMIT) -> pd.DataFrame:
+def exports_frame(session: Session, limit: int = EXPORT_LIST_LIMIT) -> pd.DataFrame:
     """The newest recorded exports (whoever started them: dashboard or ``mcie export``), newest first."""
     columns = ["id", "format", "status", "samples", "path", "manifest_sha256", "started_by", "created_at",
                "finished_at", "error"]
-    with session_scope(url) as session:
-        rows = session.execute(
-            select(Export.id, Export.format, Export.status, Export.n_samples, Export.path, Export.manifest_sha256,
-                   User.username, Export.created_at, Export.finished_at, Export.error)
-            .outerjoin(User, User.id == Export.created_by)
-            .order_by(Export.id.desc())
-            .limit(limit)
-        ).all()
+    rows = session.execute(
+        select(Export.id, Export.format, Export.status, Export.n_samples, Export.path, Export.manifest_sha256,
+               User.username, Export.created_at, Export.finished_at, Export.error)
+        .outerjoin(User, User.id == Export.created_by)
+        .order_by(Export.id.desc())
+        .limit(limit)
+    ).all()
     frame = pd.DataFrame([list(r) for r in rows], columns=columns)
     if not frame.empty:
         frame["status"] = frame["status"].map(str)
@@ -131,14 +135,22 @@ class ExportJobs:
         self.jobs: list[ExportJob] = []  # started from this dashboard object (newest last)
         self._lock = threading.Lock()
 
-    def running(self) -> list[jobs.JobView]:
+    def running(self, session: Session) -> list[jobs.JobView]:
         """Export jobs queued or running now (any replica's)."""
-        return [j for j in jobs.list_jobs(self.url, kind="export", limit=200) if j.status in ("queued", "running")]
+        return [j for j in jobs.list_jobs(session, kind="export", limit=200) if j.status in ("queued", "running")]
 
     def start(
-        self, lead: Requester, fmt: str | None, name: str | None, val_fraction: float | None, flt: dict[str, Any]
+        self,
+        session: Session,
+        lead: Requester,
+        fmt: str | None,
+        name: str | None,
+        val_fraction: float | None,
+        flt: dict[str, Any],
     ) -> ExportJob:
-        """Check the request and queue the export; raises ExportRequestError when it cannot be started."""
+        """Check the request and queue the export; raises ExportRequestError when it cannot be started. Reads the
+        active exports then queues one: ``session`` must come from ``session_scope(url, write=True)`` (the job
+        exists, and a worker starts on it, once the caller commits)."""
         from pydantic import ValidationError
 
         from mcie.exports.api import ExportOptions
@@ -146,6 +158,7 @@ class ExportJobs:
 
         if not lead.is_lead:  # the handlers check first; this keeps the runner safe on its own
             raise PermissionError("only leads and admins may export the dataset")
+        require_write(session, "starting an export")
         if fmt not in EXPORT_FORMATS:
             raise ExportRequestError(f"choose a format: {', '.join(EXPORT_FORMATS)}")
         fraction = 0.05 if val_fraction is None else float(val_fraction)
@@ -158,24 +171,29 @@ class ExportJobs:
         name = (name or "").strip() or f"export-{time.strftime('%Y%m%d-%H%M%S')}-{fmt}"
         with self._lock:
             destination = export_destination(self.root, name)
-            active = self.running()
+            active = self.running(session)
             if len(active) >= MAX_RUNNING_EXPORTS:
                 raise ExportRequestError(f"{len(active)} exports are queued or running; start another when one has "
                                          "finished")
             if any(j.payload.get("out") == str(destination) for j in active):
                 raise ExportRequestError(f"an export into {destination} is already queued or running")
             payload = {"format": fmt, "out": str(destination), "filter": flt, "val_fraction": fraction}
-            queued = jobs.submit(self.url, "export", payload, requested_by=lead.id, max_attempts=self.max_attempts)
+            queued = jobs.submit(session, "export", payload, requested_by=lead.id, max_attempts=self.max_attempts)
             job = ExportJob(name, destination, fmt, lead.username, queued.id)
             self.jobs = [*self.jobs[-(EXPORT_LIST_LIMIT - 1) :], job]
         log.info("export %r (%s) queued by %s into %s as job %d", name, fmt, lead.username, destination, queued.id)
         return job
 
+    def _active_ids(self) -> set[int]:
+        with session_scope(self.url) as session:
+            return {j.id for j in self.running(session)}
+
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until this dashboard's export jobs have ended (tests, shutdown); True when none is left active."""
+        """Wait until this dashboard's export jobs have ended (tests, shutdown); True when none is left active. Polls:
+        it runs its own transactions, one per look."""
         deadline = None if timeout is None else time.monotonic() + timeout
         ids = {job.job_id for job in self.jobs}
-        while any(j.id in ids for j in self.running()):
+        while ids & self._active_ids():
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.1)

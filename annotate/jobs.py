@@ -12,6 +12,11 @@ different rows without waiting on each other; on SQLite the write transaction st
 state change checks the ``worker_id`` it expects, so a worker that lost its lease (it stalled past it and another
 worker took the job) can no longer finish or fail the job.
 
+Every function takes the caller's ``Session`` and never commits: the worker (:mod:`annotate.worker`) opens one
+transaction per step - a claim, a lease renewal, a finish - and the CLI one per command. The read-then-write ones
+(:func:`claim`, :func:`fail`, :func:`retry`, :func:`cancel`) want a write transaction
+(``session_scope(url, write=True)``); the others are single statements or reads and take any session.
+
 Leads and admins manage jobs with ``mcie jobs list|show|retry|cancel`` and on the dashboard's Export tab.
 """
 
@@ -26,7 +31,7 @@ from sqlalchemy import event, or_, select, update
 from sqlalchemy.orm import Session
 
 from mcie.db.models import AuditLog, Job, QueueStatus, utcnow
-from mcie.db.session import session_scope
+from mcie.db.session import require_write
 
 KINDS = ("export", "preview")
 ACTIVE = (QueueStatus.queued, QueueStatus.running)
@@ -121,57 +126,67 @@ def enqueue(
     return job
 
 
-def submit(url: str, kind: str, payload: dict[str, Any], **kwargs: Any) -> JobView:
-    with session_scope(url) as session:
-        return view(enqueue(session, kind, payload, **kwargs))
+def submit(session: Session, kind: str, payload: dict[str, Any], **kwargs: Any) -> JobView:
+    """:func:`enqueue`, returned as a :class:`JobView` (the job is queued when the caller commits)."""
+    return view(enqueue(session, kind, payload, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # workers
 
 
-def claim(url: str, worker_id: str, kinds: tuple[str, ...] | list[str], lease_s: float) -> JobView | None:
+def claim(
+    session: Session, worker_id: str, kinds: tuple[str, ...] | list[str], lease_s: float
+) -> JobView | None:
     """Take the oldest job of ``kinds`` that is queued, or running under a lease that ran out; None when none.
 
-    A job with a lapsed lease and no tries left is failed with its last error (or :data:`LOST`) instead."""
+    A job with a lapsed lease and no tries left is failed with its last error (or :data:`LOST`) instead, in the
+    same transaction, and the next one is looked at."""
+    require_write(session, "claiming a job")
     now = utcnow()
     while True:
-        with session_scope(url, write=True) as session:
-            query = (
-                select(Job)
-                .where(
-                    Job.kind.in_(list(kinds)),
-                    or_(Job.status == QueueStatus.queued,
-                        (Job.status == QueueStatus.running) & (Job.lease_until < now)),
-                )
-                .order_by(Job.id)
-                .limit(1)
+        query = (
+            select(Job)
+            .where(
+                Job.kind.in_(list(kinds)),
+                or_(Job.status == QueueStatus.queued,
+                    (Job.status == QueueStatus.running) & (Job.lease_until < now)),
             )
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            row = session.scalar(query)
-            if row is None:
-                return None
-            if row.status == QueueStatus.running and row.attempts >= row.max_attempts:
-                row.status, row.finished_at, row.lease_until = QueueStatus.failed, now, None
-                row.error = row.error or LOST
-                session.add(AuditLog(action="job.failed", entity="job", entity_id=str(row.id),
-                                     details={"kind": row.kind, "error": row.error[:200], "worker": row.worker_id}))
-                continue
-            if row.status == QueueStatus.running:
-                row.error = LOST  # the last try's error, in case this one dies as well
-            row.status = QueueStatus.running
-            row.attempts += 1
-            row.worker_id = worker_id[:128]
-            row.lease_until = now + timedelta(seconds=lease_s)
-            row.started_at = now
-            row.progress, row.progress_note = 0.0, None
+            .order_by(Job.id)
+            .limit(1)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        row = session.scalar(query)
+        if row is None:
+            return None
+        if row.status == QueueStatus.running and row.attempts >= row.max_attempts:
+            row.status, row.finished_at, row.lease_until = QueueStatus.failed, now, None
+            row.error = row.error or LOST
+            session.add(AuditLog(action="job.failed", entity="job", entity_id=str(row.id),
+                                 details={"kind": row.kind, "error": row.error[:200], "worker": row.worker_id}))
             session.flush()
-            return view(row)
+            continue
+        if row.status == QueueStatus.running:
+            row.error = LOST  # the last try's error, in case this one dies as well
+        row.status = QueueStatus.running
+        row.attempts += 1
+        row.worker_id = worker_id[:128]
+        row.lease_until = now + timedelta(seconds=lease_s)
+        row.started_at = now
+        row.progress, row.progress_note = 0.0, None
+        session.flush()
+        return view(row)
 
 
 def renew(
-    url: str, job_id: int, worker_id: str, lease_s: float, *, progress: float | None = None, note: str | None = None
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    lease_s: float,
+    *,
+    progress: float | None = None,
+    note: str | None = None,
 ) -> bool:
     """Extend the lease (and record progress); False when the job is no longer this worker's (cancelled, or taken
     over after the lease lapsed) - the worker should then stop working on it."""
@@ -180,73 +195,72 @@ def renew(
         values["progress"] = min(1.0, max(0.0, float(progress)))
     if note is not None:
         values["progress_note"] = note[:255]
-    with session_scope(url) as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
-            .values(**values)
-        )
-        return bool(result.rowcount)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
+        .values(**values)
+    )
+    return bool(result.rowcount)
 
 
-def finish(url: str, job_id: int, worker_id: str, result: dict[str, Any] | None = None) -> bool:
-    with session_scope(url) as session:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
-            .values(status=QueueStatus.done, result=result or {}, progress=1.0, finished_at=utcnow(),
-                    lease_until=None, error=None)
-        ).rowcount
-        return bool(done)
+def finish(session: Session, job_id: int, worker_id: str, result: dict[str, Any] | None = None) -> bool:
+    """Record the job ``done`` with its ``result``; False when the job is no longer this worker's."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
+        .values(status=QueueStatus.done, result=result or {}, progress=1.0, finished_at=utcnow(),
+                lease_until=None, error=None)
+    ).rowcount
+    return bool(done)
 
 
-def fail(url: str, job_id: int, worker_id: str, error: str) -> str | None:
+def fail(session: Session, job_id: int, worker_id: str, error: str) -> str | None:
     """Record a failed try: back to ``queued`` while tries are left, else ``failed``. Returns the new status (None
     when the job was not this worker's any more)."""
-    with session_scope(url, write=True) as session:
-        row = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
-        if row is None or row.worker_id != worker_id or row.status != QueueStatus.running:
-            return None
-        row.error = _error_text(error)
-        row.lease_until = None
-        if row.attempts < row.max_attempts:
-            row.status = QueueStatus.queued
-        else:
-            row.status, row.finished_at = QueueStatus.failed, utcnow()
-            session.add(AuditLog(action="job.failed", entity="job", entity_id=str(row.id),
-                                 details={"kind": row.kind, "error": row.error[:200], "worker": worker_id}))
-        return QueueStatus(row.status).value
+    require_write(session, "failing a job")
+    row = session.get(Job, job_id, with_for_update=session.get_bind().dialect.name == "postgresql")
+    if row is None or row.worker_id != worker_id or row.status != QueueStatus.running:
+        return None
+    row.error = _error_text(error)
+    row.lease_until = None
+    if row.attempts < row.max_attempts:
+        row.status = QueueStatus.queued
+    else:
+        row.status, row.finished_at = QueueStatus.failed, utcnow()
+        session.add(AuditLog(action="job.failed", entity="job", entity_id=str(row.id),
+                             details={"kind": row.kind, "error": row.error[:200], "worker": worker_id}))
+    session.flush()
+    return QueueStatus(row.status).value
 
 
-def release(url: str, job_id: int, worker_id: str) -> bool:
+def release(session: Session, job_id: int, worker_id: str) -> bool:
     """Give a job back unfinished (a worker stopping on SIGTERM): queued again, the try not counted."""
-    with session_scope(url) as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
-            .values(status=QueueStatus.queued, lease_until=None, worker_id=None, attempts=Job.attempts - 1)
-        )
-        return bool(result.rowcount)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.worker_id == worker_id, Job.status == QueueStatus.running)
+        .values(status=QueueStatus.queued, lease_until=None, worker_id=None, attempts=Job.attempts - 1)
+    )
+    return bool(result.rowcount)
 
 
-def is_cancelled(url: str, job_id: int) -> bool:
-    with session_scope(url) as session:
-        return session.scalar(select(Job.status).where(Job.id == job_id)) == QueueStatus.cancelled
+def is_cancelled(session: Session, job_id: int) -> bool:
+    return session.scalar(select(Job.status).where(Job.id == job_id)) == QueueStatus.cancelled
 
 
 # ----------------------------------------------------------------------------------------------------------
 # leads and admins
 
 
-def get(url: str, job_id: int) -> JobView:
-    with session_scope(url) as session:
-        row = session.get(Job, job_id)
-        if row is None:
-            raise JobError(f"no job with id {job_id}")
-        return view(row)
+def get(session: Session, job_id: int) -> JobView:
+    row = session.get(Job, job_id)
+    if row is None:
+        raise JobError(f"no job with id {job_id}")
+    return view(row)
 
 
-def list_jobs(url: str, *, status: str | None = None, kind: str | None = None, limit: int = 50) -> list[JobView]:
+def list_jobs(
+    session: Session, *, status: str | None = None, kind: str | None = None, limit: int = 50
+) -> list[JobView]:
     """The newest jobs first, optionally of one status or kind."""
     query = select(Job).order_by(Job.id.desc()).limit(max(1, min(limit, 10_000)))
     if status is not None:
@@ -257,37 +271,36 @@ def list_jobs(url: str, *, status: str | None = None, kind: str | None = None, l
             raise JobError(f"unknown status {status!r} (expected {known})") from None
     if kind is not None:
         query = query.where(Job.kind == kind)
-    with session_scope(url) as session:
-        return [view(row) for row in session.scalars(query)]
+    return [view(row) for row in session.scalars(query)]
 
 
-def retry(url: str, job_id: int, *, actor_id: int | None = None) -> JobView:
+def retry(session: Session, job_id: int, *, actor_id: int | None = None) -> JobView:
     """Queue a failed or cancelled job again with fresh tries."""
-    with session_scope(url, write=True) as session:
-        row = session.get(Job, job_id)
-        if row is None:
-            raise JobError(f"no job with id {job_id}")
-        if row.status not in (QueueStatus.failed, QueueStatus.cancelled):
-            state = QueueStatus(row.status).value
-            raise JobError(f"job {job_id} is {state}: only failed or cancelled jobs are retried")
-        row.status, row.attempts, row.finished_at, row.worker_id, row.lease_until = (
-            QueueStatus.queued, 0, None, None, None)
-        row.progress, row.progress_note = 0.0, None
-        session.add(AuditLog(user_id=actor_id, action="job.retry", entity="job", entity_id=str(job_id)))
-        session.flush()
-        return view(row)
+    require_write(session, "retrying a job")
+    row = session.get(Job, job_id)
+    if row is None:
+        raise JobError(f"no job with id {job_id}")
+    if row.status not in (QueueStatus.failed, QueueStatus.cancelled):
+        state = QueueStatus(row.status).value
+        raise JobError(f"job {job_id} is {state}: only failed or cancelled jobs are retried")
+    row.status, row.attempts, row.finished_at, row.worker_id, row.lease_until = (
+        QueueStatus.queued, 0, None, None, None)
+    row.progress, row.progress_note = 0.0, None
+    session.add(AuditLog(user_id=actor_id, action="job.retry", entity="job", entity_id=str(job_id)))
+    session.flush()
+    return view(row)
 
 
-def cancel(url: str, job_id: int, *, actor_id: int | None = None) -> JobView:
+def cancel(session: Session, job_id: int, *, actor_id: int | None = None) -> JobView:
     """Cancel a queued or running job (a running one stops at its worker's next lease renewal)."""
-    with session_scope(url, write=True) as session:
-        row = session.get(Job, job_id)
-        if row is None:
-            raise JobError(f"no job with id {job_id}")
-        if row.status not in ACTIVE:
-            state = QueueStatus(row.status).value
-            raise JobError(f"job {job_id} is {state}: only queued or running jobs are cancelled")
-        row.status, row.finished_at, row.lease_until = QueueStatus.cancelled, utcnow(), None
-        session.add(AuditLog(user_id=actor_id, action="job.cancel", entity="job", entity_id=str(job_id)))
-        session.flush()
-        return view(row)
+    require_write(session, "cancelling a job")
+    row = session.get(Job, job_id)
+    if row is None:
+        raise JobError(f"no job with id {job_id}")
+    if row.status not in ACTIVE:
+        state = QueueStatus(row.status).value
+        raise JobError(f"job {job_id} is {state}: only queued or running jobs are cancelled")
+    row.status, row.finished_at, row.lease_until = QueueStatus.cancelled, utcnow(), None
+    session.add(AuditLog(user_id=actor_id, action="job.cancel", entity="job", entity_id=str(job_id)))
+    session.flush()
+    return view(row)

@@ -61,9 +61,11 @@ def jobs_list(
 ) -> None:
     """The newest jobs first."""
     from mcie.annotate import jobs
+    from mcie.db.session import session_scope
 
     try:
-        rows = jobs.list_jobs(_settings().database_url, status=status, kind=kind, limit=limit)
+        with session_scope(_settings().database_url) as session:
+            rows = jobs.list_jobs(session, status=status, kind=kind, limit=limit)
     except jobs.JobError as exc:
         _fail(str(exc), 2)
     if as_json:
@@ -80,9 +82,12 @@ def jobs_list(
 def jobs_show(job_id: int) -> None:
     """Every field of one job, as JSON."""
     from mcie.annotate import jobs
+    from mcie.db.session import session_scope
 
     try:
-        print(json.dumps(jobs.get(_settings().database_url, job_id).as_dict(), indent=2))
+        with session_scope(_settings().database_url) as session:
+            job = jobs.get(session, job_id)
+        print(json.dumps(job.as_dict(), indent=2))
     except jobs.JobError as exc:
         _fail(str(exc))
 
@@ -91,9 +96,11 @@ def jobs_show(job_id: int) -> None:
 def jobs_retry(job_id: int) -> None:
     """Queue a failed or cancelled job again, with fresh tries."""
     from mcie.annotate import jobs
+    from mcie.db.session import session_scope
 
     try:
-        job = jobs.retry(_settings().database_url, job_id)
+        with session_scope(_settings().database_url, write=True) as session:
+            job = jobs.retry(session, job_id)
     except jobs.JobError as exc:
         _fail(str(exc))
     console.print(f"job {job.id} ({job.kind}) queued again")
@@ -103,9 +110,11 @@ def jobs_retry(job_id: int) -> None:
 def jobs_cancel(job_id: int) -> None:
     """Cancel a queued or running job (a running one stops at its worker's next lease renewal)."""
     from mcie.annotate import jobs
+    from mcie.db.session import session_scope
 
     try:
-        job = jobs.cancel(_settings().database_url, job_id)
+        with session_scope(_settings().database_url, write=True) as session:
+            job = jobs.cancel(session, job_id)
     except jobs.JobError as exc:
         _fail(str(exc))
     console.print(f"job {job.id} ({job.kind}) cancelled")

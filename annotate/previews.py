@@ -25,9 +25,17 @@ nothing.
 
     worker = PreviewWorker(settings).start()          # a thread of its own (scripts, tests); the server and
                                                       # `mcie worker` use prepare() + run_one() per queued job
-    status = request_preview(url, sample_id, user_id, seed=0, params={"num_inference_steps": 20})
-    status = preview_status(url, status.id)           # queued -> running -> done (status.image) | failed (status.error)
+    with session_scope(url, write=True) as session:   # the job is handed over when this commits
+        status = request_preview(session, sample_id, user_id, seed=0, params={"num_inference_steps": 20})
+    with session_scope(url) as session:               # queued -> running -> done (status.image) | failed (status.error)
+        status = preview_status(session, status.id)
     worker.stop()
+
+The service functions (:func:`request_preview`, :func:`preview_status`, :func:`previews_for`, :func:`find_preview`,
+:func:`enqueue_orphans`) take the caller's ``Session`` and never commit; :func:`request_preview` and
+:func:`enqueue_orphans` read then write and want ``session_scope(url, write=True)``. :class:`PreviewWorker` keeps
+the database URL: it runs its own transactions, one per step of a job (claim, then the result), around model runs
+that take seconds.
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from mcie.config import Settings
 from mcie.db.models import AuditLog, JobStatus, Preview, Role, Sample, User, utcnow
-from mcie.db.session import session_scope
+from mcie.db.session import require_write, session_scope
 from mcie.db.store import ImageStore, register_images
 from mcie.device import resolve_device
 
@@ -251,8 +261,10 @@ def _check_seed(seed: Any) -> int:
 # the service
 
 
-def _settings_for(url: str, settings: Settings | None) -> tuple[Settings, PreviewWorker | None]:
-    worker = _running_worker(url)
+def _settings_for(session: Session, settings: Settings | None) -> tuple[Settings, PreviewWorker | None]:
+    """The settings of a request (given, else the running worker's, else the process's) and this process's running
+    worker for the session's database, if any."""
+    worker = _running_worker(session.get_bind().engine.url)
     if settings is not None:
         return settings, worker
     if worker is not None:
@@ -274,7 +286,7 @@ def current_version(settings: Settings) -> str:
     return _current_version(settings, _running_worker(settings.database_url))
 
 
-def _ahead(session: Any, row: Preview) -> int | None:
+def _ahead(session: Session, row: Preview) -> int | None:
     if row.status != JobStatus.queued:
         return None
     return int(session.scalar(
@@ -285,7 +297,7 @@ def _ahead(session: Any, row: Preview) -> int | None:
     ) or 0)
 
 
-def _check_requester(session: Any, user_id: int | None) -> None:
+def _check_requester(session: Session, user_id: int | None) -> None:
     if user_id is None:
         return  # a script or the system (requested_by stays empty)
     user = session.get(User, user_id)
@@ -297,7 +309,7 @@ def _check_requester(session: Any, user_id: int | None) -> None:
 
 
 def request_preview(
-    url: str,
+    session: Session,
     sample_id: int,
     user_id: int | None,
     *,
@@ -309,11 +321,15 @@ def request_preview(
 
     An existing done row for the same sample, model version, seed and parameters is returned with ``cached=True``;
     a queued or running one is returned as it is; a failed one is queued again. ``settings`` default to the running
-    worker's for ``url`` (else the process settings). Raises :class:`PreviewUnavailable` when no model is
-    configured, :class:`PreviewError` for an unknown sample or a bad seed or parameter, :class:`PermissionError`
-    for a user who may not ask.
+    worker's for the session's database (else the process settings). Raises :class:`PreviewUnavailable` when no
+    model is configured, :class:`PreviewError` for an unknown sample or a bad seed or parameter,
+    :class:`PermissionError` for a user who may not ask.
+
+    Reads then writes: ``session`` must come from ``session_scope(url, write=True)``. The row and its job (or, with
+    a :class:`PreviewWorker` thread in this process, the hand-over to it) exist once the caller commits.
     """
-    settings, worker = _settings_for(url, settings)
+    require_write(session, "asking for a preview")
+    settings, worker = _settings_for(session, settings)
     version = _current_version(settings, worker)  # raises PreviewUnavailable first: nothing is written then
     seed = _check_seed(seed)
     full = normalize_params(params)
@@ -321,7 +337,7 @@ def request_preview(
     submit = False
     for attempt in range(2):  # a concurrent identical request may insert the row between our read and write
         try:
-            with session_scope(url, write=True) as session:
+            with session.begin_nested():  # a savepoint: a lost race undoes only this attempt
                 _check_requester(session, user_id)
                 if session.get(Sample, sample_id) is None:
                     raise PreviewError(f"no sample with id {sample_id}")
@@ -357,44 +373,41 @@ def request_preview(
         except IntegrityError:
             if attempt:
                 raise
-    if submit and worker is not None:
-        worker.submit(result.id)
+    if submit and worker is not None:  # the thread must not look for the row before it is committed
+        event.listen(session, "after_commit", lambda _session: worker.submit(result.id), once=True)
     return result
 
 
-def preview_status(url: str, preview_id: int) -> PreviewStatus:
+def preview_status(session: Session, preview_id: int) -> PreviewStatus:
     """The row ``preview_id`` now; :class:`PreviewError` when there is none."""
-    with session_scope(url) as session:
-        row = session.get(Preview, preview_id)
-        if row is None:
-            raise PreviewError(f"no preview with id {preview_id}")
-        return _status(row, ahead=_ahead(session, row))
+    row = session.get(Preview, preview_id)
+    if row is None:
+        raise PreviewError(f"no preview with id {preview_id}")
+    return _status(row, ahead=_ahead(session, row))
 
 
-def previews_for(url: str, sample_id: int) -> list[PreviewStatus]:
+def previews_for(session: Session, sample_id: int) -> list[PreviewStatus]:
     """Every preview of a sample (all model versions, seeds and parameters), newest first."""
-    with session_scope(url) as session:
-        rows = session.scalars(
-            select(Preview).where(Preview.sample_id == sample_id).order_by(Preview.created_at.desc(), Preview.id.desc())
-        )
-        return [_status(row) for row in rows]
+    rows = session.scalars(
+        select(Preview).where(Preview.sample_id == sample_id).order_by(Preview.created_at.desc(), Preview.id.desc())
+    )
+    return [_status(row) for row in rows]
 
 
 def find_preview(
-    url: str, sample_id: int, version: str, *, seed: int = 0, params: Mapping[str, Any] | None = None
+    session: Session, sample_id: int, version: str, *, seed: int = 0, params: Mapping[str, Any] | None = None
 ) -> PreviewStatus | None:
     """The preview of exactly these (sample, model version, seed, parameters), or None; runs nothing."""
     digest = params_hash(params or {})
-    with session_scope(url) as session:
-        row = session.scalar(
-            select(Preview).where(
-                Preview.sample_id == sample_id,
-                Preview.model_version == version,
-                Preview.seed == seed,
-                Preview.params_hash == digest,
-            )
+    row = session.scalar(
+        select(Preview).where(
+            Preview.sample_id == sample_id,
+            Preview.model_version == version,
+            Preview.seed == seed,
+            Preview.params_hash == digest,
         )
-        return None if row is None else _status(row, cached=row.status == JobStatus.done, ahead=_ahead(session, row))
+    )
+    return None if row is None else _status(row, cached=row.status == JobStatus.done, ahead=_ahead(session, row))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,13 +467,13 @@ def _error_text(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the worker
 
-_WORKERS: dict[str, PreviewWorker] = {}
+_WORKERS: dict[URL, PreviewWorker] = {}  # by database URL, parsed (a session's engine knows it so)
 _WORKERS_LOCK = threading.Lock()
 
 
-def _running_worker(url: str) -> PreviewWorker | None:
+def _running_worker(url: str | URL) -> PreviewWorker | None:
     with _WORKERS_LOCK:
-        return _WORKERS.get(url)
+        return _WORKERS.get(make_url(url))
 
 
 class PreviewWorker:
@@ -512,7 +525,7 @@ class PreviewWorker:
         self._thread = threading.Thread(target=self._run, name="mcie-preview-worker", daemon=True)
         self._thread.start()
         with _WORKERS_LOCK:
-            _WORKERS[self.url] = self
+            _WORKERS[make_url(self.url)] = self
         log.info("preview worker started for model %s", self.version)
         return self
 
@@ -520,8 +533,8 @@ class PreviewWorker:
         """Stop after the job in progress (a model run cannot be interrupted); its row stays ``running`` and is
         re-queued at the next start if it did not finish within ``timeout`` seconds. Frees the model."""
         with _WORKERS_LOCK:
-            if _WORKERS.get(self.url) is self:
-                del _WORKERS[self.url]
+            if _WORKERS.get(make_url(self.url)) is self:
+                del _WORKERS[make_url(self.url)]
         thread = self._thread
         self._stop.set()
         self._queue.put(None)
@@ -558,14 +571,16 @@ class PreviewWorker:
                 .where(Preview.id == preview_id, Preview.status.in_([JobStatus.running, JobStatus.failed]))
                 .values(status=JobStatus.queued, error=None)
             )
-        version = preview_status(self.url, preview_id).model_version
+        with session_scope(self.url) as session:
+            version = preview_status(session, preview_id).model_version
         if version != self.version and version == model_version(self.settings):
             self.prepare()  # the weights changed since this worker loaded them: load the new ones
             self._pipe = None
         if version != self.version:
             raise PreviewError(f"preview {preview_id} is for model {version}, but this worker has {self.version}")
         self._process(preview_id)
-        return preview_status(self.url, preview_id)
+        with session_scope(self.url) as session:
+            return preview_status(session, preview_id)
 
     # --- the thread -------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -691,24 +706,24 @@ class PreviewWorker:
 # the web app
 
 
-def enqueue_orphans(url: str) -> int:
+def enqueue_orphans(session: Session) -> int:
     """Queue a job for every preview row left ``queued`` or ``running`` without a live job (rows written by scripts,
-    or by a version before the job queue); returns how many jobs were added."""
+    or by a version before the job queue); returns how many jobs were added. Reads then writes: ``session`` must
+    come from ``session_scope(url, write=True)``."""
     from mcie.annotate import jobs
     from mcie.db.models import Job, QueueStatus
 
-    with session_scope(url, write=True) as session:
-        wanted = set(session.scalars(select(Preview.id).where(Preview.status.in_([JobStatus.queued,
-                                                                                   JobStatus.running]))))
-        if not wanted:
-            return 0
-        covered = {
-            int((payload or {}).get("preview_id", -1))
-            for payload in session.scalars(
-                select(Job.payload).where(Job.kind == "preview", Job.status.in_([QueueStatus.queued,
-                                                                                 QueueStatus.running])))
-        }
-        missing = sorted(wanted - covered)
-        for preview_id in missing:
-            jobs.enqueue(session, "preview", {"preview_id": preview_id})
-        return len(missing)
+    require_write(session, "queueing the previews left without a job")
+    wanted = set(session.scalars(select(Preview.id).where(Preview.status.in_([JobStatus.queued, JobStatus.running]))))
+    if not wanted:
+        return 0
+    covered = {
+        int((payload or {}).get("preview_id", -1))
+        for payload in session.scalars(
+            select(Job.payload).where(Job.kind == "preview", Job.status.in_([QueueStatus.queued, QueueStatus.running]))
+        )
+    }
+    missing = sorted(wanted - covered)
+    for preview_id in missing:
+        jobs.enqueue(session, "preview", {"preview_id": preview_id})
+    return len(missing)

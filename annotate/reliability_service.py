@@ -140,6 +140,10 @@ def refit_when_due(url: str) -> int | None:
     """The server's sweep: when ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only
     transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one.
 
+    It takes the URL, not a ``Session``, because it runs its own two transactions: one write transaction around the
+    whole fit would hold the database's write lock on SQLite (``BEGIN IMMEDIATE``) for those seconds and queue every
+    reviewer's submit behind it. (:func:`refit` is the one-transaction form, for a caller's write session.)
+
     Every web replica runs this sweep: when another replica stored a fit that saw as many reviews while this one was
     computing, this fit is dropped (None), so the fit history, which the adaptive gold rate compares against, holds
     no near-copies. (The check narrows the race to the short write transaction; it does not lock.)"""

@@ -33,6 +33,7 @@ from typing import Any
 
 from mcie.annotate import jobs
 from mcie.config import Settings
+from mcie.db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,6 @@ def _export_size(url: str, flt: dict[str, Any], since: int | None) -> int | None
     records are written, so they may leave fewer), or None when the filter cannot be read."""
     from sqlalchemy import func, select
 
-    from mcie.db.session import session_scope
     from mcie.exports.select import ExportFilter, selection_query
 
     try:
@@ -149,6 +149,9 @@ class Worker:
 
     ``handlers`` replaces the default :data:`HANDLERS` (tests); ``poll_s`` is how long an idle thread waits before
     looking for work again; ``lease_s`` defaults to ``MCIE_JOB_LEASE_S``.
+
+    It keeps the database URL and runs its own transactions, one per step: a claim, each lease renewal, and the
+    finish, failure or release are separate, committed before the handler runs on or the thread moves on.
     """
 
     def __init__(
@@ -207,7 +210,8 @@ class Worker:
             try:
                 from mcie.annotate.previews import enqueue_orphans
 
-                enqueue_orphans(self.url)
+                with session_scope(self.url, write=True) as session:
+                    enqueue_orphans(session)
             except Exception:
                 log.exception("could not queue the previews left without a job")
         self._threads = [
@@ -239,7 +243,8 @@ class Worker:
     def _loop(self) -> None:
         while not self.stopping.is_set():
             try:
-                job = jobs.claim(self.url, self.id, self.kinds, self.lease_s)
+                with session_scope(self.url, write=True) as session:
+                    job = jobs.claim(session, self.id, self.kinds, self.lease_s)
             except Exception:  # the loop must outlive a database hiccup
                 log.exception("claiming a job failed")
                 job = None
@@ -262,20 +267,26 @@ class Worker:
         except JobStopped:
             done.set()
             if not ctx.lost.is_set():
-                jobs.release(self.url, job.id, self.id)
+                with session_scope(self.url) as session:
+                    jobs.release(session, job.id, self.id)
                 log.info("job %s released (the worker is stopping)", job.id)
             return
         except Exception as exc:
             done.set()
             beat.join()
             if not ctx.lost.is_set():
-                state = jobs.fail(self.url, job.id, self.id, f"{type(exc).__name__}: {exc}")
+                with session_scope(self.url, write=True) as session:
+                    state = jobs.fail(session, job.id, self.id, f"{type(exc).__name__}: {exc}")
                 log.warning("job %s (%s) failed, try %d of %d: %s -> %s", job.id, job.kind, job.attempts,
                             job.max_attempts, exc, state)
             return
         done.set()
         beat.join()
-        if not ctx.lost.is_set() and jobs.finish(self.url, job.id, self.id, result or {}):
+        if ctx.lost.is_set():
+            return
+        with session_scope(self.url) as session:
+            finished = jobs.finish(session, job.id, self.id, result or {})
+        if finished:
             self.completed += 1
             log.info("job %s (%s) done", job.id, job.kind)
 
@@ -283,7 +294,9 @@ class Worker:
         every = max(0.2, self.lease_s / 3)
         while not done.wait(every):
             try:
-                mine = jobs.renew(self.url, ctx.job.id, self.id, self.lease_s, progress=ctx._progress, note=ctx._note)
+                with session_scope(self.url) as session:
+                    mine = jobs.renew(session, ctx.job.id, self.id, self.lease_s, progress=ctx._progress,
+                                      note=ctx._note)
             except Exception:
                 log.exception("renewing the lease of job %s failed", ctx.job.id)
                 continue

@@ -11,6 +11,10 @@ the destination.
 The database is read in one snapshot (SQLite's read transaction; REPEATABLE READ on PostgreSQL), so an export is
 consistent even while reviews go on.
 
+:func:`run_export` takes the database URL, not a ``Session``: it runs its own transactions - the ``running`` row is
+committed first (so a killed run leaves it), the records are read in one snapshot while files are written (minutes),
+the items and the ``done`` row are committed at the end, and a failure is recorded in a transaction of its own.
+
 :func:`export_reviews` (re-exported from :mod:`exports.reviews`) writes every raw review and decision for analysis.
 """
 
@@ -31,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from mcie.db.migrate import current
 from mcie.db.models import AuditLog, Export, ExportItem, Instance, JobStatus, Split, utcnow
-from mcie.db.session import session_scope
+from mcie.db.session import require_write, session_scope
 from mcie.exports.card import CardStats, agreement_figures, plots, render_readme
 from mcie.exports.manifest import build_manifest, resolve_hashes, write_manifest
 from mcie.exports.records import SCHEMA_VERSION
@@ -103,24 +107,25 @@ def _check_since(session: Session, since: int) -> None:
         raise ExportError(f"--since {since}: that export is {row.status}, not done")
 
 
-def _start(url: str, fmt: str, out: Path, flt: ExportFilter, options: ExportOptions, revision: str | None,
+def _start(session: Session, fmt: str, out: Path, flt: ExportFilter, options: ExportOptions, revision: str | None,
            actor_id: int | None) -> int:
-    with session_scope(url, write=True) as session:
-        if options.since is not None:
-            _check_since(session, options.since)
-        row = Export(
-            format=fmt,
-            status=JobStatus.running,
-            path=str(out),
-            filter=flt.model_dump(mode="json"),
-            options=options.model_dump(mode="json"),
-            since_export_id=options.since,
-            db_revision=revision,
-            created_by=actor_id,
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+    """Check ``since`` and add the ``running`` row; returns its id."""
+    require_write(session, "starting an export")
+    if options.since is not None:
+        _check_since(session, options.since)
+    row = Export(
+        format=fmt,
+        status=JobStatus.running,
+        path=str(out),
+        filter=flt.model_dump(mode="json"),
+        options=options.model_dump(mode="json"),
+        since_export_id=options.since,
+        db_revision=revision,
+        created_by=actor_id,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
 
 
 def _spooled_items(spool: IO[bytes], export_id: int) -> Iterator[list[dict[str, Any]]]:
@@ -172,16 +177,14 @@ def _write_card(tmp: Path, stats: CardStats, fmt: str, flt: ExportFilter, option
     return written
 
 
-def _mark_failed(url: str, export_id: int, message: str) -> None:
-    try:
-        with session_scope(url, write=True) as session:
-            row = session.get(Export, export_id)
-            if row is not None:
-                row.status = JobStatus.failed
-                row.error = message[:_ERROR_LIMIT]
-                row.finished_at = utcnow()
-    except Exception:  # the database may be what failed; the original error matters more
-        pass
+def _mark_failed(session: Session, export_id: int, message: str) -> None:
+    """Record the run ``failed`` with ``message``."""
+    require_write(session, "recording a failed export")
+    row = session.get(Export, export_id)
+    if row is not None:
+        row.status = JobStatus.failed
+        row.error = message[:_ERROR_LIMIT]
+        row.finished_at = utcnow()
 
 
 def run_export(
@@ -200,6 +203,7 @@ def run_export(
     on_record: Callable[[], None] | None = None,
 ) -> ExportResult:
     """Export the selected samples of the database at ``url`` to ``out_dir`` in ``fmt`` (jsonl, parquet, webdataset).
+    It runs its own transactions (the module docstring says which), hence the URL.
 
     ``filter`` defaults to the accepted samples; ``since`` takes only samples accepted after that (done) export and
     not in it. ``out_dir`` must not exist (or be an empty folder). ``on_record`` is called after each record
@@ -220,7 +224,8 @@ def run_export(
     _check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     revision = current(url)
-    export_id = _start(url, fmt, out, flt, options, revision, actor_id)
+    with session_scope(url, write=True) as session:
+        export_id = _start(session, fmt, out, flt, options, revision, actor_id)
     tmp = out.parent / f".{out.name}.export-{export_id}.partial"
     renamed = False
     try:
@@ -277,7 +282,11 @@ def run_export(
         if renamed:
             shutil.rmtree(out, ignore_errors=True)
         message = str(exc) or type(exc).__name__
-        _mark_failed(url, export_id, message)
+        try:
+            with session_scope(url, write=True) as session:
+                _mark_failed(session, export_id, message)
+        except Exception:  # the database may be what failed; the original error matters more
+            pass
         if isinstance(exc, Exception):
             raise ExportError(f"export {export_id} failed: {message}", export_id) from exc
         raise

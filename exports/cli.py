@@ -50,10 +50,12 @@ def _export(
         raise typer.Exit(2) from None
     if background:
         from mcie.annotate import jobs
+        from mcie.db.session import session_scope
 
         payload = {"format": fmt, "out": str(out.absolute()), "filter": flt.model_dump(mode="json"), "since": since,
                    "val_fraction": val_fraction, "shard_size": shard_size, "include_reviewers": include_reviewers}
-        job = jobs.submit(cfg.database_url, "export", payload, max_attempts=cfg.job_max_attempts)
+        with session_scope(cfg.database_url) as session:
+            job = jobs.submit(session, "export", payload, max_attempts=cfg.job_max_attempts)
         if as_json:
             print(json.dumps({"job_id": job.id, "status": job.status}, indent=2))
         else:
@@ -115,10 +117,12 @@ def reviews_command(
 ) -> None:
     """Every raw review and decision, for analysis (includes usernames and comments)."""
     from mcie.config import settings_or_exit as settings
+    from mcie.db.session import session_scope
     from mcie.exports.reviews import export_reviews
 
     try:
-        result = export_reviews(settings().database_url, path)
+        with session_scope(settings().database_url) as session:
+            result = export_reviews(session, path)
     except ValueError as exc:
         err.print(f"error: {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -1,10 +1,11 @@
 """Raw reviews and decisions as CSV or Parquet for analysis (agreement studies, reviewer audits, dashboards).
 
-``export_reviews(url, "out/reviews.csv")`` writes one row per review (current revision, with the reviewer's id and
+``export_reviews(session, "out/reviews.csv")`` writes one row per review (current revision, with the reviewer's id and
 username, the sample's instance and status) to that file and one row per decision (every decision, with
 ``is_latest`` marking the one that counts) to ``out/reviews-decisions.csv``; a ``.parquet`` suffix writes Parquet
 instead. Rows are streamed from the database in id order and each file is written to a temporary name and renamed,
-so a failed run leaves no half file. Times are UTC (ISO 8601 in CSV, ``timestamp[us, UTC]`` in Parquet).
+so a failed run leaves no half file. Times are UTC (ISO 8601 in CSV, ``timestamp[us, UTC]`` in Parquet). Both
+files are read in the caller's transaction (``with session_scope(url) as session:``), so they agree with each other.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import Select, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from mcie.db.models import Decision, Instance, Review, Sample, User
-from mcie.db.session import session_scope
 
 SUFFIXES = (".csv", ".parquet")
 _BATCH = 5000
@@ -175,19 +175,18 @@ def _write_table(path: Path, schema: pa.Schema, batches: Iterator[Sequence[dict[
     return n
 
 
-def export_reviews(url: str, path: str | os.PathLike[str]) -> ReviewsExport:
+def export_reviews(session: Session, path: str | os.PathLike[str]) -> ReviewsExport:
     """Write every review to ``path`` and every decision beside it (see the module docstring)."""
     out = Path(path)
     if out.suffix not in SUFFIXES:
         raise ValueError(f"{out}: the file name must end in .csv or .parquet (it chooses the format)")
     out.parent.mkdir(parents=True, exist_ok=True)
     decisions_out = decisions_path_for(out)
-    with session_scope(url) as session:
 
-        def batches(query: Select[Any], convert: Any) -> Iterator[list[dict[str, Any]]]:
-            for part in session.execute(query.execution_options(yield_per=_BATCH)).partitions():
-                yield [convert(row) for row in part]
+    def batches(query: Select[Any], convert: Any) -> Iterator[list[dict[str, Any]]]:
+        for part in session.execute(query.execution_options(yield_per=_BATCH)).partitions():
+            yield [convert(row) for row in part]
 
-        n_reviews = _write_table(out, REVIEW_SCHEMA, batches(_reviews_query(), review_row))
-        n_decisions = _write_table(decisions_out, DECISION_SCHEMA, batches(_decisions_query(), decision_row))
+    n_reviews = _write_table(out, REVIEW_SCHEMA, batches(_reviews_query(), review_row))
+    n_decisions = _write_table(decisions_out, DECISION_SCHEMA, batches(_decisions_query(), decision_row))
     return ReviewsExport(out, decisions_out, n_reviews, n_decisions)

@@ -303,11 +303,14 @@ def agreement_command(
 ) -> None:
     """Inter-rater agreement: Krippendorff's alpha with CIs, Fleiss' and Cohen's kappa, rater reliability, MLLM."""
     from mcie.annotate.dashboard_data import agreement_figures, reliability_figures
+    from mcie.db.session import session_scope
 
     url = settings().database_url
     if refit:
-        reliability_figures(url, refit=True)
-    figures = agreement_figures(url, n_boot=n_boot, seed=seed)
+        with session_scope(url, write=True) as session:
+            reliability_figures(session, refit=True)
+    with session_scope(url) as session:
+        figures = agreement_figures(session, n_boot=n_boot, seed=seed)
     if as_json:
         print(json.dumps(figures, indent=2, allow_nan=False))
         return

@@ -72,7 +72,7 @@ from mcie.annotate.reviews import (
     validate_answer,
 )
 from mcie.annotate.web.auth import WebUser, check_csrf, csrf_token, require_reviewer
-from mcie.annotate.web.deps import database_url, get_session, get_write_session
+from mcie.annotate.web.deps import get_session, get_write_session
 from mcie.annotate.web.edges import ROUTE_LIMITS, user_message
 from mcie.db.models import Sample
 
@@ -416,13 +416,17 @@ def get_progress(user: Reviewer, session: DB) -> ProgressOut:
 
 @router.post("/{sample_id}/preview", responses={202: {"description": "queued: a worker makes it"}})
 def post_preview(
-    request: Request, response: Response, sample_id: int, user: Writer, body: PreviewIn | None = None
+    response: Response,
+    sample_id: int,
+    user: Writer,
+    session: WriteDB,
+    body: PreviewIn | None = None,
 ) -> PreviewOut:
     """Ask for the model's edit of a sample; a worker makes it (202), or it is in the cache already (200). An empty
     body asks with the defaults."""
     body = body or PreviewIn()
     try:
-        found = previews.request_preview(database_url(request), sample_id, user.id, seed=body.seed, params=body.params)
+        found = previews.request_preview(session, sample_id, user.id, seed=body.seed, params=body.params)
     except previews.PreviewUnavailable as exc:
         raise _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     except previews.PreviewError as exc:
@@ -435,9 +439,9 @@ def post_preview(
 
 
 @router.get("/previews/{preview_id}")
-def get_preview(request: Request, preview_id: int, user: Reviewer) -> PreviewOut:
+def get_preview(preview_id: int, user: Reviewer, session: DB) -> PreviewOut:
     """A preview's status, and its image once done."""
     try:
-        return _preview_out(previews.preview_status(database_url(request), preview_id))
+        return _preview_out(previews.preview_status(session, preview_id))
     except previews.PreviewError as exc:
         raise _error(status.HTTP_404_NOT_FOUND, str(exc)) from None

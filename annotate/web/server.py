@@ -35,6 +35,7 @@ from fastapi import Depends, FastAPI, Form, Query, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +60,7 @@ from mcie.annotate.web.auth import (
     start_session,
 )
 from mcie.annotate.web.common import STATIC_DIR, esc, mount_gradio
+from mcie.annotate.web.deps import get_session
 from mcie.annotate.web.edges import BodyLimit, is_loopback, secure_cookies_for, validation_error_handler
 from mcie.annotate.web.sessions import ServerSessionMiddleware
 from mcie.annotate.web.study_routes import register_study
@@ -456,22 +458,26 @@ def whoami(user: WebUser = Depends(require_user)) -> JSONResponse:
     return JSONResponse(body, headers={"cache-control": "no-store"})
 
 
-def api_status(request: Request, user: WebUser = Depends(require_lead)) -> JSONResponse:
+def api_status(
+    user: WebUser = Depends(require_lead), session: Session = Depends(get_session, scope="function")
+) -> JSONResponse:
     """Samples by status and the reviews still wanted (leads and admins)."""
     from mcie.annotate import dashboard_data
 
-    url = _settings(request).database_url
-    body = {"samples": dashboard_data.status_counts(url), "remaining_reviews": dashboard_data.remaining_reviews(url)}
+    body = {"samples": dashboard_data.status_counts(session),
+            "remaining_reviews": dashboard_data.remaining_reviews(session)}
     return JSONResponse(body, headers={"cache-control": "no-store"})
 
 
 def api_agreement(
-    request: Request, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000, user: WebUser = Depends(require_lead)
+    n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000,
+    user: WebUser = Depends(require_lead),
+    session: Session = Depends(get_session, scope="function"),
 ) -> JSONResponse:
     """Every agreement figure of the dashboard as JSON (leads and admins; what ``mcie agreement --json`` prints)."""
     from mcie.annotate import dashboard_data
 
-    figures = dashboard_data.agreement_figures(_settings(request).database_url, n_boot=n_boot)
+    figures = dashboard_data.agreement_figures(session, n_boot=n_boot)
     return JSONResponse(figures, headers={"cache-control": "no-store"})
 
 

@@ -528,14 +528,15 @@ class Dashboard:
     # --- progress -------------------------------------------------------------------------------------------
     def on_progress(self, request: gr.Request) -> dict[Any, Any]:
         lead_of(self.url, request)
-        counts = status_frame(dd.status_counts(self.url))
-        reviews = dd.reviews_frame(self.url)
+        with session_scope(self.url) as session:
+            counts = status_frame(dd.status_counts(session))
+            reviews = dd.reviews_frame(session)
+            remaining = dd.remaining_reviews(session)
         per_day = dd.reviews_per_reviewer_per_day(reviews)
         freq = dd.throughput_freq(reviews)
         through = dd.throughput(reviews, freq=freq)
         median = dd.median_seconds_per_review(reviews, "server_s")
         client = dd.median_seconds_per_review(reviews)
-        remaining = dd.remaining_reviews(self.url)
         finish = dd.forecast_finish(remaining, reviews, datetime.now(UTC))
         kpis = render_kpis([
             ("kpi-samples", str(int(counts["samples"].sum())), "samples"),
@@ -554,7 +555,8 @@ class Dashboard:
     # --- agreement ------------------------------------------------------------------------------------------
     def on_agreement(self, question: str, request: gr.Request) -> dict[Any, Any]:
         lead_of(self.url, request)
-        figures = dd.agreement_figures(self.url)
+        with session_scope(self.url) as session:
+            figures = dd.agreement_figures(session)
         alpha = alpha_table(figures)
         out = {self.w.agreement_data: figures}
         out[self.w.agreement_summary] = render_kpis([
@@ -732,8 +734,8 @@ class Dashboard:
     # --- review budget --------------------------------------------------------------------------------------
     def on_budget(self, request: gr.Request) -> dict[Any, Any]:
         lead_of(self.url, request)
-        budget = dd.review_budget(self.url)
         with session_scope(self.url) as session:
+            budget = dd.review_budget(session)
             config = get_project_config(session)
         wrong = budget.get("expected_wrong_decisions")
         per = budget.get("reviews_per_reviewed_sample")
@@ -789,14 +791,15 @@ class Dashboard:
         while an export does."""
         lead_of(self.url, request)
         w = self.w
-        running = self.exports.running()
-        frame = exports_frame(self.url)
+        with session_scope(self.url) as session:
+            running = self.exports.running(session)
+            frame = exports_frame(session)
+            recent = jobs.list_jobs(session, limit=JOB_LIST_LIMIT)
         notes = [f"Exports are written into <code>{esc(self.exports.root)}</code>."]
         if running:
             names = ", ".join(f"<b>{esc(Path(str(j.payload.get('out', ''))).name)}</b> ({esc(j.status)})"
                               for j in running)
             notes.append(f"Exports waiting or running: {names}. This page refreshes until they finish.")
-        recent = jobs.list_jobs(self.url, limit=JOB_LIST_LIMIT)
         return {
             w.export_table: frame if not frame.empty else pd.DataFrame({"": ["no exports yet"]}),
             w.export_info: "<p>" + "<br>".join(notes) + "</p>" + render_jobs(recent),
@@ -818,7 +821,8 @@ class Dashboard:
         w = self.w
         try:
             flt = export_filter(statuses, min_quality, min_complexity)
-            job = self.exports.start(lead, fmt, name, val_fraction, flt)
+            with session_scope(self.url, write=True) as session:
+                job = self.exports.start(session, lead, fmt, name, val_fraction, flt)
         except (ExportRequestError, PermissionError) as exc:
             return self.on_exports(request) | {w.export_status: status_line(str(exc), error=True)}
         return self.on_exports(request) | {
@@ -851,7 +855,9 @@ def grounding_figure(frame: pd.DataFrame) -> go.Figure:
 def grounding_view(url: str, request: gr.Request | None) -> tuple[go.Figure, pd.DataFrame]:
     """The tab's figure and table, for a lead or admin only."""
     lead_of(url, request)
-    frame = dd.grounding_vs_corrections(*dd.grounding_frames(url))
+    with session_scope(url) as session:
+        frames = dd.grounding_frames(session)
+    frame = dd.grounding_vs_corrections(*frames)
     return grounding_figure(frame), frame
 
 

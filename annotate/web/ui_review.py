@@ -667,8 +667,9 @@ class ReviewApp:
             return self._preview_out(sample_id, target)
         try:
             version = previews.current_version(self.settings)
-            status = previews.find_preview(self.url, sample_id, version, seed=self.preview_seed,
-                                           params=self.preview_params)
+            with session_scope(self.url) as session:
+                status = previews.find_preview(session, sample_id, version, seed=self.preview_seed,
+                                               params=self.preview_params)
         except Exception as exc:  # a preview problem must never keep the sample off the screen
             log.exception("could not look up the preview of sample %s", sample_id)
             return self._preview_out(sample_id, target, note=f"Could not look up a preview: {exc}", error=True)
@@ -683,8 +684,9 @@ class ReviewApp:
         if self.preview_off:
             return self._preview_out(sample_id, target)
         try:
-            status = previews.request_preview(self.url, sample_id, user.id, seed=self.preview_seed,
-                                              params=self.preview_params, settings=self.settings)
+            with session_scope(self.url, write=True) as session:
+                status = previews.request_preview(session, sample_id, user.id, seed=self.preview_seed,
+                                                  params=self.preview_params, settings=self.settings)
         except (ValueError, PermissionError) as exc:  # PreviewError, PreviewUnavailable: say why
             return self._preview_out(sample_id, target, note=str(exc), error=True)
         except Exception as exc:
@@ -701,7 +703,8 @@ class ReviewApp:
         if not job or job.get("sample_id") != _on_screen(screen)[0]:
             return {w.preview_job: None, w.preview_timer: gr.Timer(active=False)}
         try:
-            status = previews.preview_status(self.url, int(job["preview_id"]))
+            with session_scope(self.url) as session:
+                status = previews.preview_status(session, int(job["preview_id"]))
         except Exception as exc:
             return self._preview_out(job["sample_id"], job.get("target"), note=str(exc), error=True)
         return self._preview_out(job["sample_id"], job.get("target"), status)

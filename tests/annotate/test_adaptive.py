@@ -165,11 +165,15 @@ def test_dashboard_figures_and_exports_carry_the_posterior(sqlite_url: str) -> N
             lease = write_tx(sqlite_url, next_sample, rater)
             if lease is not None:
                 write_tx(sqlite_url, submit_review, rater, lease.sample_id, GOOD)
-    figures = reliability_figures(sqlite_url, refit=True)
+    with session_scope(sqlite_url) as session, pytest.raises(RuntimeError, match="refitting rater reliability"):
+        reliability_figures(session, refit=True)  # stores a fit: a write session only
+    with session_scope(sqlite_url, write=True) as session:
+        figures = reliability_figures(session, refit=True)
     assert figures["fit_id"] is not None and {r["rater"] for r in figures["raters"]} <= {
         f"{name}" for name in _usernames(sqlite_url)
     }
-    budget = review_budget(sqlite_url)
+    with session_scope(sqlite_url) as session:
+        budget = review_budget(session)
     assert budget["by_policy"][0]["policy"] == "fixed" and budget["by_policy"][0]["reviews_per_sample"] == 2
     assert budget["decided_after"]["2"] == 1.0
     assert budget["expected_wrong_decisions"] is not None and budget["reliability_over_time"]

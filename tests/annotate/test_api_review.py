@@ -492,14 +492,16 @@ def test_export_handlers_refuse_non_leads_and_paths_outside_the_exports_folder(
     assert _export_size(settings.database_url, {"statuses": ["rejected"]}, None) == 0
     out = dashboard.on_export_start("parquet", "", 0.05, ["accepted", "rejected"], 5.0, None, lead)
     assert "started into" in out["export_status"]
-    [queued] = jobs.list_jobs(settings.database_url, kind="export")
+    with session_scope(settings.database_url) as session:
+        [queued] = jobs.list_jobs(session, kind="export")
     assert queued.status == "queued" and "jobs-table" in dashboard.on_exports(lead)["export_info"]
     worker = Worker(settings, kinds=["export"], poll_s=0.1).start()
     try:
         assert dashboard.exports.wait(timeout=120)
     finally:
         worker.stop()
-    assert jobs.get(settings.database_url, queued.id).status == "done"
+    with session_scope(settings.database_url) as session:
+        assert jobs.get(session, queued.id).status == "done"
     row = _wait_for_export(settings.database_url)
     assert row.status == JobStatus.done and row.n_samples == 0 and row.format == "parquet"
     assert Path(row.path).parent == (settings.data_dir / "exports").resolve()
@@ -514,7 +516,8 @@ def test_the_server_times_reviews_the_client_does_not(site: Site, client: TestCl
     sample_id = client.get("/api/review/next").json()["sample_id"]
     time.sleep(0.2)
     assert client.post(f"/api/review/{sample_id}", json=YES, headers=headers).status_code == 201  # no time_spent_s
-    frame = reviews_frame(site.url)
+    with session_scope(site.url) as session:
+        frame = reviews_frame(session)
     assert frame["time_spent_s"].isna().all() and median_seconds_per_review(frame) is None
     assert 0.2 <= frame["server_s"].iloc[0] < 60
     assert median_seconds_per_review(frame, "server_s") == frame["server_s"].iloc[0]

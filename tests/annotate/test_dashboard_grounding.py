@@ -72,7 +72,8 @@ def test_grounding_frames_read_corrections_and_candidates(migrated_url: str) -> 
         add_review(session, sample, make_user(session, "rater-h"))  # no corrections
         make_user(session, "lead-g", Role.lead)
         make_user(session, "guest-g", Role.participant)
-    corrections, candidates = dd.grounding_frames(migrated_url)
+    with session_scope(migrated_url) as session:
+        corrections, candidates = dd.grounding_frames(session)
     assert len(corrections) == 2 and len(candidates) == 4
     assert set(corrections["operation"]) == {"add", "remove"}  # the factory's operations of turns 1 and 2
     out = dd.grounding_vs_corrections(corrections, candidates)

@@ -21,7 +21,8 @@ def test_reviews_and_decisions_round_trip(migrated_url, store, tmp_path, suffix)
         session.add(Decision(sample_id=a12, outcome="rejected", source="lead", decided_by=lena, reason="blurry"))
         n_reviews = session.scalar(select(func.count()).select_from(Review))
         n_decisions = session.scalar(select(func.count()).select_from(Decision))
-    result = export_reviews(migrated_url, tmp_path / "out" / f"reviews{suffix}")
+    with session_scope(migrated_url) as session:
+        result = export_reviews(session, tmp_path / "out" / f"reviews{suffix}")
     assert (result.n_reviews, result.n_decisions) == (n_reviews, n_decisions)
     assert result.decisions_path == tmp_path / "out" / f"reviews-decisions{suffix}"
     read = pd.read_csv if suffix == ".csv" else pd.read_parquet
@@ -41,5 +42,5 @@ def test_reviews_and_decisions_round_trip(migrated_url, store, tmp_path, suffix)
 
 
 def test_unknown_suffix_is_refused(sqlite_url, tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"must end in \.csv or \.parquet"):
-        export_reviews(sqlite_url, tmp_path / "reviews.xlsx")
+    with session_scope(sqlite_url) as session, pytest.raises(ValueError, match=r"must end in \.csv or \.parquet"):
+        export_reviews(session, tmp_path / "reviews.xlsx")
