@@ -23,7 +23,7 @@ from mcie.db.migrate import upgrade
 from mcie.db.models import Decision, ReliabilityFit, Sample, SampleStatus
 from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
-from tests.annotate.tx import write_tx
+from tests.annotate.tx import read_tx, write_tx
 
 GOOD = Answer(consistent=True, quality=5, complexity=5)
 ADAPTIVE = {"gold_rate": 0.0, "calibration_share": 0.0, "review_policy": "adaptive",
@@ -135,13 +135,13 @@ def test_preview_and_apply_the_decision_rule(any_db_url: str) -> None:
         _review(any_db_url, a, first)
         _review(any_db_url, b, second)
     assert _sample(any_db_url, samples[1])[0] == SampleStatus.needs_adjudication  # paper rule: a split
-    preview = preview_rule(any_db_url, decision_rule="weighted")
+    preview = read_tx(any_db_url, preview_rule, decision_rule="weighted")
     assert preview["needs_adjudication"] == 0 and preview["would_change"] >= 1
-    assert preview_rule(any_db_url)["would_change"] == 0  # the current rule on its own decisions
+    assert read_tx(any_db_url, preview_rule)["would_change"] == 0  # the current rule on its own decisions
     with pytest.raises(PermissionError):
-        apply_rule(any_db_url, None, a, decision_rule="weighted")
-    counts = apply_rule(any_db_url, None, lead, decision_rule="weighted", accept_at=0.6)
-    assert counts["changed"] == preview_rule(any_db_url, decision_rule="paper")["would_change"] >= 1
+        write_tx(any_db_url, apply_rule, None, a, decision_rule="weighted")
+    counts = write_tx(any_db_url, apply_rule, None, lead, decision_rule="weighted", accept_at=0.6)
+    assert counts["changed"] == read_tx(any_db_url, preview_rule, decision_rule="paper")["would_change"] >= 1
     with session_scope(any_db_url) as session:
         config = get_project_config(session)
         assert (config.decision_rule, config.weighted.accept_at) == ("weighted", 0.6)
