@@ -468,7 +468,7 @@ def release_leases(url: str, user_id: int) -> int:
 # JSON for leads (monitoring, scripts)
 
 
-def no_store(response: Response) -> None:
+async def no_store(response: Response) -> None:
     """Answers about the moment are never cached."""
     response.headers.update(NO_STORE)
 
