@@ -157,8 +157,8 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and refit rater
-    reliability when enough new reviews came in (``adaptive.refit_every``)."""
+    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and queue a
+    refit of rater reliability (a ``reliability`` job) when enough new reviews came in (``adaptive.refit_every``)."""
     task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url, app.state.throttle))
     try:
         yield
@@ -172,11 +172,15 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
     """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
     ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from mcie.annotate.queue import expire_leases
-    from mcie.annotate.reliability_service import refit_when_due
+    from mcie.annotate.reliability_service import queue_refit_when_due
 
     def sweep_leases() -> int:
         with session_scope(url, write=True) as session:
             return expire_leases(session)
+
+    def queue_refit(url: str) -> int | None:
+        with session_scope(url, write=True) as session:
+            return queue_refit_when_due(session)
 
     sweeps = 0
     while True:
@@ -184,9 +188,9 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
             expired = await anyio.to_thread.run_sync(sweep_leases)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
-            fit_id = await anyio.to_thread.run_sync(refit_when_due, url)
-            if fit_id is not None:
-                log.info("refitted rater reliability (fit %d)", fit_id)
+            job_id = await anyio.to_thread.run_sync(queue_refit, url)
+            if job_id is not None:
+                log.info("queued a refit of rater reliability (job %d)", job_id)
             if sweeps % 60 == 0:
                 await anyio.to_thread.run_sync(_purge_runtime_tables, url, throttle)
         except Exception:  # the sweep must outlive a database hiccup
