@@ -98,7 +98,7 @@ from mcie.db.models import (
     User,
     utcnow,
 )
-from mcie.db.session import require_write, session_scope
+from mcie.db.session import require_write
 
 RuleOutcome = Literal["accepted", "rejected", "needs_adjudication"]
 Criterion = Literal["pass", "fail", "disputed"]
@@ -450,7 +450,11 @@ def _config_with(
 
 
 def preview_rule(
-    url: str, rule: AcceptanceRule | None = None, *, decision_rule: str | None = None, accept_at: float | None = None
+    session: Session,
+    rule: AcceptanceRule | None = None,
+    *,
+    decision_rule: str | None = None,
+    accept_at: float | None = None,
 ) -> dict[str, int]:
     """What the decision rule would do to the settled (reviewed) samples, without writing anything: the current
     configuration with ``rule`` (thresholds), ``decision_rule`` (paper or weighted) and ``accept_at`` (the weighted
@@ -459,11 +463,9 @@ def preview_rule(
     Keys: ``accepted``, ``rejected``, ``needs_adjudication`` (rule-decided samples under the new rule),
     ``kept_lead_decisions`` (samples a lead decided: they keep their decision) and ``would_change``.
     """
-    with session_scope(url) as session:
-        config = _config_with(get_project_config(session), rule, decision_rule, accept_at)
-        counts, _ = _what_if(*_settled_reviews(session, lock=False), _decider(session, config))
-        session.rollback()
-        return counts
+    config = _config_with(get_project_config(session), rule, decision_rule, accept_at)
+    counts, _ = _what_if(*_settled_reviews(session, lock=False), _decider(session, config))
+    return counts
 
 
 def _check_lead(session: Session, user_id: int, action: str) -> User:
@@ -475,7 +477,7 @@ def _check_lead(session: Session, user_id: int, action: str) -> User:
 
 
 def apply_rule(
-    url: str,
+    session: Session,
     rule: AcceptanceRule | None,
     actor_id: int,
     *,
@@ -489,23 +491,23 @@ def apply_rule(
     changed, each with a decision or audit entry naming ``actor_id``). Raises PermissionError unless ``actor_id`` is
     an active lead or admin.
     """
-    with session_scope(url, write=True) as session:
-        _check_lead(session, actor_id, "change the acceptance rule")
-        current = get_project_config(session)
-        config = _config_with(current, rule, decision_rule, accept_at)
-        changes_: dict[str, Any] = {}
-        if rule is not None:
-            changes_["acceptance"] = rule.model_dump()
-        if decision_rule is not None:
-            changes_["decision_rule"] = decision_rule
-        if accept_at is not None:
-            changes_["weighted"] = {"accept_at": accept_at}
-        if changes_:
-            set_project_config(session, changes_, actor_id=actor_id)
-        statuses, answers, lead_ids = _settled_reviews(session, lock=True)
-        counts, changes = _what_if(statuses, answers, lead_ids, _decider(session, config))
-        _record_changes(session, statuses, changes, actor_id)
-        return counts | {"changed": len(changes)}
+    require_write(session, "changing the acceptance rule")
+    _check_lead(session, actor_id, "change the acceptance rule")
+    current = get_project_config(session)
+    config = _config_with(current, rule, decision_rule, accept_at)
+    changes_: dict[str, Any] = {}
+    if rule is not None:
+        changes_["acceptance"] = rule.model_dump()
+    if decision_rule is not None:
+        changes_["decision_rule"] = decision_rule
+    if accept_at is not None:
+        changes_["weighted"] = {"accept_at": accept_at}
+    if changes_:
+        set_project_config(session, changes_, actor_id=actor_id)
+    statuses, answers, lead_ids = _settled_reviews(session, lock=True)
+    counts, changes = _what_if(statuses, answers, lead_ids, _decider(session, config))
+    _record_changes(session, statuses, changes, actor_id)
+    return counts | {"changed": len(changes)}
 
 
 def _record_changes(

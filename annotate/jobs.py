@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 from mcie.db.models import AuditLog, Job, QueueStatus, utcnow
 from mcie.db.session import require_write
 
-KINDS = ("export", "preview")
+KINDS = ("export", "preview", "reliability")
 ACTIVE = (QueueStatus.queued, QueueStatus.running)
 MAX_ERROR_CHARS = 4000
 LOST = "the worker running it stopped renewing its lease (killed or stalled)"

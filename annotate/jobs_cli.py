@@ -30,9 +30,9 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def worker_command(
-    kinds: Annotated[str, typer.Option("--kinds", help="Comma-separated job kinds to run: export, preview.")] = (
-        "export,preview"
-    ),
+    kinds: Annotated[
+        str, typer.Option("--kinds", help="Comma-separated job kinds to run: export, preview, reliability.")
+    ] = "export,preview,reliability",
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=64, help="Jobs run at once.")] = 1,
     grace_s: Annotated[float, typer.Option("--grace", min=0, help="Seconds running jobs get after SIGTERM.")] = 60.0,
 ) -> None:

@@ -23,9 +23,11 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from mcie.annotate.reliability import GOLD_COLUMNS, ReliabilityFit, default_fit, fit_reliability
-from mcie.db.models import GoldAnswer, MllmJudgement, MllmStage, Review, User
+from mcie.db.models import GoldAnswer, Job, MllmJudgement, MllmStage, QueueStatus, Review, User
 from mcie.db.models import ReliabilityFit as FitRow
-from mcie.db.session import session_scope
+from mcie.db.session import require_write, session_scope
+
+REFIT_JOB = "reliability"  # the job kind that runs refit_when_due in a worker
 
 _CACHE: dict[int, ReliabilityFit] = {}
 _CACHE_LOCK = threading.Lock()
@@ -137,16 +139,17 @@ def reviews_since_fit(session: Session) -> int:
 
 
 def refit_when_due(url: str) -> int | None:
-    """The server's sweep: when ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only
-    transaction (seconds on a large project; reviewers are not blocked) and store it in a short write one.
+    """The ``reliability`` job (queued by the web tier's sweep, :func:`queue_refit_when_due`): when
+    ``adaptive.refit_every`` reviews came in since the newest fit, fit in a read-only transaction (seconds on a large
+    project; reviewers are not blocked) and store it in a short write one.
 
     It takes the URL, not a ``Session``, because it runs its own two transactions: one write transaction around the
     whole fit would hold the database's write lock on SQLite (``BEGIN IMMEDIATE``) for those seconds and queue every
     reviewer's submit behind it. (:func:`refit` is the one-transaction form, for a caller's write session.)
 
-    Every web replica runs this sweep: when another replica stored a fit that saw as many reviews while this one was
-    computing, this fit is dropped (None), so the fit history, which the adaptive gold rate compares against, holds
-    no near-copies. (The check narrows the race to the short write transaction; it does not lock.)"""
+    When another process (a second job, ``mcie agreement --refit``) stored a fit that saw as many reviews while this
+    one was computing, this fit is dropped (None), so the fit history, which the adaptive gold rate compares
+    against, holds no near-copies. (The check narrows the race to the short write transaction; it does not lock.)"""
     from mcie.annotate.project import get_project_config
 
     with session_scope(url) as session:
@@ -157,6 +160,28 @@ def refit_when_due(url: str) -> int | None:
         if _newest_fit_reviews(session) >= fit.n_reviews:
             return None
         return store_fit(session, fit)
+
+
+def queue_refit_when_due(session: Session) -> int | None:
+    """The web tier's sweep: when a refit is due (as :func:`refit_when_due` judges it) and no ``reliability`` job is
+    queued or running, queue one; returns its job id, else None. The fit itself runs in a worker (``mcie worker``,
+    or ``mcie serve``'s own): seconds of CPU that a web replica should not spend between requests, and one worker
+    instead of every replica. Two replicas may both queue one in the same instant; the second job then finds
+    nothing due and stores nothing."""
+    from mcie.annotate import jobs
+    from mcie.annotate.project import get_project_config
+
+    require_write(session, "queueing a reliability refit")
+    if reviews_since_fit(session) < get_project_config(session).adaptive.refit_every:
+        return None
+    pending = session.scalar(
+        select(func.count()).select_from(Job).where(
+            Job.kind == REFIT_JOB, Job.status.in_((QueueStatus.queued, QueueStatus.running))
+        )
+    )
+    if pending:
+        return None
+    return jobs.submit(session, REFIT_JOB, {}, max_attempts=1).id
 
 
 def rater_report(fit: ReliabilityFit, user_id: int) -> Mapping[str, Any] | None:

@@ -14,7 +14,9 @@ Handlers (``kind -> handler(ctx, payload) -> result dict``):
 
 - ``export``: :func:`exports.api.run_export` with the payload's format, destination, filter and options;
 - ``preview``: one model preview (:mod:`annotate.previews`), with the model loaded once per worker process -
-  GPU hosts run ``mcie worker --kinds preview``, the web tier needs no GPU.
+  GPU hosts run ``mcie worker --kinds preview``, the web tier needs no GPU;
+- ``reliability``: a refit of rater reliability (:func:`annotate.reliability_service.refit_when_due`), queued by
+  the web tier's minute sweep when enough new reviews came in.
 
 ``mcie serve`` runs one in-process worker for every kind unless ``--no-worker`` is given.
 """
@@ -137,7 +139,15 @@ def preview_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
             "unchanged": status.status != previews.JobStatus.done.value}
 
 
-HANDLERS: dict[str, Handler] = {"export": export_handler, "preview": preview_handler}
+def reliability_handler(ctx: JobContext, payload: dict[str, Any]) -> dict[str, Any]:
+    from mcie.annotate.reliability_service import refit_when_due
+
+    ctx.progress(None, "fitting rater reliability")
+    return {"fit_id": refit_when_due(ctx.settings.database_url)}
+
+
+HANDLERS: dict[str, Handler] = {"export": export_handler, "preview": preview_handler,
+                                "reliability": reliability_handler}
 
 
 # ----------------------------------------------------------------------------------------------------------

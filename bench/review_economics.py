@@ -203,7 +203,8 @@ def run_policy(
         n_fits += 1
     online = decisions(url, truth, n_gold)
     if policy == "adaptive-weighted":
-        apply_rule(url, None, lead_id)  # re-settle under the final fit, as a lead does before exporting
+        with session_scope(url, write=True) as session:  # re-settle under the final fit, as a lead does
+            apply_rule(session, None, lead_id)
     final = decisions(url, truth, n_gold)
     with session_scope(url) as session:
         _, fit = reliability_service.latest_fit(session)

@@ -391,7 +391,7 @@ def main() -> None:
                         help="mcie serve --no-worker processes on one database (the web tier's replicas)")
     parser.add_argument("--keep", action="store_true", help="keep the database and data folder (and print them)")
     parser.add_argument("--review-policy", choices=("fixed", "adaptive"), default="fixed",
-                        help="the project's review policy (adaptive: follow-ups, adaptive gold, refits in the server)")
+                        help="the project's review policy (adaptive: follow-ups, adaptive gold, refits queued as jobs)")
     parser.add_argument("--decision-rule", choices=("paper", "weighted"), default="paper")
     args = parser.parse_args()
 

@@ -495,7 +495,7 @@ def test_compose_without_gpu_profile(compose_binary: str, tmp_path: Path, monkey
     assert any(v["type"] == "volume" and v["target"] == "/data" for v in app["volumes"]), "a volume on /data"
     assert app["build"]["dockerfile"] == "docker/Dockerfile"
     worker = model["services"]["worker"]
-    assert worker["command"][:3] == ["worker", "--kinds", "export,preview"]
+    assert worker["command"][:3] == ["worker", "--kinds", "export,preview,reliability"]
     assert worker["environment"] == app["environment"], "the worker sees the same database and store"
     assert worker["healthcheck"]["disable"] is True
 

@@ -113,9 +113,10 @@ def _error(code: int, message: str) -> HTTPException:
 Reviewer = Annotated[WebUser, Depends(require_reviewer)]
 
 
-def csrf_checked(request: Request, user: Reviewer, token: Annotated[str | None, Header(alias=CSRF_HEADER)] = None
-                 ) -> WebUser:
-    """The reviewer of a POST that carries the session's anti-forgery token (403 otherwise)."""
+async def csrf_checked(
+    request: Request, user: Reviewer, token: Annotated[str | None, Header(alias=CSRF_HEADER)] = None
+) -> WebUser:
+    """The reviewer of a POST that carries the session's anti-forgery token (403 otherwise; async: pure work)."""
     if not check_csrf(request, token):
         raise _error(status.HTTP_403_FORBIDDEN, f"missing or wrong {CSRF_HEADER} header: send the token of "
                                                 f"GET {PREFIX}/csrf")

@@ -216,22 +216,30 @@ def check_csrf(request: Request, submitted: str | None) -> bool:
 # FastAPI dependencies
 
 
-def require_user(request: Request) -> WebUser:
-    user = session_user(request)
+# Async on purpose: the session middleware read the user with the session row (``scope[USER_KEY]``), so checking
+# it is pure work; a sync dependency would cost every request a hop to the thread pool and back. A read from the
+# database (a session without that key: a sub-app outside the middleware) still runs in a worker thread.
+
+
+async def require_user(request: Request) -> WebUser:
+    if sessions.USER_KEY in request.scope or not request.scope.get("session"):
+        user = session_user(request)
+    else:
+        user = await anyio.to_thread.run_sync(session_user, request)
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "log in first")
     return user
 
 
-def require_reviewer(request: Request) -> WebUser:
-    user = require_user(request)
+async def require_reviewer(request: Request) -> WebUser:
+    user = await require_user(request)
     if not user.is_reviewer:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only reviewers, leads and admins may do this")
     return user
 
 
-def require_lead(request: Request) -> WebUser:
-    user = require_user(request)
+async def require_lead(request: Request) -> WebUser:
+    user = await require_user(request)
     if not user.is_lead:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only leads and admins may do this")
     return user

@@ -31,9 +31,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Form, Query, Request, status
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.middleware.cors import CORSMiddleware
@@ -72,6 +73,7 @@ from mcie.db.models import Image as ImageRow
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore
 
+NO_STORE = {"cache-control": "no-store"}
 log = logging.getLogger(__name__)
 
 
@@ -155,8 +157,8 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and refit rater
-    reliability when enough new reviews came in (``adaptive.refit_every``)."""
+    """While the app runs, expire abandoned leases every minute so their samples go back to the queue, and queue a
+    refit of rater reliability (a ``reliability`` job) when enough new reviews came in (``adaptive.refit_every``)."""
     task = asyncio.create_task(_expire_leases_forever(app.state.settings.database_url, app.state.throttle))
     try:
         yield
@@ -170,11 +172,15 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
     """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
     ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
     from mcie.annotate.queue import expire_leases
-    from mcie.annotate.reliability_service import refit_when_due
+    from mcie.annotate.reliability_service import queue_refit_when_due
 
     def sweep_leases() -> int:
         with session_scope(url, write=True) as session:
             return expire_leases(session)
+
+    def queue_refit(url: str) -> int | None:
+        with session_scope(url, write=True) as session:
+            return queue_refit_when_due(session)
 
     sweeps = 0
     while True:
@@ -182,9 +188,9 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
             expired = await anyio.to_thread.run_sync(sweep_leases)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
-            fit_id = await anyio.to_thread.run_sync(refit_when_due, url)
-            if fit_id is not None:
-                log.info("refitted rater reliability (fit %d)", fit_id)
+            job_id = await anyio.to_thread.run_sync(queue_refit, url)
+            if job_id is not None:
+                log.info("queued a refit of rater reliability (job %d)", job_id)
             if sweeps % 60 == 0:
                 await anyio.to_thread.run_sync(_purge_runtime_tables, url, throttle)
         except Exception:  # the sweep must outlive a database hiccup
@@ -271,15 +277,15 @@ class SecurityHeaders:
 
 
 def _add_routes(app: FastAPI) -> None:
-    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/healthz", healthz, methods=["GET"], responses={503: {"model": HealthOut}})
     app.add_api_route("/favicon.ico", lambda: Response(status_code=204), methods=["GET"], include_in_schema=False)
     app.add_api_route("/", home, methods=["GET"])
     app.add_api_route("/login", login_page, methods=["GET"], response_class=HTMLResponse)
     app.add_api_route("/login", login_submit, methods=["POST"], response_class=HTMLResponse)
     app.add_api_route("/logout", logout, methods=["POST"])
-    app.add_api_route("/api/whoami", whoami, methods=["GET"])
-    app.add_api_route("/api/status", api_status, methods=["GET"])
-    app.add_api_route("/api/agreement", api_agreement, methods=["GET"])
+    app.add_api_route("/api/whoami", whoami, methods=["GET"], dependencies=[Depends(no_store)])
+    app.add_api_route("/api/status", api_status, methods=["GET"], dependencies=[Depends(no_store)])
+    app.add_api_route("/api/agreement", api_agreement, methods=["GET"], dependencies=[Depends(no_store)])
     app.add_api_route("/img/{sha256}", full_image, methods=["GET", "HEAD"])
     app.add_api_route("/thumb/{sha256}", thumbnail, methods=["GET", "HEAD"])
 
@@ -288,21 +294,35 @@ def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def healthz(request: Request) -> JSONResponse:
+class HealthOut(BaseModel):
+    """``GET /healthz``: 200 when the database answers at the newest schema, else 503 (load balancers, compose)."""
+
+    ok: bool
+    database: bool
+    schema_revision: str | None
+    schema_head: str
+    schema_current: bool
+    error: str | None = None  # the exception's type only: never the URL
+
+
+def healthz(request: Request, response: Response) -> HealthOut:
     from mcie.db import migrate
     from mcie.db.session import ping
 
     url = _settings(request).database_url
-    body: dict[str, Any] = {"ok": False, "database": False, "schema_revision": None, "schema_head": migrate.head()}
+    database, revision, error = False, None, None
     try:
         ping(url)
-        body["database"] = True
-        body["schema_revision"] = migrate.current(url)
+        database = True
+        revision = migrate.current(url)
     except Exception as exc:  # any failure means "not reachable"; say which without leaking the URL
-        body["error"] = type(exc).__name__
-    body["schema_current"] = body["schema_revision"] == body["schema_head"]
-    body["ok"] = body["database"] and body["schema_current"]
-    return JSONResponse(body, status_code=200 if body["ok"] else 503, headers={"cache-control": "no-store"})
+        error = type(exc).__name__
+    head = migrate.head()
+    body = HealthOut(ok=database and revision == head, database=database, schema_revision=revision, schema_head=head,
+                     schema_current=revision == head, error=error)
+    response.status_code = 200 if body.ok else 503
+    response.headers.update(NO_STORE)
+    return body
 
 
 def home_path(user: WebUser) -> str:
@@ -452,49 +472,66 @@ def release_leases(url: str, user_id: int) -> int:
 # JSON for leads (monitoring, scripts)
 
 
-def whoami(user: WebUser = Depends(require_user)) -> JSONResponse:
+async def no_store(response: Response) -> None:
+    """Answers about the moment are never cached."""
+    response.headers.update(NO_STORE)
+
+
+User = Annotated[WebUser, Depends(require_user)]
+Lead = Annotated[WebUser, Depends(require_lead)]
+DB = Annotated[Session, Depends(get_session, scope="function")]
+
+
+class WhoamiOut(BaseModel):
+    username: str
+    role: str
+    name: str
+
+
+class StatusOut(BaseModel):
+    samples: dict[str, int]
+    remaining_reviews: int
+
+
+def whoami(user: User) -> WhoamiOut:
     """The logged-in user (the review page asks now and then, to say so at once when the session has ended)."""
-    body = {"username": user.username, "role": user.role.value, "name": user.shown_name}
-    return JSONResponse(body, headers={"cache-control": "no-store"})
+    return WhoamiOut(username=user.username, role=user.role.value, name=user.shown_name)
 
 
-def api_status(
-    user: WebUser = Depends(require_lead), session: Session = Depends(get_session, scope="function")
-) -> JSONResponse:
+def api_status(user: Lead, session: DB) -> StatusOut:
     """Samples by status and the reviews still wanted (leads and admins)."""
     from mcie.annotate import dashboard_data
 
-    body = {"samples": dashboard_data.status_counts(session),
-            "remaining_reviews": dashboard_data.remaining_reviews(session)}
-    return JSONResponse(body, headers={"cache-control": "no-store"})
+    return StatusOut(samples=dashboard_data.status_counts(session),
+                     remaining_reviews=dashboard_data.remaining_reviews(session))
 
 
-def api_agreement(
-    n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000,
-    user: WebUser = Depends(require_lead),
-    session: Session = Depends(get_session, scope="function"),
-) -> JSONResponse:
-    """Every agreement figure of the dashboard as JSON (leads and admins; what ``mcie agreement --json`` prints)."""
+def api_agreement(user: Lead, session: DB, n_boot: Annotated[int, Query(ge=0, le=5000)] = 1000) -> dict[str, Any]:
+    """Every agreement figure of the dashboard as JSON (leads and admins; what ``mcie agreement --json`` prints, from
+    :func:`annotate.dashboard_data.agreement_figures`: one shape for the CLI and the API)."""
     from mcie.annotate import dashboard_data
 
-    figures = dashboard_data.agreement_figures(session, n_boot=n_boot)
-    return JSONResponse(figures, headers={"cache-control": "no-store"})
+    return dashboard_data.agreement_figures(session, n_boot=n_boot)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # images by content hash
 
 
-def _image_row(url: str, sha256: str) -> tuple[str, int, int] | None:
-    with session_scope(url) as session:
-        row = session.scalar(select(ImageRow).where(ImageRow.sha256 == sha256))
-        return None if row is None else (row.format.upper(), row.width, row.height)
-
-
-def _check_sha(sha256: str) -> Response | None:
+def stored_image(request: Request, sha256: str) -> str:
+    """The path's image hash, known to the database (400 for a malformed hash, 404 for an unknown one); its format,
+    upper-case (``PNG``). The lookup's transaction ends before the bytes are read."""
     if not SHA256_RE.fullmatch(sha256):
-        return JSONResponse({"detail": "expected a sha256: 64 lower-case hex digits"}, status_code=400)
-    return None
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "expected a sha256: 64 lower-case hex digits")
+    with session_scope(_settings(request).database_url) as session:
+        fmt = session.scalar(select(ImageRow.format).where(ImageRow.sha256 == sha256))
+    if fmt is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such image")
+    return fmt.upper()
+
+
+StoredImage = Annotated[str, Depends(stored_image)]
+MISSING_BYTES = "the image's bytes are missing from the store"
 
 
 def _not_modified(request: Request, etag: str) -> bool:
@@ -507,18 +544,12 @@ def _image_response(request: Request, data: bytes, media_type: str, etag: str) -
     return Response(b"" if request.method == "HEAD" else data, media_type=media_type, headers=headers)
 
 
-def full_image(request: Request, sha256: str, user: WebUser = Depends(require_user)) -> Response:
+def full_image(request: Request, sha256: str, user: User, fmt: StoredImage) -> Response:
     """The image with this content hash (PNG, JPEG, WebP as stored; BMP and TIFF converted to PNG for browsers)."""
-    if (bad := _check_sha(sha256)) is not None:
-        return bad
-    found = _image_row(_settings(request).database_url, sha256)
-    if found is None:
-        return JSONResponse({"detail": "no such image"}, status_code=404)
     etag = f'"{sha256}"'
     if _not_modified(request, etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMAGE_CACHE})
     store: ImageStore = request.app.state.store
-    fmt = found[0]
     try:
         if fmt in BROWSER_FORMATS:
             return _image_response(request, store.get(sha256), BROWSER_FORMATS[fmt], etag)
@@ -527,25 +558,23 @@ def full_image(request: Request, sha256: str, user: WebUser = Depends(require_us
         return _image_response(request, out.getvalue(), "image/png", etag)
     except KeyError:
         log.error("image %s is in the database but not in the store", sha256)
-        return JSONResponse({"detail": "the image's bytes are missing from the store"}, status_code=404)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, MISSING_BYTES) from None
 
 
-def thumbnail(
-    request: Request,
-    sha256: str,
-    size: Annotated[int | None, Query()] = None,
-    user: WebUser = Depends(require_user),
-) -> Response:
-    """A WebP thumbnail of the image with this hash; ``size`` (longest side) is one of :data:`THUMB_SIZES`."""
-    if (bad := _check_sha(sha256)) is not None:
-        return bad
+def thumb_size(request: Request, size: Annotated[int | None, Query()] = None) -> int:
+    """The thumbnail's longest side: one of :data:`THUMB_SIZES` or the configured size (400 otherwise)."""
     settings = _settings(request)
     size = size or settings.thumbnail_size
     if size not in (*THUMB_SIZES, settings.thumbnail_size):
-        return JSONResponse({"detail": f"size must be one of {sorted({*THUMB_SIZES, settings.thumbnail_size})}"},
-                            status_code=400)
-    if _image_row(settings.database_url, sha256) is None:
-        return JSONResponse({"detail": "no such image"}, status_code=404)
+        raise HTTPException(status.HTTP_400_BAD_REQUEST,
+                            f"size must be one of {sorted({*THUMB_SIZES, settings.thumbnail_size})}")
+    return size
+
+
+def thumbnail(
+    request: Request, sha256: str, user: User, size: Annotated[int, Depends(thumb_size)], fmt: StoredImage
+) -> Response:
+    """A WebP thumbnail of the image with this hash; ``size`` (longest side) is one of :data:`THUMB_SIZES`."""
     etag = f'"{sha256}"'  # an ETag is per URL, and the size is part of the URL
     if _not_modified(request, etag):
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": IMAGE_CACHE})
@@ -553,5 +582,5 @@ def thumbnail(
         data = request.app.state.store.thumbnail(sha256, size)
     except KeyError:
         log.error("image %s is in the database but not in the store", sha256)
-        return JSONResponse({"detail": "the image's bytes are missing from the store"}, status_code=404)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, MISSING_BYTES) from None
     return _image_response(request, data, "image/webp", etag)

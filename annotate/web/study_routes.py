@@ -329,7 +329,7 @@ def screen_payload(
     return body
 
 
-def _no_store(response: Response) -> None:
+async def _no_store(response: Response) -> None:
     response.headers.update(NO_STORE)
 
 

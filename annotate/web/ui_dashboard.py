@@ -648,6 +648,7 @@ class Dashboard:
         lead_of(self.url, request)
         with session_scope(self.url) as session:
             config = get_project_config(session)
+            counts = preview_rule(session, config.acceptance)
         rule = config.acceptance
         w = self.w
         return {
@@ -655,8 +656,7 @@ class Dashboard:
             w.rule_quality: rule.quality_above,
             w.rule_complexity: rule.complexity_above,
             w.rule_spread: rule.max_score_spread,
-            w.rule_preview: "<p>Current rule on the reviewed samples:</p>" + render_preview(preview_rule(self.url,
-                                                                                                         rule)),
+            w.rule_preview: "<p>Current rule on the reviewed samples:</p>" + render_preview(counts),
             w.show_mllm: config.show_mllm_verdict_before_submit,
         }
 
@@ -666,8 +666,10 @@ class Dashboard:
             rule = self._rule(consistent, quality, complexity, spread)
         except ValueError as exc:
             return {self.w.rule_status: status_line(str(exc), error=True)}
+        with session_scope(self.url) as session:
+            counts = preview_rule(session, rule)
         return {
-            self.w.rule_preview: "<p>With these thresholds:</p>" + render_preview(preview_rule(self.url, rule)),
+            self.w.rule_preview: "<p>With these thresholds:</p>" + render_preview(counts),
             self.w.rule_status: status_line("Preview only - nothing was changed. Apply to make it the rule."),
             self.w.rule_previewed: rule.model_dump(),
         }
@@ -679,7 +681,8 @@ class Dashboard:
             rule = self._rule(consistent, quality, complexity, spread)
             if previewed != rule.model_dump():
                 return {self.w.rule_status: status_line("Preview these thresholds first, then apply.", error=True)}
-            counts = apply_rule(self.url, rule, lead.id)
+            with session_scope(self.url, write=True) as session:
+                counts = apply_rule(session, rule, lead.id)
         except (ValueError, PermissionError) as exc:
             return {self.w.rule_status: status_line(str(exc), error=True)}
         return {
@@ -696,7 +699,8 @@ class Dashboard:
         if decision_rule not in ("paper", "weighted"):
             return {w.decision_status: status_line("Choose the paper or the weighted rule.", error=True)}
         try:
-            counts = preview_rule(self.url, decision_rule=decision_rule, accept_at=float(accept_at))
+            with session_scope(self.url) as session:
+                counts = preview_rule(session, decision_rule=decision_rule, accept_at=float(accept_at))
         except ValueError as exc:
             return {w.decision_status: status_line(str(exc), error=True)}
         return {
@@ -715,7 +719,8 @@ class Dashboard:
         if previewed != chosen:
             return {w.decision_status: status_line("Preview this decision rule first, then apply.", error=True)}
         try:
-            counts = apply_rule(self.url, None, lead.id, decision_rule=decision_rule, accept_at=float(accept_at))
+            with session_scope(self.url, write=True) as session:
+                counts = apply_rule(session, None, lead.id, decision_rule=decision_rule, accept_at=float(accept_at))
         except (ValueError, PermissionError) as exc:
             return {w.decision_status: status_line(str(exc), error=True)}
         return {

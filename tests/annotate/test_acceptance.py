@@ -176,20 +176,20 @@ def test_preview_writes_nothing_and_apply_resettles_but_keeps_lead_decisions(mig
 
     before = snapshot()
     lenient = AcceptanceRule(quality_above=2)
-    assert preview_rule(url, lenient) == {
+    assert read_tx(url, preview_rule, lenient) == {
         "accepted": 2,  # good, meh
         "rejected": 0,
         "needs_adjudication": 1,  # split
         "kept_lead_decisions": 1,  # vetoed
         "would_change": 1,  # meh
     }
-    assert preview_rule(url, AcceptanceRule(require_consistent=False))["accepted"] == 2  # good, split
+    assert read_tx(url, preview_rule, AcceptanceRule(require_consistent=False))["accepted"] == 2  # good, split
     assert snapshot() == before
 
     with pytest.raises(PermissionError, match="only an active lead or admin"):
-        apply_rule(url, lenient, ids["rater"])
+        write_tx(url, apply_rule, lenient, ids["rater"])
     assert snapshot() == before
-    result = apply_rule(url, lenient, ids["lead"])
+    result = write_tx(url, apply_rule, lenient, ids["lead"])
     assert result["changed"] == 1 and result["accepted"] == 2
     assert _statuses(url)[ids["meh"]] == SampleStatus.accepted
     assert _statuses(url)[ids["vetoed"]] == SampleStatus.rejected  # the lead's decision stays
@@ -201,7 +201,7 @@ def test_preview_writes_nothing_and_apply_resettles_but_keeps_lead_decisions(mig
     assert history[1].rule["quality_above"] == 2 and history[1].decided_by is not None
 
     strict = AcceptanceRule(require_consistent=False, quality_above=4)
-    apply_rule(url, strict, ids["lead"])  # the split sample now fails on quality: rejected
+    write_tx(url, apply_rule, strict, ids["lead"])  # the split sample now fails on quality: rejected
     assert _statuses(url)[ids["split"]] == SampleStatus.rejected
     assert [(h.outcome, h.decision_id is None) for h in read_tx(url, decision_history, ids["split"])] == [
         ("needs_adjudication", True),

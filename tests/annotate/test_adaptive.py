@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from mcie.db.migrate import upgrade
 from mcie.db.models import Decision, ReliabilityFit, Sample, SampleStatus
 from mcie.db.session import session_scope
 from tests.annotate.factories import add_conflict_judgement, configure, make_sample, make_user, make_users
-from tests.annotate.tx import write_tx
+from tests.annotate.tx import read_tx, write_tx
 
 GOOD = Answer(consistent=True, quality=5, complexity=5)
 ADAPTIVE = {"gold_rate": 0.0, "calibration_share": 0.0, "review_policy": "adaptive",
@@ -135,13 +136,13 @@ def test_preview_and_apply_the_decision_rule(any_db_url: str) -> None:
         _review(any_db_url, a, first)
         _review(any_db_url, b, second)
     assert _sample(any_db_url, samples[1])[0] == SampleStatus.needs_adjudication  # paper rule: a split
-    preview = preview_rule(any_db_url, decision_rule="weighted")
+    preview = read_tx(any_db_url, preview_rule, decision_rule="weighted")
     assert preview["needs_adjudication"] == 0 and preview["would_change"] >= 1
-    assert preview_rule(any_db_url)["would_change"] == 0  # the current rule on its own decisions
+    assert read_tx(any_db_url, preview_rule)["would_change"] == 0  # the current rule on its own decisions
     with pytest.raises(PermissionError):
-        apply_rule(any_db_url, None, a, decision_rule="weighted")
-    counts = apply_rule(any_db_url, None, lead, decision_rule="weighted", accept_at=0.6)
-    assert counts["changed"] == preview_rule(any_db_url, decision_rule="paper")["would_change"] >= 1
+        write_tx(any_db_url, apply_rule, None, a, decision_rule="weighted")
+    counts = write_tx(any_db_url, apply_rule, None, lead, decision_rule="weighted", accept_at=0.6)
+    assert counts["changed"] == read_tx(any_db_url, preview_rule, decision_rule="paper")["would_change"] >= 1
     with session_scope(any_db_url) as session:
         config = get_project_config(session)
         assert (config.decision_rule, config.weighted.accept_at) == ("weighted", 0.6)
@@ -413,6 +414,44 @@ def test_the_server_sweep_refits_only_when_enough_new_reviews_came_in(sqlite_url
         stored_id, fit = reliability_service.latest_fit(session)
     assert stored_id == fit_id and fit.n_reviews == 12
     assert all("previous_skill" in report for report in fit.reports)
+
+
+def test_the_sweep_queues_one_refit_job_and_a_worker_runs_it(any_db_url: str, tmp_path: Path) -> None:
+    """The web tier only queues a ``reliability`` job when a refit is due (never two at once); a worker fits."""
+    from mcie.annotate import jobs
+    from mcie.annotate.worker import Worker
+    from mcie.config import Settings
+
+    _, raters, _ = _project(any_db_url, 12, 2, gold_rate=0.0, calibration_share=0.0, reviews_per_sample=2,
+                            adaptive={"refit_every": 10})
+    for _ in range(4):
+        for rater in raters:
+            _review(any_db_url, rater)
+    assert write_tx(any_db_url, reliability_service.queue_refit_when_due) is None  # 8 reviews < 10
+    with session_scope(any_db_url) as session, pytest.raises(RuntimeError, match="queueing a reliability refit"):
+        reliability_service.queue_refit_when_due(session)
+    for rater in raters:
+        _review(any_db_url, rater)
+    job_id = write_tx(any_db_url, reliability_service.queue_refit_when_due)
+    assert job_id is not None
+    assert write_tx(any_db_url, reliability_service.queue_refit_when_due) is None  # one is queued already
+    with session_scope(any_db_url) as session:
+        assert session.scalar(select(func.count()).select_from(ReliabilityFit)) == 0  # the web tier fitted nothing
+    settings = Settings(database_url=any_db_url, data_dir=tmp_path)
+    worker = Worker(settings, kinds=["reliability"], poll_s=0.05).start()
+    try:
+        for _ in range(400):
+            job = read_tx(any_db_url, jobs.get, job_id)
+            if job.status in ("done", "failed"):
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop(5.0)
+    assert job.status == "done", job.error
+    with session_scope(any_db_url) as session:
+        stored_id, fit = reliability_service.latest_fit(session)
+    assert job.result == {"fit_id": stored_id} and fit.n_reviews == 10
+    assert write_tx(any_db_url, reliability_service.queue_refit_when_due) is None  # not due again
 
 
 def test_a_replica_drops_its_refit_when_another_stored_one_meanwhile(sqlite_url: str, monkeypatch) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -41,8 +39,8 @@ from tests.annotate.factories import (
     make_sample,
     make_user,
 )
+from tests.annotate.tx import read_tx
 
-T = TypeVar("T")
 DAY1 = datetime(2025, 3, 3, 10, 0, tzinfo=UTC)
 DAY3 = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
 SHARE = 0.5
@@ -91,15 +89,10 @@ def project(migrated_url: str) -> tuple[str, dict[str, int]]:
     return url, ids
 
 
-def _read(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(session, ...)`` in a read transaction of its own (as the dashboard calls the loaders)."""
-    with session_scope(url) as session:
-        return fn(session, *args, **kwargs)
-
 
 def test_loaders(project) -> None:
     url, ids = project
-    frame = _read(url, reviews_frame)
+    frame = read_tx(url, reviews_frame)
     assert tuple(frame.columns) == REVIEW_COLUMNS
     assert len(frame) == sum(len(v) for v in ANSWERS.values())
     assert str(frame["created_at"].dt.tz) == "UTC"
@@ -113,7 +106,7 @@ def test_loaders(project) -> None:
     bob_day1 = frame[(frame["rater"] == "bob") & (frame["sample_id"] == ids["s1"])]["created_at"].iloc[0]
     assert bob_day1.date() == DAY1.date()
 
-    samples = _read(url, samples_frame).set_index("sample_id")
+    samples = read_tx(url, samples_frame).set_index("sample_id")
     assert samples.loc[ids["s1"], "n_reviews"] == 3 and samples.loc[ids["s7"], "n_reviews"] == 0
     assert samples.loc[ids["gold"], "is_gold"] and not samples.loc[ids["gold"], "is_calibration"]
     assert samples.loc[ids["s5"], "mllm_verdict"] == "no_conflict"  # the newest verdict
@@ -121,13 +114,13 @@ def test_loaders(project) -> None:
     assert pd.isna(samples.loc[ids["s6"], "mllm_verdict"])
     assert samples.loc[ids["s2"], "status"] == "rejected"
 
-    assert _read(url, status_counts) == {
+    assert read_tx(url, status_counts) == {
         "filtering": 0, "filtered_out": 0, "ready": 2, "in_review": 2, "accepted": 2, "rejected": 2,
         "needs_adjudication": 0,
     }
     config = ProjectConfig(calibration_share=SHARE, reviews_per_sample=1, calibration_reviews=3)
     expected = sum(max(reviews_wanted(ids[s], config) - len(ANSWERS.get(s, {})), 0) for s in ("s5", "s6", "s7"))
-    assert _read(url, remaining_reviews) == expected
+    assert read_tx(url, remaining_reviews) == expected
 
 
 def test_calibration_mask_matches_the_queue() -> None:
@@ -139,7 +132,7 @@ def test_calibration_mask_matches_the_queue() -> None:
 
 def test_work_figures(project) -> None:
     url, _ = project
-    frame = _read(url, reviews_frame)
+    frame = read_tx(url, reviews_frame)
     per_day = reviews_per_reviewer_per_day(frame)
     assert [tuple(r) for r in per_day.itertuples(index=False)] == [
         (date(2025, 3, 3), "ann", 3),
@@ -175,7 +168,7 @@ def test_work_figures(project) -> None:
 
 def test_agreement_figures(project) -> None:
     url, ids = project
-    figures = _read(url, agreement_figures, n_boot=200, seed=1, min_shared=2)
+    figures = read_tx(url, agreement_figures, n_boot=200, seed=1, min_shared=2)
     json.dumps(figures, allow_nan=False)
     assert (figures["n_reviews"], figures["n_reviewers"], figures["n_gold_reviews"]) == (16, 3, 2)
 
@@ -225,13 +218,13 @@ def test_agreement_figures(project) -> None:
 
 
 def test_agreement_figures_on_an_empty_project(migrated_url: str) -> None:
-    figures = _read(migrated_url, agreement_figures, n_boot=10)
+    figures = read_tx(migrated_url, agreement_figures, n_boot=10)
     json.dumps(figures, allow_nan=False)
     assert figures["n_reviews"] == 0 and figures["pairwise_cohen"]["raters"] == []
     assert figures["mllm_vs_human"]["n_samples"] == 0 and figures["gold_accuracy"] == []
     assert figures["overlapping"]["questions"]["consistency"]["alpha"] is None
-    assert throughput(_read(migrated_url, reviews_frame)).empty
-    assert reviews_per_reviewer_per_day(_read(migrated_url, reviews_frame)).empty
+    assert throughput(read_tx(migrated_url, reviews_frame)).empty
+    assert reviews_per_reviewer_per_day(read_tx(migrated_url, reviews_frame)).empty
 
 
 def test_human_majority_agrees_with_the_validated_aggregate() -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -15,58 +14,52 @@ from mcie.annotate.worker import JobContext, Worker
 from mcie.config import load_settings
 from mcie.db.models import AuditLog, Job
 from mcie.db.session import session_scope
-
-T = TypeVar("T")
+from tests.annotate.tx import write_tx
 
 
 def _settings(url: str, tmp_path, **extra: Any):
     return load_settings(data_dir=tmp_path, database_url=url, blob_url=str(tmp_path / "blobs"), **extra)
 
 
-def in_tx(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(session, ...)`` in a write transaction of its own, as the worker and the CLI call the queue."""
-    with session_scope(url, write=True) as session:
-        return fn(session, *args, **kwargs)
-
 
 def test_claim_finish_fail_and_retry(migrated_url: str) -> None:
-    first = in_tx(migrated_url, jobs.submit, "export", {"n": 1}, max_attempts=2)
-    second = in_tx(migrated_url, jobs.submit, "preview", {"n": 2})
-    assert in_tx(migrated_url, jobs.claim, "w1", ["preview"], 30).id == second.id  # only the kinds asked for
-    claimed = in_tx(migrated_url, jobs.claim, "w1", ["export", "preview"], 30)
+    first = write_tx(migrated_url, jobs.submit, "export", {"n": 1}, max_attempts=2)
+    second = write_tx(migrated_url, jobs.submit, "preview", {"n": 2})
+    assert write_tx(migrated_url, jobs.claim, "w1", ["preview"], 30).id == second.id  # only the kinds asked for
+    claimed = write_tx(migrated_url, jobs.claim, "w1", ["export", "preview"], 30)
     assert claimed is not None and claimed.id == first.id and claimed.attempts == 1 and claimed.worker_id == "w1"
-    assert in_tx(migrated_url, jobs.claim, "w2", ["export", "preview"], 30) is None  # both are leased
+    assert write_tx(migrated_url, jobs.claim, "w2", ["export", "preview"], 30) is None  # both are leased
 
-    assert in_tx(migrated_url, jobs.renew, first.id, "w1", 30, progress=0.5, note="half") is True
-    assert in_tx(migrated_url, jobs.renew, first.id, "w2", 30) is False  # not w2's job
-    shown = in_tx(migrated_url, jobs.get, first.id)
+    assert write_tx(migrated_url, jobs.renew, first.id, "w1", 30, progress=0.5, note="half") is True
+    assert write_tx(migrated_url, jobs.renew, first.id, "w2", 30) is False  # not w2's job
+    shown = write_tx(migrated_url, jobs.get, first.id)
     assert (shown.progress, shown.progress_note) == (0.5, "half")
 
-    assert in_tx(migrated_url, jobs.fail, first.id, "w1", "disk full") == "queued"  # one try left
-    again = in_tx(migrated_url, jobs.claim, "w2", ["export"], 30)
+    assert write_tx(migrated_url, jobs.fail, first.id, "w1", "disk full") == "queued"  # one try left
+    again = write_tx(migrated_url, jobs.claim, "w2", ["export"], 30)
     assert again is not None and again.attempts == 2 and again.error == "disk full"
-    assert in_tx(migrated_url, jobs.fail, first.id, "w2", "disk still full") == "failed"
-    failed = in_tx(migrated_url, jobs.get, first.id)
+    assert write_tx(migrated_url, jobs.fail, first.id, "w2", "disk still full") == "failed"
+    failed = write_tx(migrated_url, jobs.get, first.id)
     assert failed.status == "failed" and failed.error == "disk still full" and failed.finished_at is not None
 
     with pytest.raises(jobs.JobError, match="only queued or running"):
-        in_tx(migrated_url, jobs.cancel, first.id)
-    assert in_tx(migrated_url, jobs.retry, first.id).status == "queued"
+        write_tx(migrated_url, jobs.cancel, first.id)
+    assert write_tx(migrated_url, jobs.retry, first.id).status == "queued"
     with pytest.raises(jobs.JobError, match="only failed or cancelled"):
-        in_tx(migrated_url, jobs.retry, first.id)
-    claimed = in_tx(migrated_url, jobs.claim, "w3", ["export"], 30)
+        write_tx(migrated_url, jobs.retry, first.id)
+    claimed = write_tx(migrated_url, jobs.claim, "w3", ["export"], 30)
     assert claimed is not None and claimed.attempts == 1
-    assert in_tx(migrated_url, jobs.finish, first.id, "w3", {"ok": True})
-    done = in_tx(migrated_url, jobs.get, first.id)
+    assert write_tx(migrated_url, jobs.finish, first.id, "w3", {"ok": True})
+    done = write_tx(migrated_url, jobs.get, first.id)
     assert done.status == "done" and done.result == {"ok": True} and done.progress == 1.0 and done.error is None
     with pytest.raises(jobs.JobError, match="unknown job kind"):
-        in_tx(migrated_url, jobs.submit, "mine-bitcoin", {})
+        write_tx(migrated_url, jobs.submit, "mine-bitcoin", {})
     with pytest.raises(jobs.JobError, match="no job with id"):
-        in_tx(migrated_url, jobs.get, 10**9)
+        write_tx(migrated_url, jobs.get, 10**9)
 
 
 def test_read_then_write_services_want_a_write_session(migrated_url: str) -> None:
-    job = in_tx(migrated_url, jobs.submit, "export", {})
+    job = write_tx(migrated_url, jobs.submit, "export", {})
     with session_scope(migrated_url) as session:
         for call, what in ((lambda: jobs.claim(session, "w1", ["export"], 30), "claiming a job"),
                            (lambda: jobs.fail(session, job.id, "w1", "x"), "failing a job"),
@@ -74,7 +67,7 @@ def test_read_then_write_services_want_a_write_session(migrated_url: str) -> Non
                            (lambda: jobs.cancel(session, job.id), "cancelling a job")):
             with pytest.raises(RuntimeError, match=f"{what} reads then writes"):
                 call()
-    assert in_tx(migrated_url, jobs.get, job.id).status == "queued"  # nothing was done
+    assert write_tx(migrated_url, jobs.get, job.id).status == "queued"  # nothing was done
 
 
 def test_a_dashboard_export_wants_a_write_session(migrated_url: str, tmp_path) -> None:
@@ -88,21 +81,21 @@ def test_a_dashboard_export_wants_a_write_session(migrated_url: str, tmp_path) -
         exports.start(session, lead, "jsonl", "out", None, {})
     with session_scope(migrated_url, write=True) as session:
         started = exports.start(session, lead, "jsonl", "out", None, {})
-    assert [j.id for j in in_tx(migrated_url, jobs.list_jobs)] == [started.job_id]
+    assert [j.id for j in write_tx(migrated_url, jobs.list_jobs)] == [started.job_id]
     assert not exports.wait(timeout=0.2)  # queued: no worker runs here
 
 
 def test_a_lapsed_lease_is_taken_over_and_fails_after_max_attempts(migrated_url: str) -> None:
-    job = in_tx(migrated_url, jobs.submit, "export", {}, max_attempts=2)
-    assert in_tx(migrated_url, jobs.claim, "dead-1", ["export"], 0.2) is not None
-    assert in_tx(migrated_url, jobs.claim, "w2", ["export"], 30) is None
+    job = write_tx(migrated_url, jobs.submit, "export", {}, max_attempts=2)
+    assert write_tx(migrated_url, jobs.claim, "dead-1", ["export"], 0.2) is not None
+    assert write_tx(migrated_url, jobs.claim, "w2", ["export"], 30) is None
     time.sleep(0.3)  # dead-1 never renews (kill -9)
-    taken = in_tx(migrated_url, jobs.claim, "dead-2", ["export"], 0.2)
+    taken = write_tx(migrated_url, jobs.claim, "dead-2", ["export"], 0.2)
     assert taken is not None and taken.id == job.id and taken.attempts == 2 and taken.error == jobs.LOST
-    assert in_tx(migrated_url, jobs.finish, job.id, "dead-1") is False  # the first worker lost it for good
+    assert write_tx(migrated_url, jobs.finish, job.id, "dead-1") is False  # the first worker lost it for good
     time.sleep(0.3)
-    assert in_tx(migrated_url, jobs.claim, "w3", ["export"], 30) is None  # no tries left: failed, not claimed
-    final = in_tx(migrated_url, jobs.get, job.id)
+    assert write_tx(migrated_url, jobs.claim, "w3", ["export"], 30) is None  # no tries left: failed, not claimed
+    final = write_tx(migrated_url, jobs.get, job.id)
     assert final.status == "failed" and final.error == jobs.LOST
     with session_scope(migrated_url) as session:
         actions = [a.action for a in session.query(AuditLog).filter(AuditLog.entity == "job")]
@@ -119,16 +112,16 @@ def test_cancel_stops_a_running_job_at_its_next_renewal(migrated_url: str, tmp_p
         seen_stop.set()
         return {"finished": True}
 
-    job = in_tx(migrated_url, jobs.submit, "export", {})
+    job = write_tx(migrated_url, jobs.submit, "export", {})
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": slow}, poll_s=0.05,
                     lease_s=1.5).start()
     try:
         assert started.wait(10)
-        in_tx(migrated_url, jobs.cancel, job.id)
+        write_tx(migrated_url, jobs.cancel, job.id)
         assert seen_stop.wait(10)
     finally:
         worker.stop(5)
-    final = in_tx(migrated_url, jobs.get, job.id)
+    final = write_tx(migrated_url, jobs.get, job.id)
     assert final.status == "cancelled" and final.result is None  # the late result was dropped
 
 
@@ -142,23 +135,23 @@ def test_a_worker_renews_its_lease_reports_progress_and_gives_the_job_back_when_
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             ctx.check()  # raises JobStopped once the worker stops
-            if in_tx(migrated_url, jobs.get, ctx.job.id).progress == 0.25:
+            if write_tx(migrated_url, jobs.get, ctx.job.id).progress == 0.25:
                 progress_seen.set()
             time.sleep(0.05)
         return {}
 
-    job = in_tx(migrated_url, jobs.submit, "export", {})
+    job = write_tx(migrated_url, jobs.submit, "export", {})
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": long}, poll_s=0.05,
                     lease_s=1.2).start()
     try:
         assert progress_seen.wait(10)
         time.sleep(1.5)  # longer than one lease: the heartbeat kept it
-        assert in_tx(migrated_url, jobs.claim, "thief", ["export"], 30) is None
-        running = in_tx(migrated_url, jobs.get, job.id)
+        assert write_tx(migrated_url, jobs.claim, "thief", ["export"], 30) is None
+        running = write_tx(migrated_url, jobs.get, job.id)
         assert running.status == "running" and running.progress_note == "a quarter"
     finally:
         worker.stop(10)
-    back = in_tx(migrated_url, jobs.get, job.id)
+    back = write_tx(migrated_url, jobs.get, job.id)
     assert back.status == "queued" and back.attempts == 0 and back.worker_id is None  # released, try not counted
 
 
@@ -171,17 +164,17 @@ def test_a_handler_error_is_retried_then_recorded(migrated_url: str, tmp_path) -
             raise OSError("the disk hiccupped")
         return {"tries": len(calls)}
 
-    ok = in_tx(migrated_url, jobs.submit, "export", {}, max_attempts=3)
+    ok = write_tx(migrated_url, jobs.submit, "export", {}, max_attempts=3)
     worker = Worker(_settings(migrated_url, tmp_path), kinds=["export"], handlers={"export": flaky},
                     poll_s=0.05).start()
     try:
         deadline = time.monotonic() + 20
-        while in_tx(migrated_url, jobs.get, ok.id).status != "done":
+        while write_tx(migrated_url, jobs.get, ok.id).status != "done":
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
         worker.stop(5)
-    assert calls == [1, 2] and in_tx(migrated_url, jobs.get, ok.id).result == {"tries": 2}
+    assert calls == [1, 2] and write_tx(migrated_url, jobs.get, ok.id).result == {"tries": 2}
 
 
 @pytest.mark.postgres
@@ -196,7 +189,7 @@ def test_concurrent_claims_on_postgres_never_share_a_job(postgres_url: str) -> N
     lock = threading.Lock()
 
     def take(name: str) -> None:
-        while (job := in_tx(postgres_url, jobs.claim, name, ["export"], 60)) is not None:
+        while (job := write_tx(postgres_url, jobs.claim, name, ["export"], 60)) is not None:
             with lock:
                 taken.append(job.id)
 
@@ -248,12 +241,12 @@ def test_jobs_commands_and_background_exports(sqlite_url: str, tmp_path, monkeyp
         worker = Worker(get_settings(), kinds=["export"], poll_s=0.05).start()  # what `mcie worker` runs
         try:
             deadline = time.monotonic() + 120
-            while in_tx(sqlite_url, jobs.get, job_id).status != "done":
-                assert time.monotonic() < deadline, in_tx(sqlite_url, jobs.get, job_id)
+            while write_tx(sqlite_url, jobs.get, job_id).status != "done":
+                assert time.monotonic() < deadline, write_tx(sqlite_url, jobs.get, job_id)
                 time.sleep(0.1)
         finally:
             worker.stop()
-        result = in_tx(sqlite_url, jobs.get, job_id).result
+        result = write_tx(sqlite_url, jobs.get, job_id).result
         assert result is not None and result["n_samples"] == 0 and (tmp_path / "out" / "manifest.json").is_file()
         bad = runner.invoke(cli, ["worker", "--kinds", "mining"])
         assert bad.exit_code == 2 and "unknown kind" in bad.output

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import gradio as gr
 import pytest
@@ -23,6 +23,7 @@ from mcie.db.models import Image, Instance, JobStatus, Preview, Role, Turn
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.tx import read_tx, write_tx
 from tests.annotate.web_fixtures import named_widgets
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
@@ -32,7 +33,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning"),
 ]
 
-T = TypeVar("T")
 FAST = {"num_inference_steps": 2, "max_side": 64}  # tiny model, 64 x 64: a job takes a fraction of a second
 WAIT_S = 60.0
 
@@ -149,16 +149,11 @@ def worker_of() -> Iterator[Callable[..., tuple[PreviewWorker, Counted]]]:
         assert not worker.running
 
 
-def in_tx(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(session, ...)`` in a write transaction of its own (a request's, a callback's)."""
-    with session_scope(url, write=True) as session:
-        return fn(session, *args, **kwargs)
-
 
 def wait_done(url: str, preview_id: int) -> PreviewStatus:
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        status = in_tx(url, previews.preview_status, preview_id)
+        status = write_tx(url, previews.preview_status, preview_id)
         if not status.pending:
             return status
         time.sleep(0.05)
@@ -180,7 +175,7 @@ def test_a_request_runs_in_the_worker_and_identical_ones_come_from_the_cache(sit
     version = previews.model_version(site.settings)
     assert version.startswith("ip2p:") and len(version.split(":")[1]) == 12
 
-    first = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
+    first = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
     assert first.status == "queued" and not first.cached and first.image is None  # answered before the model ran
     done = wait_done(site.url, first.id)
     assert done.status == "done" and done.error is None and done.finished_at is not None
@@ -196,27 +191,27 @@ def test_a_request_runs_in_the_worker_and_identical_ones_come_from_the_cache(sit
                                         ("edit number 2", "remove", (0.1, 0.2, 0.5, 0.6))]
     assert call["num_inference_steps"] == 2 and call["size"] == (64, 64)
 
-    again = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=dict(FAST))
+    again = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=dict(FAST))
     assert again.cached and again.id == first.id and again.image == done.image
     time.sleep(0.3)
     assert len(pipe.calls) == 1 and worker.loads == 1 and count_previews(site.url) == 1
 
-    other = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=7, params=FAST)
+    other = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=7, params=FAST)
     assert other.id != first.id and wait_done(site.url, other.id).status == "done"
     assert len(pipe.calls) == 2 and worker.loads == 1  # one model, loaded once
-    assert [p.id for p in in_tx(site.url, previews.previews_for, site.sample_id)] == [other.id, first.id]
+    assert [p.id for p in write_tx(site.url, previews.previews_for, site.sample_id)] == [other.id, first.id]
 
 
 def test_bad_requests_are_refused_without_queueing(site: Site) -> None:
     with pytest.raises(PreviewError, match="no sample with id"):
-        in_tx(site.url, previews.request_preview, 999, site.rater, settings=site.settings)
+        write_tx(site.url, previews.request_preview, 999, site.rater, settings=site.settings)
     with pytest.raises(PreviewError, match="unknown preview parameter 'steps'"):
-        in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params={"steps": 3},
+        write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params={"steps": 3},
               settings=site.settings)
     with pytest.raises(PreviewError, match="seed"):
-        in_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=-1, settings=site.settings)
+        write_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=-1, settings=site.settings)
     with pytest.raises(PermissionError, match="participant"):
-        in_tx(site.url, previews.request_preview, site.sample_id, site.guest, settings=site.settings)
+        write_tx(site.url, previews.request_preview, site.sample_id, site.guest, settings=site.settings)
     assert count_previews(site.url) == 0
     assert previews.params_hash({}) == previews.params_hash({"num_inference_steps": 20, "guidance_scale": 7.5})
 
@@ -232,12 +227,12 @@ def test_read_then_write_services_want_a_write_session(site: Site) -> None:
 
 def test_a_failing_model_marks_the_row_failed_and_a_new_request_retries(site: Site, worker_of) -> None:
     worker, pipe = worker_of(site.settings, fail=[RuntimeError("CUDA out of memory (test)")])
-    first = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
+    first = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
     failed = wait_done(site.url, first.id)
     assert failed.status == "failed" and failed.image is None and failed.finished_at is not None
     assert failed.error == "RuntimeError: CUDA out of memory (test)"
 
-    retry = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
+    retry = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
     assert retry.id == first.id and retry.status == "queued" and retry.error is None
     assert wait_done(site.url, retry.id).status == "done" and len(pipe.calls) == 2
     assert worker.loads == 1  # a failed run keeps the loaded model
@@ -250,7 +245,7 @@ def test_a_model_that_cannot_load_fails_the_job_with_the_error(model: Model, tmp
     site = _site(monkeypatch, broken, None)
     worker = PreviewWorker(site.settings, poll_s=0.2).start()  # the real loader
     try:
-        asked = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
+        asked = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
         status = wait_done(site.url, asked.id)
     finally:
         worker.stop()
@@ -265,7 +260,7 @@ def test_no_model_configured_is_a_clear_refusal(tmp_path: Path, monkeypatch: pyt
     reason = previews.unavailable_reason(site.settings)
     assert reason is not None and "MCIE_EDITING_BASE_MODEL_PATH" in reason
     with pytest.raises(PreviewUnavailable, match="MCIE_EDITING_BASE_MODEL_PATH"):
-        in_tx(site.url, previews.request_preview, site.sample_id, site.rater)
+        write_tx(site.url, previews.request_preview, site.sample_id, site.rater)
     with pytest.raises(PreviewUnavailable):
         previews.model_version(site.settings)
     worker = PreviewWorker(site.settings).start()
@@ -284,7 +279,7 @@ def test_no_model_configured_is_a_clear_refusal(tmp_path: Path, monkeypatch: pyt
     # configured, but the folder is not there
     missing = _site(monkeypatch, tmp_path / "gone", None, tmp_path / "second")
     with pytest.raises(PreviewUnavailable, match="not found"):
-        in_tx(missing.url, previews.request_preview, missing.sample_id, missing.rater, settings=missing.settings)
+        write_tx(missing.url, previews.request_preview, missing.sample_id, missing.rater, settings=missing.settings)
 
 
 @pytest.mark.postgres
@@ -306,7 +301,7 @@ def test_identical_requests_racing_on_postgres_share_one_row(
     answers: list[PreviewStatus] = []
 
     def second() -> None:
-        answers.append(in_tx(postgres_url, previews.request_preview, sample, rater, params=FAST, settings=settings))
+        answers.append(write_tx(postgres_url, previews.request_preview, sample, rater, params=FAST, settings=settings))
 
     with session_scope(postgres_url, write=True) as session:
         first = previews.request_preview(session, sample, rater, params=FAST, settings=settings)
@@ -316,7 +311,7 @@ def test_identical_requests_racing_on_postgres_share_one_row(
         assert racer.is_alive()  # waiting on the first transaction's row
     racer.join(30)
     assert [a.id for a in answers] == [first.id] and answers[0].status == "queued"
-    assert count_previews(postgres_url) == 1 and len(in_tx(postgres_url, jobs.list_jobs, kind="preview")) == 1
+    assert count_previews(postgres_url) == 1 and len(write_tx(postgres_url, jobs.list_jobs, kind="preview")) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,7 +344,7 @@ def test_the_review_handlers_show_the_preview_beside_the_target(site: Site, work
     assert 'data-state="queued"' in out["preview"] and f"/thumb/{site.target}" in out["preview"]
     wait_done(site.url, job["preview_id"])
     out = app.on_preview_tick(screen, job, _request("rater1"))
-    done = in_tx(site.url, previews.preview_status, job["preview_id"])
+    done = write_tx(site.url, previews.preview_status, job["preview_id"])
     assert f"/thumb/{done.image}?size=" in out["preview"] and f"/thumb/{site.target}" in out["preview"]
     assert out["preview_job"] is None and not out["preview_timer"].active  # polling stops
 
@@ -386,7 +381,7 @@ def test_a_restart_requeues_jobs_left_queued_or_running(site: Site, worker_of) -
     worker, pipe = worker_of(site.settings)
     assert [wait_done(site.url, i).status for i in ids[:2]] == ["done", "done"]
     assert len(pipe.calls) == 2 and worker.loads == 1
-    assert in_tx(site.url, previews.preview_status, ids[2]).status == "queued"  # another model's job is not ours to run
+    assert read_tx(site.url, previews.preview_status, ids[2]).status == "queued"  # another model's job: not ours
 
 
 def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
@@ -402,13 +397,13 @@ def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
     with TestClient(app):
         assert worker.running and previews._running_worker(site.url) is None  # no thread of its own: a job
         # no settings: the app's
-        status = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
+        status = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, params=FAST)
         assert wait_done(site.url, status.id).status == "done"
-        [job] = in_tx(site.url, jobs.list_jobs, kind="preview")
+        [job] = write_tx(site.url, jobs.list_jobs, kind="preview")
         assert job.payload == {"preview_id": status.id} and job.requested_by == site.rater
     assert not worker.running
     deadline = time.monotonic() + 10
-    while in_tx(site.url, jobs.get, job.id).status != "done":  # finish() follows the preview row's update
+    while write_tx(site.url, jobs.get, job.id).status != "done":  # finish() follows the preview row's update
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
@@ -416,9 +411,9 @@ def test_the_server_runs_the_worker_while_the_app_runs(site: Site) -> None:
     web = create_app(site.settings, mount_ui=False, worker=False)
     assert web.state.job_worker is None
     with TestClient(web):
-        queued = in_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=5, params=FAST)
+        queued = write_tx(site.url, previews.request_preview, site.sample_id, site.rater, seed=5, params=FAST)
         time.sleep(0.5)
-        assert in_tx(site.url, previews.preview_status, queued.id).status == "queued"
+        assert write_tx(site.url, previews.preview_status, queued.id).status == "queued"
     apart = Worker(site.settings, kinds=["preview"], poll_s=0.1).start()
     try:
         assert wait_done(site.url, queued.id).status == "done"
@@ -450,5 +445,5 @@ def test_pressing_p_in_the_browser_shows_the_preview_beside_the_target(model: Mo
                                ".every(i => i.complete && i.naturalWidth > 0)")
         shot(page, "review-preview-done")
         assert not errors
-    [row] = in_tx(site.url, previews.previews_for, site.sample_id)
+    [row] = write_tx(site.url, previews.previews_for, site.sample_id)
     assert row.status == "done" and row.requested_by is not None

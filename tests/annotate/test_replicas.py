@@ -12,9 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from mcie.db.models import Instance, Role, Turn
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore, register_images
 from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.tx import read_tx
 from tests.model.tiny import load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
 pytestmark = [
@@ -35,16 +35,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
 ]
 
-T = TypeVar("T")
 PASSWORD = "replica-pass-1"
 FAST = {"num_inference_steps": 2, "max_side": 64}
 LEASE_S = 3
 
-
-def _read(url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(session, ...)`` in a read transaction of its own."""
-    with session_scope(url) as session:
-        return fn(session, *args, **kwargs)
 
 
 def _free_port() -> int:
@@ -182,8 +176,8 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
         return on_b.get(f"/api/review/previews/{pid}").json()["status"] == "done"
 
     _wait(lambda: done(preview_id), 180, "the worker did not make the preview")
-    _wait(lambda: _read(site.url, jobs.list_jobs, kind="preview")[0].status == "done", 60, "the job was not settled")
-    [job] = _read(site.url, jobs.list_jobs, kind="preview")
+    _wait(lambda: read_tx(site.url, jobs.list_jobs, kind="preview")[0].status == "done", 60, "the job was not settled")
+    [job] = read_tx(site.url, jobs.list_jobs, kind="preview")
     assert job.payload == {"preview_id": preview_id} and f":{worker.pid}:" in (job.worker_id or "")
 
     # SIGTERM: the worker stops cleanly (nothing was running)
@@ -194,18 +188,18 @@ def test_two_web_replicas_and_workers_share_everything(site: Site) -> None:
     asked = reviewer.post(f"/api/review/{site.sample_id}/preview", json={"seed": 2, "params": FAST},
                           headers={"x-csrf-token": csrf})
     second = asked.json()["preview_id"]
-    [job2] = [j for j in _read(site.url, jobs.list_jobs, kind="preview") if j.payload == {"preview_id": second}]
+    [job2] = [j for j in read_tx(site.url, jobs.list_jobs, kind="preview") if j.payload == {"preview_id": second}]
     doomed = site.start("worker", "--kinds", "preview", name="worker-2")
-    _wait(lambda: _read(site.url, jobs.get, job2.id).status == "running", 120, "worker-2 did not claim the job")
-    assert f":{doomed.pid}:" in (_read(site.url, jobs.get, job2.id).worker_id or "")
+    _wait(lambda: read_tx(site.url, jobs.get, job2.id).status == "running", 120, "worker-2 did not claim the job")
+    assert f":{doomed.pid}:" in (read_tx(site.url, jobs.get, job2.id).worker_id or "")
     doomed.send_signal(signal.SIGKILL)  # while it loads the model (a fresh process): mid-job
     doomed.wait(10)
-    assert _read(site.url, jobs.get, job2.id).status == "running"  # nobody knows yet
+    assert read_tx(site.url, jobs.get, job2.id).status == "running"  # nobody knows yet
     rescuer = site.start("worker", "--kinds", "preview", name="worker-3")
     _wait(lambda: done(second), 180, "the second worker did not finish the killed worker's job")
     # the preview row is committed before the job row is settled (two transactions): wait for the job too
-    _wait(lambda: _read(site.url, jobs.get, job2.id).status == "done", 60, "the job was not settled after its preview")
-    final = _read(site.url, jobs.get, job2.id)
+    _wait(lambda: read_tx(site.url, jobs.get, job2.id).status == "done", 60, "job not settled after its preview")
+    final = read_tx(site.url, jobs.get, job2.id)
     assert final.status == "done" and final.attempts == 2 and f":{rescuer.pid}:" in (final.worker_id or "")
     rescuer.send_signal(signal.SIGTERM)
     assert rescuer.wait(60) == 0
