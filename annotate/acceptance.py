@@ -64,14 +64,22 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Literal
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from mcie.annotate import reliability_service
 from mcie.annotate.aggregation import Aggregate, AggregationError, above, aggregate, answers
 from mcie.annotate.project import AcceptanceRule, ProjectConfig, get_project_config, set_project_config
-from mcie.annotate.queue import OPEN_STATUSES, is_calibration, is_gold_clause, reviews_wanted, utc, wanted_clause
+from mcie.annotate.queue import (
+    OPEN_STATUSES,
+    is_calibration,
+    is_gold_clause,
+    reviews_wanted,
+    submitted_clause,
+    utc,
+    wanted_clause,
+)
 from mcie.annotate.reliability import (
     Posterior,
     ReliabilityFit,
@@ -82,8 +90,6 @@ from mcie.annotate.reliability import (
     weighted_outcome,
 )
 from mcie.db.models import (
-    Assignment,
-    AssignmentState,
     AuditLog,
     Decision,
     DecisionSource,
@@ -552,12 +558,7 @@ def settle_complete(session: Session) -> int:
     One transaction (rows another writer holds are skipped): needs a write session; the caller commits."""
     require_write(session, "settle_complete")
     config = get_project_config(session)
-    submitted = (
-        select(func.count())
-        .select_from(Assignment)
-        .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
-        .scalar_subquery()
-    )
+    submitted = submitted_clause()
     ids = list(
         session.scalars(
             select(Sample.id)

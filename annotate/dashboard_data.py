@@ -48,6 +48,7 @@ from mcie.annotate.queue import (
     OPEN_STATUSES,
     calibration_threshold,
     is_gold_clause,
+    submitted_clause,
     utc,
     wanted_clause,
 )
@@ -194,12 +195,7 @@ def status_counts(session: Session) -> dict[str, int]:
 def remaining_reviews(session: Session) -> int:
     """Reviews still wanted by the pool (open, non-gold samples): sum of wanted - submitted, never negative."""
     config = get_project_config(session)
-    submitted = (
-        select(func.count())
-        .select_from(Assignment)
-        .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
-        .scalar_subquery()
-    )
+    submitted = submitted_clause()
     wanted = wanted_clause(Sample.id, config, Sample.reviews_target)
     missing = case((wanted > submitted, wanted - submitted), else_=0)
     total = session.scalar(

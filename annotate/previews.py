@@ -52,7 +52,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import Select, event, func, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -341,14 +341,7 @@ def request_preview(
                 _check_requester(session, user_id)
                 if session.get(Sample, sample_id) is None:
                     raise PreviewError(f"no sample with id {sample_id}")
-                row = session.scalar(
-                    select(Preview).where(
-                        Preview.sample_id == sample_id,
-                        Preview.model_version == version,
-                        Preview.seed == seed,
-                        Preview.params_hash == digest,
-                    )
-                )
+                row = session.scalar(_same_preview(sample_id, version, seed, digest))
                 if row is not None and row.status == JobStatus.done:
                     return _status(row, cached=True)
                 if row is None or row.status == JobStatus.failed:
@@ -394,19 +387,18 @@ def previews_for(session: Session, sample_id: int) -> list[PreviewStatus]:
     return [_status(row) for row in rows]
 
 
+def _same_preview(sample_id: int, version: str, seed: int, digest: str) -> Select[tuple[Preview]]:
+    """The preview row of exactly these (sample, model version, seed, parameters' hash): the cache's key."""
+    return select(Preview).where(Preview.sample_id == sample_id, Preview.model_version == version,
+                                 Preview.seed == seed, Preview.params_hash == digest)
+
+
 def find_preview(
     session: Session, sample_id: int, version: str, *, seed: int = 0, params: Mapping[str, Any] | None = None
 ) -> PreviewStatus | None:
     """The preview of exactly these (sample, model version, seed, parameters), or None; runs nothing."""
     digest = params_hash(params or {})
-    row = session.scalar(
-        select(Preview).where(
-            Preview.sample_id == sample_id,
-            Preview.model_version == version,
-            Preview.seed == seed,
-            Preview.params_hash == digest,
-        )
-    )
+    row = session.scalar(_same_preview(sample_id, version, seed, digest))
     return None if row is None else _status(row, cached=row.status == JobStatus.done, ahead=_ahead(session, row))
 
 

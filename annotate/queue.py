@@ -167,6 +167,16 @@ def reviews_wanted(sample_id: int, config: ProjectConfig, target: int | None = N
     return 1 if config.review_policy == "adaptive" else config.reviews_per_sample
 
 
+def submitted_clause() -> ColumnElement[int]:
+    """SQL expression: how many submitted reviews the outer query's ``Sample`` row has (a correlated count)."""
+    return (
+        select(func.count())
+        .select_from(Assignment)
+        .where(Assignment.sample_id == Sample.id, Assignment.state == AssignmentState.submitted)
+        .scalar_subquery()
+    )
+
+
 def wanted_clause(
     id_column: IdColumn, config: ProjectConfig, target_column: ColumnElement[int | None] | None = None
 ) -> ColumnElement[int]:

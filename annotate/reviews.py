@@ -230,18 +230,15 @@ def _reviewer(session: Session, user_id: int) -> None:
         raise ReviewError(str(exc)) from None
 
 
+def _answer_columns(answer: Answer) -> dict[str, Any]:
+    """The columns a review and each of its revisions store of an answer."""
+    return {"consistent": answer.consistent, "quality": answer.quality, "complexity": answer.complexity,
+            "comment": answer.comment, "box_corrections": answer.box_corrections}
+
+
 def _revision_row(review: Review, answer: Answer, time_spent_s: float | None, now: datetime) -> ReviewRevision:
-    return ReviewRevision(
-        review_id=review.id,
-        revision=review.revision,
-        consistent=answer.consistent,
-        quality=answer.quality,
-        complexity=answer.complexity,
-        comment=answer.comment,
-        box_corrections=answer.box_corrections,
-        time_spent_s=time_spent_s,
-        created_at=now,
-    )
+    return ReviewRevision(review_id=review.id, revision=review.revision, **_answer_columns(answer),
+                          time_spent_s=time_spent_s, created_at=now)
 
 
 def _settle_if_complete(session: Session, sample: Sample) -> None:
@@ -305,35 +302,15 @@ def submit_review(
         if int(others or 0) >= wanted:
             raise ReviewError(f"sample {sample_id} already has all its reviews from others; take the next one")
     # core statements, no ORM flush: the review, its revision 1, the assignment, and a late submit's status
+    columns = _answer_columns(answer)
     review_id = session.scalar(
         insert(Review)
-        .values(
-            sample_id=sample_id,
-            user_id=user_id,
-            consistent=answer.consistent,
-            quality=answer.quality,
-            complexity=answer.complexity,
-            comment=answer.comment,
-            box_corrections=answer.box_corrections,
-            time_spent_s=spent,
-            revision=1,
-            created_at=now,
-            updated_at=now,
-        )
+        .values(sample_id=sample_id, user_id=user_id, **columns, time_spent_s=spent, revision=1, created_at=now,
+                updated_at=now)
         .returning(Review.id)
     )
     session.execute(
-        insert(ReviewRevision).values(
-            review_id=review_id,
-            revision=1,
-            consistent=answer.consistent,
-            quality=answer.quality,
-            complexity=answer.complexity,
-            comment=answer.comment,
-            box_corrections=answer.box_corrections,
-            time_spent_s=spent,
-            created_at=now,
-        )
+        insert(ReviewRevision).values(review_id=review_id, revision=1, **columns, time_spent_s=spent, created_at=now)
     )
     session.execute(
         update(Assignment)
@@ -379,11 +356,8 @@ def revise_review(
         raise PermissionError(f"review {review_id} belongs to another reviewer; only its author may revise it")
     answer = validate_answer(answer, sample)
     review.revision += 1
-    review.consistent = answer.consistent
-    review.quality = answer.quality
-    review.complexity = answer.complexity
-    review.comment = answer.comment
-    review.box_corrections = answer.box_corrections
+    for column, value in _answer_columns(answer).items():
+        setattr(review, column, value)
     if spent is not None:
         review.time_spent_s = (review.time_spent_s or 0.0) + spent
     review.updated_at = now

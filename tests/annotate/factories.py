@@ -88,12 +88,23 @@ def make_users(session: Session, n: int, role: str | Role = Role.rater, prefix: 
 
 
 def make_instance(
-    session: Session, n_turns: int = 3, *, dataset: str = "demo", external_id: str | None = None
+    session: Session,
+    n_turns: int = 3,
+    *,
+    dataset: str = "demo",
+    external_id: str | None = None,
+    images: Sequence[str] | None = None,
 ) -> Instance:
-    """An instance with a source image and ``n_turns`` turns (turn k's result image labelled ``<external_id>/k``)."""
+    """An instance with a source image and ``n_turns`` turns (turn k's result image labelled ``<external_id>/k``).
+    ``images``: the hashes of real stored images to use instead (the source, then one per turn)."""
     external_id = external_id or f"inst-{next(_counter)}"
-    source = make_image(session, f"{dataset}/{external_id}/0")
-    instance = Instance(dataset=dataset, external_id=external_id, source_image=source, n_turns=n_turns)
+    if images is not None:
+        n_turns = len(images) - 1
+
+    def image(k: int) -> str:
+        return images[k] if images is not None else make_image(session, f"{dataset}/{external_id}/{k}")
+
+    instance = Instance(dataset=dataset, external_id=external_id, source_image=image(0), n_turns=n_turns)
     session.add(instance)
     session.flush()
     for k in range(1, n_turns + 1):
@@ -103,7 +114,7 @@ def make_instance(
                 index=k,
                 instruction=f"edit number {k}",
                 operation=OPERATIONS[(k - 1) % 3],
-                result_image=make_image(session, f"{dataset}/{external_id}/{k}"),
+                result_image=image(k),
             )
         )
     session.flush()
@@ -270,3 +281,13 @@ def add_reviews(
 def configure(session: Session, **changes: Any) -> ProjectConfig:
     """Change project settings (``reviews_per_sample=2``, ``gold_rate=0`` ...); returns the new configuration."""
     return set_project_config(session, changes, actor_id=None)
+
+
+def agreement_project(session: Session) -> list[int]:
+    """Six samples reviewed by three raters, two agreeing on each and the third giving the next sample's answer:
+    enough for every agreement figure and a reliability fit. Returns the raters' ids."""
+    raters = make_users(session, 3)
+    answers = [(True, 4, 4), (True, 4, 5), (False, 2, 3), (False, 2, 2), (True, 5, 5), (True, 3, 3)]
+    for i, sample in enumerate(make_samples(session, 6)):
+        add_reviews(session, sample, raters, [answers[i]] * 2 + [answers[(i + 1) % 6]])
+    return raters

@@ -327,15 +327,12 @@ def test_policy_settings_are_validated_and_partial_changes_keep_the_rest(sqlite_
 def test_agreement_command_shows_and_stores_rater_reliability() -> None:
     import json
 
-    from tests.annotate.factories import add_reviews, make_samples
-    from tests.mcie.test_cli import invoke
+    from tests.annotate.factories import agreement_project
+    from tests.cli import invoke
 
     invoke("db", "upgrade")
     with session_scope() as session:
-        raters = make_users(session, 3)
-        answers = [(True, 4, 4), (True, 4, 5), (False, 2, 3), (False, 2, 2), (True, 5, 5), (True, 3, 3)]
-        for i, sample in enumerate(make_samples(session, 6)):
-            add_reviews(session, sample, raters, [answers[i]] * 2 + [answers[(i + 1) % 6]])
+        raters = agreement_project(session)
     result = invoke("agreement", "--json", "--n-boot", "0", "--refit")
     assert result.exit_code == 0, result.stdout
     reliability = json.loads(result.stdout)["reliability"]

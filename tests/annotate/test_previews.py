@@ -19,10 +19,10 @@ from sqlalchemy import func, select
 from mcie.annotate import previews
 from mcie.annotate.previews import PreviewError, PreviewStatus, PreviewUnavailable, PreviewWorker
 from mcie.config import Settings, load_settings
-from mcie.db.models import Image, Instance, JobStatus, Preview, Role, Turn
+from mcie.db.models import Image, JobStatus, Preview, Role
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore, register_images
-from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.factories import configure, make_instance, make_sample, make_user
 from tests.annotate.tx import read_tx, write_tx
 from tests.annotate.web_fixtures import named_widgets
 from tests.model.tiny import TinyFiles, load_tiny_model, make_tiny_files, randomize_trained, tiny_config
@@ -96,12 +96,7 @@ def _site(monkeypatch: pytest.MonkeyPatch, base: Path | None, weights: Path | No
         configure(session, gold_rate=0.0, calibration_share=0.0)
         rater = make_user(session, "rater1", Role.rater)
         guest = make_user(session, "guest1", Role.participant)
-        instance = Instance(dataset="t", external_id="i1", source_image=stored[0].sha256, n_turns=2)
-        session.add(instance)
-        session.flush()
-        for k in (1, 2):
-            session.add(Turn(instance_id=instance.id, index=k, instruction=f"edit {k}", result_image=stored[k].sha256))
-        session.flush()
+        instance = make_instance(session, dataset="t", external_id="i1", images=[s.sha256 for s in stored[:3]])
         sample = make_sample(session, instance)  # two sub-instructions with boxes
         ids = (sample.id, rater.id, guest.id)
     return Site(settings, store, ids[0], stored[0].sha256, stored[2].sha256, ids[1], ids[2])

@@ -21,10 +21,10 @@ from PIL import Image as PILImage
 
 from mcie.annotate import jobs
 from mcie.config import load_settings
-from mcie.db.models import Instance, Role, Turn
+from mcie.db.models import Role
 from mcie.db.session import session_scope
 from mcie.db.store import ImageStore, register_images
-from tests.annotate.factories import configure, make_sample, make_user
+from tests.annotate.factories import configure, make_instance, make_sample, make_user
 from tests.annotate.tx import read_tx
 from tests.model.tiny import load_tiny_model, make_tiny_files, randomize_trained, tiny_config
 
@@ -107,12 +107,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, _postgres_admin) -> Iterator[
         configure(session, gold_rate=0.0, calibration_share=0.0)
         for name in ("rater1", "rater2"):
             make_user(session, name, Role.rater, password=PASSWORD)
-        instance = Instance(dataset="t", external_id="i1", source_image=stored[0].sha256, n_turns=2)
-        session.add(instance)
-        session.flush()
-        for k in (1, 2):
-            session.add(Turn(instance_id=instance.id, index=k, instruction=f"edit {k}", result_image=stored[k].sha256))
-        session.flush()
+        instance = make_instance(session, dataset="t", external_id="i1", images=[s.sha256 for s in stored[:3]])
         sample_id = make_sample(session, instance).id
     result = Site(folder, url, env, sample_id)
     try:

@@ -57,14 +57,11 @@ def test_users_lifecycle() -> None:
 
 def test_agreement_command_prints_the_figures() -> None:
     from mcie.db.session import session_scope
-    from tests.annotate.factories import add_reviews, make_samples, make_users
+    from tests.annotate.factories import agreement_project
 
     invoke("db", "upgrade")
     with session_scope() as session:
-        raters = make_users(session, 3)
-        answers = [(True, 4, 4), (True, 4, 5), (False, 2, 3), (False, 2, 2), (True, 5, 5), (True, 3, 3)]
-        for i, sample in enumerate(make_samples(session, 6)):
-            add_reviews(session, sample, raters, [answers[i]] * 2 + [answers[(i + 1) % 6]])
+        agreement_project(session)
     result = invoke("agreement", "--json", "--n-boot", "50")
     assert result.exit_code == 0, result.stdout
     figures = json.loads(result.stdout)
