@@ -7,11 +7,12 @@ PORT ?= 7860
 
 .PHONY: install browser demo serve test lint bench clean
 
-# The venv is (re)installed whenever pyproject.toml changes.
+# The venv is (re)installed whenever pyproject.toml changes. The checkout installs editable through setuptools' finder
+# (the stage folders map into the mcie namespace); its notice about folders named like the package is silenced.
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev]'
 	@touch $@
 
 install: $(BIN)/.installed
