@@ -290,7 +290,7 @@ def test_dashboard_reliability_handlers_refuse_non_leads(sqlite_url: str, tmp_pa
 
 
 def test_dashboard_reliability_parts_render_flags_escaped() -> None:
-    from mcie.annotate.web.ui_dashboard import budget_parts, reliability_parts, render_flags
+    from mcie.annotate.web.dashboard_views import budget_parts, reliability_parts, render_flags
 
     figures = {"reliability": {"fit_id": None, "n_reviews": 10, "n_informative": 5, "raters": [
         {"rank": 1, "rater": "<b>eve</b>", "skill": 0.1, "flags": [

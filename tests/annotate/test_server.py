@@ -456,7 +456,7 @@ def test_dashboard_and_history_renderers_escape_data() -> None:
     from mcie.annotate.acceptance import AdjudicationItem, ReviewSide
     from mcie.annotate.web.auth import WebUser
     from mcie.annotate.web.common import render_topbar
-    from mcie.annotate.web.ui_dashboard import render_reviews
+    from mcie.annotate.web.dashboard_views import render_reviews
     from mcie.annotate.web.ui_review import render_last
 
     side = ReviewSide(1, "<i>rater</i>", False, 2, 3, EVIL, [{"turn_index": 1, "box": "<b>"}], 1, datetime.now(UTC))
@@ -620,7 +620,7 @@ def test_the_throughput_axis_of_a_first_day_is_labelled_in_hours() -> None:
     import pandas as pd
 
     from mcie.annotate.dashboard_data import throughput, throughput_freq
-    from mcie.annotate.web.ui_dashboard import throughput_figure
+    from mcie.annotate.web.dashboard_views import throughput_figure
 
     start = pd.Timestamp("2025-03-03 09:10", tz="UTC")
     frame = pd.DataFrame({"created_at": [start, start + pd.Timedelta(minutes=5), start + pd.Timedelta(hours=2)]})
