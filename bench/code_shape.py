@@ -10,7 +10,7 @@ writes through. Two counts of file -> package imports (a file importing a packag
 - ``stage_to_stage``: a stage importing another stage's code, other than ``db`` and the shared ``mcie`` base.
 
 Neither counts the places that wire every stage by design: the command tree (``mcie/cli.py``, each package's
-``*cli.py``), the demo generator (``mcie/demo.py`` writes the layout ``pipeline/seed_format.py`` reads: a tool like
+``*cli.py``), the demo generator (``mcie/demo/`` writes the layout ``pipeline/seed_format.py`` reads: a tool like
 the command tree) and the app layer's use of later stages (``annotate`` running exports as jobs and the model for
 previews). ``exports`` -> ``annotate`` is listed by ``stage_to_stage``: the export reads review aggregation there.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 PACKAGES = ("mcie", "db", "pipeline", "annotate", "exports", "model")
 RANK = {"mcie": 0, "db": 1, "pipeline": 2, "annotate": 3, "exports": 4, "model": 5}
-WIRING = re.compile(r"(^|/)(cli|models_cli|importer_cli|jobs_cli|study_cli|demo)\.py$")
+WIRING = re.compile(r"(^|/)(cli|models_cli|importer_cli|jobs_cli|study_cli|demo)\.py$|^mcie/demo/")
 APP_LAYER = {("annotate", "exports"), ("annotate", "model")}
 
 

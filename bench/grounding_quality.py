@@ -1,7 +1,7 @@
 """Benchmark of box selection quality: how close the chosen box is to the truth, per scorer; prints one JSON.
 
 Data: the demo generator's instances (real photographs, real region edits), whose true box per turn it knows (the
-visible extent of the edit, ``mcie.demo.visible_box``). They
+visible extent of the edit, ``mcie.demo.build.visible_box``). They
 go through the real pipeline (ingest, expand, the grounding stage with the ``openai`` backend) against the local test
 server (``tests/mcie/mllm/chat_server.py``) answering each grounding prompt from the truth plus controlled noise, drawn
 per turn from a seeded mix of scenarios:

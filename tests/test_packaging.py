@@ -70,6 +70,16 @@ def test_wheel_has_one_top_level_package(wheel: Path) -> None:
     assert "mcie/db/migrations/env.py" in names and "mcie/db/migrations/script.py.mako" in names
     assert any(name.startswith("mcie/db/migrations/versions/0001_") for name in names)
     assert {"mcie/annotate/static/review.js", "mcie/annotate/static/study.css"} <= set(names)
+    # every module of the checkout is in the wheel (a subpackage missing from pyproject's list would be left out)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    expected = {
+        f"{package.replace('.', '/')}/{path.relative_to(ROOT / folder).as_posix()}"
+        for package, folder in pyproject["tool"]["setuptools"]["package-dir"].items()
+        for path in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    missing = sorted(expected - set(names))
+    assert not missing, f"modules of the checkout missing from the wheel (pyproject's packages list): {missing}"
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from mcie import demo
+from mcie.demo import build, catalogue, pixels, wording
 from mcie.geometry import Box
 from mcie.pipeline import seed_format as sf
 from mcie.pipeline.sources import RawInstance, read_seed_data_edit
@@ -72,7 +73,7 @@ def test_layout_counts_and_turn_range(built: demo.DemoSummary) -> None:
     lines = _annotations(root)
     assert built.n_instances == len(lines) == INSTANCES
     counts = [sum(1 for key in line if key.startswith("instruction_")) for line in lines]
-    assert all(demo.MIN_TURNS <= n <= demo.MAX_TURNS for n in counts)
+    assert all(build.MIN_TURNS <= n <= build.MAX_TURNS for n in counts)
     assert len(set(counts)) >= 3  # turn counts vary
     assert built.n_turns == sum(counts)
     assert set(built.files) == {p for p in root.rglob("*") if p.is_file()}
@@ -94,7 +95,7 @@ def test_truth_matches_annotations_and_boxes_are_valid(built: demo.DemoSummary) 
             assert turn["instruction"] == line[f"instruction_{turn['turn']}"]
             x0, y0, x1, y1 = turn["box"]
             assert 0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0
-            assert turn["operation"] == demo.OPERATION[turn["edit"]]
+            assert turn["operation"] == catalogue.OPERATION[turn["edit"]]
             operations.add(turn["operation"])
     assert operations == {"add", "remove", "change"}
     texts = [t["instruction"] for item in truth for t in item["turns"]]
@@ -117,9 +118,9 @@ def test_each_turn_changes_pixels_inside_its_truth_box(built: demo.DemoSummary) 
         before = _rgb(images_root / line["source_image"])
         for turn in item["turns"]:
             after = _rgb(images_root / line[f"edit_image_{turn['turn']}"])
-            changed = demo.changed_pixels(before, after)
+            changed = pixels.changed_pixels(before, after)
             h, w = changed.shape
-            x0, y0, x1, y1 = demo.to_pixels(tuple(turn["box"]), w, h)
+            x0, y0, x1, y1 = wording.to_pixels(tuple(turn["box"]), w, h)
             inside = int(changed[max(0, y0 - 1) : y1 + 1, max(0, x0 - 1) : x1 + 1].sum())
             where = (item["external_id"], turn["turn"], turn["edit"], turn["target"])
             assert inside >= 0.02 * (x1 - x0) * (y1 - y0), where  # the edit is visible
@@ -137,7 +138,7 @@ def test_truth_box_is_the_visible_extent_of_the_change_not_the_placement_rectang
         before = _rgb(images_root / line["source_image"])
         for turn in item["turns"]:
             after = _rgb(images_root / line[f"edit_image_{turn['turn']}"])
-            ys, xs = np.nonzero(demo.changed_pixels(before, after))
+            ys, xs = np.nonzero(pixels.changed_pixels(before, after))
             h, w = before.shape[:2]
             before = after
             if turn["edit"] in ("global", "blur") or len(xs) == 0:  # a blur changes only textured pixels
@@ -150,17 +151,17 @@ def test_truth_box_is_the_visible_extent_of_the_change_not_the_placement_rectang
 
 
 def test_visible_box_drops_a_pasted_patchs_transparent_margins() -> None:
-    rgb, alpha = demo.draw_thing("ball", "red", 60, 60)  # the ball keeps a tenth of its size free on each side
+    rgb, alpha = pixels.draw_thing("ball", "red", 60, 60)  # the ball keeps a tenth of its size free on each side
     full = np.zeros((100, 200), np.float32)
     full[20:80, 100:160] = alpha
-    x0, y0, x1, y1 = demo.visible_box(full, (0.5, 0.2, 0.8, 0.8))
+    x0, y0, x1, y1 = build.visible_box(full, (0.5, 0.2, 0.8, 0.8))
     assert 0.5 < x0 < 0.55 and 0.2 < y0 < 0.3 and 0.75 < x1 < 0.8 and 0.7 < y1 < 0.8
     image = np.full((100, 200, 3), 40, np.uint8)
-    changed = demo.changed_pixels(image, demo.paste(image, rgb, alpha, 100, 20))
+    changed = pixels.changed_pixels(image, pixels.paste(image, rgb, alpha, 100, 20))
     ys, xs = np.nonzero(changed)  # every pixel the paste changed lies inside the visible box, and it is tight
     assert (xs.min() / 200, ys.min() / 100) >= (x0 - 0.005, y0 - 0.01)
     assert ((xs.max() + 1) / 200, (ys.max() + 1) / 100) <= (x1 + 0.005, y1 + 0.01)
-    assert demo.visible_box(np.zeros((10, 10), np.float32), (0.1, 0.1, 0.2, 0.2)) == (0.1, 0.1, 0.2, 0.2)
+    assert build.visible_box(np.zeros((10, 10), np.float32), (0.1, 0.1, 0.2, 0.2)) == (0.1, 0.1, 0.2, 0.2)
 
 
 def test_conflicts_edit_the_same_region_twice_and_other_turns_do_not_overlap(built: demo.DemoSummary) -> None:
@@ -177,7 +178,7 @@ def test_conflicts_edit_the_same_region_twice_and_other_turns_do_not_overlap(bui
         for a in boxes:
             for b in boxes:
                 if a < b and (a, b) not in pairs:
-                    assert not demo.intersects(boxes[a], boxes[b]), (item["external_id"], a, b)
+                    assert not wording.intersects(boxes[a], boxes[b]), (item["external_id"], a, b)
 
 
 def test_output_reads_back_without_errors(built: demo.DemoSummary) -> None:
@@ -202,15 +203,15 @@ def test_refuses_a_non_empty_folder_unless_overwriting(tmp_path: Path) -> None:
 
 
 def test_wording_helpers() -> None:
-    assert demo.position_phrase((0.0, 0.0, 0.2, 0.2)) == "in the upper left"
-    assert demo.position_phrase((0.4, 0.8, 0.6, 1.0)) == "at the bottom"
-    assert demo.position_phrase((0.7, 0.4, 0.9, 0.6)) == "on the right"
-    assert demo.instruction_text("recolour", "cup", (0.0, 0.7, 0.3, 1.0), colour="red") == (
+    assert wording.position_phrase((0.0, 0.0, 0.2, 0.2)) == "in the upper left"
+    assert wording.position_phrase((0.4, 0.8, 0.6, 1.0)) == "at the bottom"
+    assert wording.position_phrase((0.7, 0.4, 0.9, 0.6)) == "on the right"
+    assert wording.instruction_text("recolour", "cup", (0.0, 0.7, 0.3, 1.0), colour="red") == (
         "Make the cup in the lower left red"
     )
-    assert demo.instruction_text(
+    assert wording.instruction_text(
         "recolour", "cardboard boxes", (0.4, 0.4, 0.6, 0.6), colour="blue", variant=4
     ) == ("Recolor the cardboard boxes in the center so that they are blue")
-    assert demo.is_plural("shelves") and not demo.is_plural("glass") and not demo.is_plural("cup")
+    assert wording.is_plural("shelves") and not wording.is_plural("glass") and not wording.is_plural("cup")
     with pytest.raises(ValueError, match="unknown drawn object"):
-        demo.draw_thing("dragon", "red", 20, 20)
+        pixels.draw_thing("dragon", "red", 20, 20)
