@@ -9,6 +9,9 @@ checks the role again on each event, not only at page load, so a role change or 
 from __future__ import annotations
 
 import html
+import secrets
+import tempfile
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +26,8 @@ if TYPE_CHECKING:  # Gradio is imported where a screen is built, not by the plai
     import gradio as gr
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "mcie-downloads"  # under the temp folder, which Gradio serves
+DOWNLOAD_MAX_AGE_S = 3600
 
 
 def esc(value: Any) -> str:
@@ -118,3 +123,18 @@ def mount_gradio(
 def review_page_assets() -> dict[str, str]:
     """The review screen's script and style, which the dashboard's sample views share."""
     return {"head": f"<script>{static_text('review.js')}</script>", "css": static_text("review.css")}
+
+
+def fresh_download(name: str, suffix: str) -> Path:
+    """A new file for a download button (``name`` made safe, a timestamp and a random tag added); files left there
+    more than an hour ago are removed first."""
+    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - DOWNLOAD_MAX_AGE_S
+    for old in DOWNLOAD_DIR.iterdir():
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:60] or "download"
+    return DOWNLOAD_DIR / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}{suffix}"

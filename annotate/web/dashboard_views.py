@@ -6,11 +6,7 @@ to the tabs, and tests call them directly.
 from __future__ import annotations
 
 import math
-import secrets
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -18,10 +14,8 @@ import plotly.graph_objects as go
 
 from mcie.annotate import dashboard_data as dd
 from mcie.annotate import jobs
-from mcie.annotate.web.common import esc
+from mcie.annotate.web.common import esc, fresh_download
 
-CSV_DIR = Path(tempfile.gettempdir()) / "mcie-dashboard-csv"
-CSV_MAX_AGE_S = 3600
 QUESTIONS = ("consistency", "quality", "complexity")
 
 
@@ -30,19 +24,10 @@ QUESTIONS = ("consistency", "quality", "complexity")
 
 
 def write_csv(frame: pd.DataFrame | None, name: str) -> str | None:
-    """Write ``frame`` to a fresh CSV file for a download button; old files are removed. None for no data."""
+    """Write ``frame`` to a fresh CSV file for a download button. None for no data."""
     if frame is None or frame.empty:
         return None
-    CSV_DIR.mkdir(parents=True, exist_ok=True)
-    cutoff = time.time() - CSV_MAX_AGE_S
-    for old in CSV_DIR.glob("*.csv"):
-        try:
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
-        except OSError:
-            pass
-    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)[:60] or "table"
-    path = CSV_DIR / f"{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.csv"
+    path = fresh_download(name or "table", ".csv")
     frame.to_csv(path, index=not isinstance(frame.index, pd.RangeIndex))
     return str(path)
 

@@ -27,11 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -39,7 +36,7 @@ import pandas as pd
 
 from mcie.annotate import study, study_analysis
 from mcie.annotate.web.auth import WebUser, session_study, user_for_username
-from mcie.annotate.web.common import esc, lead_of, render_kpis, static_text, status_line
+from mcie.annotate.web.common import esc, fresh_download, lead_of, render_kpis, static_text, status_line
 from mcie.config import Settings
 from mcie.db.models import StudyStatus
 from mcie.db.session import session_scope
@@ -47,8 +44,6 @@ from mcie.db.session import session_scope
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 768
-DOWNLOAD_DIR = Path(tempfile.gettempdir()) / "mcie-study-downloads"
-DOWNLOAD_MAX_AGE_S = 3600
 QUESTIONS: dict[str, tuple[str, str]] = {
     "instruction": ("Instruction following", "Which output follows the instruction best?"),
     "background": (
@@ -296,19 +291,6 @@ def participants_frame(statuses: Sequence[study.ParticipantStatus], res: dict[st
     return pd.DataFrame(rows, columns=PARTICIPANT_COLUMNS)
 
 
-def _fresh_file(suffix: str, name: str) -> Path:
-    """A new file for a download button; files older than an hour are removed."""
-    DOWNLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    cutoff = time.time() - DOWNLOAD_MAX_AGE_S
-    for old in DOWNLOAD_DIR.iterdir():
-        try:
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
-        except OSError:
-            pass
-    return DOWNLOAD_DIR / f"{name}-{secrets.token_hex(6)}{suffix}"
-
-
 PLOTS = ("shares", "preferred", "strengths", "win_matrix", "position_bias")
 
 
@@ -381,7 +363,7 @@ class StudyResultsTab:
                     w.votes_csv: gr.DownloadButton(value=None, interactive=False),
                     w.status: status_line("No study yet: create one with `mcie study create`.")}
         study_id = int(study_id)
-        path = _fresh_file(".csv", f"study-{study_id}-votes")
+        path = fresh_download(f"study-{study_id}-votes", ".csv")
         with session_scope(self.url) as session:
             summary = next((s for s in study.list_studies(session) if s.id == study_id), None)
             statuses = study.participants_status(session, study_id)
@@ -421,7 +403,7 @@ class StudyResultsTab:
         w = self.w
         criteria = list(res.get("by_criterion", {}))
         criterion = criteria[0] if criteria else None
-        path = _fresh_file(".json", f"study-{study_id}-results")
+        path = fresh_download(f"study-{study_id}-results", ".json")
         path.write_text(json.dumps(res, indent=2, default=str), encoding="utf-8")
         out = {
             w.data: res,
