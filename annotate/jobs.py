@@ -243,10 +243,6 @@ def release(session: Session, job_id: int, worker_id: str) -> bool:
     return bool(result.rowcount)
 
 
-def is_cancelled(session: Session, job_id: int) -> bool:
-    return session.scalar(select(Job.status).where(Job.id == job_id)) == QueueStatus.cancelled
-
-
 # ----------------------------------------------------------------------------------------------------------
 # leads and admins
 
