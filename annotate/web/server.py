@@ -169,8 +169,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: float = LEASE_SWEEP_S) -> None:
-    """Every minute: abandoned review leases go back to the queue. Every hour: ended sessions (30 days after they
-    ended) and forgotten failed-login counts are deleted, so neither table grows without bound."""
+    """Every minute: abandoned review leases go back to the queue, and a rater-reliability refit is queued when due.
+    Every hour: ended sessions (30 days after they ended) and forgotten failed-login counts are deleted, so neither
+    table grows without bound."""
     from mcie.annotate.queue import expire_leases
     from mcie.annotate.reliability_service import queue_refit_when_due
 
@@ -178,7 +179,7 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
         with session_scope(url, write=True) as session:
             return expire_leases(session)
 
-    def queue_refit(url: str) -> int | None:
+    def queue_refit() -> int | None:
         with session_scope(url, write=True) as session:
             return queue_refit_when_due(session)
 
@@ -188,7 +189,7 @@ async def _expire_leases_forever(url: str, throttle: LoginThrottle, every_s: flo
             expired = await anyio.to_thread.run_sync(sweep_leases)
             if expired:
                 log.info("expired %d abandoned lease(s)", expired)
-            job_id = await anyio.to_thread.run_sync(queue_refit, url)
+            job_id = await anyio.to_thread.run_sync(queue_refit)
             if job_id is not None:
                 log.info("queued a refit of rater reliability (job %d)", job_id)
             if sweeps % 60 == 0:
