@@ -36,6 +36,7 @@ from sqlalchemy import select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcie.annotate.web import sessions
+from mcie.annotate.web.edges import send_answer, under, wants_html
 from mcie.db.models import Role, User
 from mcie.db.session import session_scope
 
@@ -279,10 +280,7 @@ class RoleGate:
         self.rules = tuple(rules)
 
     def _rule_for(self, path: str) -> GateRule | None:
-        for rule in self.rules:
-            if path == rule.prefix or path.startswith(rule.prefix + "/"):
-                return rule
-        return None
+        return next((rule for rule in self.rules if under(path, rule.prefix)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -306,29 +304,18 @@ class RoleGate:
         await _refuse(scope, send, logged_in=user is not None)
 
 
-def _wants_html(scope: Scope) -> bool:
-    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
-    return scope.get("method") == "GET" and "text/html" in accept
-
-
 async def _refuse(scope: Scope, send: Send, *, logged_in: bool) -> None:
-    if not logged_in and _wants_html(scope):
+    if not logged_in and wants_html(scope):
         target = scope["path"] + (("?" + scope["query_string"].decode("latin-1")) if scope.get("query_string") else "")
-        await _send(scope, send, 303, b"", "text/plain", [(b"location", f"/login?next={quote(target)}".encode())])
+        await send_answer(send, 303, b"", "text/plain", [(b"location", f"/login?next={quote(target)}".encode())])
         return
     code = status.HTTP_403_FORBIDDEN if logged_in else status.HTTP_401_UNAUTHORIZED
     message = "only leads and admins may open this page" if logged_in else "log in first"
-    if _wants_html(scope):
+    if wants_html(scope):
         body = refusal_page(code, message).encode()
-        await _send(scope, send, code, body, "text/html; charset=utf-8", [])
+        await send_answer(send, code, body, "text/html; charset=utf-8")
     else:
-        await _send(scope, send, code, json.dumps({"detail": message}).encode(), "application/json", [])
-
-
-async def _send(scope: Scope, send: Send, code: int, body: bytes, ctype: str, extra: list[tuple[bytes, bytes]]) -> None:
-    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()), *extra]
-    await send({"type": "http.response.start", "status": code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await send_answer(send, code, json.dumps({"detail": message}).encode(), "application/json")
 
 
 def refusal_page(code: int, message: str) -> str:

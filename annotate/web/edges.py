@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
@@ -44,12 +45,32 @@ def limit_for(path: str, default: int) -> int:
     return default
 
 
-async def _answer(send: Send, code: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+Headers = list[tuple[bytes, bytes]]
+
+
+async def send_answer(
+    send: Send, code: int, body: bytes, content_type: str, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A whole HTTP answer from ASGI middleware (the gates and the body limit answer before any route runs)."""
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def wants_html(scope: Scope) -> bool:
+    """A browser asking for a page (a GET that accepts HTML), as opposed to a script or a fetch of JSON."""
+    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+    return scope.get("method") == "GET" and "text/html" in accept
+
+
+def under(path: str, prefix: str) -> bool:
+    """``path`` is ``prefix`` or below it (``/review`` and ``/review/x``, not ``/reviewer``)."""
+    return path == prefix or path.startswith(prefix + "/")
+
+
+async def _answer(send: Send, code: int, detail: str) -> None:
+    await send_answer(send, code, json.dumps({"detail": detail}).encode(), "application/json",
+                      [(b"connection", b"close")])
 
 
 class BodyLimit:

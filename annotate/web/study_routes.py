@@ -62,6 +62,7 @@ from mcie.annotate.web.auth import (
 )
 from mcie.annotate.web.common import esc, mount_gradio
 from mcie.annotate.web.deps import get_session, get_write_session
+from mcie.annotate.web.edges import Headers, send_answer, under, wants_html
 from mcie.config import Settings
 from mcie.db.models import AuditLog, Role, User
 from mcie.db.session import session_scope
@@ -475,32 +476,17 @@ def api_votes_csv(key: str, user: Lead, session: ReadDB) -> Response:
 # the gate
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
-
-
-def _wants_html(scope: Scope) -> bool:
-    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
-    return scope.get("method") == "GET" and "text/html" in accept
-
-
-Headers = list[tuple[bytes, bytes]]
-
-
 async def _answer(scope: Scope, send: Send, code: int, body: bytes, ctype: str, extra: Headers) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 4000 + code})
         return
-    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store"), *extra]
-    await send({"type": "http.response.start", "status": code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_answer(send, code, body, ctype, [(b"cache-control", b"no-store"), *extra])
 
 
 async def _refuse(scope: Scope, send: Send, code: int, message: str, *, title: str | None = None) -> None:
     from mcie.annotate.web.auth import refusal_page
 
-    if _wants_html(scope):
+    if wants_html(scope):
         page = join_page(title, message) if title else refusal_page(code, message)
         await _answer(scope, send, code, page.encode(), "text/html; charset=utf-8", [])
     else:
@@ -539,7 +525,7 @@ class StudyGate:
             await self._limited(scope, receive, send, path, int(uid), limited)
             return
         if path in PASS_EXACT or path.startswith(PASS_PREFIXES) or PARTICIPANT_API_RE.match(path):
-            if _under(path, STUDY_PATH):
+            if under(path, STUDY_PATH):
                 session.setdefault("csrf", secrets.token_urlsafe(24))
             await self.app(scope, receive, send)
             return
@@ -548,7 +534,7 @@ class StudyGate:
             await self.app(scope, receive, send)
         elif user.role is Role.participant:
             await self._limited(scope, receive, send, path, user.id, None)
-        elif _under(path, RESULTS_PATH) and not user.is_lead:
+        elif under(path, RESULTS_PATH) and not user.is_lead:
             await _refuse(scope, send, 403, "only leads and admins may open the study results")
         else:
             await self.app(scope, receive, send)
@@ -567,15 +553,15 @@ class StudyGate:
     async def _anonymous(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         if PARTICIPANT_API_RE.match(path):  # refused before anything reads the body
             await _refuse(scope, send, 401, "your session has ended: open your invitation link again")
-        elif _under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
+        elif under(path, STUDY_PATH) and not path.startswith(JOIN_PREFIX):
             await _refuse(
                 scope, send, 401,
                 "You are not signed in to a study (or your session has ended). Open the invitation link you were "
                 "sent again: you continue where you stopped.",
                 title="Open your invitation link",
             )
-        elif _under(path, RESULTS_PATH):
-            if _wants_html(scope):
+        elif under(path, RESULTS_PATH):
+            if wants_html(scope):
                 await _redirect(scope, send, "/login?next=" + RESULTS_PATH + "/")
             else:
                 await _refuse(scope, send, 401, "log in first")
@@ -595,7 +581,7 @@ class StudyGate:
             await self.app(scope, receive, send)  # the start page explains that participants need their link
             return
         if path in LIMITED_EXACT or path.startswith(LIMITED_PREFIXES):
-            if _under(path, STUDY_PATH):
+            if under(path, STUDY_PATH):
                 session.setdefault("csrf", secrets.token_urlsafe(24))
             await self.app(scope, receive, send)
             return
