@@ -217,16 +217,23 @@ def check_csrf(request: Request, submitted: str | None) -> bool:
 # FastAPI dependencies
 
 
-# Async on purpose: the session middleware read the user with the session row (``scope[USER_KEY]``), so checking
-# it is pure work; a sync dependency would cost every request a hop to the thread pool and back. A read from the
-# database (a session without that key: a sub-app outside the middleware) still runs in a worker thread.
+async def current_user(scope: Scope, database_url: str) -> WebUser | None:
+    """:func:`session_user` for async code (gates, dependencies). The session middleware read the user with the
+    session row (``scope[USER_KEY]``), so this is pure work and needs no hop to the thread pool; a read from the
+    database (a session without that key: a sub-app outside the middleware) still runs in a worker thread."""
+    session = scope.get("session") or {}
+    if not session:
+        return None
+    if sessions.USER_KEY in scope:
+        return session_matches(scope_user(scope, database_url), session)
+    return session_matches(await anyio.to_thread.run_sync(scope_user, scope, database_url), session)
+
+
+# The role checks are async on purpose: see current_user.
 
 
 async def require_user(request: Request) -> WebUser:
-    if sessions.USER_KEY in request.scope or not request.scope.get("session"):
-        user = session_user(request)
-    else:
-        user = await anyio.to_thread.run_sync(session_user, request)
+    user = await current_user(request.scope, _database_url(request))
     if user is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "log in first")
     return user
@@ -290,11 +297,7 @@ class RoleGate:
         if rule is None:
             await self.app(scope, receive, send)
             return
-        session = scope.get("session") or {}
-        if sessions.USER_KEY in scope:
-            user = session_matches(scope_user(scope, self.database_url), session)
-        else:
-            user = session_matches(await anyio.to_thread.run_sync(scope_user, scope, self.database_url), session)
+        user = await current_user(scope, self.database_url)
         if user is not None and user.role in rule.roles:
             await self.app(scope, receive, send)
             return
