@@ -112,6 +112,9 @@ def _mount_pages(app: FastAPI, settings: Settings) -> None:
 router = APIRouter()
 ReadDB = Annotated[Session, Depends(get_session, scope="function")]
 # A write session takes SQLite's write lock only when first used: a route can hold both and write only when needed.
+# It must end its read (``session.commit()``) before it writes: a request holding one pooled connection while it
+# waits for a second deadlocks the pool when a crowd arrives at once (50 participants opening their links: joins
+# failed with 500 after the pool's 30 s timeout in bench/study_load.py).
 WriteDB = Annotated[Session, Depends(get_write_session, scope="function")]
 
 
@@ -153,6 +156,7 @@ def join(request: Request, token: str, session: ReadDB, write: WriteDB) -> Respo
         code = status.HTTP_404_NOT_FOUND if unknown else status.HTTP_403_FORBIDDEN
         return HTMLResponse(join_page(title, problem), status_code=code, headers=NO_STORE)
     study_id, user_id = found
+    session.commit()  # the read's connection goes back to the pool before the write takes one (see ReadDB)
     user = snapshot(write.get(User, user_id))  # the write transaction: BEGIN IMMEDIATE on SQLite
     write.add(
         AuditLog(
@@ -336,7 +340,8 @@ def api_current(
     try:
         screen = study.quick_current_item(session, study_id, user.id)  # the usual case: reads only
         csrf = csrf_token(request)
-        # No screen yet (the first call assigns the sequence), finished, or refused: the write transaction.
+        if screen is None:  # no screen yet (the first call assigns the sequence), finished, or refused: a write
+            session.commit()  # the read's connection goes back to the pool before the write takes one (see ReadDB)
         body = screen_payload(session if screen else write, study_id, user.id, render=render, csrf=csrf,
                               screen=screen)
     except study.StudyError as exc:
