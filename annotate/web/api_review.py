@@ -53,7 +53,6 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, model_validator
 from sqlalchemy import select
@@ -72,7 +71,7 @@ from mcie.annotate.reviews import (
     validate_answer,
 )
 from mcie.annotate.web.auth import WebUser, check_csrf, csrf_token, require_reviewer
-from mcie.annotate.web.deps import get_session, get_write_session
+from mcie.annotate.web.deps import get_session, get_write_session, working_limiter
 from mcie.annotate.web.edges import ROUTE_LIMITS, user_message
 from mcie.db.models import Sample
 
@@ -90,19 +89,11 @@ MAX_WORKING = 4  # API requests doing database work at once; the rest wait their
 # dependencies: a working slot, who is asking, the anti-forgery header
 
 
-def _limiter(request: Request) -> anyio.CapacityLimiter:
-    """The app's limit on API requests working at once (made on first use, inside the event loop)."""
-    limiter = getattr(request.app.state, "review_api_limiter", None)
-    if limiter is None:
-        limiter = request.app.state.review_api_limiter = anyio.CapacityLimiter(MAX_WORKING)
-    return limiter
-
-
 async def work_slot(request: Request, response: Response) -> AsyncIterator[None]:
     """Hold one of :data:`MAX_WORKING` slots (first come, first served) while the request is checked and served;
     every answer of the API is ``no-store``."""
     response.headers.update(NO_STORE)
-    async with _limiter(request):
+    async with working_limiter(request, "review_api_limiter", MAX_WORKING):
         yield
 
 
